@@ -1,0 +1,1 @@
+"""Checkpoints: megajoy's own files, Hugging Face and GGUF layouts."""

@@ -1,0 +1,53 @@
+"""Directories that appear complete or not at all: write under a temporary name, fsync, rename."""
+
+import contextlib
+import os
+import shutil
+import uuid
+
+
+def fsync_tree(path: str) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(final_path: str):
+    """Yield a temporary sibling directory; on success it replaces `final_path` in one rename.
+
+    An exception (or a kill) leaves `final_path` as it was; the temporary directory is removed on
+    exceptions and, after a kill, is recognisable by its `.tmp-` infix.
+    """
+    final_path = os.path.abspath(final_path)
+    parent = os.path.dirname(final_path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{final_path}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if os.path.exists(final_path):
+            old = f"{final_path}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(final_path, old)
+            os.rename(tmp, final_path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final_path)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,53 @@
+"""The `megajoy` command. Each subcommand lives in its own module, imported only when it runs."""
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). The module provides add_arguments(parser) and run(args) -> int.
+COMMANDS = {
+    "info": ("megajoy.commands.info", "parameters, FLOPs and KV-cache size of a configuration"),
+    "init": ("megajoy.commands.init", "write a randomly initialised checkpoint"),
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The configuration flags every command shares: a preset, a YAML file, then `--set` overrides."""
+    group = parser.add_argument_group("configuration")
+    group.add_argument("--preset", default=None, help="model preset: joyai-flash, joyai-slice or tiny (default tiny)")
+    group.add_argument("--config", default=None, metavar="YAML", help="YAML file with config sections on top of the preset")
+    group.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                       help="override one field, e.g. --set model.hidden_size=96 (repeatable)")
+
+
+def job_config_from_args(args):
+    from megajoy.config import load_job_config
+
+    return load_job_config(args.preset, args.config, args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megajoy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module_name).add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return module.run(args) or 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"megajoy {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the `megajoy` CLI that are not stage drivers."""

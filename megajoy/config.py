@@ -1,0 +1,314 @@
+"""Typed configs: the model (Hugging Face `config.json` field names), presets, YAML and `--set` overrides.
+
+A job's configuration is a `JobConfig` of sections (`model`, and the sections later stages add). Every
+section validates itself at construction, so a bad value fails before any work starts, with a message
+that names the field and what it must be.
+"""
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+
+import yaml
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class ModelConfig:
+    """A DeepSeek-V3-family MoE transformer. Field names and meanings follow Hugging Face's `DeepseekV3Config`."""
+
+    vocab_size: int = 129280
+    hidden_size: int = 2048
+    intermediate_size: int = 7168  # dense FFN of the leading dense layers and of the MTP layer
+    moe_intermediate_size: int = 768
+    num_hidden_layers: int = 40
+    num_attention_heads: int = 32
+    q_lora_rank: int | None = 1536  # None: a full-rank q_proj, as DeepSeek-V2-Lite
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    n_routed_experts: int = 256
+    num_experts_per_tok: int = 8
+    n_shared_experts: int = 1
+    first_k_dense_replace: int = 1
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.5
+    max_position_embeddings: int = 131072
+    rope_theta: float = 3.2e7
+    rope_scaling: dict | None = None  # {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    rope_interleave: bool = True
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    num_nextn_predict_layers: int = 1
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    initializer_range: float = 0.02
+    attention_bias: bool = False
+    # megajoy fields (not in Hugging Face's config): training-time behaviour of the model.
+    mtp_loss_weight: float = 0.1
+    aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (DeepSeek-V3 uses ~1e-4); 0 = off
+
+    def __post_init__(self):
+        self.validate()
+
+    # ---- derived sizes
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def kv_cache_dim(self) -> int:
+        """Per-token, per-layer width of the MLA latent cache: the compressed kv plus the shared rope key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return layer_idx >= self.first_k_dense_replace
+
+    @property
+    def softmax_scale(self) -> float:
+        """(qk head dim)^-0.5, times the YaRN mscale squared when YaRN with mscale_all_dim is on."""
+        scale = self.qk_head_dim ** -0.5
+        rs = self.rope_scaling
+        if rs and rs.get("mscale_all_dim"):
+            m = yarn_mscale(rs["factor"], rs["mscale_all_dim"])
+            scale *= m * m
+        return scale
+
+    # ---- validation
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                     "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+                     "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok",
+                     "n_group", "topk_group"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                     f"{name}={value!r} must be a positive integer")
+        _require(self.q_lora_rank is None or self.q_lora_rank > 0,
+                 f"q_lora_rank={self.q_lora_rank!r} must be a positive integer or null (full-rank q_proj)")
+        _require(self.qk_rope_head_dim % 2 == 0,
+                 f"qk_rope_head_dim={self.qk_rope_head_dim} must be even (rotary dimensions come in pairs)")
+        _require(self.n_shared_experts >= 0, f"n_shared_experts={self.n_shared_experts} must be >= 0")
+        _require(self.num_experts_per_tok <= self.n_routed_experts,
+                 f"num_experts_per_tok={self.num_experts_per_tok} exceeds n_routed_experts={self.n_routed_experts}")
+        _require(self.n_routed_experts % self.n_group == 0,
+                 f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}")
+        _require(self.topk_group <= self.n_group,
+                 f"topk_group={self.topk_group} exceeds n_group={self.n_group}")
+        per_group = self.n_routed_experts // self.n_group
+        _require(self.n_group == 1 or per_group >= 2,
+                 f"group-limited routing scores a group by its top-2 experts: n_routed_experts/n_group="
+                 f"{per_group} must be >= 2")
+        _require(self.n_group == 1 or self.num_experts_per_tok <= self.topk_group * per_group,
+                 f"num_experts_per_tok={self.num_experts_per_tok} exceeds the {self.topk_group * per_group} "
+                 f"experts in topk_group={self.topk_group} groups")
+        _require(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+                 f"first_k_dense_replace={self.first_k_dense_replace} must lie in [0, num_hidden_layers="
+                 f"{self.num_hidden_layers}]")
+        _require(self.scoring_func == "sigmoid",
+                 f"scoring_func={self.scoring_func!r}: only 'sigmoid' (DeepSeek-V3 / JoyAI routing) is supported")
+        _require(self.topk_method in ("noaux_tc", "greedy"),
+                 f"topk_method={self.topk_method!r} must be 'noaux_tc' (bias-corrected) or 'greedy'")
+        _require(self.hidden_act == "silu", f"hidden_act={self.hidden_act!r}: only 'silu' (SwiGLU) is supported")
+        _require(self.num_nextn_predict_layers >= 0,
+                 f"num_nextn_predict_layers={self.num_nextn_predict_layers} must be >= 0")
+        _require(self.rms_norm_eps > 0, f"rms_norm_eps={self.rms_norm_eps} must be > 0")
+        _require(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be > 0")
+        _require(0 <= self.bos_token_id < self.vocab_size and 0 <= self.eos_token_id < self.vocab_size,
+                 f"bos_token_id={self.bos_token_id} / eos_token_id={self.eos_token_id} must lie in "
+                 f"[0, vocab_size={self.vocab_size})")
+        _require(self.mtp_loss_weight >= 0, f"mtp_loss_weight={self.mtp_loss_weight} must be >= 0")
+        _require(self.aux_loss_alpha >= 0, f"aux_loss_alpha={self.aux_loss_alpha} must be >= 0")
+        self._validate_rope_scaling()
+
+    def _validate_rope_scaling(self) -> None:
+        rs = self.rope_scaling
+        if rs is None:
+            return
+        _require(isinstance(rs, dict), f"rope_scaling={rs!r} must be a mapping or null")
+        kind = rs.get("type", rs.get("rope_type"))
+        _require(kind == "yarn", f"rope_scaling type {kind!r}: only 'yarn' is supported (or null for none)")
+        for key in ("factor", "original_max_position_embeddings"):
+            _require(key in rs, f"rope_scaling (yarn) needs '{key}'")
+        _require(rs["factor"] >= 1, f"rope_scaling.factor={rs['factor']} must be >= 1")
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature correction, 0.1 * mscale * ln(scale) + 1 (1 when not extending)."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+# ---------------------------------------------------------------------------------------------- presets
+
+def joyai_flash() -> ModelConfig:
+    """JoyAI-LLM Flash exactly as released (JOYAI.md section 1)."""
+    return ModelConfig()
+
+
+def joyai_slice() -> ModelConfig:
+    """Full JoyAI width, 4 layers (1 dense + 3 MoE) and 64 experts: one GPU's worth, for benchmarks."""
+    return ModelConfig(num_hidden_layers=4, n_routed_experts=64)
+
+
+def tiny() -> ModelConfig:
+    """CPU-sized, same structure: a dense first layer, MoE layers with a shared expert, MTP on."""
+    return ModelConfig(
+        vocab_size=4096, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
+        num_hidden_layers=4, num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16,
+        num_experts_per_tok=4, max_position_embeddings=4096, rope_theta=1e4,
+    )
+
+
+PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
+    "joyai-flash": joyai_flash,
+    "joyai-slice": joyai_slice,
+    "tiny": tiny,
+}
+
+
+# ---------------------------------------------------------------------------------------------- job config
+
+@dataclass
+class JobConfig:
+    """Everything a `megajoy` command runs from, one section per concern."""
+
+    model: ModelConfig = field(default_factory=tiny)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "JobConfig":
+        return _build(cls, data, source)
+
+
+def preset_model(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def load_job_config(preset: str | None = None, yaml_path: str | None = None,
+                    overrides: list[str] = ()) -> JobConfig:
+    """Preset, then the YAML file's sections on top, then `section.field=value` overrides."""
+    data = {"model": dataclasses.asdict(preset_model(preset or "tiny"))}
+    if yaml_path:
+        _merge(data, _read_yaml(yaml_path))
+    for item in overrides:
+        _merge(data, _parse_override(item))
+    return JobConfig.from_dict(data, source=yaml_path or "overrides")
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of sections (model: ...), got {type(data).__name__}")
+    return data
+
+
+def _parse_override(item: str) -> dict:
+    """'model.hidden_size=96' -> {'model': {'hidden_size': 96}}; the value is read as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or "." not in key:
+        raise ValueError(f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. model.hidden_size=96")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "rope_scaling":
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _build(cls, data: dict, source: str):
+    """Construct dataclass `cls` from a plain mapping, checking names and types on the way."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: {cls.__name__} needs a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{source}: {cls.__name__}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, where: str):
+    if dataclasses.is_dataclass(tp):
+        return value if isinstance(value, tp) else _build(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}={value!r} must be a list")
+        (item_tp, *_) = typing.get_args(tp) or (typing.Any,)
+        return origin(_coerce(item_tp, v, where) for v in value)
+    if tp is typing.Any or origin is dict or tp is dict:
+        if (origin is dict or tp is dict) and not isinstance(value, dict):
+            raise ValueError(f"{where}={value!r} must be a mapping")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}={value!r} must be a string")
+        return value
+    return value

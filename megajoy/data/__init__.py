@@ -1,0 +1,1 @@
+"""Data: Megatron indexed datasets, packing, tokenizers, chat / preference / RL formats."""

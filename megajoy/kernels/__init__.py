@@ -1,0 +1,1 @@
+"""Hot-path ops. Each module holds a plain-torch reference; GPU fast paths sit behind the same function."""

@@ -1,0 +1,41 @@
+"""Grouped GEMM over experts: rows of x sorted by expert, each block times its expert's matrix.
+
+x_TK: [tokens, in], w_EKN: [experts, in, out] (a transposed view of [E, out, in] is fine),
+tokens_per_expert: [E] integer counts summing to tokens. No Python loop over experts.
+"""
+
+import torch
+
+
+def grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    if _native_grouped_mm_ok(x_TK, w_EKN):
+        offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
+        return torch._grouped_mm(x_TK, w_EKN, offs=offsets)
+    return padded_grouped_mm(x_TK, w_EKN, tokens_per_expert)
+
+
+def _native_grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    # Every non-unit stride must be a multiple of 16 bytes (CPU and CUDA alike); CUDA also wants bf16.
+    if not (_aligned(x) and _aligned(w) and (w.shape[-1] * x.element_size()) % 16 == 0):
+        return False
+    return x.device.type == "cpu" or (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16)
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return all(s == 1 or (s * t.element_size()) % 16 == 0 for s in t.stride())
+
+
+def padded_grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """Fallback: scatter each expert's rows into a zero-padded [E, max_rows, in] block, one bmm, gather back."""
+    num_experts = w_EKN.shape[0]
+    counts = tokens_per_expert.to(torch.long)
+    max_rows = int(counts.max()) if counts.numel() else 0
+    starts = torch.cumsum(counts, 0) - counts
+    expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=x_TK.device), counts)
+    slot_of_row = torch.arange(x_TK.shape[0], device=x_TK.device) - starts[expert_of_row]
+    padded = x_TK.new_zeros(num_experts, max_rows, x_TK.shape[1])
+    padded = padded.index_put((expert_of_row, slot_of_row), x_TK)
+    out = torch.bmm(padded, w_EKN)
+    return out[expert_of_row, slot_of_row]

@@ -1,0 +1,168 @@
+"""Mixture of experts, DeepSeek-V3 style: sigmoid router with the aux-loss-free bias, dropless grouped
+experts, one shared expert beside them.
+
+Legend: T tokens, K experts per token, E routed experts, H hidden, I expert intermediate size.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megajoy.config import ModelConfig
+from megajoy.kernels.grouped_gemm import grouped_mm
+from megajoy.kernels.moe_permute import permute, unpermute
+from megajoy.model.mlp import MLP
+
+
+@dataclass
+class Routing:
+    expert_ids_TK: torch.Tensor  # chosen experts
+    weights_TK: torch.Tensor  # fp32 combine weights (normalised unbiased scores times the scaling factor)
+    scores_TE: torch.Tensor  # fp32 sigmoid scores of every expert
+
+
+def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Top-k experts by score + bias (the bias steers selection only), optionally within the best groups."""
+    choice_TE = scores_TE + bias_E if cfg.topk_method == "noaux_tc" else scores_TE
+    if cfg.n_group > 1:
+        grouped = choice_TE.unflatten(-1, (cfg.n_group, -1))
+        group_score = grouped.topk(2, dim=-1).values.sum(-1)
+        best_groups = group_score.topk(cfg.topk_group, dim=-1).indices
+        keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best_groups, True)
+        choice_TE = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
+    return choice_TE.topk(cfg.num_experts_per_tok, dim=-1).indices
+
+
+class Router(nn.Module):
+    """Scores in fp32; selection on score + e_score_correction_bias; weights from the unbiased scores.
+
+    The bias is an fp32 buffer (checkpointed, never cast with the module). `expert_load` counts the
+    tokens routed to each expert in training forwards since the last bias update.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts, dtype=torch.int64), persistent=False)
+
+    def forward(self, x_TH: torch.Tensor) -> Routing:
+        scores_TE = F.linear(x_TH.float(), self.weight.float()).sigmoid()
+        expert_ids_TK = select_experts(scores_TE, self.e_score_correction_bias, self.cfg)
+        weights_TK = scores_TE.gather(1, expert_ids_TK)
+        if self.cfg.norm_topk_prob:
+            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
+        weights_TK = weights_TK * self.cfg.routed_scaling_factor
+        if self.training:
+            with torch.no_grad():
+                self.expert_load += torch.bincount(expert_ids_TK.flatten(), minlength=self.expert_load.numel())
+        return Routing(expert_ids_TK, weights_TK, scores_TE)
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor, rate: float) -> None:
+        """Aux-loss-free balancing: b_e += rate * sign(mean load - load_e), with the load of the whole batch."""
+        load = load_E.to(torch.float32)
+        self.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+
+    def _apply(self, fn, recurse=True):
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        moved = self.e_score_correction_bias
+        # Follow the module's device, never its dtype: the bias accumulates 1e-3-sized steps.
+        self.e_score_correction_bias = moved.float() if bias.is_meta or moved.is_meta else bias.to(moved.device, torch.float32)
+        return self
+
+
+class GroupedExperts(nn.Module):
+    """All routed experts' SwiGLU weights as stacked tensors (Hugging Face transformers 5 layout):
+    gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x_NH: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """x_NH: rows sorted by expert, tokens_per_expert[e] rows for expert e."""
+        gate, up = grouped_mm(x_NH, self.gate_up_proj.transpose(1, 2), tokens_per_expert).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), tokens_per_expert)
+
+
+@dataclass
+class DispatchMeta:
+    """What combine needs to undo dispatch: where each permuted row came from."""
+
+    source: torch.Tensor
+
+
+class TokenDispatcher:
+    """Single-process dispatch: sort assignments by expert; combine: weighted un-permute.
+
+    The expert-parallel dispatcher extends this with the all-to-all exchange between the two steps.
+    """
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+
+    def dispatch(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor):
+        x_perm, tokens_per_expert, source = permute(x_TH, expert_ids_TK, self.num_experts)
+        return x_perm, tokens_per_expert, DispatchMeta(source)
+
+    def combine(self, y_perm: torch.Tensor, weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        return unpermute(y_perm, meta.source, weights_TK)
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on the activations whose backward also starts the aux loss's gradient (Megatron's trick):
+    the balance loss reaches the optimizer without being threaded through every layer and pipeline stage."""
+
+    @staticmethod
+    def forward(ctx, x, aux_loss):
+        ctx.save_for_backward(aux_loss)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (aux_loss,) = ctx.saved_tensors
+        return grad, torch.ones_like(aux_loss)
+
+
+def sequence_balance_loss(routing: Routing, batch: int, cfg: ModelConfig) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss, alpha * mean_b sum_e f_be * P_be (a scalar)."""
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    scores_BSE = routing.scores_TE.view(batch, -1, e)
+    seq = scores_BSE.shape[1]
+    probs_BE = (scores_BSE / scores_BSE.sum(-1, keepdim=True)).mean(1)
+    counts_BE = torch.zeros(batch, e, device=probs_BE.device).scatter_add_(
+        1, routing.expert_ids_TK.view(batch, -1), torch.ones_like(routing.expert_ids_TK.view(batch, -1), dtype=torch.float32))
+    frac_BE = counts_BE * (e / (k * seq))
+    return cfg.aux_loss_alpha * (frac_BE * probs_BE).sum(-1).mean()
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+        self.dispatcher = TokenDispatcher(cfg.n_routed_experts)
+        self.aux_loss_scale = 1.0  # set by the trainer to 1 / micro-batches per step
+
+    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
+        x_TH = x_BSH.flatten(0, 1)
+        routing = self.gate(x_TH)
+        x_perm, tokens_per_expert, meta = self.dispatcher.dispatch(x_TH, routing.expert_ids_TK)
+        y_perm = self.experts(x_perm, tokens_per_expert)
+        y_TH = self.dispatcher.combine(y_perm, routing.weights_TK, meta)
+        if self.shared_experts is not None:
+            y_TH = y_TH + self.shared_experts(x_TH)
+        y_BSH = y_TH.view_as(x_BSH)
+        if self.training and self.cfg.aux_loss_alpha > 0:
+            aux = sequence_balance_loss(routing, x_BSH.shape[0], self.cfg) * self.aux_loss_scale
+            y_BSH = _AttachAuxLoss.apply(y_BSH, aux)
+        return y_BSH

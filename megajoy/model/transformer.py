@@ -1,0 +1,192 @@
+"""The causal LM: embedding, decoder layers (dense first, MoE after), final norm, output head, MTP.
+
+Layers live in a ModuleDict keyed by their global index so parameter names stay the same whichever
+pipeline stage holds them. Legend: B batch, S sequence, D hidden, V vocabulary.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megajoy.config import ModelConfig
+from megajoy.kernels.rope import rope_cos_sin, rope_frequencies
+from megajoy.model.mla import MLA
+from megajoy.model.mlp import MLP
+from megajoy.model.moe import MoE, GroupedExperts, Router
+from megajoy.model.mtp import MTPLayer, shift_left
+from megajoy.model.norm import RMSNorm
+
+
+@dataclass
+class SequenceInfo:
+    """Per-token metadata every layer needs: rotary cos/sin and, for packed rows, document ids."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    document_ids: torch.Tensor | None
+
+
+@dataclass
+class CausalLMOutput:
+    """Loss sums and token counts, so callers can normalise over a whole global batch."""
+
+    logits: torch.Tensor | None
+    lm_loss_sum: torch.Tensor | None = None
+    lm_tokens: torch.Tensor | None = None
+    mtp_loss_sum: torch.Tensor | None = None
+    mtp_tokens: torch.Tensor | None = None
+    mtp_logits: list | None = None
+
+    @property
+    def lm_loss(self) -> torch.Tensor:
+        return self.lm_loss_sum / self.lm_tokens.clamp(min=1)
+
+    @property
+    def mtp_loss(self) -> torch.Tensor | None:
+        return None if self.mtp_loss_sum is None else self.mtp_loss_sum / self.mtp_tokens.clamp(min=1)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h_BSD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
+        h_BSD = h_BSD + self.self_attn(self.input_layernorm(h_BSD), seq)
+        return h_BSD + self.mlp(self.post_attention_layernorm(h_BSD))
+
+
+class JoyAIForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict(
+            {str(i): DecoderLayer(cfg, cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers)})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList(
+            MTPLayer(cfg, DecoderLayer(cfg, moe=False)) for _ in range(cfg.num_nextn_predict_layers))
+        # Kept off the module's buffers so dtype casts and meta construction never touch it.
+        self._inv_freq, self.rope_amplitude = rope_frequencies(
+            cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, initializer_range) weights, output projections scaled by 1/sqrt(2 * layers)
+        (Megatron's scaled init), unit norms, zero router bias. Works after `to_empty` from meta."""
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(0 if seed is None else seed)
+        std = self.cfg.initializer_range
+        out_std = std / (2 * (self.cfg.num_hidden_layers + self.cfg.num_nextn_predict_layers)) ** 0.5
+        for name, module in self.named_modules():
+            if isinstance(module, RMSNorm):
+                module.reset_parameters()
+            elif isinstance(module, Router):
+                _normal(module.weight, std, generator)
+                module.e_score_correction_bias.zero_()
+                module.expert_load.zero_()
+            elif isinstance(module, GroupedExperts):
+                _normal(module.gate_up_proj, std, generator)
+                _normal(module.down_proj, out_std, generator)
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                scaled = name.endswith(("o_proj", "down_proj"))
+                _normal(module.weight, out_std if scaled else std, generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+
+    # ------------------------------------------------------------------ forward pieces
+    def sequence_info(self, position_ids_BS: torch.Tensor, document_ids_BS: torch.Tensor | None) -> SequenceInfo:
+        if self._inv_freq.device != position_ids_BS.device:
+            self._inv_freq = self._inv_freq.to(position_ids_BS.device)
+        cos, sin = rope_cos_sin(position_ids_BS, self._inv_freq, self.rope_amplitude)
+        return SequenceInfo(cos, sin, document_ids_BS)
+
+    def run_layers(self, h_BSD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
+        for layer in self.layers.values():
+            h_BSD = layer(h_BSD, seq)
+        return h_BSD
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None, compute_mtp: bool | None = None,
+                return_logits: bool | None = None) -> CausalLMOutput:
+        """input_ids [B,S]. Packed rows pass per-document position_ids and document_ids.
+
+        labels[b, i] is the token after input_ids[b, i] (Megatron's convention). With labels, the LM
+        loss and (when `compute_mtp`, default: the model has an MTP module) the MTP loss are returned as
+        masked sums; logits are kept only when asked for or when there are no labels.
+        """
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        seq = self.sequence_info(position_ids, document_ids)
+        h_BSD = self.norm(self.run_layers(self.embed_tokens(input_ids), seq))
+        logits_BSV = self.lm_head(h_BSD)
+        keep_logits = return_logits if return_logits is not None else labels is None
+        out = CausalLMOutput(logits=logits_BSV if keep_logits else None)
+        if compute_mtp is None:
+            compute_mtp = len(self.mtp) > 0
+        if labels is None and not compute_mtp:
+            return out
+        if loss_mask is None:
+            loss_mask = torch.ones_like(input_ids, dtype=torch.float32)
+        if labels is not None:
+            out.lm_loss_sum, out.lm_tokens = masked_cross_entropy(logits_BSV, labels, loss_mask)
+        if compute_mtp and len(self.mtp):
+            self._mtp_forward(out, h_BSD, input_ids, labels, loss_mask, seq, keep_logits)
+        return out
+
+    def _mtp_forward(self, out, h_BSD, input_ids, labels, loss_mask, seq, keep_logits) -> None:
+        """Depth k (1-based) sees Emb(t_{i+k}) and predicts t_{i+k+1}; its loss is masked where either
+        the shifted input or the shifted label is (Megatron rolls the loss mask the same way)."""
+        sums, counts, logits = [], [], []
+        tokens = labels if labels is not None else shift_left(input_ids, 1, 0)
+        for depth, layer in enumerate(self.mtp, start=1):
+            next_ids = shift_left(tokens, depth - 1, 0)
+            h_BSD = layer(h_BSD, self.embed_tokens(next_ids), seq)
+            logits_BSV = self.lm_head(h_BSD)
+            if keep_logits:
+                logits.append(logits_BSV)
+            if labels is not None:
+                mask = loss_mask * shift_left(loss_mask, depth, 0.0)
+                s, n = masked_cross_entropy(logits_BSV, shift_left(labels, depth, 0), mask)
+                sums.append(s)
+                counts.append(n)
+        if labels is not None:
+            # DeepSeek-V3 averages the depths, (1/D) sum_k L_k; pooling the depths' sums and counts gives
+            # exactly that when every depth scores the same number of tokens, and stays additive over
+            # micro-batches.
+            out.mtp_loss_sum = torch.stack(sums).mean()
+            out.mtp_tokens = torch.stack(counts).mean()
+        out.mtp_logits = logits or None
+
+
+def masked_cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor, mask_BS: torch.Tensor):
+    """(sum of per-token cross-entropy where mask is set, number of such tokens), in fp32."""
+    ce = F.cross_entropy(logits_BSV.flatten(0, 1).float(), labels_BS.flatten(), reduction="none")
+    mask = mask_BS.flatten().float()
+    return (ce * mask).sum(), mask.sum()
+
+
+def _normal(t: torch.Tensor, std: float, generator: torch.Generator) -> None:
+    t.copy_(torch.randn(t.shape, generator=generator, dtype=torch.float32).mul_(std).to(t.dtype))
+
+
+def create_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = 0,
+                 dtype: torch.dtype = torch.float32) -> JoyAIForCausalLM:
+    """Build on the meta device, allocate on `device`, then initialise (no double initialisation).
+    `seed=None` leaves the memory uninitialised for a caller that loads a checkpoint next."""
+    with torch.device("meta"):
+        model = JoyAIForCausalLM(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    if seed is not None:
+        model.init_weights(seed)
+    return model

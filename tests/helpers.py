@@ -1,0 +1,52 @@
+"""Shared test helpers: small random DeepSeek-V3-shaped configs and the Hugging Face reference model."""
+
+import dataclasses
+
+import torch
+
+from megajoy.ckpt.hf import save_hf_dir
+from megajoy.ckpt.native import model_state
+from megajoy.config import ModelConfig
+from megajoy.model import create_model
+
+
+def small_config(**overrides) -> ModelConfig:
+    base = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+        max_position_embeddings=256, rope_theta=1e4,
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def random_model(cfg: ModelConfig, seed: int = 0, bias_std: float = 0.05):
+    """A model with random weights and a random (nonzero) router bias, in eval mode."""
+    model = create_model(cfg, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn(buf.shape, generator=g) * bias_std)
+    return model.eval()
+
+
+def hf_reference(model, directory: str):
+    """Export `model` to a Hugging Face directory (fp32) and load it back with transformers."""
+    from transformers import AutoModelForCausalLM
+
+    save_hf_dir(directory, model.cfg, model_state(model), dtype=torch.float32)
+    hf, info = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, output_loading_info=True)
+    # transformers hard-codes DeepSeek-V3's MTP layer index (61) as the unexpected-key pattern; point it
+    # at this config's MTP layer so its MtpModel can find the weights.
+    hf._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{model.cfg.num_hidden_layers}\..*"]
+    return hf.eval(), info
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def replace(cfg: ModelConfig, **kw) -> ModelConfig:
+    return dataclasses.replace(cfg, **kw)

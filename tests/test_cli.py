@@ -1,0 +1,88 @@
+"""The `megajoy` command line: info, init, convert_ckpt round trip, and the pinned set of flags."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from megajoy.cli import build_parser, main
+from megajoy.ckpt.native import load_model_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _flags(parser) -> dict[str, set[str]]:
+    import argparse
+
+    out = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out[name] = {s for a in sub._actions for s in a.option_strings}
+    return out
+
+
+# Changing a flag breaks users' scripts: update this list only on purpose.
+PINNED_FLAGS = {
+    "info": {"-h", "--help", "--preset", "--config", "--set", "--seq-length", "--json"},
+    "init": {"-h", "--help", "--preset", "--config", "--set", "--out", "--seed", "--tokenizer", "--dtype"},
+}
+
+
+def test_cli_flags_are_pinned():
+    assert _flags(build_parser()) == PINNED_FLAGS
+
+
+def test_info_json_matches_published_numbers(capsys):
+    assert main(["info", "--preset", "joyai-flash", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert abs(stats["total_params"] / 48.94e9 - 1) < 1e-3
+    assert abs(stats["active_params"] / 2.775e9 - 1) < 1e-3
+    assert stats["kv_cache_bytes_per_token"] == 46080
+
+
+def test_info_text_and_bad_override(capsys):
+    assert main(["info", "--preset", "tiny", "--set", "model.hidden_size=96"]) == 0
+    assert "total parameters" in capsys.readouterr().out
+    assert main(["info", "--set", "model.n_routed_experts=10", "--set", "model.n_group=4"]) == 2
+    assert "n_routed_experts=10 is not divisible by n_group=4" in capsys.readouterr().err
+
+
+def test_init_then_convert_round_trip(tmp_path):
+    ckpt, hf_dir, back = tmp_path / "ckpt", tmp_path / "hf", tmp_path / "back"
+    assert main(["init", "--preset", "tiny", "--set", "model.num_hidden_layers=2", "--out", str(ckpt), "--seed", "3"]) == 0
+    tool = [sys.executable, os.path.join(ROOT, "tools", "convert_ckpt.py")]
+    subprocess.run(tool + ["--input", str(ckpt), "--output", str(hf_dir), "--to", "hf", "--dtype", "fp32"], check=True)
+    subprocess.run(tool + ["--input", str(hf_dir), "--output", str(back), "--to", "megajoy"], check=True)
+    job_a, state_a, _ = load_model_dir(str(ckpt))
+    job_b, state_b, _ = load_model_dir(str(back))
+    assert job_a.model == job_b.model
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v3" and config["num_nextn_predict_layers"] == 1
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_convert_rejects_wrong_shapes(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "ckpt"
+    assert main(["init", "--set", "model.num_hidden_layers=2", "--out", str(ckpt)]) == 0
+    weights = load_file(str(ckpt / "model.safetensors"))
+    weights["layers.1.self_attn.o_proj.weight"] = torch.zeros(3, 3)
+    save_file(weights, str(ckpt / "model.safetensors"))
+    tool = [sys.executable, os.path.join(ROOT, "tools", "convert_ckpt.py")]
+    result = subprocess.run(tool + ["--input", str(ckpt), "--output", str(tmp_path / "hf"), "--to", "hf"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "'layers.1.self_attn.o_proj.weight' has shape (3, 3)" in result.stderr
+    assert not os.path.exists(tmp_path / "hf")
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "megajoy", "info", "--preset", "joyai-slice"],
+                            capture_output=True, text=True, check=True)
+    assert "joyai-slice" in result.stdout

@@ -1,0 +1,116 @@
+"""The router: selection with the correction bias, weights without it; the aux-free bias update."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from helpers import small_config
+from megajoy.model.moe import MoE, Router
+
+
+def _hf_router(cfg, router):
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    hf_cfg = DeepseekV3Config(hidden_size=cfg.hidden_size, n_routed_experts=cfg.n_routed_experts,
+                              num_experts_per_tok=cfg.num_experts_per_tok, n_group=cfg.n_group,
+                              topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
+                              routed_scaling_factor=cfg.routed_scaling_factor)
+    ref = DeepseekV3TopkRouter(hf_cfg)
+    with torch.no_grad():
+        ref.weight.copy_(router.weight)
+        ref.e_score_correction_bias.copy_(router.e_score_correction_bias)
+    return ref
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(norm_topk_prob=False), dict(n_group=4, topk_group=2, num_experts_per_tok=3)])
+def test_router_matches_transformers(kw):
+    cfg = small_config(**kw)
+    router = Router(cfg)
+    with torch.no_grad():
+        router.weight.normal_(0, 0.3)
+        router.e_score_correction_bias.normal_(0, 0.2)
+    x = torch.randn(64, cfg.hidden_size)
+    routing = router(x)
+    _, ref_weights, ref_ids = _hf_router(cfg, router)(x)
+    ours = sorted(zip(routing.expert_ids_TK.flatten().tolist(), routing.weights_TK.flatten().tolist()))
+    # Compare per token as sets of (expert, weight): the two may order the k experts differently.
+    for t in range(x.shape[0]):
+        a = dict(zip(routing.expert_ids_TK[t].tolist(), routing.weights_TK[t].tolist()))
+        b = dict(zip(ref_ids[t].tolist(), ref_weights[t].tolist()))
+        assert a.keys() == b.keys()
+        assert all(abs(a[e] - b[e]) <= 1e-6 for e in a)
+    assert ours  # non-empty
+
+
+def test_bias_steers_selection_but_not_weights():
+    cfg = small_config(n_routed_experts=4, num_experts_per_tok=2, routed_scaling_factor=2.5)
+    router = Router(cfg)
+    with torch.no_grad():
+        router.weight.zero_()
+        router.weight[:, 0] = torch.tensor([3.0, 2.0, 1.0, -1.0])  # scores ordered 0 > 1 > 2 > 3
+    x = torch.zeros(1, cfg.hidden_size)
+    x[0, 0] = 1.0
+    scores = torch.sigmoid(torch.tensor([3.0, 2.0, 1.0, -1.0]))
+    assert set(router(x).expert_ids_TK[0].tolist()) == {0, 1}
+    with torch.no_grad():
+        router.e_score_correction_bias.copy_(torch.tensor([0.0, -1.0, 0.0, 1.0]))
+    routing = router(x)
+    chosen = routing.expert_ids_TK[0].tolist()
+    assert set(chosen) == {0, 3}  # expert 3 selected only through its bias
+    expected = {e: 2.5 * scores[e].item() / (scores[0] + scores[3]).item() for e in (0, 3)}
+    for e, w in zip(chosen, routing.weights_TK[0].tolist()):
+        assert abs(w - expected[e]) <= 1e-6
+
+
+def test_bias_update_moves_load_toward_balance():
+    cfg = small_config(n_routed_experts=8, num_experts_per_tok=2)
+    router = Router(cfg).train()
+    with torch.no_grad():
+        router.weight.normal_(0, 0.1)
+        router.weight[0] += 0.03  # experts 0 and 1 attract most tokens
+        router.weight[1] += 0.02
+    x = torch.randn(512, cfg.hidden_size).abs()
+
+    def imbalance():
+        router.expert_load.zero_()
+        router(x)
+        load = router.expert_load.float()
+        return (load.max() / load.mean()).item(), load
+
+    start, load = imbalance()
+    assert start > 2.5
+    for _ in range(300):
+        _, load = imbalance()
+        before = router.e_score_correction_bias.clone()
+        router.update_bias(load, rate=1e-3)
+        step = router.e_score_correction_bias - before
+        # Overloaded experts lose bias, underloaded ones gain it, by exactly the rate.
+        assert torch.allclose(step, 1e-3 * torch.sign(load.mean() - load))
+    end, _ = imbalance()
+    assert end < 1.1
+
+
+def test_bias_stays_fp32_and_is_checkpointed():
+    cfg = small_config()
+    moe = MoE(cfg).to(torch.bfloat16)
+    assert moe.gate.e_score_correction_bias.dtype == torch.float32
+    assert moe.gate.weight.dtype == torch.bfloat16
+    assert "gate.e_score_correction_bias" in moe.state_dict()
+    assert "gate.expert_load" not in moe.state_dict()
+
+
+def test_sequence_balance_loss_reaches_router_gradient():
+    cfg = dataclasses.replace(small_config(), aux_loss_alpha=1e-2)
+    moe = MoE(cfg).train()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.1)
+    x = torch.randn(2, 8, cfg.hidden_size)
+    moe(x).sum().backward()
+    with_aux = moe.gate.weight.grad.clone()
+    moe.zero_grad()
+    cfg.aux_loss_alpha = 0.0
+    moe(x).sum().backward()
+    assert (with_aux - moe.gate.weight.grad).abs().max() > 1e-6
