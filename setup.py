@@ -24,6 +24,7 @@ setup(
         "hf": ["transformers>=5.0"],
         "gguf": ["gguf>=0.17"],
         "gpu": ["nvidia-ml-py"],
+        "plot": ["matplotlib"],
         "te": ["transformer-engine[pytorch]"],
         "test": ["pytest", "transformers>=5.0", "gguf>=0.17", "matplotlib"],
     },

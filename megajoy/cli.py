@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "info": ("megajoy.commands.info", "parameters, FLOPs and KV-cache size of a configuration"),
     "init": ("megajoy.commands.init", "write a randomly initialised checkpoint"),
+    "pretrain": ("megajoy.stages.pretrain", "pretrain on Megatron-format data or the built-in corpus"),
 }
 
 

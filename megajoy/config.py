@@ -180,6 +180,99 @@ PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
 }
 
 
+# ---------------------------------------------------------------------------------------------- training
+
+@dataclass
+class DataConfig:
+    data_path: list[str] | None = None  # Megatron blend: ["0.7", "prefA", "0.3", "prefB"]; None = built-in corpus
+    split: str = "98,2,0"  # train, valid, test shares (Megatron's --split)
+    tokenizer: str | None = None  # a Hugging Face tokenizer.json; None = the built-in BPE
+    seq_length: int = 256
+    eod_mask_loss: bool = True  # do not train the position whose input is EOD (next document's first token)
+    data_cache_path: str | None = None  # where megatron-core caches its sample indices (default OUT/data_cache)
+    builtin_corpus_mb: float = 16.0
+    num_workers: int = 2  # tokenizer processes when the built-in corpus is first built
+
+    def __post_init__(self):
+        _require(self.seq_length > 0, f"seq_length={self.seq_length} must be positive")
+        _require(self.builtin_corpus_mb > 0, f"builtin_corpus_mb={self.builtin_corpus_mb} must be positive")
+
+
+@dataclass
+class OptimizerConfig:
+    optimizer: str = "adamw"
+    lr: float = 4e-3
+    min_lr: float = 4e-4
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # global gradient-norm clip; 0 = off
+    lr_warmup_iters: int = 20
+    lr_decay_style: str = "WSD"  # constant | linear | cosine | WSD
+    lr_wsd_decay_style: str = "linear"  # linear | cosine | 1-sqrt
+    lr_wsd_decay_iters: int | None = None  # default: 20% of train_iters
+    lr_decay_iters: int | None = None  # default: train_iters
+
+    def __post_init__(self):
+        _require(self.lr > 0 and 0 <= self.min_lr <= self.lr, f"need 0 <= min_lr={self.min_lr} <= lr={self.lr}, lr > 0")
+        _require(self.lr_decay_style in ("constant", "linear", "cosine", "WSD"),
+                 f"lr_decay_style={self.lr_decay_style!r} must be constant, linear, cosine or WSD")
+        _require(self.lr_wsd_decay_style in ("linear", "cosine", "1-sqrt"),
+                 f"lr_wsd_decay_style={self.lr_wsd_decay_style!r} must be linear, cosine or 1-sqrt")
+        _require(self.lr_warmup_iters >= 0, f"lr_warmup_iters={self.lr_warmup_iters} must be >= 0")
+        _require(self.clip_grad >= 0, f"clip_grad={self.clip_grad} must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    # The defaults are the tiny preset's CPU recipe: `megajoy pretrain` with no arguments (README).
+    train_iters: int = 320
+    global_batch_size: int = 8
+    micro_batch_size: int = 8
+    rampup_batch_size: list[int] | None = None  # [start, increment, samples], Megatron's --rampup-batch-size
+    seed: int = 1234
+    mtp_start_iter: int = 220  # MTP loss from this step on (JoyAI switches it on in mid-training)
+    router_bias_update_rate: float = 1e-3  # gamma of the aux-loss-free balancing
+    freeze_router_bias: bool = False
+    bf16: bool | None = None  # bf16 autocast; default: on for GPUs, off (fp32) on CPU
+    log_interval: int = 10
+    eval_interval: int = 80
+    eval_iters: int = 8  # validation micro-batches (each micro_batch_size rows) per evaluation
+    exit_interval: int | None = None  # save and stop after a step divisible by this (Megatron's --exit-interval)
+    plot: bool = False
+
+    def __post_init__(self):
+        for name in ("train_iters", "global_batch_size", "micro_batch_size", "log_interval", "eval_interval"):
+            _require(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
+        _require(self.eval_iters >= 0, f"eval_iters={self.eval_iters} must be >= 0")
+        _require(self.global_batch_size % self.micro_batch_size == 0,
+                 f"global_batch_size={self.global_batch_size} is not divisible by micro_batch_size="
+                 f"{self.micro_batch_size}")
+        if self.rampup_batch_size is not None:
+            _require(len(self.rampup_batch_size) == 3, "rampup_batch_size takes three numbers: START INCREMENT SAMPLES")
+            start, increment, samples = self.rampup_batch_size
+            _require(start > 0 and increment > 0 and samples > 0, f"rampup_batch_size={self.rampup_batch_size} "
+                     f"must be positive")
+            _require((self.global_batch_size - start) % increment == 0,
+                     f"global_batch_size - rampup start = {self.global_batch_size - start} is not divisible by "
+                     f"the increment {increment}")
+
+
+@dataclass
+class CheckpointConfig:
+    out: str = "runs/pretrain"  # checkpoints, TensorBoard events, metrics.jsonl
+    save_interval: int | None = None  # default: only at the end
+    keep_last: int = 2
+    resume: bool = False  # continue from OUT's latest checkpoint
+    init: str | None = None  # start from these weights (a megajoy checkpoint or model directory)
+
+    def __post_init__(self):
+        _require(self.keep_last >= 1, f"keep_last={self.keep_last} must be >= 1")
+        _require(self.save_interval is None or self.save_interval > 0,
+                 f"save_interval={self.save_interval} must be positive")
+
+
 # ---------------------------------------------------------------------------------------------- job config
 
 @dataclass
@@ -187,6 +280,10 @@ class JobConfig:
     """Everything a `megajoy` command runs from, one section per concern."""
 
     model: ModelConfig = field(default_factory=tiny)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -203,9 +300,12 @@ def preset_model(name: str) -> ModelConfig:
 
 
 def load_job_config(preset: str | None = None, yaml_path: str | None = None,
-                    overrides: list[str] = ()) -> JobConfig:
-    """Preset, then the YAML file's sections on top, then `section.field=value` overrides."""
-    data = {"model": dataclasses.asdict(preset_model(preset or "tiny"))}
+                    overrides: list[str] = (), defaults: dict | None = None) -> JobConfig:
+    """Section defaults (a stage's), the preset's model, the YAML file's sections, then
+    `section.field=value` overrides, in that order."""
+    data = dataclasses.asdict(JobConfig())
+    _merge(data, defaults or {})
+    data["model"] = dataclasses.asdict(preset_model(preset or "tiny"))
     if yaml_path:
         _merge(data, _read_yaml(yaml_path))
     for item in overrides:

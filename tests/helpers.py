@@ -50,3 +50,53 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def replace(cfg: ModelConfig, **kw) -> ModelConfig:
     return dataclasses.replace(cfg, **kw)
+
+
+WORDS = ("the a one some every cat dog bird fish model token layer expert router sat ran flew swam "
+         "reads writes routes trains on under over near with quickly slowly").split()
+
+
+def synthetic_documents(n: int, seed: int = 0) -> list[str]:
+    """Deterministic pseudo-sentences: enough structure for a tiny model to learn something."""
+    import random
+
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        sentences = []
+        for _ in range(rng.randint(1, 4)):
+            words = [rng.choice(WORDS[:5]), rng.choice(WORDS[5:13]), rng.choice(WORDS[13:20]),
+                     rng.choice(WORDS[20:24]), rng.choice(WORDS[:5]), rng.choice(WORDS[5:13])]
+            sentences.append(" ".join(words).capitalize() + ".")
+        docs.append(" ".join(sentences))
+    return docs
+
+
+def write_jsonl(path, docs, key: str = "text") -> None:
+    import json
+
+    with open(path, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps({key: doc}) + "\n")
+
+
+# A model small enough for many short training runs in the test suite (vocab fits TEST_VOCAB).
+TEST_VOCAB = 320
+TINY_MODEL_OVERRIDES = [
+    "model.vocab_size=320", "model.hidden_size=32", "model.intermediate_size=64", "model.moe_intermediate_size=16",
+    "model.num_hidden_layers=2", "model.num_attention_heads=2", "model.q_lora_rank=16", "model.kv_lora_rank=16",
+    "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8", "model.n_routed_experts=4",
+    "model.num_experts_per_tok=2",
+]
+
+
+def load_tool(name: str):
+    """Import tools/NAME.py as a module (the tools are scripts, not package modules)."""
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -28,6 +28,16 @@ def _flags(parser) -> dict[str, set[str]]:
 PINNED_FLAGS = {
     "info": {"-h", "--help", "--preset", "--config", "--set", "--seq-length", "--json"},
     "init": {"-h", "--help", "--preset", "--config", "--set", "--out", "--seed", "--tokenizer", "--dtype"},
+    "pretrain": {
+        "-h", "--help", "--preset", "--config", "--set", "--train-iters", "--global-batch-size", "--micro-batch-size",
+        "--rampup-batch-size", "--seed", "--mtp-start-iter", "--mtp-loss-scaling-factor", "--mtp-loss-weight",
+        "--moe-router-bias-update-rate", "--router-bias-update-rate", "--freeze-router-bias", "--bf16", "--fp32",
+        "--log-interval", "--eval-interval", "--eval-iters", "--exit-interval", "--plot", "--seq-length",
+        "--data-path", "--split", "--tokenizer", "--tokenizer-model", "--data-cache-path", "--eod-mask-loss",
+        "--no-eod-mask-loss", "--optimizer", "--lr", "--min-lr", "--lr-warmup-iters", "--lr-decay-style",
+        "--lr-wsd-decay-style", "--lr-wsd-decay-iters", "--lr-decay-iters", "--weight-decay", "--clip-grad",
+        "--adam-beta1", "--adam-beta2", "--adam-eps", "--out", "--save-interval", "--keep-last", "--resume", "--init",
+    },
 }
 
 
@@ -86,3 +96,13 @@ def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "megajoy", "info", "--preset", "joyai-slice"],
                             capture_output=True, text=True, check=True)
     assert "joyai-slice" in result.stdout
+
+
+def test_init_stores_the_tokenizer(tmp_path, tokenizer_file):
+    from helpers import TINY_MODEL_OVERRIDES
+
+    argv = ["init", "--out", str(tmp_path / "c"), "--tokenizer", tokenizer_file]
+    assert main(argv + [a for o in TINY_MODEL_OVERRIDES for a in ("--set", o)]) == 0
+    _, _, tokenizer = load_model_dir(str(tmp_path / "c"))
+    assert open(tokenizer).read() == open(tokenizer_file).read()
+    assert main(argv + ["--set", "model.vocab_size=100", "--out", str(tmp_path / "d")]) == 2

@@ -16,7 +16,8 @@ from megajoy.ckpt.convert import DTYPES, convert  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="a megajoy checkpoint or a Hugging Face model directory")
+    parser.add_argument("--input", required=True, help="a megajoy checkpoint, a `megajoy pretrain --out` directory "
+                                                       "(its latest checkpoint) or a Hugging Face model directory")
     parser.add_argument("--output", required=True, help="directory to write (replaced atomically)")
     parser.add_argument("--to", required=True, choices=["hf", "megajoy"], help="target layout")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,

@@ -10,6 +10,18 @@ from megajoy.config import JobConfig
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def resolve_input(path: str) -> str:
+    """A `megajoy pretrain --out` directory stands for its latest checkpoint."""
+    from megajoy.train.checkpoint import latest_checkpoint
+
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise ValueError(f"{path}: a training output directory without any complete checkpoint")
+        return latest
+    return path
+
+
 def detect_layout(path: str) -> str:
     if os.path.exists(os.path.join(path, native.CONFIG_NAME)):
         return "megajoy"
@@ -22,6 +34,7 @@ def detect_layout(path: str) -> str:
 
 
 def convert(src: str, dst: str, to: str, dtype: str | None = None) -> None:
+    src = resolve_input(src)
     layout = detect_layout(src)
     if to == "hf":
         if layout != "megajoy":

@@ -1,10 +1,23 @@
-"""Tokenizers: any Hugging Face `tokenizer.json`, loaded with the `tokenizers` library."""
+"""Tokenizers: any Hugging Face `tokenizer.json`, loaded with the `tokenizers` library, and the built-in
+byte-level BPE trained on the built-in corpus.
 
+Special tokens follow DeepSeek-V3: id 0 begins a sequence, id 1 ends one (it is also the end-of-document
+token, EOD, that separates packed documents), id 2 pads.
+"""
+
+import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
 
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+BOS_TOKEN = "<｜begin▁of▁sentence｜>"
+EOS_TOKEN = "<｜end▁of▁sentence｜>"
+PAD_TOKEN = "<｜▁pad▁｜>"
+SPECIAL_TOKENS = [BOS_TOKEN, EOS_TOKEN, PAD_TOKEN]
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -18,6 +31,64 @@ def load_tokenizer(path: str) -> Tokenizer:
         raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({e})") from None
 
 
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What training needs to know about a tokenizer file, in a form that pickles and hashes."""
+
+    path: str
+    vocab_size: int
+    eod: int
+    bos: int | None
+    sha256: str
+
+    @classmethod
+    def from_file(cls, path: str, eod_token: str | None = None) -> "TokenizerInfo":
+        tok = load_tokenizer(path)
+        eod = _find_token(tok, [eod_token] if eod_token else [EOS_TOKEN, "</s>", "<|endoftext|>", "<eos>"])
+        if eod is None:
+            raise ValueError(f"{path}: no end-of-document token found (looked for {EOS_TOKEN!r}, '</s>', "
+                             f"'<|endoftext|>', '<eos>'); name it with --eod-token")
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        return cls(path, tok.get_vocab_size(), eod, _find_token(tok, [BOS_TOKEN, "<s>", "<bos>"]), digest)
+
+    @property
+    def unique_identifiers(self) -> dict:
+        """Read by megatron-core when it hashes a dataset's cache key."""
+        return {"class": "megajoy.TokenizerInfo", "sha256": self.sha256, "eod": self.eod}
+
+
+class MegatronTokenizerShim:
+    """The attributes megatron-core's GPTDataset reads from its tokenizer (it never tokenizes)."""
+
+    def __init__(self, info: TokenizerInfo):
+        self.vocab_size = info.vocab_size
+        self.eod = info.eod
+        self.unique_identifiers = info.unique_identifiers
+
+
+def _find_token(tok: Tokenizer, candidates: list[str]) -> int | None:
+    for token in candidates:
+        token_id = tok.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    return None
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, path: str) -> None:
+    """A byte-level BPE (GPT-2 style pre-tokenisation) with DeepSeek-V3's special tokens at ids 0..2."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tmp = path + ".tmp"
+    tok.save(tmp)
+    os.replace(tmp, path)
+
+
 def write_hf_tokenizer_files(tokenizer_file: str, directory: str, cfg) -> None:
     """tokenizer.json plus the tokenizer_config.json that lets `AutoTokenizer` load it."""
     tok = load_tokenizer(tokenizer_file)
@@ -29,5 +100,8 @@ def write_hf_tokenizer_files(tokenizer_file: str, directory: str, cfg) -> None:
         "model_max_length": cfg.max_position_embeddings,
         "clean_up_tokenization_spaces": False,
     }
+    pad = tok.token_to_id(PAD_TOKEN)
+    if pad is not None:
+        config["pad_token"] = PAD_TOKEN
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2)

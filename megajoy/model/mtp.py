@@ -33,3 +33,13 @@ def shift_left(t_BS: torch.Tensor, steps: int, fill) -> torch.Tensor:
         return t_BS
     tail = torch.full_like(t_BS[:, :steps], fill)
     return torch.cat((t_BS[:, steps:], tail), dim=1)
+
+
+def mtp_loss_mask(loss_mask_BS: torch.Tensor, depth: int) -> torch.Tensor:
+    """Depth k trains position i only where both the main loss mask and its k-shifted copy are set."""
+    return loss_mask_BS * shift_left(loss_mask_BS, depth, 0.0)
+
+
+def mtp_token_count(loss_mask_BS: torch.Tensor, depths: int) -> torch.Tensor:
+    """Tokens the MTP loss averages over: the mean over depths of each depth's masked count."""
+    return torch.stack([mtp_loss_mask(loss_mask_BS.float(), k).sum() for k in range(1, depths + 1)]).mean()

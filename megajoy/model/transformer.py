@@ -15,7 +15,7 @@ from megajoy.kernels.rope import rope_cos_sin, rope_frequencies
 from megajoy.model.mla import MLA
 from megajoy.model.mlp import MLP
 from megajoy.model.moe import MoE, GroupedExperts, Router
-from megajoy.model.mtp import MTPLayer, shift_left
+from megajoy.model.mtp import MTPLayer, mtp_loss_mask, shift_left
 from megajoy.model.norm import RMSNorm
 
 
@@ -156,7 +156,7 @@ class JoyAIForCausalLM(nn.Module):
             if keep_logits:
                 logits.append(logits_BSV)
             if labels is not None:
-                mask = loss_mask * shift_left(loss_mask, depth, 0.0)
+                mask = mtp_loss_mask(loss_mask, depth)
                 s, n = masked_cross_entropy(logits_BSV, shift_left(labels, depth, 0), mask)
                 sums.append(s)
                 counts.append(n)

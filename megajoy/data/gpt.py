@@ -1,0 +1,69 @@
+"""Pretraining data through megatron-core: GPTDataset samples from one or more Megatron prefixes,
+blended with weights in Megatron's syntax (`0.7 pathA 0.3 pathB`), split into train / valid."""
+
+import contextlib
+import logging
+import os
+
+import torch.distributed as dist
+
+from megajoy.data.indexed import check_indexed_dataset
+from megajoy.data.tokenizer import MegatronTokenizerShim, TokenizerInfo
+
+
+def parse_blend(items: list[str]) -> tuple[list[str], list[float] | None]:
+    """['0.7', 'a', '0.3', 'b'] -> (['a', 'b'], [0.7, 0.3]); ['a', 'b'] -> (['a', 'b'], None)."""
+    items = [part for item in items for part in item.split()]
+    if not items:
+        raise ValueError("--data-path is empty")
+    try:
+        float(items[0])
+    except ValueError:
+        return items, None
+    if len(items) % 2:
+        raise ValueError(f"--data-path {' '.join(items)}: weights and prefixes must alternate (WEIGHT PREFIX ...)")
+    weights, prefixes = items[0::2], items[1::2]
+    try:
+        return prefixes, [float(w) for w in weights]
+    except ValueError:
+        raise ValueError(f"--data-path {' '.join(items)}: {weights} are not all numbers") from None
+
+
+def build_gpt_datasets(blend: list[str], split: str, seq_length: int, train_samples: int, valid_samples: int,
+                       seed: int, tokenizer: TokenizerInfo, cache_dir: str):
+    """(train, valid) datasets of megatron-core; each item holds `tokens`, `labels`, `loss_mask` (padding
+    masked) as seq_length-long tensors."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    prefixes, weights = parse_blend(blend)
+    for prefix in prefixes:
+        check_indexed_dataset(prefix)
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)
+    os.makedirs(cache_dir, exist_ok=True)
+    config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=split,
+        path_to_cache=cache_dir, tokenizer=MegatronTokenizerShim(tokenizer), reset_position_ids=False,
+        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+    )
+    # megajoy derives positions, document ids and the EOD loss mask itself (packing.py), vectorised.
+    with _process_group():
+        train, valid, _ = BlendedMegatronDatasetBuilder(
+            GPTDataset, [train_samples, valid_samples, 0], lambda: True, config).build()
+    if train is None or len(train) == 0:
+        raise ValueError(f"--split {split} leaves no training data in {prefixes}")
+    return train, valid
+
+
+@contextlib.contextmanager
+def _process_group():
+    """megatron-core's BlendedDataset asks torch.distributed for the rank even in a single process;
+    give it a one-rank group for the duration when none exists."""
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

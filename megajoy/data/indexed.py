@@ -1,0 +1,197 @@
+"""Megatron's indexed dataset format (`PREFIX.bin` + `PREFIX.idx`): writing it from text documents with
+megatron-core's IndexedDatasetBuilder, and checking a pair of files before megatron-core reads them.
+
+The `.idx` layout (megatron-core `indexed_dataset.py`): 9-byte magic `MMIDIDX\\0\\0`, uint64 version (1),
+uint8 dtype code, uint64 sequence count, uint64 document count, then int32 sequence lengths, int64
+sequence byte offsets and int64 document indices.
+"""
+
+import json
+import multiprocessing
+import os
+import struct
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_MAGIC = b"MMIDIDX\x00\x00"
+_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+           8: np.uint16}
+
+
+@dataclass
+class WriteReport:
+    documents: int = 0
+    tokens: int = 0
+    bad_lines: list = field(default_factory=list)  # (line number, reason)
+
+    def summary(self, source: str) -> str:
+        text = f"{source}: {self.documents} documents, {self.tokens} tokens"
+        if self.bad_lines:
+            shown = "; ".join(f"line {n}: {why}" for n, why in self.bad_lines[:5])
+            more = f" (and {len(self.bad_lines) - 5} more)" if len(self.bad_lines) > 5 else ""
+            text += f"; {len(self.bad_lines)} malformed line(s) skipped: {shown}{more}"
+        return text
+
+
+# ------------------------------------------------------------------------------------------ encoding
+
+_worker_tokenizer = None
+_worker_key = None
+
+
+def _init_worker(tokenizer_path: str, json_key: str | None) -> None:
+    from megajoy.data.tokenizer import load_tokenizer
+
+    global _worker_tokenizer, _worker_key
+    _worker_tokenizer, _worker_key = load_tokenizer(tokenizer_path), json_key
+
+
+class Unreadable(str):
+    """An input item that could not be read (its text is the reason), reported like a malformed line."""
+
+
+def _parse(raw: str) -> tuple[str | None, str | None]:
+    """(text, None) or (None, reason) for one input item."""
+    if isinstance(raw, Unreadable):
+        return None, str(raw)
+    if _worker_key is None:
+        return raw, None
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e.msg} at column {e.colno})"
+    if not isinstance(record, dict):
+        return None, f"expected a JSON object, got {type(record).__name__}"
+    if _worker_key not in record:
+        return None, f"no {_worker_key!r} field"
+    if not isinstance(record[_worker_key], str):
+        return None, f"field {_worker_key!r} is {type(record[_worker_key]).__name__}, not a string"
+    return record[_worker_key], None
+
+
+def _encode_chunk(chunk: list[tuple[int, str]]) -> list[tuple[int, list[int] | None, str | None]]:
+    parsed = [(n, *_parse(raw)) for n, raw in chunk]
+    texts = [text for _, text, _ in parsed if text is not None]
+    encoded = iter(_worker_tokenizer.encode_batch(texts, add_special_tokens=False)) if texts else iter(())
+    return [(n, next(encoded).ids if text is not None else None, why) for n, text, why in parsed]
+
+
+def _chunks(items: Iterable[tuple[int, str]], size: int) -> Iterator[list[tuple[int, str]]]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def write_indexed_dataset(items: Iterable[tuple[int, str]], prefix: str, tokenizer_path: str, eod: int,
+                          vocab_size: int, json_key: str | None = None, workers: int = 1,
+                          append_eod: bool = True, progress: str | None = None) -> WriteReport:
+    """Tokenize numbered items (JSONL lines when `json_key` is set, raw texts otherwise) into
+    PREFIX.bin / PREFIX.idx. Files appear under their final names only once complete."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from tqdm import tqdm
+
+    report = WriteReport()
+    bin_tmp, idx_tmp = prefix + ".bin.tmp", prefix + ".idx.tmp"
+    builder = IndexedDatasetBuilder(bin_tmp, dtype=DType.optimal_dtype(vocab_size))
+    try:
+        with _encoder(tokenizer_path, json_key, workers) as encode:
+            bar = tqdm(desc=progress, unit="doc", disable=progress is None, file=sys.stderr)
+            for results in encode(_chunks(items, 64)):
+                for line_no, ids, why in results:
+                    if ids is None:
+                        report.bad_lines.append((line_no, why))
+                        print(f"{progress or prefix}: line {line_no}: {why}", file=sys.stderr)
+                        continue
+                    if append_eod:
+                        ids = ids + [eod]
+                    if not ids:
+                        continue
+                    builder.add_document(ids, [len(ids)])
+                    report.documents += 1
+                    report.tokens += len(ids)
+                bar.update(len(results))
+            bar.close()
+        builder.finalize(idx_tmp)
+    except BaseException:
+        builder.data_file.close()
+        for path in (bin_tmp, idx_tmp):
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    os.replace(bin_tmp, prefix + ".bin")
+    os.replace(idx_tmp, prefix + ".idx")  # last: the pair is loadable only from here on
+    return report
+
+
+class _encoder:
+    """Context manager yielding a function that maps chunks to encoded chunks, in order."""
+
+    def __init__(self, tokenizer_path: str, json_key: str | None, workers: int):
+        self.args, self.workers, self.pool = (tokenizer_path, json_key), workers, None
+
+    def __enter__(self):
+        if self.workers <= 1:
+            _init_worker(*self.args)
+            return lambda chunks: map(_encode_chunk, chunks)
+        self.pool = multiprocessing.get_context("fork").Pool(self.workers, _init_worker, self.args)
+        return lambda chunks: self.pool.imap(_encode_chunk, chunks)
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.terminate() if exc[0] else self.pool.close()
+            self.pool.join()
+
+
+# ------------------------------------------------------------------------------------------ checking
+
+def check_indexed_dataset(prefix: str) -> tuple[int, int]:
+    """Verify PREFIX.idx / PREFIX.bin are a consistent pair; return (documents, tokens).
+
+    megatron-core asserts on a bad header and reads garbage from a truncated file; this names the file
+    and what is wrong instead."""
+    idx_path, bin_path = prefix + ".idx", prefix + ".bin"
+    for path in (idx_path, bin_path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"data prefix {prefix}: {path} does not exist")
+    size = os.path.getsize(idx_path)
+    header_size = len(_MAGIC) + 8 + 1 + 8 + 8
+    with open(idx_path, "rb") as f:
+        head = f.read(header_size)
+    if len(head) < header_size or head[:len(_MAGIC)] != _MAGIC:
+        raise ValueError(f"{idx_path}: not a Megatron index file (bad magic or truncated header)")
+    version, code, n_seq, n_doc = struct.unpack("<QBQQ", head[len(_MAGIC):])
+    if version != 1 or code not in _DTYPES:
+        raise ValueError(f"{idx_path}: unsupported index version {version} or dtype code {code}")
+    expected = header_size + n_seq * (4 + 8) + n_doc * 8
+    if size != expected:
+        raise ValueError(f"{idx_path}: {size} bytes, but its header ({n_seq} sequences, {n_doc} documents) "
+                         f"implies {expected}; the file is truncated or corrupt")
+    lengths = np.memmap(idx_path, dtype=np.int32, mode="r", offset=header_size, shape=(n_seq,))
+    tokens = int(lengths.sum(dtype=np.int64))
+    itemsize = np.dtype(_DTYPES[code]).itemsize
+    if os.path.getsize(bin_path) != tokens * itemsize:
+        raise ValueError(f"{bin_path}: {os.path.getsize(bin_path)} bytes, but {idx_path} lists {tokens} tokens of "
+                         f"{itemsize} bytes; the pair does not match")
+    return max(n_doc - 1, 0), tokens
+
+
+def max_token_id(prefix: str, scan_bytes: int = 2**30) -> tuple[int, bool]:
+    """(largest token id, whether the whole file was scanned): files above `scan_bytes` are checked in
+    their first and last `scan_bytes / 2`, which catches a wrong tokenizer without reading terabytes."""
+    with open(prefix + ".idx", "rb") as f:
+        code = f.read(len(_MAGIC) + 9)[-1]
+    data = np.memmap(prefix + ".bin", dtype=_DTYPES[code], mode="r")
+    if data.size == 0:
+        return -1, True
+    if data.nbytes <= scan_bytes:
+        return int(data.max()), True
+    half = scan_bytes // 2 // data.itemsize
+    return int(max(data[:half].max(), data[-half:].max())), False

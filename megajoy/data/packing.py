@@ -1,0 +1,46 @@
+"""Packed rows: documents separated by EOD keep their boundaries. Each token gets its document index
+and its position within its document; the EOD belongs to the document it ends (Megatron's
+reset_attention_mask convention)."""
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, S]
+    labels: torch.Tensor  # [B, S], the next token of each input
+    loss_mask: torch.Tensor  # [B, S] float
+    position_ids: torch.Tensor  # [B, S], restarting at 0 in every document
+    document_ids: torch.Tensor  # [B, S], 0, 1, ... per row
+
+    def to(self, device) -> "Batch":
+        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+def document_positions(tokens_BS: torch.Tensor, eod: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position_ids, document_ids) for rows of packed tokens."""
+    is_eod = (tokens_BS == eod).long()
+    document_ids = torch.cumsum(is_eod, dim=1) - is_eod  # an EOD closes its own document
+    index = torch.arange(tokens_BS.shape[1], device=tokens_BS.device).expand_as(tokens_BS)
+    # Start of each token's document: the running maximum of (index after each EOD).
+    starts = torch.where(torch.roll(is_eod, 1, dims=1).bool() & (index > 0), index, torch.zeros_like(index))
+    starts = torch.cummax(starts, dim=1).values
+    return index - starts, document_ids
+
+
+def pack_samples(samples: list[dict], eod: int, eod_mask_loss: bool) -> Batch:
+    """Stack megatron-core GPTDataset items into a Batch. With `eod_mask_loss`, positions whose input is
+    EOD are not trained (their label is the next document's first token)."""
+    tokens = torch.stack([s["tokens"] for s in samples])
+    labels = torch.stack([s["labels"] for s in samples])
+    loss_mask = torch.stack([s["loss_mask"] for s in samples]).float()
+    if eod_mask_loss:
+        loss_mask = loss_mask * (tokens != eod)
+    position_ids, document_ids = document_positions(tokens, eod)
+    return Batch(tokens, labels, loss_mask, position_ids, document_ids)

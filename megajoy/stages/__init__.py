@@ -1,0 +1,1 @@
+"""Thin stage drivers over the one training loop: pretrain, sft, dpo, rl."""

@@ -1,0 +1,69 @@
+"""Training flags with Megatron-LM's names, each mapped onto a config field. Values given on the
+command line become `section.field` overrides (applied before `--set`)."""
+
+# (flags, config path, argparse keyword arguments)
+TRAINING_FLAGS = [
+    (["--train-iters"], "train.train_iters", dict(type=int)),
+    (["--global-batch-size"], "train.global_batch_size", dict(type=int)),
+    (["--micro-batch-size"], "train.micro_batch_size", dict(type=int)),
+    (["--rampup-batch-size"], "train.rampup_batch_size", dict(type=int, nargs=3, metavar=("START", "INCREMENT", "SAMPLES"))),
+    (["--seed"], "train.seed", dict(type=int)),
+    (["--mtp-start-iter"], "train.mtp_start_iter", dict(type=int)),
+    (["--mtp-loss-scaling-factor", "--mtp-loss-weight"], "model.mtp_loss_weight", dict(type=float)),
+    (["--moe-router-bias-update-rate", "--router-bias-update-rate"], "train.router_bias_update_rate", dict(type=float)),
+    (["--freeze-router-bias"], "train.freeze_router_bias", dict(action="store_const", const=True)),
+    (["--bf16"], "train.bf16", dict(action="store_const", const=True)),
+    (["--fp32"], "train.bf16", dict(action="store_const", const=False)),
+    (["--log-interval"], "train.log_interval", dict(type=int)),
+    (["--eval-interval"], "train.eval_interval", dict(type=int)),
+    (["--eval-iters"], "train.eval_iters", dict(type=int)),
+    (["--exit-interval"], "train.exit_interval", dict(type=int)),
+    (["--plot"], "train.plot", dict(action="store_const", const=True)),
+    (["--seq-length"], "data.seq_length", dict(type=int)),
+    (["--data-path"], "data.data_path", dict(nargs="+", metavar="[WEIGHT] PREFIX")),
+    (["--split"], "data.split", dict()),
+    (["--tokenizer", "--tokenizer-model"], "data.tokenizer", dict(metavar="tokenizer.json")),
+    (["--data-cache-path"], "data.data_cache_path", dict()),
+    (["--eod-mask-loss"], "data.eod_mask_loss", dict(action="store_const", const=True)),
+    (["--no-eod-mask-loss"], "data.eod_mask_loss", dict(action="store_const", const=False)),
+    (["--optimizer"], "optimizer.optimizer", dict()),
+    (["--lr"], "optimizer.lr", dict(type=float)),
+    (["--min-lr"], "optimizer.min_lr", dict(type=float)),
+    (["--lr-warmup-iters"], "optimizer.lr_warmup_iters", dict(type=int)),
+    (["--lr-decay-style"], "optimizer.lr_decay_style", dict(choices=["constant", "linear", "cosine", "WSD"])),
+    (["--lr-wsd-decay-style"], "optimizer.lr_wsd_decay_style", dict(choices=["linear", "cosine", "1-sqrt"])),
+    (["--lr-wsd-decay-iters"], "optimizer.lr_wsd_decay_iters", dict(type=int)),
+    (["--lr-decay-iters"], "optimizer.lr_decay_iters", dict(type=int)),
+    (["--weight-decay"], "optimizer.weight_decay", dict(type=float)),
+    (["--clip-grad"], "optimizer.clip_grad", dict(type=float)),
+    (["--adam-beta1"], "optimizer.adam_beta1", dict(type=float)),
+    (["--adam-beta2"], "optimizer.adam_beta2", dict(type=float)),
+    (["--adam-eps"], "optimizer.adam_eps", dict(type=float)),
+    (["--out"], "checkpoint.out", dict(metavar="DIR")),
+    (["--save-interval"], "checkpoint.save_interval", dict(type=int)),
+    (["--keep-last"], "checkpoint.keep_last", dict(type=int)),
+    (["--resume"], "checkpoint.resume", dict(action="store_const", const=True)),
+    (["--init"], "checkpoint.init", dict(metavar="CKPT")),
+]
+
+
+def _dest(path: str, flag: str) -> str:
+    return "flag__" + flag.lstrip("-").replace("-", "_")
+
+
+def add_training_flags(parser) -> None:
+    group = parser.add_argument_group("training (Megatron-LM names)")
+    for flags, path, kwargs in TRAINING_FLAGS:
+        group.add_argument(*flags, dest=_dest(path, flags[0]), default=None, **kwargs)
+
+
+def flag_overrides(args) -> list[str]:
+    """`section.field=value` strings for every training flag given on the command line."""
+    import json
+
+    overrides = []
+    for flags, path, _ in TRAINING_FLAGS:
+        value = getattr(args, _dest(path, flags[0]), None)
+        if value is not None:
+            overrides.append(f"{path}={json.dumps(value)}")
+    return overrides

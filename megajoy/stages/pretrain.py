@@ -1,0 +1,83 @@
+"""`megajoy pretrain`: next-token (and, once switched on, MTP) training on Megatron-format data or the
+built-in corpus. Data and loss live here; everything else is the shared training loop."""
+
+import torch
+
+from megajoy.cli import add_config_arguments
+from megajoy.model.mtp import mtp_token_count
+from megajoy.optim.schedules import total_samples
+from megajoy.stages.flags import add_training_flags, flag_overrides
+from megajoy.train.trainer import Stage, Trainer
+
+# Section defaults per model preset; the tiny preset uses the dataclass defaults (sized for a CPU).
+RECIPES = {
+    "joyai-flash": {"optimizer": {"lr": 4.2e-4, "min_lr": 4.2e-5, "lr_warmup_iters": 2000},
+                    "data": {"seq_length": 4096}, "train": {"micro_batch_size": 1, "global_batch_size": 32}},
+}
+RECIPES["joyai-slice"] = RECIPES["joyai-flash"]
+
+
+class PretrainStage(Stage):
+    name = "pretrain"
+
+    def __init__(self, blend: list[str], tokenizer):
+        self.blend, self.tokenizer = blend, tokenizer
+
+    def setup(self, trainer: Trainer) -> None:
+        from megajoy.data.pretrain import PretrainData
+
+        cfg = trainer.job.train
+        self.data = PretrainData(trainer.job, self.blend, self.tokenizer, total_samples(cfg, cfg.train_iters),
+                                 cfg.eval_iters * cfg.micro_batch_size)
+
+    def train_micro_batches(self, trainer, consumed, global_batch):
+        return self.data.train_micro_batches(consumed, global_batch, trainer.job.train.micro_batch_size)
+
+    def valid_micro_batches(self, trainer):
+        return self.data.valid_micro_batches(trainer.job.train.micro_batch_size)
+
+    def _mtp_on(self, trainer) -> bool:
+        return len(trainer.model.mtp) > 0 and trainer.step >= trainer.job.train.mtp_start_iter
+
+    def token_counts(self, trainer, batch) -> dict:
+        counts = {"lm": batch.loss_mask.sum()}
+        if self._mtp_on(trainer):
+            counts["mtp"] = mtp_token_count(batch.loss_mask, len(trainer.model.mtp))
+        return counts
+
+    def loss(self, trainer, batch, counts):
+        out = trainer.model(batch.input_ids, batch.position_ids, batch.document_ids, batch.labels,
+                            batch.loss_mask, compute_mtp="mtp" in counts)
+        lm = out.lm_loss_sum / counts["lm"].clamp(min=1)
+        parts = {"loss": lm.detach()}
+        if "mtp" in counts:
+            mtp = out.mtp_loss_sum / counts["mtp"].clamp(min=1)
+            parts["mtp_loss"] = mtp.detach()
+            return lm + trainer.job.model.mtp_loss_weight * mtp, parts
+        return lm, parts
+
+
+def add_arguments(parser) -> None:
+    add_config_arguments(parser)
+    add_training_flags(parser)
+
+
+def build_job(args):
+    from megajoy.config import load_job_config
+
+    return load_job_config(args.preset, args.config, flag_overrides(args) + args.overrides,
+                           defaults=RECIPES.get(args.preset or "tiny"))
+
+
+def run(args) -> int:
+    from megajoy.data.pretrain import check_vocab, resolve_data
+
+    job = build_job(args)
+    blend, tokenizer = resolve_data(job)
+    check_vocab(tokenizer, blend, job.model.vocab_size)
+    trainer = Trainer(job, PretrainStage(blend, tokenizer), tokenizer.path)
+    summary = trainer.run()
+    if "val_loss" in summary:
+        print(f"megajoy pretrain: step {trainer.step}, validation loss {summary['val_loss']:.4f}; "
+              f"checkpoints in {trainer.out}/checkpoints")
+    return 0

@@ -1,0 +1,1 @@
+"""The one training loop every stage runs (pretrain, SFT, DPO, RL), its checkpoints and its metrics."""

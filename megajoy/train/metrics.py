@@ -1,0 +1,94 @@
+"""Training metrics: a one-line summary per interval (through tqdm), `metrics.jsonl`, TensorBoard events,
+and an optional loss plot."""
+
+import json
+import math
+import os
+import sys
+
+
+class MetricsLog:
+    """Appends one JSON object per logging interval and per validation to OUT/metrics.jsonl."""
+
+    def __init__(self, out: str, resume_step: int | None, enabled: bool = True):
+        self.path = os.path.join(out, "metrics.jsonl")
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        os.makedirs(out, exist_ok=True)
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        elif os.path.exists(self.path):
+            os.remove(self.path)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=resume_step)
+        except ImportError:  # tensorboard is a declared dependency; tolerate its absence anyway
+            print("megajoy: tensorboard is not installed; writing metrics.jsonl only", file=sys.stderr)
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run replays steps after its checkpoint: drop the records the killed run wrote for them."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(key, value, record["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def format_line(record: dict, train_iters: int) -> str:
+    parts = [f"step {record['step']}/{train_iters}"]
+    for key, fmt in (("loss", "loss {:.4f}"), ("mtp_loss", "mtp {:.4f}"), ("val_loss", "val {:.4f}"),
+                     ("lr", "lr {:.2e}"), ("grad_norm", "grad {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
+                     ("mfu", "MFU {:.1%}"), ("expert_load_max_mean", "load max/mean {:.2f}")):
+        if record.get(key) is not None:
+            parts.append(fmt.format(record[key]))
+    return " | ".join(parts)
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(metrics_path: str, png_path: str, title: str = "megajoy") -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib (pip install matplotlib)") from None
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    valid = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for points, label in ((train, "train loss"), (valid, "validation loss")):
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if label.startswith("val") else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)

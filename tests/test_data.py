@@ -1,0 +1,148 @@
+"""Data: preprocessing into Megatron's format, blends, packing against megatron-core's own masks,
+the built-in tokenizer and corpus, and the errors for bad files."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import load_tool, synthetic_documents, write_jsonl
+from megajoy.data.gpt import build_gpt_datasets, parse_blend
+from megajoy.data.indexed import check_indexed_dataset
+from megajoy.data.packing import document_positions, pack_samples
+from megajoy.data.tokenizer import TokenizerInfo, load_tokenizer
+
+
+def test_preprocess_equals_megatron_builder_and_reports_bad_lines(tmp_path, tokenizer_file, capsys):
+    """Our files are byte-identical to megatron-core's IndexedDatasetBuilder (what Megatron-LM's own
+    preprocess_data.py calls) fed the same documents; bad lines are named and counted."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
+
+    docs = synthetic_documents(30, seed=5)
+    path = tmp_path / "in.jsonl"
+    write_jsonl(path, docs[:10])
+    with open(path, "ab") as f:
+        f.write(b'{"text": "unterminated\n')  # line 11
+        f.write(b'{"body": "no text field"}\n')  # line 12
+        f.write(b'{"text": 42}\n')  # line 13
+        f.write(b'{"text": "bad \xff byte"}\n')  # line 14
+        f.write(b"[1, 2]\n")  # line 15
+        for doc in docs[10:]:
+            f.write((json.dumps({"text": doc}) + "\n").encode())
+    tool = load_tool("preprocess_data")
+    assert tool.main(["--input", str(path), "--output-prefix", str(tmp_path / "ours"), "--tokenizer",
+                      tokenizer_file, "--workers", "2"]) == 0
+    out = capsys.readouterr()
+    assert "5 malformed line(s) skipped" in out.out and "30 documents" in out.out
+    for line in (11, 12, 13, 14, 15):
+        assert f"line {line}:" in out.err
+    assert "no 'text' field" in out.err and "invalid UTF-8" in out.err
+
+    tok, info = load_tokenizer(tokenizer_file), TokenizerInfo.from_file(tokenizer_file)
+    builder = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=DType.optimal_dtype(info.vocab_size))
+    for doc in docs:
+        ids = tok.encode(doc, add_special_tokens=False).ids + [info.eod]
+        builder.add_document(ids, [len(ids)])
+    builder.finalize(str(tmp_path / "ref.idx"))
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"ours_text_document{ext}").read_bytes() == (tmp_path / f"ref{ext}").read_bytes()
+    ds = IndexedDataset(str(tmp_path / "ours_text_document"))
+    assert len(ds) == 30 and tok.decode(ds[3][:-1].tolist()) == docs[3] and ds[3][-1] == info.eod
+
+
+def test_preprocess_strict_leaves_no_output(tmp_path, tokenizer_file, capsys):
+    write_jsonl(tmp_path / "in.jsonl", ["fine"])
+    with open(tmp_path / "in.jsonl", "a") as f:
+        f.write("not json\n")
+    tool = load_tool("preprocess_data")
+    assert tool.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "o"),
+                      "--tokenizer", tokenizer_file, "--strict"]) == 2
+    assert "line 2: not valid JSON" in capsys.readouterr().err
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("o_")]
+
+
+def test_parse_blend():
+    assert parse_blend(["0.7", "a", "0.3", "b"]) == (["a", "b"], [0.7, 0.3])
+    assert parse_blend(["0.7 a 0.3 b"]) == (["a", "b"], [0.7, 0.3])
+    assert parse_blend(["a", "b"]) == (["a", "b"], None)
+    with pytest.raises(ValueError, match="must alternate"):
+        parse_blend(["0.7", "a", "0.3"])
+
+
+def _write_prefix(path, documents, eod=1):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(str(path) + ".bin", dtype=np.uint16)
+    for doc in documents:
+        builder.add_document(doc + [eod], [len(doc) + 1])
+    builder.finalize(str(path) + ".idx")
+    return str(path)
+
+
+def test_blend_weights_are_respected(tmp_path, tokenizer_file):
+    """Samples from two prefixes (token 10s vs token 20s) arrive in the 0.7 / 0.3 proportion."""
+    a = _write_prefix(tmp_path / "a", [[10] * 30 for _ in range(200)])
+    b = _write_prefix(tmp_path / "b", [[20] * 30 for _ in range(200)])
+    info = TokenizerInfo.from_file(tokenizer_file)
+    train, valid = build_gpt_datasets(["0.7", a, "0.3", b], "90,10,0", 16, 1000, 50, 7, info, str(tmp_path / "c"))
+    from_a = sum(int((train[i]["tokens"] == 10).any()) for i in range(1000))
+    assert abs(from_a / 1000 - 0.7) < 0.02
+    assert valid is not None and len(valid) >= 50
+
+
+def test_document_positions_match_megatron_reset_masks():
+    """Positions and the block-diagonal causal mask equal megatron-core's reset_position_ids /
+    reset_attention_mask computation; the EOD loss mask equals its eod_mask_loss."""
+    from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
+
+    from megajoy.kernels.attention import document_causal_mask
+
+    tokens = torch.tensor([5, 6, 1, 7, 8, 9, 1, 1, 3, 4, 5, 1, 6])
+    mask, loss_mask, positions = _get_ltor_masks_and_position_ids(tokens, 1, True, True, True, True)
+    ours_pos, ours_doc = document_positions(tokens.unsqueeze(0), eod=1)
+    assert torch.equal(ours_pos[0], positions)
+    allowed = ~mask[0]  # megatron marks masked-out entries True
+    assert torch.equal(document_causal_mask(ours_doc)[0, 0], allowed)
+    sample = {"tokens": tokens, "labels": torch.roll(tokens, -1), "loss_mask": torch.ones(13)}
+    assert torch.equal(pack_samples([sample], eod=1, eod_mask_loss=True).loss_mask[0], loss_mask)
+    assert pack_samples([sample], eod=1, eod_mask_loss=False).loss_mask.sum() == 13
+
+
+def test_builtin_tokenizer_round_trips_python_source(tokenizer_file):
+    tok = load_tokenizer(tokenizer_file)
+    assert [tok.id_to_token(i) for i in range(3)] == ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"]
+    text = "def f(x):\n    return {'λ': x ** 2}  # ünïcode\n"
+    assert tok.decode(tok.encode(text).ids) == text
+    info = TokenizerInfo.from_file(tokenizer_file)
+    assert (info.eod, info.bos) == (1, 0)
+
+
+def test_builtin_corpus_is_built_once_and_cached(tmp_path, monkeypatch):
+    from megajoy.data.corpus import builtin_corpus, stdlib_files
+
+    monkeypatch.setenv("MEGAJOY_CACHE", str(tmp_path))
+    manifest = builtin_corpus(vocab_size=512, max_mb=0.3, quiet=True)
+    files = stdlib_files(int(0.3 * 2**20))
+    assert manifest["files"] == len(files) and manifest["bytes"] == sum(s for _, s in files)
+    documents, tokens = check_indexed_dataset(manifest["prefix"])
+    assert documents == len(files) and tokens == manifest["tokens"] > manifest["bytes"] / 8
+    stamp = os.path.getmtime(manifest["prefix"] + ".bin")
+    assert builtin_corpus(vocab_size=512, max_mb=0.3, quiet=True) == manifest
+    assert os.path.getmtime(manifest["prefix"] + ".bin") == stamp
+    assert TokenizerInfo.from_file(manifest["tokenizer"]).vocab_size == 512
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: open(p + ".idx", "r+b").write(b"NOTMEGA"), "not a Megatron index file"),
+    (lambda p: os.truncate(p + ".idx", os.path.getsize(p + ".idx") - 8), "truncated or corrupt"),
+    (lambda p: os.truncate(p + ".bin", os.path.getsize(p + ".bin") - 2), "the pair does not match"),
+    (lambda p: os.remove(p + ".bin"), ".bin does not exist"),
+])
+def test_damaged_files_are_named(tmp_path, damage, message):
+    prefix = _write_prefix(tmp_path / "d", [[3, 4, 5]] * 4)
+    damage(prefix)
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        check_indexed_dataset(prefix)
+    assert message in str(e.value) and str(tmp_path / "d") in str(e.value)

@@ -1,0 +1,211 @@
+"""`megajoy pretrain`: exact resume, kill -9 during a save, SIGTERM, accumulation, ramp-up, MTP switch,
+router bias, outputs, and the errors for bad input. Runs a model small enough for many short runs."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import TINY_MODEL_OVERRIDES, load_tool
+from megajoy.cli import main
+from megajoy.train.checkpoint import latest_checkpoint, load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def args(out, data_prefix, tokenizer_file, iters=12, *extra):
+    base = ["pretrain", "--data-path", data_prefix, "--tokenizer", tokenizer_file, "--seq-length", "32",
+            "--global-batch-size", "4", "--micro-batch-size", "2", "--train-iters", str(iters), "--log-interval",
+            "1", "--eval-interval", "5", "--eval-iters", "2", "--lr-warmup-iters", "2", "--mtp-start-iter", "3",
+            "--lr", "3e-3", "--out", str(out)]
+    return base + [a for o in TINY_MODEL_OVERRIDES for a in ("--set", o)] + list(extra)
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_records(out):
+    return {r["step"]: r for r in metrics(out) if "loss" in r}
+
+
+def final_weights(out):
+    return load_file(os.path.join(latest_checkpoint(str(out)), "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_is_bit_exact(tmp_path, data_prefix, tokenizer_file):
+    """40 steps in one run equal 20 steps + resume + 20 steps, loss for loss, weight for weight."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(args(one, data_prefix, tokenizer_file, 40)) == 0
+    assert main(args(two, data_prefix, tokenizer_file, 40, "--exit-interval", "20")) == 0
+    assert os.path.basename(latest_checkpoint(str(two))) == "iter_0000020"
+    assert main(args(two, data_prefix, tokenizer_file, 40, "--resume")) == 0
+    a, b = train_records(one), train_records(two)
+    assert sorted(a) == sorted(b) == list(range(1, 41))
+    for step in a:
+        for key in ("loss", "grad_norm", "lr"):
+            assert a[step][key] == b[step][key], (step, key)
+        if step > 3:
+            assert a[step]["mtp_loss"] == b[step]["mtp_loss"]
+    assert_same_weights(final_weights(one), final_weights(two))
+    opt_a = torch.load(os.path.join(latest_checkpoint(str(one)), "optimizer.pt"))
+    opt_b = torch.load(os.path.join(latest_checkpoint(str(two)), "optimizer.pt"))
+    for key, state in opt_a["state"].items():
+        assert torch.equal(state["exp_avg_sq"], opt_b["state"][key]["exp_avg_sq"])
+
+
+def _wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _spawn(argv, **env):
+    return subprocess.Popen([sys.executable, "-m", "megajoy"] + argv, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=ROOT)
+
+
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path, data_prefix, tokenizer_file):
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    proc = _spawn(args(out, data_prefix, tokenizer_file, 20, "--save-interval", "5"), MEGAJOY_TEST_SAVE_PAUSE="2")
+    ckpts = out / "checkpoints"
+    try:
+        _wait_for(lambda: (ckpts / "iter_0000005").is_dir() and any(
+            p.startswith("iter_0000010.tmp-") for p in os.listdir(ckpts)), 120, "the second save to start")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert not (ckpts / "iter_0000010").exists()
+    assert os.path.basename(latest_checkpoint(str(out))) == "iter_0000005"
+    # The previous checkpoint loads; resuming removes the partial save and finishes as if never killed.
+    from megajoy.config import load_job_config
+    from megajoy.model import create_model
+    from megajoy.optim import build_optimizer
+
+    job = load_job_config("tiny", None, TINY_MODEL_OVERRIDES)
+    model = create_model(job.model)
+    state = load_checkpoint(latest_checkpoint(str(out)), model, build_optimizer(model, job.optimizer))
+    assert state["step"] == 5 and state["consumed_samples"] == 20
+    assert main(args(out, data_prefix, tokenizer_file, 20, "--save-interval", "5", "--resume")) == 0
+    assert not [p for p in os.listdir(ckpts) if ".tmp-" in p]
+    assert main(args(ref, data_prefix, tokenizer_file, 20)) == 0
+    assert_same_weights(final_weights(out), final_weights(ref))
+    a, b = train_records(out), train_records(ref)
+    assert [a[s]["loss"] for s in range(1, 21)] == [b[s]["loss"] for s in range(1, 21)]
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path, data_prefix, tokenizer_file):
+    out = tmp_path / "out"
+    proc = _spawn(args(out, data_prefix, tokenizer_file, 100000, "--eval-interval", "100000"))
+    try:
+        _wait_for(lambda: (out / "metrics.jsonl").exists() and len(train_records(out)) >= 3, 120, "three steps")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    last_logged = max(train_records(out))
+    with open(os.path.join(latest_checkpoint(str(out)), "trainer_state.json")) as f:
+        assert json.load(f)["step"] == last_logged >= 3
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, data_prefix, tokenizer_file):
+    big, small = tmp_path / "big", tmp_path / "small"
+    assert main(args(big, data_prefix, tokenizer_file, 6, "--micro-batch-size", "4")) == 0
+    assert main(args(small, data_prefix, tokenizer_file, 6, "--micro-batch-size", "1")) == 0
+    a, b = train_records(big), train_records(small)
+    for step in a:
+        assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-5 * a[step]["loss"]
+    wa, wb = final_weights(big), final_weights(small)
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_rampup_consumed_samples(tmp_path, data_prefix, tokenizer_file):
+    out = tmp_path / "out"
+    assert main(args(out, data_prefix, tokenizer_file, 8, "--global-batch-size", "6",
+                     "--rampup-batch-size", "2", "2", "16")) == 0
+    with open(os.path.join(latest_checkpoint(str(out)), "trainer_state.json")) as f:
+        # batch 2 until 8 samples, 4 until 16, then 6: 2+2+2+2+4+4+6+6
+        assert json.load(f)["consumed_samples"] == 28
+
+
+def test_outputs_mtp_switch_router_bias_and_learning(tmp_path, data_prefix, tokenizer_file):
+    out = tmp_path / "out"
+    assert main(args(out, data_prefix, tokenizer_file, 30, "--plot", "--save-interval", "10", "--keep-last", "2")) == 0
+    records = train_records(out)
+    assert all("mtp_loss" not in records[s] for s in (1, 2, 3)) and all("mtp_loss" in records[s] for s in (4, 30))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "expert_load_max_mean"):
+        assert key in records[30]
+    val = [r["val_loss"] for r in metrics(out) if "val_loss" in r]
+    assert val[-1] < 0.8 * val[0]  # it learns the synthetic grammar
+    assert os.path.getsize(out / "loss.png") > 1000
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tensorboard"))
+    assert sorted(os.listdir(out / "checkpoints")) == ["iter_0000020", "iter_0000030", "latest"]
+    ckpt = out / "checkpoints" / "iter_0000030"
+    assert {"model.safetensors", "config.yaml", "tokenizer.json", "optimizer.pt", "rng.pt",
+            "trainer_state.json"} <= set(os.listdir(ckpt))
+    bias = load_file(str(ckpt / "model.safetensors"))["layers.1.mlp.gate.e_score_correction_bias"]
+    assert bias.abs().max() > 0 and bias.dtype == torch.float32
+    frozen = tmp_path / "frozen"
+    assert main(args(frozen, data_prefix, tokenizer_file, 3, "--freeze-router-bias")) == 0
+    assert final_weights(frozen)["layers.1.mlp.gate.e_score_correction_bias"].abs().max() == 0
+    # The output directory converts directly (its latest checkpoint).
+    tool = load_tool("convert_ckpt")
+    assert tool.main(["--input", str(out), "--output", str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
+
+
+def test_bad_input_errors(tmp_path, data_prefix, tokenizer_file, capsys):
+    def run(*extra, prefix=data_prefix):
+        code = main(args(tmp_path / "o", prefix, tokenizer_file, 2, *extra))
+        return code, capsys.readouterr().err
+
+    code, err = run(prefix=str(tmp_path / "missing_text_document"))
+    assert code == 2 and "missing_text_document.idx does not exist" in err
+    code, err = run("--set", "model.vocab_size=100")
+    assert code == 2 and tokenizer_file in err and "more than the model's vocab_size=100" in err
+    broken = tmp_path / "broken"
+    for ext in (".bin", ".idx"):
+        shutil.copy(data_prefix + ext, str(broken) + ext)
+    with open(str(broken) + ".idx", "r+b") as f:
+        f.write(b"garbage!!")
+    code, err = run(prefix=str(broken))
+    assert code == 2 and f"{broken}.idx: not a Megatron index file" in err
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    import numpy as np
+
+    builder = IndexedDatasetBuilder(str(tmp_path / "big_ids.bin"), dtype=np.uint16)
+    builder.add_document([5, 400, 1], [3])
+    builder.finalize(str(tmp_path / "big_ids.idx"))
+    code, err = run(prefix=str(tmp_path / "big_ids"))
+    assert code == 2 and "big_ids.bin: token id 400" in err
+
+    out = tmp_path / "o"
+    shutil.rmtree(out, ignore_errors=True)
+    assert main(args(out, data_prefix, tokenizer_file, 2)) == 0
+    optimizer_file = os.path.join(latest_checkpoint(str(out)), "optimizer.pt")
+    os.truncate(optimizer_file, 100)
+    code, err = run("--resume", "--train-iters", "4")
+    assert code == 2 and f"{optimizer_file}: unreadable checkpoint file" in err
+    weights = os.path.join(latest_checkpoint(str(out)), "model.safetensors")
+    os.truncate(weights, 50)
+    code, err = run("--resume", "--train-iters", "4")
+    assert code == 2 and weights in err
