@@ -238,7 +238,7 @@ class TrainConfig:
     bf16: bool | None = None  # bf16 autocast; default: on for GPUs, off (fp32) on CPU
     log_interval: int = 10
     eval_interval: int = 80
-    eval_iters: int = 8  # validation micro-batches (each micro_batch_size rows) per evaluation
+    eval_iters: int = 8  # validation batches (each global_batch_size rows) per evaluation, as Megatron counts
     exit_interval: int | None = None  # save and stop after a step divisible by this (Megatron's --exit-interval)
     plot: bool = False
 
@@ -273,6 +273,28 @@ class CheckpointConfig:
                  f"save_interval={self.save_interval} must be positive")
 
 
+@dataclass
+class ParallelConfig:
+    """The rank grid: world = TP x CP x DP x PP (TP fastest); experts fold as EP x EDP over TP x CP x DP."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    data_parallel_size: int | None = None  # inferred from the world size
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False  # ZeRO-1: optimizer state sharded over data-parallel ranks
+    ddp_bucket_size_mb: float = 25.0
+
+    def __post_init__(self):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                     "expert_model_parallel_size"):
+            _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
+        _require(self.data_parallel_size is None or self.data_parallel_size >= 1,
+                 f"data_parallel_size={self.data_parallel_size} must be >= 1")
+        _require(self.ddp_bucket_size_mb > 0, f"ddp_bucket_size_mb={self.ddp_bucket_size_mb} must be positive")
+
+
 # ---------------------------------------------------------------------------------------------- job config
 
 @dataclass
@@ -284,6 +306,7 @@ class JobConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -37,6 +37,9 @@ PINNED_FLAGS = {
         "--no-eod-mask-loss", "--optimizer", "--lr", "--min-lr", "--lr-warmup-iters", "--lr-decay-style",
         "--lr-wsd-decay-style", "--lr-wsd-decay-iters", "--lr-decay-iters", "--weight-decay", "--clip-grad",
         "--adam-beta1", "--adam-beta2", "--adam-eps", "--out", "--save-interval", "--keep-last", "--resume", "--init",
+        "--tp", "--tensor-model-parallel-size", "--pp", "--pipeline-model-parallel-size", "--ep",
+        "--expert-model-parallel-size", "--cp", "--context-parallel-size", "--dp", "--data-parallel-size",
+        "--sequence-parallel", "--use-distributed-optimizer", "--ddp-bucket-size-mb",
     },
 }
 

@@ -1,16 +1,23 @@
-"""SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Used by the dense layers, the MTP layer and the shared expert."""
+"""SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Used by the dense layers and the MTP layer
+(tensor-parallel: gate / up column-parallel, down row-parallel) and as the MoE's shared expert
+(replicated: built without a group)."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megajoy.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megajoy.parallel.mappings import enter_tp
+
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, group=None, sequence_parallel: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.group, self.sp = group, sequence_parallel
+        self.gate_proj = ColumnParallelLinear(hidden_size, intermediate_size, group)
+        self.up_proj = ColumnParallelLinear(hidden_size, intermediate_size, group)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        x = enter_tp(x, self.group, self.sp)
+        return self.down_proj.forward_exit(F.silu(self.gate_proj(x)) * self.up_proj(x), self.sp)

@@ -1,7 +1,10 @@
 """Mixture of experts, DeepSeek-V3 style: sigmoid router with the aux-loss-free bias, dropless grouped
 experts, one shared expert beside them.
 
-Legend: T tokens, K experts per token, E routed experts, H hidden, I expert intermediate size.
+Under tensor parallelism the block works on a rank's own tokens (its sequence shard): with sequence
+parallelism they arrive sharded; without it the block takes its shard of the replicated sequence and
+gathers the outputs back. Router and shared expert are replicated, experts split over expert-parallel
+ranks. Legend: T tokens, K experts per token, E routed experts, H hidden, I expert intermediate size.
 """
 
 from dataclasses import dataclass
@@ -14,6 +17,8 @@ from megajoy.config import ModelConfig
 from megajoy.kernels.grouped_gemm import grouped_mm
 from megajoy.kernels.moe_permute import permute, unpermute
 from megajoy.model.mlp import MLP
+from megajoy.parallel.context import ParallelContext
+from megajoy.parallel.mappings import all_reduce_no_grad, gather_along, group_size, reduce_from_region, split_along
 
 
 @dataclass
@@ -77,8 +82,8 @@ class Router(nn.Module):
 
 
 class GroupedExperts(nn.Module):
-    """All routed experts' SwiGLU weights as stacked tensors (Hugging Face transformers 5 layout):
-    gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
+    """This rank's routed experts' SwiGLU weights as stacked tensors (Hugging Face transformers 5
+    layout): gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -130,30 +135,43 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad, torch.ones_like(aux_loss)
 
 
-def sequence_balance_loss(routing: Routing, batch: int, cfg: ModelConfig) -> torch.Tensor:
-    """DeepSeek-V3's sequence-wise balance loss, alpha * mean_b sum_e f_be * P_be (a scalar)."""
+def sequence_balance_loss(routing: Routing, batch: int, cfg: ModelConfig, tp_group=None) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss, alpha * mean_b sum_e f_be * P_be (a scalar). With the
+    sequence sharded over `tp_group`, per-sequence sums are completed across its ranks."""
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     scores_BSE = routing.scores_TE.view(batch, -1, e)
-    seq = scores_BSE.shape[1]
-    probs_BE = (scores_BSE / scores_BSE.sum(-1, keepdim=True)).mean(1)
-    counts_BE = torch.zeros(batch, e, device=probs_BE.device).scatter_add_(
-        1, routing.expert_ids_TK.view(batch, -1), torch.ones_like(routing.expert_ids_TK.view(batch, -1), dtype=torch.float32))
+    seq = scores_BSE.shape[1] * group_size(tp_group)
+    prob_sum_BE = reduce_from_region((scores_BSE / scores_BSE.sum(-1, keepdim=True)).sum(1), tp_group)
+    ids_BX = routing.expert_ids_TK.view(batch, -1)
+    with torch.no_grad():
+        counts_BE = torch.zeros(batch, e, device=ids_BX.device).scatter_add_(1, ids_BX, torch.ones_like(ids_BX, dtype=torch.float32))
+        all_reduce_no_grad(counts_BE, tp_group)
     frac_BE = counts_BE * (e / (k * seq))
-    return cfg.aux_loss_alpha * (frac_BE * probs_BE).sum(-1).mean()
+    return cfg.aux_loss_alpha * (frac_BE * prob_sum_BE / seq).sum(-1).mean()
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, pc=None):
         super().__init__()
+        pc = pc or ParallelContext.single()
         self.cfg = cfg
+        self.tp, self.sp = pc.tp, pc.sequence_parallel
         self.gate = Router(cfg)
-        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.experts = GroupedExperts(cfg.n_routed_experts // pc.ep_size, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
-        self.dispatcher = TokenDispatcher(cfg.n_routed_experts)
-        self.aux_loss_scale = 1.0  # set by the trainer to 1 / micro-batches per step
+        if pc.ep_size > 1:
+            from megajoy.parallel.expert_parallel import ExpertParallelDispatcher
+
+            self.dispatcher = ExpertParallelDispatcher(cfg.n_routed_experts, pc.group("ep"))
+        else:
+            self.dispatcher = TokenDispatcher(cfg.n_routed_experts)
+        self.aux_loss_scale = 1.0  # set by the trainer: 1 / (micro-batches per step x data-parallel ranks)
 
     def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
+        shard_tokens = group_size(self.tp) > 1 and not self.sp
+        if shard_tokens:
+            x_BSH = split_along(x_BSH, self.tp, dim=1)
         x_TH = x_BSH.flatten(0, 1)
         routing = self.gate(x_TH)
         x_perm, tokens_per_expert, meta = self.dispatcher.dispatch(x_TH, routing.expert_ids_TK)
@@ -163,6 +181,8 @@ class MoE(nn.Module):
             y_TH = y_TH + self.shared_experts(x_TH)
         y_BSH = y_TH.view_as(x_BSH)
         if self.training and self.cfg.aux_loss_alpha > 0:
-            aux = sequence_balance_loss(routing, x_BSH.shape[0], self.cfg) * self.aux_loss_scale
+            aux = sequence_balance_loss(routing, x_BSH.shape[0], self.cfg, self.tp) * self.aux_loss_scale
             y_BSH = _AttachAuxLoss.apply(y_BSH, aux)
+        if shard_tokens:
+            y_BSH = gather_along(y_BSH, self.tp, dim=1, grad_is_partial=False)
         return y_BSH

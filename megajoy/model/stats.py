@@ -12,6 +12,9 @@ from torch import nn
 
 from megajoy.config import ModelConfig
 from megajoy.model.moe import GroupedExperts, Router
+from megajoy.parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+_LINEAR = (nn.Linear, ColumnParallelLinear, RowParallelLinear)
 
 
 @dataclass
@@ -56,7 +59,7 @@ def _layer_flops(layer: nn.Module, cfg: ModelConfig, seq_length: int, causal: bo
     """(forward FLOPs per token, active parameters) of one decoder or MTP layer, from its modules."""
     flops, active = _attention_flops(cfg, seq_length, causal), 0
     for module in layer.modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, _LINEAR):
             flops += 2 * module.weight.numel()
         elif isinstance(module, Router):
             flops += 2 * module.weight.numel()

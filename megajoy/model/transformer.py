@@ -1,22 +1,28 @@
 """The causal LM: embedding, decoder layers (dense first, MoE after), final norm, output head, MTP.
 
 Layers live in a ModuleDict keyed by their global index so parameter names stay the same whichever
-pipeline stage holds them. Legend: B batch, S sequence, D hidden, V vocabulary.
+pipeline stage holds them. Under tensor parallelism the embedding and head split the vocabulary and
+the loss is computed on vocabulary-parallel logits; with sequence parallelism the residual stream holds
+the rank's sequence shard. Legend: B batch, S sequence, D hidden, V vocabulary (local under TP).
 """
 
+import zlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megajoy.config import ModelConfig
 from megajoy.kernels.rope import rope_cos_sin, rope_frequencies
 from megajoy.model.mla import MLA
 from megajoy.model.mlp import MLP
-from megajoy.model.moe import MoE, GroupedExperts, Router
+from megajoy.model.moe import MoE, Router
 from megajoy.model.mtp import MTPLayer, mtp_loss_mask, shift_left
 from megajoy.model.norm import RMSNorm
+from megajoy.parallel.context import ParallelContext
+from megajoy.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megajoy.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from megajoy.parallel.mappings import enter_tp, gather_along
 
 
 @dataclass
@@ -49,12 +55,12 @@ class CausalLMOutput:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe: bool):
+    def __init__(self, cfg: ModelConfig, moe: bool, pc):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg)
+        self.self_attn = MLA(cfg, pc)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = MoE(cfg, pc) if moe else MLP(cfg.hidden_size, cfg.intermediate_size, pc.tp, pc.sequence_parallel)
 
     def forward(self, h_BSD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
         h_BSD = h_BSD + self.self_attn(self.input_layernorm(h_BSD), seq)
@@ -62,46 +68,53 @@ class DecoderLayer(nn.Module):
 
 
 class JoyAIForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, pc: ParallelContext | None = None):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.pc = pc = pc or ParallelContext.single()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, pc.tp)
         self.layers = nn.ModuleDict(
-            {str(i): DecoderLayer(cfg, cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers)})
+            {str(i): DecoderLayer(cfg, cfg.is_moe_layer(i), pc) for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, pc.tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.mtp = nn.ModuleList(
-            MTPLayer(cfg, DecoderLayer(cfg, moe=False)) for _ in range(cfg.num_nextn_predict_layers))
+            MTPLayer(cfg, DecoderLayer(cfg, moe=False, pc=pc)) for _ in range(cfg.num_nextn_predict_layers))
         # Kept off the module's buffers so dtype casts and meta construction never touch it.
         self._inv_freq, self.rope_amplitude = rope_frequencies(
             cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
+    def init_weights(self, seed: int = 0) -> None:
         """Normal(0, initializer_range) weights, output projections scaled by 1/sqrt(2 * layers)
-        (Megatron's scaled init), unit norms, zero router bias. Works after `to_empty` from meta."""
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(0 if seed is None else seed)
+        (Megatron's scaled init), unit norms, zero biases and router bias. Each tensor is drawn whole
+        from a generator seeded by its name (experts one by one), then this rank keeps its shard, so
+        every parallel layout starts from the same weights. Works after `to_empty` from meta."""
+        from megajoy.parallel.params import local_slice, parameter_specs, shard_index
+
+        specs = parameter_specs(self, self.pc)
         std = self.cfg.initializer_range
         out_std = std / (2 * (self.cfg.num_hidden_layers + self.cfg.num_nextn_predict_layers)) ** 0.5
-        for name, module in self.named_modules():
-            if isinstance(module, RMSNorm):
-                module.reset_parameters()
-            elif isinstance(module, Router):
-                _normal(module.weight, std, generator)
+        for name, p in self.named_parameters():
+            spec = specs[name]
+            if name.endswith(("norm.weight", "layernorm.weight")):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            elif spec.expert:
+                first, rows = shard_index(spec, self.pc)
+                scale = out_std if name.endswith("down_proj") else std
+                for i in range(rows):
+                    p[i].copy_(_draw(spec.global_shape[1:], scale, seed, f"{name}[{first + i}]"))
+            else:
+                scale = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                p.copy_(local_slice(_draw(spec.global_shape, scale, seed, name), spec, self.pc))
+        for module in self.modules():
+            if isinstance(module, Router):
                 module.e_score_correction_bias.zero_()
                 module.expert_load.zero_()
-            elif isinstance(module, GroupedExperts):
-                _normal(module.gate_up_proj, std, generator)
-                _normal(module.down_proj, out_std, generator)
-            elif isinstance(module, (nn.Linear, nn.Embedding)):
-                scaled = name.endswith(("o_proj", "down_proj"))
-                _normal(module.weight, out_std if scaled else std, generator)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
 
     # ------------------------------------------------------------------ forward pieces
     def sequence_info(self, position_ids_BS: torch.Tensor, document_ids_BS: torch.Tensor | None) -> SequenceInfo:
@@ -114,6 +127,16 @@ class JoyAIForCausalLM(nn.Module):
         for layer in self.layers.values():
             h_BSD = layer(h_BSD, seq)
         return h_BSD
+
+    def embed(self, ids_BS: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(ids_BS, self.pc.sequence_parallel)
+
+    def head(self, h_BSD: torch.Tensor) -> torch.Tensor:
+        """Logits for the full sequence over this rank's vocabulary slice."""
+        return self.lm_head(enter_tp(h_BSD, self.pc.tp, self.pc.sequence_parallel))
+
+    def full_logits(self, logits_BSV: torch.Tensor) -> torch.Tensor:
+        return gather_along(logits_BSV, self.pc.tp, dim=-1, grad_is_partial=False)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -128,10 +151,10 @@ class JoyAIForCausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         seq = self.sequence_info(position_ids, document_ids)
-        h_BSD = self.norm(self.run_layers(self.embed_tokens(input_ids), seq))
-        logits_BSV = self.lm_head(h_BSD)
+        h_BSD = self.norm(self.run_layers(self.embed(input_ids), seq))
+        logits_BSV = self.head(h_BSD)
         keep_logits = return_logits if return_logits is not None else labels is None
-        out = CausalLMOutput(logits=logits_BSV if keep_logits else None)
+        out = CausalLMOutput(logits=self.full_logits(logits_BSV) if keep_logits else None)
         if compute_mtp is None:
             compute_mtp = len(self.mtp) > 0
         if labels is None and not compute_mtp:
@@ -139,7 +162,7 @@ class JoyAIForCausalLM(nn.Module):
         if loss_mask is None:
             loss_mask = torch.ones_like(input_ids, dtype=torch.float32)
         if labels is not None:
-            out.lm_loss_sum, out.lm_tokens = masked_cross_entropy(logits_BSV, labels, loss_mask)
+            out.lm_loss_sum, out.lm_tokens = self.masked_cross_entropy(logits_BSV, labels, loss_mask)
         if compute_mtp and len(self.mtp):
             self._mtp_forward(out, h_BSD, input_ids, labels, loss_mask, seq, keep_logits)
         return out
@@ -151,13 +174,12 @@ class JoyAIForCausalLM(nn.Module):
         tokens = labels if labels is not None else shift_left(input_ids, 1, 0)
         for depth, layer in enumerate(self.mtp, start=1):
             next_ids = shift_left(tokens, depth - 1, 0)
-            h_BSD = layer(h_BSD, self.embed_tokens(next_ids), seq)
-            logits_BSV = self.lm_head(h_BSD)
+            h_BSD = layer(h_BSD, self.embed(next_ids), seq)
+            logits_BSV = self.head(h_BSD)
             if keep_logits:
-                logits.append(logits_BSV)
+                logits.append(self.full_logits(logits_BSV))
             if labels is not None:
-                mask = mtp_loss_mask(loss_mask, depth)
-                s, n = masked_cross_entropy(logits_BSV, shift_left(labels, depth, 0), mask)
+                s, n = self.masked_cross_entropy(logits_BSV, shift_left(labels, depth, 0), mtp_loss_mask(loss_mask, depth))
                 sums.append(s)
                 counts.append(n)
         if labels is not None:
@@ -168,24 +190,24 @@ class JoyAIForCausalLM(nn.Module):
             out.mtp_tokens = torch.stack(counts).mean()
         out.mtp_logits = logits or None
 
+    def masked_cross_entropy(self, logits_BSV: torch.Tensor, labels_BS: torch.Tensor, mask_BS: torch.Tensor):
+        """(sum of per-token cross-entropy where mask is set, number of such tokens), in fp32."""
+        ce = vocab_parallel_cross_entropy(logits_BSV.flatten(0, 1), labels_BS.flatten(), self.pc.tp)
+        mask = mask_BS.flatten().float()
+        return (ce * mask).sum(), mask.sum()
 
-def masked_cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor, mask_BS: torch.Tensor):
-    """(sum of per-token cross-entropy where mask is set, number of such tokens), in fp32."""
-    ce = F.cross_entropy(logits_BSV.flatten(0, 1).float(), labels_BS.flatten(), reduction="none")
-    mask = mask_BS.flatten().float()
-    return (ce * mask).sum(), mask.sum()
 
-
-def _normal(t: torch.Tensor, std: float, generator: torch.Generator) -> None:
-    t.copy_(torch.randn(t.shape, generator=generator, dtype=torch.float32).mul_(std).to(t.dtype))
+def _draw(shape: tuple, std: float, seed: int, name: str) -> torch.Tensor:
+    generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=generator, dtype=torch.float32).mul_(std)
 
 
 def create_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = 0,
-                 dtype: torch.dtype = torch.float32) -> JoyAIForCausalLM:
+                 dtype: torch.dtype = torch.float32, pc: ParallelContext | None = None) -> JoyAIForCausalLM:
     """Build on the meta device, allocate on `device`, then initialise (no double initialisation).
     `seed=None` leaves the memory uninitialised for a caller that loads a checkpoint next."""
     with torch.device("meta"):
-        model = JoyAIForCausalLM(cfg)
+        model = JoyAIForCausalLM(cfg, pc)
     model = model.to_empty(device=device).to(dtype)
     if seed is not None:
         model.init_weights(seed)

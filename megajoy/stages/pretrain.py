@@ -26,15 +26,18 @@ class PretrainStage(Stage):
     def setup(self, trainer: Trainer) -> None:
         from megajoy.data.pretrain import PretrainData
 
-        cfg = trainer.job.train
+        cfg, dp = trainer.job.train, trainer.pc.size("dp_cp")
+        self.dp_rank = trainer.pc.coords["dp"] + trainer.pc.coords["cp"] * trainer.pc.size("dp")
+        self.dp = dp
         self.data = PretrainData(trainer.job, self.blend, self.tokenizer, total_samples(cfg, cfg.train_iters),
-                                 cfg.eval_iters * cfg.micro_batch_size)
+                                 cfg.eval_iters * cfg.global_batch_size)
 
     def train_micro_batches(self, trainer, consumed, global_batch):
-        return self.data.train_micro_batches(consumed, global_batch, trainer.job.train.micro_batch_size)
+        return self.data.train_micro_batches(consumed, global_batch, trainer.job.train.micro_batch_size,
+                                             self.dp_rank, self.dp)
 
     def valid_micro_batches(self, trainer):
-        return self.data.valid_micro_batches(trainer.job.train.micro_batch_size)
+        return self.data.valid_micro_batches(trainer.job.train.micro_batch_size, self.dp_rank, self.dp)
 
     def _mtp_on(self, trainer) -> bool:
         return len(trainer.model.mtp) > 0 and trainer.step >= trainer.job.train.mtp_start_iter
@@ -72,12 +75,17 @@ def build_job(args):
 def run(args) -> int:
     from megajoy.data.pretrain import check_vocab, resolve_data
 
+    from megajoy.launch import setup_parallel
+    from megajoy.parallel.state import rank0_first
+
     job = build_job(args)
-    blend, tokenizer = resolve_data(job)
+    pc = setup_parallel(job)
+    with rank0_first(pc):
+        blend, tokenizer = resolve_data(job)
     check_vocab(tokenizer, blend, job.model.vocab_size)
-    trainer = Trainer(job, PretrainStage(blend, tokenizer), tokenizer.path)
+    trainer = Trainer(job, PretrainStage(blend, tokenizer), tokenizer.path, pc)
     summary = trainer.run()
-    if "val_loss" in summary:
+    if "val_loss" in summary and pc.rank == 0:
         print(f"megajoy pretrain: step {trainer.step}, validation loss {summary['val_loss']:.4f}; "
               f"checkpoints in {trainer.out}/checkpoints")
     return 0

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from megajoy.ckpt.atomic import atomic_directory
-from megajoy.ckpt.native import load_model_dir, load_state_checked, model_state, write_model_files
+from megajoy.ckpt.native import load_model_dir, write_model_files
 
 LATEST = "latest"
 # Fault injection for tests: seconds to pause inside a save, before it is renamed into place.
@@ -28,13 +28,14 @@ def _name(step: int) -> str:
     return f"iter_{step:07d}"
 
 
-def save_checkpoint(out: str, step: int, job, model, optimizer, trainer_state: dict,
+def save_checkpoint(out: str, step: int, job, model_state: dict, optimizer_state: dict, trainer_state: dict,
                     tokenizer_file: str | None, keep_last: int) -> str:
+    """Write full (layout-independent) model and optimizer state; called on the writing rank only."""
     root = checkpoints_dir(out)
     path = os.path.join(root, _name(step))
     with atomic_directory(path) as tmp:
-        write_model_files(tmp, job, model_state(model), tokenizer_file)
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        write_model_files(tmp, job, model_state, tokenizer_file)
+        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
         torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({**trainer_state, "step": step}, f, indent=2)
@@ -90,16 +91,15 @@ def latest_checkpoint(out: str) -> str | None:
     return os.path.join(root, names[-1]) if names else None
 
 
-def load_checkpoint(path: str, model, optimizer) -> dict:
-    """Restore model, optimizer and RNG; return the trainer state. Errors name the unreadable file."""
-    _, state, _ = load_model_dir(path)
-    load_state_checked(model, state, os.path.join(path, "model.safetensors"))
-    optimizer.load_state_dict(_torch_load(os.path.join(path, "optimizer.pt")))
+def load_checkpoint(path: str) -> tuple[dict, dict, dict]:
+    """(full model state, optimizer state, trainer state); restores the RNG. Errors name the file."""
+    _, model_state, _ = load_model_dir(path)
+    optimizer_state = _torch_load(os.path.join(path, "optimizer.pt"))
     set_rng_state(_torch_load(os.path.join(path, "rng.pt")))
     state_path = os.path.join(path, "trainer_state.json")
     try:
         with open(state_path) as f:
-            return json.load(f)
+            return model_state, optimizer_state, json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{state_path}: unreadable trainer state ({e})") from None
 

@@ -9,12 +9,17 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from megajoy.model import create_model
 from megajoy.model.moe import MoE, Router
-from megajoy.optim import build_optimizer
 from megajoy.optim.schedules import global_batch_size, learning_rate
+from megajoy.parallel.context import ParallelContext
+from megajoy.parallel.mappings import all_reduce_no_grad
+from megajoy.parallel.optimizer import build_parallel_optimizer
+from megajoy.parallel.params import parameter_specs
+from megajoy.parallel.state import full_model_state, load_full_model_state
 from megajoy.train import checkpoint as ckpt
 from megajoy.train.metrics import MetricsLog, format_line, plot_losses
 
@@ -47,32 +52,53 @@ def default_device() -> torch.device:
 
 
 class Trainer:
-    def __init__(self, job, stage: Stage, tokenizer_file: str | None):
+    def __init__(self, job, stage: Stage, tokenizer_file: str | None, pc: ParallelContext | None = None):
         self.job, self.stage, self.tokenizer_file = job, stage, tokenizer_file
+        self.pc = pc or ParallelContext.single(default_device())
+        self.device = self.pc.device
+        if self.pc.size("pp") > 1:
+            raise ValueError("pipeline parallelism (--pp > 1) is not implemented yet; use --pp 1")
+        self._check_batch_layout()
         self.out = job.checkpoint.out
-        self.device = default_device()
         self.bf16 = job.train.bf16 if job.train.bf16 is not None else self.device.type == "cuda"
         torch.manual_seed(job.train.seed)
-        self.model = create_model(job.model, device=self.device, seed=job.train.seed).train()
+        self.model = create_model(job.model, device=self.device, seed=job.train.seed, pc=self.pc).train()
+        self.specs = parameter_specs(self.model, self.pc)
         if job.checkpoint.init:
             self._load_init_weights(job.checkpoint.init)
-        self.optimizer = build_optimizer(self.model, job.optimizer)
+        self.optimizer = build_parallel_optimizer(self.model, self.pc, job.optimizer,
+                                                  job.parallel.use_distributed_optimizer,
+                                                  job.parallel.ddp_bucket_size_mb)
         self.step, self.consumed = 0, 0
         self.stop_requested = False
         self.routers = [m for m in self.model.modules() if isinstance(m, Router)]
         stage.setup(self)
 
+    def _check_batch_layout(self) -> None:
+        cfg, dp = self.job.train, self.pc.size("dp_cp")
+        unit = cfg.micro_batch_size * dp
+        sizes = [cfg.global_batch_size] + (cfg.rampup_batch_size[:2] if cfg.rampup_batch_size else [])
+        for size in sizes:
+            if size % unit:
+                raise ValueError(f"batch size {size} is not divisible by micro_batch_size x data-parallel size = "
+                                 f"{cfg.micro_batch_size} x {dp} = {unit}")
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.pc.rank == 0
+
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
         train_iters = self.job.train.train_iters
         resumed = self._maybe_resume()
-        self.log = MetricsLog(self.out, resumed)
+        self.log = MetricsLog(self.out, resumed, enabled=self.is_logging_rank)
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-        bar = tqdm(total=train_iters, initial=self.step, desc=self.stage.name, file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=train_iters, initial=self.step, desc=self.stage.name, file=sys.stderr, dynamic_ncols=True,
+                   disable=not self.is_logging_rank)
         last = self._evaluate() if resumed is None else {}
         window, saved_at = _Window(), None
         try:
-            while self.step < train_iters and not self.stop_requested:
+            while self.step < train_iters and not self._stop_agreed():
                 window.add(self._train_step())
                 bar.update(1)
                 last = self._after_step(window, bar) or last
@@ -94,7 +120,8 @@ class Trainer:
         if self.step % cfg.log_interval == 0 or self.step == cfg.train_iters:
             record = window.flush(self.step)
             self.log.write(record)
-            bar.write(format_line(record, cfg.train_iters))
+            if self.is_logging_rank:
+                bar.write(format_line(record, cfg.train_iters))
         if self.step % cfg.eval_interval == 0 or self.step == cfg.train_iters:
             record = {**(record or {}), **self._evaluate()}
         return record
@@ -114,6 +141,12 @@ class Trainer:
         # SLURM pre-emption: finish the current step, save, exit 0.
         self.stop_requested = True
 
+    def _stop_agreed(self) -> bool:
+        """Ranks may see SIGTERM at different steps: stop when any rank has."""
+        flag = torch.tensor(float(self.stop_requested), device=self.device)
+        self.stop_requested = bool(all_reduce_no_grad(flag, self.pc.group("world"), dist.ReduceOp.MAX).item())
+        return self.stop_requested
+
     # ------------------------------------------------------------------ one step
     def _train_step(self) -> dict:
         cfg = self.job.train
@@ -124,29 +157,42 @@ class Trainer:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         micro_batches = self.stage.train_micro_batches(self, self.consumed, global_batch)
         counts = self._step_token_counts(micro_batches)
-        self._set_aux_loss_scale(1.0 / len(micro_batches))
-        totals: dict[str, float] = {}
-        for batch in micro_batches:
-            with self._autocast():
-                loss, parts = self.stage.loss(self, batch.to(self.device), counts)
-            loss.backward()
-            for key, value in parts.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
-        grad_norm = self._clip_gradients()
+        self._set_aux_loss_scale(1.0 / (len(micro_batches) * self.pc.size("dp_cp")))
+        totals = self._accumulate(micro_batches, counts, backward=True)
+        self.optimizer.reduce_gradients()
+        grad_norm = self.optimizer.clip_gradients(self.job.optimizer.clip_grad)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         load = self._update_router_biases()
         self.step += 1
         self.consumed += global_batch
-        tokens = sum(b.tokens for b in micro_batches)
+        tokens = sum(b.tokens for b in micro_batches) * self.pc.size("dp_cp")
         return {**totals, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                 "seconds": time.perf_counter() - started, **load}
+
+    def _accumulate(self, micro_batches: list, counts: dict, backward: bool) -> dict[str, float]:
+        """Run the stage's loss over micro-batches; return the step's metrics summed over data-parallel ranks."""
+        parts_sum: dict[str, torch.Tensor] = {}
+        for batch in micro_batches:
+            with self._autocast():
+                loss, parts = self.stage.loss(self, batch.to(self.device), counts)
+            if backward:
+                loss.backward()
+            for key, value in parts.items():
+                parts_sum[key] = parts_sum.get(key, 0.0) + value.detach().float()
+        keys = sorted(parts_sum)
+        if not keys:
+            return {}
+        stacked = all_reduce_no_grad(torch.stack([parts_sum[k] for k in keys]), self.pc.group("dp_cp"))
+        return dict(zip(keys, stacked.tolist()))
 
     def _step_token_counts(self, micro_batches: list) -> dict:
         counts: dict[str, torch.Tensor] = {}
         for batch in micro_batches:
             for key, value in self.stage.token_counts(self, batch).items():
                 counts[key] = counts.get(key, 0) + value.to(self.device, torch.float32)
+        for value in counts.values():
+            all_reduce_no_grad(value, self.pc.group("dp_cp"))
         return counts
 
     def _autocast(self):
@@ -159,18 +205,13 @@ class Trainer:
             if isinstance(module, MoE):
                 module.aux_loss_scale = scale
 
-    def _clip_gradients(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.job.optimizer.clip_grad or float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-
     def _update_router_biases(self) -> dict:
         """Bias update from the step's load (every micro-batch), then reset the counters."""
         if not self.routers:
             return {}
         ratios = []
         for router in self.routers:
-            load = router.expert_load.float()
+            load = all_reduce_no_grad(router.expert_load.float(), self.pc.group("stage"))
             ratios.append((load.max() / load.mean().clamp(min=1e-9)).item())
             if not self.job.train.freeze_router_bias:
                 router.update_bias(load, self.job.train.router_bias_update_rate)
@@ -184,17 +225,12 @@ class Trainer:
         if not batches:
             return {}
         self.model.eval()
-        counts = self._step_token_counts(batches)
-        totals: dict[str, float] = {}
-        for batch in batches:
-            with self._autocast():
-                _, parts = self.stage.loss(self, batch.to(self.device), counts)
-            for key, value in parts.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
+        totals = self._accumulate(batches, self._step_token_counts(batches), backward=False)
         self.model.train()
         record = {"step": self.step, **{f"val_{k}": v for k, v in totals.items()}}
         self.log.write(record)
-        tqdm.write(format_line(record, self.job.train.train_iters), file=sys.stderr)
+        if self.is_logging_rank:
+            tqdm.write(format_line(record, self.job.train.train_iters), file=sys.stderr)
         return record
 
     # ------------------------------------------------------------------ checkpoints
@@ -202,29 +238,43 @@ class Trainer:
         return {"consumed_samples": self.consumed, "stage": self.stage.name}
 
     def _save(self) -> None:
-        ckpt.save_checkpoint(self.out, self.step, self.job, self.model, self.optimizer, self.trainer_state(),
-                             self.tokenizer_file, self.job.checkpoint.keep_last)
+        """Every rank contributes its shards; the logging rank writes one layout-independent checkpoint."""
+        model_state = full_model_state(self.model, self.specs, self.pc)
+        optimizer_state = self.optimizer.named_state()
+        if self.is_logging_rank:
+            ckpt.save_checkpoint(self.out, self.step, self.job, model_state, optimizer_state, self.trainer_state(),
+                                 self.tokenizer_file, self.job.checkpoint.keep_last)
+        if dist.is_initialized():
+            dist.barrier()
 
     def _maybe_resume(self) -> int | None:
-        partial = ckpt.remove_partial_saves(self.out)
-        if partial:
-            print(f"megajoy: removed incomplete checkpoint(s) {partial} left by an interrupted save", file=sys.stderr)
+        if self.is_logging_rank:
+            partial = ckpt.remove_partial_saves(self.out)
+            if partial:
+                print(f"megajoy: removed incomplete checkpoint(s) {partial} left by an interrupted save",
+                      file=sys.stderr)
+        if dist.is_initialized():
+            dist.barrier()
         if not self.job.checkpoint.resume:
             return None
         path = ckpt.latest_checkpoint(self.out)
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.checkpoints_dir(self.out)}")
-        state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        model_state, optimizer_state, state = ckpt.load_checkpoint(path)
+        load_full_model_state(self.model, model_state, self.specs, self.pc, os.path.join(path, "model.safetensors"))
+        self.optimizer.refresh_from_params()
+        self.optimizer.load_named_state(optimizer_state, os.path.join(path, "optimizer.pt"))
         self.step, self.consumed = state["step"], state["consumed_samples"]
-        print(f"megajoy: resumed from {path} (step {self.step})", file=sys.stderr)
+        if self.is_logging_rank:
+            print(f"megajoy: resumed from {path} (step {self.step})", file=sys.stderr)
         return self.step
 
     def _load_init_weights(self, path: str) -> None:
-        from megajoy.ckpt.native import load_model_dir, load_state_checked
+        from megajoy.ckpt.native import load_model_dir
 
         checkpoint = ckpt.latest_checkpoint(path) or path
         _, state, _ = load_model_dir(checkpoint)
-        load_state_checked(self.model, state, checkpoint)
+        load_full_model_state(self.model, state, self.specs, self.pc, checkpoint)
 
 
 class _Window:

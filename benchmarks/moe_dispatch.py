@@ -1,0 +1,136 @@
+"""MoE dispatch path, phase by phase: permute, all-to-all out, grouped GEMM over local experts,
+all-to-all back, weighted un-permute; beside it, in the same run, the per-expert loop that the grouped
+GEMM replaces.
+
+  python benchmarks/moe_dispatch.py                 # CPU, 1 rank (no all-to-all)
+  python benchmarks/moe_dispatch.py --ep 4          # CPU, 4 forked ranks on gloo
+  torchrun --nproc-per-node 8 benchmarks/moe_dispatch.py --shape joyai   # GPUs, NCCL, EP over all ranks
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.common import environment, print_table, time_call, write_json  # noqa: E402
+
+SHAPES = {  # tokens per rank, hidden, expert intermediate, experts, top-k
+    "small": (4096, 256, 128, 16, 4),
+    "joyai": (8192, 2048, 768, 256, 8),
+}
+
+
+def phases(tokens, hidden, inter, experts, topk, device, group):
+    from megajoy.kernels.grouped_gemm import grouped_mm
+    from megajoy.kernels.moe_permute import permute, unpermute
+    from megajoy.parallel.expert_parallel import all_to_all, source_to_expert_order
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ranks = dist.get_world_size(group) if group is not None else 1
+    local = experts // ranks
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    ids = torch.randint(0, experts, (tokens, topk), device=device)
+    weights = torch.rand(tokens, topk, device=device)
+    w1 = torch.randn(local, 2 * inter, hidden, device=device, dtype=dtype) * 0.02
+    w2 = torch.randn(local, hidden, inter, device=device, dtype=dtype) * 0.02
+    state = {}
+
+    def do_permute():
+        state["perm"], state["counts"], state["source"] = permute(x, ids, experts)
+
+    def do_dispatch():
+        send = state["counts"].view(ranks, local)
+        recv = torch.empty_like(send)
+        if group is not None:
+            dist.all_to_all_single(recv, send.contiguous(), group=group)
+        else:
+            recv = send
+        state["send"], state["recv"] = send.sum(1).tolist(), recv.sum(1).tolist()
+        arrived = all_to_all(state["perm"], state["recv"], state["send"], group) if group is not None else state["perm"]
+        state["order"] = source_to_expert_order(recv)
+        state["local"], state["local_counts"] = arrived.index_select(0, state["order"]), recv.sum(0)
+
+    def experts_fn(x_local):
+        gate, up = grouped_mm(x_local, w1.transpose(1, 2), state["local_counts"]).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), state["local_counts"])
+
+    def do_gemm():
+        state["y"] = experts_fn(state["local"])
+
+    def do_loop_baseline():
+        out, start = [], 0
+        for e, n in enumerate(state["local_counts"].tolist()):
+            rows = state["local"][start:start + n]
+            gate, up = F.linear(rows, w1[e]).chunk(2, dim=-1)
+            out.append(F.linear(F.silu(gate) * up, w2[e]))
+            start += n
+        return torch.cat(out)
+
+    def do_combine_a2a():
+        y_recv = torch.empty_like(state["y"]).index_copy(0, state["order"], state["y"])
+        state["y_perm"] = all_to_all(y_recv, state["send"], state["recv"], group) if group is not None else y_recv
+
+    def do_unpermute():
+        unpermute(state["y_perm"], state["source"], weights)
+
+    return [("permute", do_permute), ("all-to-all dispatch", do_dispatch), ("grouped GEMM", do_gemm),
+            ("all-to-all combine", do_combine_a2a), ("unpermute", do_unpermute),
+            ("baseline: per-expert loop GEMM", do_loop_baseline)], state
+
+
+def run(rank, world, args):
+    group = None
+    if world > 1:
+        from megajoy.launch import init_distributed, launch_env
+
+        init_distributed(launch_env())
+        group = dist.group.WORLD
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    tokens, hidden, inter, experts, topk = SHAPES[args.shape]
+    torch.manual_seed(rank)
+    steps, state = phases(tokens, hidden, inter, experts, topk, device, group)
+    rows = []
+    for name, fn in steps:  # phases depend on each other's outputs: run in order, time each
+        seconds = time_call(fn, device, warmup=1, iters=args.iters)
+        gemm_flops = 2 * 3 * hidden * inter * int(state["local_counts"].sum()) if "GEMM" in name else None
+        rows.append({"phase": name, "ms": seconds * 1e3,
+                     "TFLOP/s": gemm_flops / seconds / 1e12 if gemm_flops else None})
+    return rows, environment(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--ep", type=int, default=1, help="ranks to fork on CPU (ignored under torchrun)")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--out", default="benchmarks/results/moe_dispatch.json")
+    args = parser.parse_args()
+    if "RANK" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        rows, env = run(rank, world, args)
+    elif args.ep > 1:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+        from megajoy.parallel.spawn import run_workers
+
+        rank, results = 0, run_workers(args.ep, run, args)
+        rows, env = results[0]
+        world = args.ep
+    else:
+        rank, world = 0, 1
+        rows, env = run(0, 1, args)
+    if rank == 0:
+        tokens, hidden, inter, experts, topk = SHAPES[args.shape]
+        print(f"MoE dispatch, {args.shape}: {tokens} tokens/rank, hidden {hidden}, expert inter {inter}, "
+              f"{experts} experts, top-{topk}, {world} rank(s), {env['device']}")
+        print_table(rows, ["phase", "ms", "TFLOP/s"])
+        write_json(args.out, {"benchmark": "moe_dispatch", "shape": args.shape, "ranks": world, "env": env,
+                              "phases": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The launch environment: torchrun's variables, or SLURM's when `srun` starts the processes directly.
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Under `srun` with no wrapper,
+SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID give the ranks and the master is the first host of
+SLURM_NODELIST (e.g. `gpu[01-04,07]` -> `gpu01`); the port is MASTER_PORT or one derived from the job id.
+"""
+
+import os
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun", "slurm" or "single"
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'a[3-5,9],b1' -> 'a3', 'gpu[007-008]' -> 'gpu007'."""
+    nodelist = nodelist.strip()
+    match = re.match(r"^([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if match is None:
+        raise ValueError(f"SLURM_NODELIST={nodelist!r}: cannot read a host name from it")
+    prefix, ranges = match.group(1), match.group(2)
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def launch_env(environ: dict | None = None) -> LaunchEnv:
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                         env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        if "SLURM_NODELIST" not in env and "MASTER_ADDR" not in env:
+            raise ValueError("SLURM_PROCID is set but neither SLURM_NODELIST nor MASTER_ADDR: cannot find the master")
+        addr = env.get("MASTER_ADDR") or first_host(env["SLURM_NODELIST"])
+        port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                         addr, port, "slurm")
+    return LaunchEnv(0, 1, 0, "127.0.0.1", 29500, "single")
+
+
+def init_distributed(env: LaunchEnv, backend: str | None = None) -> None:
+    """Start torch.distributed for a multi-process launch (NCCL with GPUs, gloo otherwise)."""
+    import torch
+    import torch.distributed as dist
+
+    if env.world_size == 1 or dist.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                            rank=env.rank, world_size=env.world_size)
+
+
+def setup_parallel(job):
+    """Start torch.distributed when launched with several processes and build this rank's context."""
+    import torch
+
+    from megajoy.parallel.context import build_context
+
+    env = launch_env()
+    init_distributed(env)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    else:
+        device = torch.device("cpu")
+    return build_context(job.parallel, env.rank, env.world_size, device, job.model, job.data.seq_length)

@@ -1,0 +1,318 @@
+"""The optimizer a training step sees, for any layout: gradient reduction, global-norm clipping, the step,
+and a layout-independent view of its state for checkpoints.
+
+`ParallelOptimizer`: every data-parallel rank holds the whole optimizer state; gradients are summed in
+buckets (dense parameters over data-parallel ranks, experts over expert-data-parallel ranks).
+`DistributedOptimizer` (ZeRO-1): each rank owns a contiguous 1/N of the flattened parameters with fp32
+master copies and optimizer state for that slice only; gradients are reduce-scattered, the slice is
+stepped, and parameters are all-gathered back.
+
+Gradients are summed, not averaged: the loss is normalised by the token count of the whole global batch.
+"""
+
+import torch
+import torch.distributed as dist
+
+from megajoy.optim import build_optimizer
+from megajoy.parallel.mappings import all_reduce_no_grad, group_size
+from megajoy.parallel.params import ParamSpec, local_slice, parameter_specs
+from megajoy.parallel.state import gather_global
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+class ParallelOptimizer:
+    def __init__(self, model, pc, cfg, bucket_mb: float = 25.0):
+        self.model, self.pc, self.cfg = model, pc, cfg
+        self.specs = parameter_specs(model, pc)
+        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self.inner = self._build_inner()
+
+    def _build_inner(self):
+        return build_optimizer(self.model, self.cfg)
+
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    # ------------------------------------------------------------------ gradients
+    def _reduction_group(self, spec: ParamSpec):
+        return self.pc.group("edp") if spec.expert else self.pc.group("dp_cp")
+
+    def reduce_partial_tp_grads(self) -> None:
+        partial = [p for n, p in self.named_params if self.specs[n].partial_tp_grad and p.grad is not None]
+        _bucketed_all_reduce(partial, self.pc.group("tp"), self.bucket_bytes)
+
+    def reduce_gradients(self) -> None:
+        self.reduce_partial_tp_grads()
+        for expert in (False, True):
+            params = [p for n, p in self.named_params if self.specs[n].expert == expert and p.grad is not None]
+            group = self.pc.group("edp") if expert else self.pc.group("dp_cp")
+            _bucketed_all_reduce(params, group, self.bucket_bytes)
+
+    def _counts_here(self, spec: ParamSpec) -> bool:
+        """Whether this rank contributes a (reduced, replicated) gradient to the global norm. Experts are
+        distinct on every expert-parallel rank (even inside one TP group) and replicated over EDP ranks;
+        dense tensors are replicated over DP ranks, and over TP ranks unless TP-sharded."""
+        if spec.expert:
+            return self.pc.coords["edp"] == 0
+        first_replica = self.pc.coords["dp"] == 0 and self.pc.coords["cp"] == 0
+        return first_replica and (spec.tp_sharded or self.pc.tp_rank == 0)
+
+    def _local_sq_norm(self) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64, device=self.pc.device)
+        for name, p in self.named_params:
+            if p.grad is not None and self._counts_here(self.specs[name]):
+                total += p.grad.detach().double().pow(2).sum()
+        return total
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for _, p in self.named_params if p.grad is not None]
+
+    def clip_gradients(self, max_norm: float) -> float:
+        """Global gradient norm over every shard and rank; scale gradients down when above max_norm."""
+        sq = all_reduce_no_grad(self._local_sq_norm(), self.pc.group("world"))
+        norm = float(sq.sqrt())
+        if max_norm and norm > max_norm:
+            scale = max_norm / (norm + 1e-6)
+            for g in self._grads():
+                g.mul_(scale)
+        return norm
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> None:
+        self.inner.step()
+
+    def refresh_from_params(self) -> None:
+        """Re-read the parameters after they were overwritten (a checkpoint load)."""
+
+    def zero_grad(self) -> None:
+        for _, p in self.named_params:
+            p.grad = None
+
+    # ------------------------------------------------------------------ state
+    def named_state(self) -> dict:
+        """{"params": {name: {"step", "exp_avg", "exp_avg_sq"} in global shapes}, "groups": hyperparameters}."""
+        out = {}
+        for name, p in self.named_params:
+            state = self.inner.state.get(p, {})
+            if state:
+                out[name] = {"step": float(state["step"]),
+                             **{k: gather_global(state[k], self.specs[name], self.pc) for k in STATE_KEYS}}
+        return {"params": out, "groups": _group_hparams(self.inner)}
+
+    def load_named_state(self, saved: dict, source: str) -> None:
+        unknown = set(saved["params"]) - {n for n, _ in self.named_params}
+        if unknown:
+            raise ValueError(f"{source}: optimizer state for unknown tensor {sorted(unknown)[0]!r}")
+        for name, p in self.named_params:
+            if name not in saved["params"]:
+                continue  # never stepped when saved
+            entry = saved["params"][name]
+            self.inner.state[p] = {"step": torch.tensor(entry["step"]),
+                                   **{k: local_slice(entry[k], self.specs[name], self.pc).to(p.device).clone()
+                                      for k in STATE_KEYS}}
+
+
+class DistributedOptimizer(ParallelOptimizer):
+    """ZeRO-1 over the data-parallel group (dense tensors) and the expert-data-parallel group (experts)."""
+
+    def _build_inner(self):
+        self.buffers = [_ShardedBuffer([(n, p) for n, p in self.named_params if self.specs[n].expert == expert],
+                                       self.pc.group("edp" if expert else "dp_cp"), self.pc.device)
+                        for expert in (False, True)]
+        decay = [piece for b in self.buffers for piece in b.pieces if piece.ndim_of_param >= 2]
+        no_decay = [piece for b in self.buffers for piece in b.pieces if piece.ndim_of_param < 2]
+        groups = [{"params": [x.master for x in decay], "weight_decay": self.cfg.weight_decay, "lr_mult": 1.0},
+                  {"params": [x.master for x in no_decay], "weight_decay": 0.0, "lr_mult": 1.0}]
+        groups = [g for g in groups if g["params"]]
+        if self.cfg.optimizer != "adamw":
+            raise ValueError(f"--use-distributed-optimizer supports adamw here, not {self.cfg.optimizer!r}")
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2),
+                                 eps=self.cfg.adam_eps)
+
+    def reduce_gradients(self) -> None:
+        self.reduce_partial_tp_grads()
+        for buffer in self.buffers:
+            buffer.reduce_scatter_grads()
+
+    def _local_sq_norm(self) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64, device=self.pc.device)
+        for buffer in self.buffers:
+            for piece in buffer.pieces:
+                spec = self.specs[piece.name]
+                owned = spec.expert or spec.tp_sharded or self.pc.tp_rank == 0  # shards are disjoint over (E)DP
+                if piece.master.grad is not None and owned:
+                    total += piece.master.grad.double().pow(2).sum()
+        return total
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [piece.master.grad for b in self.buffers for piece in b.pieces if piece.master.grad is not None]
+
+    def step(self) -> None:
+        self.inner.step()
+        for buffer in self.buffers:
+            buffer.gather_params()
+
+    def named_state(self) -> dict:
+        out = {}
+        for buffer in self.buffers:
+            for key in STATE_KEYS + ("step",):
+                for name, local in buffer.gather_state(self.inner, key).items():
+                    out.setdefault(name, {})[key] = (float(local.reshape(-1)[0]) if key == "step"
+                                                     else gather_global(local, self.specs[name], self.pc))
+        # A parameter never stepped (no gradient yet) has no state, as in a single process.
+        params = {n: e for n, e in out.items() if e["step"] > 0}
+        return {"params": params, "groups": _group_hparams(self.inner)}
+
+    def refresh_from_params(self) -> None:
+        with torch.no_grad():
+            for buffer in self.buffers:
+                for piece in buffer.pieces:
+                    flat = piece.param.detach().reshape(-1)[piece.param_start:piece.param_end]
+                    piece.master.copy_(flat.to(piece.master.dtype))
+
+    def zero_grad(self) -> None:
+        super().zero_grad()
+        for buffer in self.buffers:
+            for piece in buffer.pieces:
+                piece.master.grad = None
+
+    def load_named_state(self, saved: dict, source: str) -> None:
+        for buffer in self.buffers:
+            for piece in buffer.pieces:
+                if piece.name not in saved["params"]:
+                    continue  # never stepped when saved
+                entry = saved["params"][piece.name]
+                state = {"step": torch.tensor(entry["step"])}
+                for key in STATE_KEYS:
+                    local = local_slice(entry[key], self.specs[piece.name], self.pc).reshape(-1)
+                    state[key] = local[piece.param_start:piece.param_end].to(piece.master.device, torch.float32).clone()
+                self.inner.state[piece.master] = state
+
+
+class _Piece:
+    """The part [param_start, param_end) of one flattened parameter that falls in this rank's shard."""
+
+    def __init__(self, name, param, param_start, param_end, shard_start, master):
+        self.name, self.param, self.ndim_of_param = name, param, param.ndim
+        self.param_start, self.param_end, self.shard_start = param_start, param_end, shard_start
+        self.master = master
+
+
+class _ShardedBuffer:
+    """Parameters laid end to end, padded to a multiple of the group size; this rank owns one contiguous
+    slice, held as fp32 master pieces."""
+
+    def __init__(self, named, group, device):
+        self.named, self.group = named, group
+        self.n, self.rank = group_size(group), (dist.get_rank(group) if group is not None else 0)
+        self.offsets, total = [], 0
+        for _, p in named:
+            self.offsets.append(total)
+            total += p.numel()
+        self.shard = -(-total // self.n) if total else 0
+        self.total_padded = self.shard * self.n
+        lo, hi = self.rank * self.shard, (self.rank + 1) * self.shard
+        self.pieces = []
+        for (name, p), start in zip(named, self.offsets):
+            a, b = max(lo, start), min(hi, start + p.numel())
+            if a < b:
+                flat = p.detach().reshape(-1)[a - start:b - start].to(device, torch.float32).clone()
+                self.pieces.append(_Piece(name, p, a - start, b - start, a - lo, torch.nn.Parameter(flat)))
+
+    def _flat(self, tensors) -> torch.Tensor:
+        flat = torch.cat([t.reshape(-1).float() for t in tensors]) if tensors else torch.zeros(0)
+        return torch.nn.functional.pad(flat, (0, self.total_padded - flat.numel()))
+
+    def reduce_scatter_grads(self) -> None:
+        if not self.named:
+            return
+        # A parameter without a gradient (e.g. the MTP module before it is switched on) is skipped by the
+        # optimizer, as in a single process; that is the same on every rank, so only its slot is zeroed.
+        unused = {name for name, p in self.named if p.grad is None}
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.named]
+        flat = self._flat(grads)
+        shard = flat.new_empty(self.shard)
+        if self.n > 1:
+            (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(shard, flat, group=self.group)
+        else:
+            shard.copy_(flat)
+        for piece in self.pieces:
+            piece.master.grad = (None if piece.name in unused else
+                                 shard[piece.shard_start:piece.shard_start + piece.param_end - piece.param_start])
+        for _, p in self.named:
+            p.grad = None
+
+    def _all_gather_flat(self, shard: torch.Tensor) -> torch.Tensor:
+        if self.n == 1:
+            return shard
+        full = shard.new_empty(self.total_padded)
+        (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(full, shard, group=self.group)
+        return full
+
+    def _shard_of(self, tensors_by_piece) -> torch.Tensor:
+        shard = torch.zeros(self.shard, device=self.pieces[0].master.device if self.pieces else "cpu")
+        for piece, t in zip(self.pieces, tensors_by_piece):
+            shard[piece.shard_start:piece.shard_start + t.numel()] = t
+        return shard
+
+    def gather_params(self) -> None:
+        if not self.named:
+            return
+        full = self._all_gather_flat(self._shard_of([x.master.detach() for x in self.pieces]))
+        with torch.no_grad():
+            for (_, p), start in zip(self.named, self.offsets):
+                p.copy_(full[start:start + p.numel()].view_as(p))
+
+    def gather_state(self, optimizer, key: str) -> dict[str, torch.Tensor]:
+        """This rank's local (TP/EP-sharded) view of one optimizer-state tensor for each parameter."""
+        if not self.named:
+            return {}
+        def value(piece):
+            state = optimizer.state.get(piece.master)
+            if not state:
+                return torch.zeros_like(piece.master)
+            if key == "step":  # a scalar per piece: spread it over the piece so it gathers like the rest
+                return torch.full_like(piece.master, float(state["step"]))
+            return state[key]
+
+        values = [value(x) for x in self.pieces]
+        full = self._all_gather_flat(self._shard_of(values))
+        return {name: full[start:start + p.numel()].view_as(p).clone()
+                for (name, p), start in zip(self.named, self.offsets)}
+
+
+def _bucketed_all_reduce(params: list, group, bucket_bytes: int) -> None:
+    """Sum gradients over `group`, a few flattened buckets at a time."""
+    if group_size(group) == 1 or not params:
+        return
+    bucket, size = [], 0
+    for p in params:
+        bucket.append(p)
+        size += p.grad.numel() * p.grad.element_size()
+        if size >= bucket_bytes:
+            _all_reduce_bucket(bucket, group)
+            bucket, size = [], 0
+    if bucket:
+        _all_reduce_bucket(bucket, group)
+
+
+def _all_reduce_bucket(params: list, group) -> None:
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
+
+
+def _group_hparams(optimizer) -> list[dict]:
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def build_parallel_optimizer(model, pc, cfg, distributed: bool, bucket_mb: float = 25.0) -> ParallelOptimizer:
+    cls = DistributedOptimizer if distributed else ParallelOptimizer
+    return cls(model, pc, cfg, bucket_mb)

@@ -1,0 +1,67 @@
+"""Moving tensors between a rank's shards and their global (single-process) form, so checkpoints have
+one layout-independent format: the full tensors under their single-process names."""
+
+import torch
+import torch.distributed as dist
+
+from megajoy.parallel.mappings import _all_gather
+from megajoy.parallel.params import ParamSpec, local_slice
+
+
+def gather_global(local: torch.Tensor, spec: ParamSpec, pc) -> torch.Tensor:
+    """The full tensor from this rank's shard (a collective over the TP or EP group)."""
+    full = local.detach()
+    if spec.tp_sharded and pc.tp_size > 1:
+        full = _all_gather(full, pc.group("tp"), spec.tp_dim)
+    if spec.expert and pc.ep_size > 1:
+        full = _all_gather(full, pc.group("ep"), 0)
+    return full
+
+
+def full_model_state(model, specs: dict[str, ParamSpec], pc) -> dict[str, torch.Tensor]:
+    """Global parameters and persistent buffers (identical on every rank), tied weights once."""
+    state = {}
+    params = dict(model.named_parameters())
+    for name, tensor in model.state_dict().items():
+        if model.cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        state[name] = gather_global(params[name], specs[name], pc) if name in specs else tensor.detach()
+    return state
+
+
+def load_full_model_state(model, state: dict[str, torch.Tensor], specs: dict[str, ParamSpec], pc,
+                          source: str) -> None:
+    """Copy this rank's shards out of full tensors, after checking every name and global shape."""
+    expected = model.state_dict()
+    if model.cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} tensor(s) missing, first {missing[0]!r}")
+    unknown = [k for k in state if k not in expected]
+    if unknown:
+        raise ValueError(f"{source}: unknown tensor {unknown[0]!r} ({len(unknown)} unknown in all)")
+    with torch.no_grad():
+        for name, target in expected.items():
+            shape = specs[name].global_shape if name in specs else tuple(target.shape)
+            if tuple(state[name].shape) != tuple(shape):
+                raise ValueError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, the config "
+                                 f"expects {tuple(shape)}")
+            value = local_slice(state[name], specs[name], pc) if name in specs else state[name]
+            target.copy_(value.to(target.device))
+
+
+def rank0_first(pc):
+    """Context manager: rank 0 runs the body first (e.g. building a cache), then the others."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ordered():
+        distributed = dist.is_initialized() and pc.size("world") > 1
+        if distributed and pc.rank != 0:
+            dist.barrier()
+        yield
+        if distributed and pc.rank == 0:
+            dist.barrier()
+
+    return ordered()

@@ -1,0 +1,151 @@
+"""Every layout trains like the single process: after 3 optimizer steps of `megajoy pretrain` on the same
+global batch, the losses, gradient norms and every updated weight (from the gathered checkpoint) equal
+the single-process run's, fp32, relative error <= 1e-5 (per tensor, ||a - b|| / ||b||).
+
+The learning rate is small on purpose: Adam gives every element a step of about lr whatever its
+gradient's size, so the fp32 rounding of a sum taken in another order (a few 1e-7 overall, more for
+elements whose gradient is a near-cancelling sum) turns into weight differences proportional to lr.
+Each tensor must still move by at least ten times the tolerance, so the comparison has teeth."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megajoy.parallel.spawn import cli_worker, run_workers, slurm_env, torchrun_env
+from helpers import TINY_MODEL_OVERRIDES
+from megajoy.cli import main
+from megajoy.train.checkpoint import latest_checkpoint
+
+
+def pretrain_args(out, data_prefix, tokenizer_file, *extra, iters=3):
+    base = ["pretrain", "--data-path", data_prefix, "--tokenizer", tokenizer_file, "--seq-length", "32",
+            "--global-batch-size", "8", "--micro-batch-size", "1", "--train-iters", str(iters), "--log-interval", "1",
+            "--eval-interval", "3", "--eval-iters", "1", "--lr-warmup-iters", "1", "--mtp-start-iter", "0",
+            "--lr", "1e-4", "--min-lr", "1e-5", "--out", str(out)]
+    return base + [a for o in TINY_MODEL_OVERRIDES for a in ("--set", o)] + list(extra)
+
+
+def run_layout(out, data_prefix, tokenizer_file, world, flags, env_fn=torchrun_env, iters=3):
+    argv = pretrain_args(out, data_prefix, tokenizer_file, *flags, iters=iters)
+    if world == 1:
+        assert main(argv) == 0
+    else:
+        run_workers(world, cli_worker, argv, env_fn=env_fn)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return records, load_file(os.path.join(latest_checkpoint(str(out)), "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_prefix, tokenizer_file):
+    out = tmp_path_factory.mktemp("single")
+    return run_layout(out, data_prefix, tokenizer_file, 1, [])
+
+
+def test_reference_run_moves_every_tensor(reference):
+    """The three steps change every tensor by far more than the equivalence tolerance."""
+    from megajoy.config import load_job_config
+    from megajoy.model import create_model
+
+    job = load_job_config("tiny", None, TINY_MODEL_OVERRIDES)
+    initial = create_model(job.model, seed=job.train.seed).state_dict()
+    moved = min((relative_error(reference[1][n], initial[n].float()), n) for n in reference[1]
+                if not n.endswith("e_score_correction_bias"))
+    assert moved[0] >= 1e-4, moved
+
+
+@pytest.fixture(scope="module")
+def reference_aux(tmp_path_factory, data_prefix, tokenizer_file):
+    out = tmp_path_factory.mktemp("single_aux")
+    return run_layout(out, data_prefix, tokenizer_file, 1, ["--set", "model.aux_loss_alpha=0.01"])
+
+
+def assert_equivalent(run, reference):
+    (records, weights), (ref_records, ref_weights) = run, reference
+    keys = ("loss", "mtp_loss", "val_loss", "val_mtp_loss", "grad_norm")
+    losses = [(r["step"], *(r.get(k) for k in keys)) for r in records]
+    ref_losses = [(r["step"], *(r.get(k) for k in keys)) for r in ref_records]
+    assert len(losses) == len(ref_losses)
+    for got, want in zip(losses, ref_losses):
+        assert got[0] == want[0]
+        for a, b in zip(got[1:], want[1:]):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert abs(a - b) <= 1e-5 * abs(b), (got, want)
+    assert weights.keys() == ref_weights.keys()
+    worst = max((relative_error(weights[n], ref), n) for n, ref in ref_weights.items())
+    assert worst[0] <= 1e-5, worst
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| over the whole tensor."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+LAYOUTS = {
+    # name: (world, flags)
+    "dp2": (2, ["--dp", "2"]),
+    "dp4_zero": (4, ["--use-distributed-optimizer"]),
+    "tp2": (2, ["--tp", "2"]),
+    "tp2_sp": (2, ["--tp", "2", "--sequence-parallel"]),
+    "ep2_dp2": (2, ["--ep", "2"]),
+    "ep4_dp4_zero": (4, ["--ep", "4", "--use-distributed-optimizer"]),
+    "tp2_ep2_dp2_sp_zero": (4, ["--tp", "2", "--ep", "2", "--sequence-parallel", "--use-distributed-optimizer"]),
+    "tp2_ep4_dp2": (4, ["--tp", "2", "--ep", "4"]),
+    "tp2_ep4_dp4_sp": (8, ["--tp", "2", "--ep", "4", "--sequence-parallel"]),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_equals_single_process(name, tmp_path, data_prefix, tokenizer_file, reference):
+    world, flags = LAYOUTS[name]
+    assert_equivalent(run_layout(tmp_path / name, data_prefix, tokenizer_file, world, flags), reference)
+
+
+def test_balance_loss_under_tp_sp_ep_dp(tmp_path, data_prefix, tokenizer_file, reference_aux, reference):
+    flags = ["--tp", "2", "--ep", "2", "--sequence-parallel", "--set", "model.aux_loss_alpha=0.01"]
+    run = run_layout(tmp_path / "aux", data_prefix, tokenizer_file, 4, flags)
+    assert_equivalent(run, reference_aux)
+    # The balance loss changes training, so matching the reference with it is a real check.
+    assert run[1]["layers.1.mlp.gate.weight"].ne(reference[1]["layers.1.mlp.gate.weight"]).any()
+
+
+def test_srun_launch_runs_the_driver(tmp_path, data_prefix, tokenizer_file, reference):
+    """Ranks started by srun (SLURM_* variables only, master from SLURM_NODELIST) train the same way."""
+    run = run_layout(tmp_path / "slurm", data_prefix, tokenizer_file, 4, ["--tp", "2", "--ep", "2"], env_fn=slurm_env)
+    assert_equivalent(run, reference)
+
+
+PARALLEL = ["--tp", "2", "--ep", "2", "--use-distributed-optimizer"]
+
+
+@pytest.mark.parametrize("first, second", [(1, 4), (4, 1)], ids=["single_then_tp2_ep2_zero", "tp2_ep2_zero_then_single"])
+def test_checkpoints_move_between_layouts(first, second, tmp_path, data_prefix, tokenizer_file):
+    """Saved at one layout, resumed at another: the run ends exactly where an uninterrupted one does."""
+    straight = run_layout(tmp_path / "straight", data_prefix, tokenizer_file, 1, [], iters=6)
+    out = tmp_path / "moved"
+    run_layout(out, data_prefix, tokenizer_file, first, (PARALLEL if first > 1 else []) + ["--exit-interval", "3"], iters=6)
+    assert os.path.basename(latest_checkpoint(str(out))) == "iter_0000003"
+    moved = run_layout(out, data_prefix, tokenizer_file, second, (PARALLEL if second > 1 else []) + ["--resume"], iters=6)
+    assert_equivalent(moved, straight)
+
+
+def test_torchrun_launches_the_driver(tmp_path, data_prefix, tokenizer_file, reference):
+    import subprocess
+    import sys
+
+    from megajoy.parallel.spawn import free_port
+
+    argv = pretrain_args(tmp_path / "torchrun", data_prefix, tokenizer_file, "--tp", "2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "megajoy"] + argv
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(tmp_path / "torchrun" / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    weights = load_file(os.path.join(latest_checkpoint(str(tmp_path / "torchrun")), "model.safetensors"))
+    assert_equivalent((records, weights), reference)

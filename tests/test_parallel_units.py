@@ -1,0 +1,195 @@
+"""Parallel building blocks against their single-process references, the rank grid and the launcher."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megajoy.parallel.spawn import run_workers, slurm_env
+from megajoy.config import ParallelConfig
+from megajoy.launch import first_host, launch_env
+from megajoy.parallel.context import Layout, build_context, resolve_layout
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-6) -> bool:
+    """||a - b|| / ||b|| <= tol."""
+    return ((a - b).norm() / b.norm()).item() <= tol
+
+
+def _init(rank, world):
+    from megajoy.launch import init_distributed
+
+    init_distributed(launch_env())
+
+
+# ------------------------------------------------------------------------------------------------ layers
+
+def _tp_layers_worker(rank, world, sp):
+    from megajoy.parallel.cross_entropy import vocab_parallel_cross_entropy
+    from megajoy.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+    from megajoy.parallel.mappings import enter_tp, exit_tp, gather_along, split_along
+
+    _init(rank, world)
+    group = dist.group.WORLD
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 12, generator=g, requires_grad=True)
+    w1, w2 = torch.randn(20, 12, generator=g), torch.randn(12, 20, generator=g)
+    emb, ids = torch.randn(16, 12, generator=g), torch.randint(0, 16, (2, 8), generator=g)
+    col, row = ColumnParallelLinear(12, 20, group), RowParallelLinear(20, 12, group)
+    vocab = VocabParallelEmbedding(16, 12, group)
+    with torch.no_grad():
+        col.weight.copy_(w1.chunk(world, 0)[rank])
+        row.weight.copy_(w2.chunk(world, 1)[rank])
+        vocab.weight.copy_(emb.chunk(world, 0)[rank])
+    # MLP-shaped block: (split sequence with SP) enter -> column -> row exit
+    x_in = split_along(x, group, 1) if sp else x
+    y = row.forward_exit(torch.relu(col(enter_tp(x_in, group, sp))), sp)
+    y_full = gather_along(y, group, 1, grad_is_partial=False) if sp else y
+    (y_full * torch.arange(12.0)).sum().backward()
+    e = vocab(ids, sp)
+    e_full = gather_along(e, group, 1, grad_is_partial=False) if sp else e
+    logits_local = torch.randn(2 * 8, 16, generator=g).chunk(world, 1)[rank].requires_grad_()
+    targets = torch.randint(0, 16, (16,), generator=g)
+    ce = vocab_parallel_cross_entropy(logits_local, targets, group)
+    ce.sum().backward()
+    return y_full.detach(), x.grad, e_full.detach(), ce.detach(), logits_local.grad
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_tensor_parallel_layers_match_unsharded(sp):
+    results = run_workers(2, _tp_layers_worker, sp)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 12, generator=g, requires_grad=True)
+    w1, w2 = torch.randn(20, 12, generator=g), torch.randn(12, 20, generator=g)
+    emb, ids = torch.randn(16, 12, generator=g), torch.randint(0, 16, (2, 8), generator=g)
+    y = F.linear(torch.relu(F.linear(x, w1)), w2)
+    (y * torch.arange(12.0)).sum().backward()
+    logits = torch.randn(16, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 16, (16,), generator=g)
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    ce.sum().backward()
+    for rank, (y_tp, x_grad, e_tp, ce_tp, logits_grad) in enumerate(results):
+        assert close(y_tp, y) and close(x_grad, x.grad)
+        assert close(e_tp, F.embedding(ids, emb))
+        assert close(ce_tp, ce) and close(logits_grad, logits.grad.chunk(2, 1)[rank])
+
+
+def _dispatch_worker(rank, world):
+    from megajoy.model.moe import TokenDispatcher
+    from megajoy.parallel.expert_parallel import ExpertParallelDispatcher
+
+    _init(rank, world)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(10, 6, generator=g, requires_grad=True)
+    ids = torch.randint(0, 8, (10, 3), generator=g)
+    weights = torch.rand(10, 3, generator=g)
+    dispatcher = ExpertParallelDispatcher(8, dist.group.WORLD)
+    x_local, counts, meta = dispatcher.dispatch(x, ids)
+    # Expert e multiplies by (e + 1): with 2 experts per rank, local expert l is 2 * rank + l.
+    scale = torch.repeat_interleave(torch.arange(2) + 2 * rank + 1.0, counts).unsqueeze(1)
+    y = dispatcher.combine(x_local * scale, weights, meta)
+    y.sum().backward()
+    ref_dispatcher = TokenDispatcher(8)
+    xr = x.detach().clone().requires_grad_()
+    xr_perm, ref_counts, ref_meta = ref_dispatcher.dispatch(xr, ids)
+    yr = ref_dispatcher.combine(xr_perm * torch.repeat_interleave(torch.arange(8) + 1.0, ref_counts).unsqueeze(1),
+                                weights, ref_meta)
+    yr.sum().backward()
+    return y.detach(), yr.detach(), x.grad, xr.grad, int(counts.sum())
+
+
+def test_expert_parallel_dispatch_combine_round_trip():
+    """Dispatch -> per-expert function -> combine over 4 ranks equals the single-process dispatcher,
+    forward and backward, with uneven token counts per rank and expert."""
+    results = run_workers(4, _dispatch_worker)
+    for y, yr, g, gr, _ in results:
+        assert close(y, yr) and close(g, gr)
+    assert sum(r[4] for r in results) == 4 * 10 * 3  # every token copy arrived somewhere
+
+
+# ------------------------------------------------------------------------------------------------ grid
+
+def test_layout_coordinates_and_groups():
+    layout = Layout(tp=2, dp=2, pp=2, ep=2)
+    assert layout.group_ranks("tp") == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert layout.group_ranks("dp") == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert layout.group_ranks("pp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert layout.group_ranks("ep") == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert layout.group_ranks("edp") == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert layout.group_ranks("stage") == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert Layout(tp=2, dp=4, ep=4).group_ranks("ep") == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert Layout(tp=2, dp=4, ep=4).group_ranks("edp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert layout.coords(5) == {"tp": 1, "cp": 0, "dp": 0, "pp": 1, "ep": 1, "edp": 0}
+
+
+@pytest.mark.parametrize("kw, world, message", [
+    (dict(tensor_model_parallel_size=3), 4, "world size 4 is not divisible by TP x PP x CP = 3 x 1 x 1 = 3"),
+    (dict(tensor_model_parallel_size=2, data_parallel_size=3), 4, "world size 4 != TP x CP x DP x PP = 2 x 1 x 3 x 1 = 6"),
+    (dict(expert_model_parallel_size=3), 4, "expert parallel size 3 does not divide TP x CP x DP = 1 x 1 x 4 = 4"),
+    (dict(tensor_model_parallel_size=8), 8, "num_attention_heads=4 is not divisible by tensor parallel size 8"),
+    (dict(expert_model_parallel_size=32), 32, "n_routed_experts=16 is not divisible by expert parallel size 32"),
+    (dict(pipeline_model_parallel_size=8), 8, "num_hidden_layers=4 is fewer than pipeline stages 8"),
+    (dict(context_parallel_size=2), 2, "context parallelism is not implemented yet"),
+])
+def test_layout_errors_name_the_numbers(kw, world, message):
+    from megajoy.config import tiny
+
+    with pytest.raises(ValueError) as e:
+        resolve_layout(ParallelConfig(**kw), world, tiny())
+    assert message in str(e.value)
+
+
+def test_sequence_length_must_split_over_tp():
+    from megajoy.config import tiny
+
+    with pytest.raises(ValueError, match="seq_length=30 is not divisible by tensor parallel size 4"):
+        resolve_layout(ParallelConfig(tensor_model_parallel_size=4), 4, tiny(), seq_length=30)
+
+
+# ------------------------------------------------------------------------------------------------ launch
+
+def test_first_host_of_slurm_node_lists():
+    assert first_host("gpu[01-04,07]") == "gpu01"
+    assert first_host("a[3-5,9],b1") == "a3"
+    assert first_host("node-1,node-2") == "node-1"
+    assert first_host("single") == "single"
+
+
+def test_launch_env_from_torchrun_and_slurm():
+    env = launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1234"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.source) == (
+        3, 8, 1, "h", 1234, "torchrun")
+    env = launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+                      "SLURM_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.source) == (
+        5, 8, 1, "gpu07", 20123, "slurm")
+    assert launch_env({}).source == "single"
+
+
+def _slurm_groups_worker(rank, world):
+    from megajoy.launch import setup_parallel
+    from megajoy.config import load_job_config
+
+    job = load_job_config("tiny", None, ["parallel.tensor_model_parallel_size=2",
+                                         "parallel.expert_model_parallel_size=4"])
+    pc = setup_parallel(job)
+    members = {name: dist.get_process_group_ranks(pc.groups[name]) for name in ("tp", "dp", "ep", "edp", "stage")}
+    probe = torch.tensor([float(rank)])
+    dist.all_reduce(probe, group=pc.group("tp"))
+    env = launch_env()
+    return members, probe.item(), (env.source, env.local_rank, env.master_addr)
+
+
+def test_slurm_variables_for_two_nodes_build_the_right_groups():
+    """8 ranks started as srun would (2 nodes x 4 tasks, SLURM_* only) with TP 2, EP 4 (so DP 4)."""
+    results = run_workers(8, _slurm_groups_worker, env_fn=slurm_env)
+    for rank, (members, probe, (source, local_rank, master)) in enumerate(results):
+        assert (source, local_rank, master) == ("slurm", rank % 4, "127.0.0.1")
+        assert members["tp"] == [rank - rank % 2, rank - rank % 2 + 1]
+        assert members["dp"] == [rank % 2 + 2 * i for i in range(4)]
+        assert members["ep"] == [4 * (rank // 4) + i for i in range(4)]
+        assert members["edp"] == [rank % 4, rank % 4 + 4]
+        assert members["stage"] == list(range(8))
+        assert probe == 2 * (rank - rank % 2) + 1  # the TP group really communicates
