@@ -61,11 +61,8 @@ class ParallelOptimizer:
         return first_replica and (spec.tp_sharded or self.pc.tp_rank == 0)
 
     def _local_sq_norm(self) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float64, device=self.pc.device)
-        for name, p in self.named_params:
-            if p.grad is not None and self._counts_here(self.specs[name]):
-                total += p.grad.detach().double().pow(2).sum()
-        return total
+        grads = [p.grad for n, p in self.named_params if p.grad is not None and self._counts_here(self.specs[n])]
+        return _sum_of_squares(grads, self.pc.device)
 
     def _grads(self) -> list[torch.Tensor]:
         return [p.grad for _, p in self.named_params if p.grad is not None]
@@ -75,9 +72,7 @@ class ParallelOptimizer:
         sq = all_reduce_no_grad(self._local_sq_norm(), self.pc.group("world"))
         norm = float(sq.sqrt())
         if max_norm and norm > max_norm:
-            scale = max_norm / (norm + 1e-6)
-            for g in self._grads():
-                g.mul_(scale)
+            torch._foreach_mul_(self._grads(), max_norm / (norm + 1e-6))
         return norm
 
     # ------------------------------------------------------------------ step
@@ -138,14 +133,14 @@ class DistributedOptimizer(ParallelOptimizer):
             buffer.reduce_scatter_grads()
 
     def _local_sq_norm(self) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float64, device=self.pc.device)
+        grads = []
         for buffer in self.buffers:
             for piece in buffer.pieces:
                 spec = self.specs[piece.name]
                 owned = spec.expert or spec.tp_sharded or self.pc.tp_rank == 0  # shards are disjoint over (E)DP
                 if piece.master.grad is not None and owned:
-                    total += piece.master.grad.double().pow(2).sum()
-        return total
+                    grads.append(piece.master.grad)
+        return _sum_of_squares(grads, self.pc.device)
 
     def _grads(self) -> list[torch.Tensor]:
         return [piece.master.grad for b in self.buffers for piece in b.pieces if piece.master.grad is not None]
@@ -282,6 +277,14 @@ class _ShardedBuffer:
         full = self._all_gather_flat(self._shard_of(values))
         return {name: full[start:start + p.numel()].view_as(p).clone()
                 for (name, p), start in zip(self.named, self.offsets)}
+
+
+def _sum_of_squares(tensors: list[torch.Tensor], device) -> torch.Tensor:
+    """Sum of squared elements, from per-tensor fp32 norms accumulated in fp64."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    norms = torch.stack(torch._foreach_norm(tensors)).double()
+    return norms.pow(2).sum()
 
 
 def _bucketed_all_reduce(params: list, group, bucket_bytes: int) -> None:
