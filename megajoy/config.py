@@ -282,11 +282,19 @@ class ParallelConfig:
     context_parallel_size: int = 1
     expert_model_parallel_size: int = 1
     data_parallel_size: int | None = None  # inferred from the world size
+    virtual_pipeline_model_parallel_size: int | None = None  # model chunks per pipeline rank
+    pipeline_schedule: str = "1f1b"  # 1f1b | interleaved | zero-bubble (ZB-V)
+    pipeline_layout: list[int] | None = None  # decoder layers per (virtual) stage, in stage order
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False  # ZeRO-1: optimizer state sharded over data-parallel ranks
     ddp_bucket_size_mb: float = 25.0
+    async_save: bool = True  # checkpoints written in the background while training goes on
 
     def __post_init__(self):
+        _require(self.pipeline_schedule in ("1f1b", "interleaved", "zero-bubble"),
+                 f"pipeline_schedule={self.pipeline_schedule!r} must be 1f1b, interleaved or zero-bubble")
+        _require(self.virtual_pipeline_model_parallel_size is None or self.virtual_pipeline_model_parallel_size >= 1,
+                 f"virtual_pipeline_model_parallel_size={self.virtual_pipeline_model_parallel_size} must be >= 1")
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
                      "expert_model_parallel_size"):
             _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")

@@ -39,7 +39,9 @@ PINNED_FLAGS = {
         "--adam-beta1", "--adam-beta2", "--adam-eps", "--out", "--save-interval", "--keep-last", "--resume", "--init",
         "--tp", "--tensor-model-parallel-size", "--pp", "--pipeline-model-parallel-size", "--ep",
         "--expert-model-parallel-size", "--cp", "--context-parallel-size", "--dp", "--data-parallel-size",
-        "--sequence-parallel", "--use-distributed-optimizer", "--ddp-bucket-size-mb",
+        "--sequence-parallel", "--use-distributed-optimizer", "--ddp-bucket-size-mb", "--virtual-pipeline-stages",
+        "--num-virtual-stages-per-pipeline-rank", "--virtual-pipeline-model-parallel-size", "--pp-schedule",
+        "--pp-layout", "--async-save", "--no-async-save",
     },
 }
 

@@ -12,10 +12,10 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from megajoy.parallel.spawn import cli_worker, run_workers, slurm_env, torchrun_env
 from helpers import TINY_MODEL_OVERRIDES
+from megajoy.ckpt.native import load_model_dir
 from megajoy.cli import main
 from megajoy.train.checkpoint import latest_checkpoint
 
@@ -36,7 +36,7 @@ def run_layout(out, data_prefix, tokenizer_file, world, flags, env_fn=torchrun_e
         run_workers(world, cli_worker, argv, env_fn=env_fn)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    return records, load_file(os.path.join(latest_checkpoint(str(out)), "model.safetensors"))
+    return records, load_model_dir(latest_checkpoint(str(out)))[1]
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,36 @@ def test_layout_equals_single_process(name, tmp_path, data_prefix, tokenizer_fil
     assert_equivalent(run_layout(tmp_path / name, data_prefix, tokenizer_file, world, flags), reference)
 
 
+# Pipeline layouts run an 8-layer model (1 dense + 7 MoE) so that PP 4 x 2 virtual stages get a layer each.
+DEEP = ["--set", "model.num_hidden_layers=8"]
+PIPELINE_LAYOUTS = {
+    "pp2": (2, ["--pp", "2"]),
+    "pp4": (4, ["--pp", "4"]),
+    "pp2_uneven": (2, ["--pp", "2", "--pp-layout", "3", "5"]),
+    "pp2_v2_interleaved": (2, ["--pp", "2", "--pp-schedule", "interleaved", "--virtual-pipeline-stages", "2"]),
+    "pp4_v2_interleaved": (4, ["--pp", "4", "--pp-schedule", "interleaved", "--virtual-pipeline-stages", "2"]),
+    "pp2_zero_bubble": (2, ["--pp", "2", "--pp-schedule", "zero-bubble"]),
+    "pp2_tp2_sp": (4, ["--pp", "2", "--tp", "2", "--sequence-parallel"]),
+    "pp2_ep2_dp2_zero": (4, ["--pp", "2", "--ep", "2", "--use-distributed-optimizer"]),
+    "pp2_v2_tp2_ep2": (4, ["--pp", "2", "--pp-schedule", "interleaved", "--tp", "2", "--ep", "2"]),
+    "pp2_tp2_ep2_dp2_sp_zero": (8, ["--pp", "2", "--tp", "2", "--ep", "2", "--sequence-parallel",
+                                    "--use-distributed-optimizer"]),
+    "pp4_v2_tp2_zero_bubble": (8, ["--pp", "4", "--tp", "2", "--pp-schedule", "zero-bubble"]),
+}
+
+
+@pytest.fixture(scope="module")
+def deep_reference(tmp_path_factory, data_prefix, tokenizer_file):
+    return run_layout(tmp_path_factory.mktemp("single_deep"), data_prefix, tokenizer_file, 1, DEEP)
+
+
+@pytest.mark.parametrize("name", list(PIPELINE_LAYOUTS))
+def test_pipeline_layout_equals_single_process(name, tmp_path, data_prefix, tokenizer_file, deep_reference):
+    world, flags = PIPELINE_LAYOUTS[name]
+    run = run_layout(tmp_path / name, data_prefix, tokenizer_file, world, flags + DEEP)
+    assert_equivalent(run, deep_reference)
+
+
 def test_balance_loss_under_tp_sp_ep_dp(tmp_path, data_prefix, tokenizer_file, reference_aux, reference):
     flags = ["--tp", "2", "--ep", "2", "--sequence-parallel", "--set", "model.aux_loss_alpha=0.01"]
     run = run_layout(tmp_path / "aux", data_prefix, tokenizer_file, 4, flags)
@@ -147,5 +177,5 @@ def test_torchrun_launches_the_driver(tmp_path, data_prefix, tokenizer_file, ref
     assert result.returncode == 0, result.stderr[-2000:]
     with open(tmp_path / "torchrun" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
-    weights = load_file(os.path.join(latest_checkpoint(str(tmp_path / "torchrun")), "model.safetensors"))
+    weights = load_model_dir(latest_checkpoint(str(tmp_path / "torchrun")))[1]
     assert_equivalent((records, weights), reference)

@@ -11,11 +11,11 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from helpers import TINY_MODEL_OVERRIDES, load_tool
+from megajoy.ckpt.distributed import read_full_tensors
+from megajoy.ckpt.native import load_model_dir
 from megajoy.cli import main
-from megajoy.train.checkpoint import latest_checkpoint, load_checkpoint
+from megajoy.train.checkpoint import latest_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +38,21 @@ def train_records(out):
 
 
 def final_weights(out):
-    return load_file(os.path.join(latest_checkpoint(str(out)), "model.safetensors"))
+    return load_model_dir(latest_checkpoint(str(out)))[1]
+
+
+def optimizer_state(path):
+    """{name: {"exp_avg", "exp_avg_sq", "step"}} read whole from a checkpoint."""
+    state = {}
+    for key, tensor in read_full_tensors(path, "optim.").items():
+        name, field = key.rsplit(".", 1)
+        state.setdefault(name, {})[field] = tensor
+    return state
+
+
+def trainer_state(path):
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)
 
 
 def assert_same_weights(a, b):
@@ -62,12 +76,12 @@ def test_resume_is_bit_exact(tmp_path, data_prefix, tokenizer_file):
         if step > 3:
             assert a[step]["mtp_loss"] == b[step]["mtp_loss"]
     assert_same_weights(final_weights(one), final_weights(two))
-    opt_a = torch.load(os.path.join(latest_checkpoint(str(one)), "optimizer.pt"))
-    opt_b = torch.load(os.path.join(latest_checkpoint(str(two)), "optimizer.pt"))
-    assert opt_a["params"].keys() == final_weights(one).keys() - {"layers.1.mlp.gate.e_score_correction_bias"}
-    for name, state in opt_a["params"].items():
-        assert torch.equal(state["exp_avg_sq"], opt_b["params"][name]["exp_avg_sq"])
-        assert state["step"] == opt_b["params"][name]["step"] == (37 if name.startswith("mtp.") else 40)
+    opt_a = optimizer_state(latest_checkpoint(str(one)))
+    opt_b = optimizer_state(latest_checkpoint(str(two)))
+    assert opt_a.keys() == final_weights(one).keys() - {"layers.1.mlp.gate.e_score_correction_bias"}
+    for name, state in opt_a.items():
+        assert torch.equal(state["exp_avg_sq"], opt_b[name]["exp_avg_sq"])
+        assert state["step"] == opt_b[name]["step"] == (37 if name.startswith("mtp.") else 40)
 
 
 def _wait_for(predicate, timeout, what):
@@ -98,10 +112,11 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, data_prefix, token
     assert not (ckpts / "iter_0000010").exists()
     assert os.path.basename(latest_checkpoint(str(out))) == "iter_0000005"
     # The previous checkpoint loads; resuming removes the partial save and finishes as if never killed.
-    _, optimizer_state, state = load_checkpoint(latest_checkpoint(str(out)))
+    previous = latest_checkpoint(str(out))
+    state = trainer_state(previous)
     assert state["step"] == 5 and state["consumed_samples"] == 20
     assert all(entry["step"] == (2 if name.startswith("mtp.") else 5)  # MTP switched on at step 3
-               for name, entry in optimizer_state["params"].items())
+               for name, entry in optimizer_state(previous).items())
     assert main(args(out, data_prefix, tokenizer_file, 20, "--save-interval", "5", "--resume")) == 0
     assert not [p for p in os.listdir(ckpts) if ".tmp-" in p]
     assert main(args(ref, data_prefix, tokenizer_file, 20)) == 0
@@ -120,8 +135,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path, data_prefix, tokenizer_file):
     finally:
         proc.kill()
     last_logged = max(train_records(out))
-    with open(os.path.join(latest_checkpoint(str(out)), "trainer_state.json")) as f:
-        assert json.load(f)["step"] == last_logged >= 3
+    assert trainer_state(latest_checkpoint(str(out)))["step"] == last_logged >= 3
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, data_prefix, tokenizer_file):
@@ -140,9 +154,8 @@ def test_rampup_consumed_samples(tmp_path, data_prefix, tokenizer_file):
     out = tmp_path / "out"
     assert main(args(out, data_prefix, tokenizer_file, 8, "--global-batch-size", "6",
                      "--rampup-batch-size", "2", "2", "16")) == 0
-    with open(os.path.join(latest_checkpoint(str(out)), "trainer_state.json")) as f:
-        # batch 2 until 8 samples, 4 until 16, then 6: 2+2+2+2+4+4+6+6
-        assert json.load(f)["consumed_samples"] == 28
+    # batch 2 until 8 samples, 4 until 16, then 6: 2+2+2+2+4+4+6+6
+    assert trainer_state(latest_checkpoint(str(out)))["consumed_samples"] == 28
 
 
 def test_outputs_mtp_switch_router_bias_and_learning(tmp_path, data_prefix, tokenizer_file):
@@ -158,9 +171,9 @@ def test_outputs_mtp_switch_router_bias_and_learning(tmp_path, data_prefix, toke
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tensorboard"))
     assert sorted(os.listdir(out / "checkpoints")) == ["iter_0000020", "iter_0000030", "latest"]
     ckpt = out / "checkpoints" / "iter_0000030"
-    assert {"model.safetensors", "config.yaml", "tokenizer.json", "optimizer.pt", "rng.pt",
-            "trainer_state.json"} <= set(os.listdir(ckpt))
-    bias = load_file(str(ckpt / "model.safetensors"))["layers.1.mlp.gate.e_score_correction_bias"]
+    assert {".metadata", "__0_0.distcp", "config.yaml", "tokenizer.json", "rng.pt", "trainer_state.json",
+            "checksums.json"} == set(os.listdir(ckpt))
+    bias = final_weights(out)["layers.1.mlp.gate.e_score_correction_bias"]
     assert bias.abs().max() > 0 and bias.dtype == torch.float32
     frozen = tmp_path / "frozen"
     assert main(args(frozen, data_prefix, tokenizer_file, 3, "--freeze-router-bias")) == 0
@@ -199,11 +212,20 @@ def test_bad_input_errors(tmp_path, data_prefix, tokenizer_file, capsys):
     out = tmp_path / "o"
     shutil.rmtree(out, ignore_errors=True)
     assert main(args(out, data_prefix, tokenizer_file, 2)) == 0
-    optimizer_file = os.path.join(latest_checkpoint(str(out)), "optimizer.pt")
-    os.truncate(optimizer_file, 100)
+    shards = os.path.join(latest_checkpoint(str(out)), "__0_0.distcp")
+    flip_byte(shards, 100)
     code, err = run("--resume", "--train-iters", "4")
-    assert code == 2 and f"{optimizer_file}: unreadable checkpoint file" in err
-    weights = os.path.join(latest_checkpoint(str(out)), "model.safetensors")
-    os.truncate(weights, 50)
+    assert code == 2 and f"{shards}: checksum mismatch" in err
+    flip_byte(shards, 100)
+    state_file = os.path.join(latest_checkpoint(str(out)), "trainer_state.json")
+    os.remove(state_file)
     code, err = run("--resume", "--train-iters", "4")
-    assert code == 2 and weights in err
+    assert code == 2 and f"{state_file}: listed in checksums.json but missing" in err
+
+
+def flip_byte(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))

@@ -33,21 +33,29 @@ def atomic_directory(final_path: str):
     exceptions and, after a kill, is recognisable by its `.tmp-` infix.
     """
     final_path = os.path.abspath(final_path)
-    parent = os.path.dirname(final_path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{final_path}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(os.path.dirname(final_path), exist_ok=True)
+    tmp = temporary_sibling(final_path)
     os.makedirs(tmp)
     try:
         yield tmp
-        fsync_tree(tmp)
-        if os.path.exists(final_path):
-            old = f"{final_path}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(final_path, old)
-            os.rename(tmp, final_path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final_path)
-        _fsync_dir(parent)
+        replace_directory(tmp, final_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def temporary_sibling(final_path: str) -> str:
+    return f"{os.path.abspath(final_path)}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def replace_directory(tmp: str, final_path: str) -> None:
+    """fsync `tmp`, then make it `final_path` in one rename (moving an existing one aside first)."""
+    fsync_tree(tmp)
+    if os.path.exists(final_path):
+        old = f"{final_path}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(final_path, old)
+        os.rename(tmp, final_path)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final_path)
+    _fsync_dir(os.path.dirname(os.path.abspath(final_path)))

@@ -55,12 +55,20 @@ def read_job_config(directory: str) -> JobConfig:
 
 
 def load_model_dir(directory: str) -> tuple[JobConfig, dict[str, torch.Tensor], str | None]:
-    """(job config, model state, tokenizer path or None)."""
+    """(job config, full model state, tokenizer path or None) from a model directory (safetensors) or a
+    training checkpoint (distributed, any layout; read whole in this process)."""
+    from megajoy.ckpt import distributed as dcp_io
+
     job = read_job_config(directory)
-    files = SafetensorsDir(directory)
-    state = {name: files.load(name) for name in files.names()}
+    if dcp_io.is_distributed_checkpoint(directory):
+        dcp_io.verify_checksums(directory)
+        state = dcp_io.read_full_tensors(directory)
+    else:
+        files = SafetensorsDir(directory)
+        state = {name: files.load(name) for name in files.names()}
     tokenizer = os.path.join(directory, TOKENIZER_NAME)
     return job, state, tokenizer if os.path.exists(tokenizer) else None
+
 
 
 def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

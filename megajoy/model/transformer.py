@@ -68,19 +68,26 @@ class DecoderLayer(nn.Module):
 
 
 class JoyAIForCausalLM(nn.Module):
+    """The whole model, or (under pipeline parallelism) the parts of it this rank's stages run: their
+    decoder layers, the embedding on the first stage, norm, head and MTP (with an embedding copy) on the
+    last. Parts a rank does not hold are None."""
+
     def __init__(self, cfg: ModelConfig, pc: ParallelContext | None = None):
         super().__init__()
         self.cfg = cfg
         self.pc = pc = pc or ParallelContext.single()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, pc.tp)
+        self.stages = pc.local_stages(cfg.num_hidden_layers)
+        first, last = any(s.is_first for s in self.stages), any(s.is_last for s in self.stages)
+        needs_embedding = first or (last and (cfg.num_nextn_predict_layers > 0 or cfg.tie_word_embeddings))
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, pc.tp) if needs_embedding else None
         self.layers = nn.ModuleDict(
-            {str(i): DecoderLayer(cfg, cfg.is_moe_layer(i), pc) for i in range(cfg.num_hidden_layers)})
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, pc.tp)
-        if cfg.tie_word_embeddings:
+            {str(i): DecoderLayer(cfg, cfg.is_moe_layer(i), pc) for s in self.stages for i in s.layers})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if last else None
+        self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, pc.tp) if last else None
+        if cfg.tie_word_embeddings and last:
             self.lm_head.weight = self.embed_tokens.weight
         self.mtp = nn.ModuleList(
-            MTPLayer(cfg, DecoderLayer(cfg, moe=False, pc=pc)) for _ in range(cfg.num_nextn_predict_layers))
+            MTPLayer(cfg, DecoderLayer(cfg, moe=False, pc=pc)) for _ in range(cfg.num_nextn_predict_layers if last else 0))
         # Kept off the module's buffers so dtype casts and meta construction never touch it.
         self._inv_freq, self.rope_amplitude = rope_frequencies(
             cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -148,10 +155,19 @@ class JoyAIForCausalLM(nn.Module):
         loss and (when `compute_mtp`, default: the model has an MTP module) the MTP loss are returned as
         masked sums; logits are kept only when asked for or when there are no labels.
         """
+        if len(self.stages) != 1 or not (self.stages[0].is_first and self.stages[0].is_last):
+            raise RuntimeError("this rank holds part of a pipeline: run it through its stage modules")
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         seq = self.sequence_info(position_ids, document_ids)
-        h_BSD = self.norm(self.run_layers(self.embed(input_ids), seq))
+        h_BSD = self.run_layers(self.embed(input_ids), seq)
+        return self.finish(h_BSD, input_ids, labels, loss_mask, seq, compute_mtp, return_logits)
+
+    def finish(self, h_BSD: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor | None,
+               loss_mask: torch.Tensor | None, seq: SequenceInfo, compute_mtp: bool | None = None,
+               return_logits: bool | None = None) -> CausalLMOutput:
+        """The last stage's work on the last decoder layer's output: norm, head, losses, MTP."""
+        h_BSD = self.norm(h_BSD)
         logits_BSV = self.head(h_BSD)
         keep_logits = return_logits if return_logits is not None else labels is None
         out = CausalLMOutput(logits=self.full_logits(logits_BSV) if keep_logits else None)

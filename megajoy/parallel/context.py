@@ -96,6 +96,8 @@ def _check_model_fits(layout: Layout, m, sequence_parallel: bool, seq_length: in
         raise ValueError(f"n_routed_experts={m.n_routed_experts} is not divisible by expert parallel size {layout.ep}")
     if m.num_hidden_layers < layout.pp:
         raise ValueError(f"num_hidden_layers={m.num_hidden_layers} is fewer than pipeline stages {layout.pp}")
+    if layout.pp > 1 and m.num_nextn_predict_layers > 0 and m.tie_word_embeddings:
+        raise ValueError("tie_word_embeddings with pipeline parallelism is not supported (untied, as JoyAI-Flash)")
     if seq_length is not None and layout.tp > 1 and seq_length % layout.tp:
         what = "sequence parallelism" if sequence_parallel else "MoE token sharding over tensor-parallel ranks"
         raise ValueError(f"seq_length={seq_length} is not divisible by tensor parallel size {layout.tp} ({what})")
@@ -112,6 +114,8 @@ class ParallelContext:
     distributed_optimizer: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     groups: dict = field(default_factory=dict)
+    plan: tuple = ()  # every pipeline stage (StageSpec); empty: one stage holding the whole model
+    pipeline_schedule: str = "1f1b"
 
     @classmethod
     def single(cls, device=None) -> "ParallelContext":
@@ -122,6 +126,9 @@ class ParallelContext:
 
     # sizes and ranks -------------------------------------------------------------------------
     def size(self, name: str) -> int:
+        if name in ("embed", "ckpt"):
+            group = self.groups.get(name)
+            return dist.get_world_size(group) if group is not None else 1
         return {"tp": self.layout.tp, "cp": self.layout.cp, "dp": self.layout.dp, "pp": self.layout.pp,
                 "ep": self.layout.ep, "edp": self.layout.edp, "dp_cp": self.layout.dp * self.layout.cp,
                 "stage": self.layout.stage, "world": self.layout.world}[name]
@@ -154,11 +161,25 @@ class ParallelContext:
     def is_logging_rank(self) -> bool:
         return self.rank == 0
 
+    def local_stages(self, num_layers: int) -> tuple:
+        """The pipeline stages this rank runs (all of the model when there is no pipeline)."""
+        from megajoy.parallel.pipeline import single_stage
+
+        if not self.plan:
+            return single_stage(num_layers)
+        return tuple(s for s in self.plan if s.pp_rank == self.coords["pp"])
+
 
 def build_context(cfg, rank: int, world: int, device: torch.device, model_cfg=None,
                   seq_length: int | None = None) -> ParallelContext:
     """Create every process group (all ranks call this in the same order) and this rank's context."""
+    from megajoy.parallel.pipeline import plan_stages
+
     layout = resolve_layout(cfg, world, model_cfg, seq_length)
+    plan = ()
+    if layout.pp > 1 and model_cfg is not None:
+        plan = plan_stages(model_cfg.num_hidden_layers, layout.pp, cfg.virtual_pipeline_model_parallel_size,
+                           cfg.pipeline_schedule, cfg.pipeline_layout)
     groups = {}
     if world > 1:
         for name in ("tp", "cp", "dp", "pp", "dp_cp", "stage", "ep", "edp"):
@@ -166,5 +187,21 @@ def build_context(cfg, rank: int, world: int, device: torch.device, model_cfg=No
                 group = dist.new_group(ranks)
                 if rank in ranks:
                     groups[name] = group
+        for ranks in _embedding_groups(layout, plan):
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                groups["embed"] = group
         groups["world"] = dist.group.WORLD
-    return ParallelContext(layout, rank, cfg.sequence_parallel, cfg.use_distributed_optimizer, device, groups)
+        # Background checkpoint writes synchronise on their own gloo group, never on the training one.
+        groups["ckpt"] = dist.new_group(backend="gloo")
+    return ParallelContext(layout, rank, cfg.sequence_parallel, cfg.use_distributed_optimizer, device, groups,
+                           plan, cfg.pipeline_schedule)
+
+
+def _embedding_groups(layout: Layout, plan: tuple) -> list[list[int]]:
+    """Pairs (first-stage rank, last-stage rank) holding the two copies of the embedding, when distinct."""
+    if not plan or plan[0].pp_rank == plan[-1].pp_rank:
+        return []
+    first, last = plan[0].pp_rank, plan[-1].pp_rank
+    return [[layout.rank_of(tp, cp, dp, first), layout.rank_of(tp, cp, dp, last)]
+            for dp in range(layout.dp) for cp in range(layout.cp) for tp in range(layout.tp)]

@@ -15,8 +15,7 @@ import torch.distributed as dist
 
 from megajoy.optim import build_optimizer
 from megajoy.parallel.mappings import all_reduce_no_grad, group_size
-from megajoy.parallel.params import ParamSpec, local_slice, parameter_specs
-from megajoy.parallel.state import gather_global
+from megajoy.parallel.params import ParamSpec, parameter_specs
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -44,8 +43,15 @@ class ParallelOptimizer:
         partial = [p for n, p in self.named_params if self.specs[n].partial_tp_grad and p.grad is not None]
         _bucketed_all_reduce(partial, self.pc.group("tp"), self.bucket_bytes)
 
+    def reduce_embedding_copies(self) -> None:
+        """The first and last pipeline stages each hold the embedding: sum their gradients."""
+        if self.pc.size("embed") > 1:
+            params = [p for n, p in self.named_params if n.startswith("embed_tokens.") and p.grad is not None]
+            _bucketed_all_reduce(params, self.pc.groups["embed"], self.bucket_bytes)
+
     def reduce_gradients(self) -> None:
         self.reduce_partial_tp_grads()
+        self.reduce_embedding_copies()
         for expert in (False, True):
             params = [p for n, p in self.named_params if self.specs[n].expert == expert and p.grad is not None]
             group = self.pc.group("edp") if expert else self.pc.group("dp_cp")
@@ -55,6 +61,8 @@ class ParallelOptimizer:
         """Whether this rank contributes a (reduced, replicated) gradient to the global norm. Experts are
         distinct on every expert-parallel rank (even inside one TP group) and replicated over EDP ranks;
         dense tensors are replicated over DP ranks, and over TP ranks unless TP-sharded."""
+        if spec.duplicate:
+            return False
         if spec.expert:
             return self.pc.coords["edp"] == 0
         first_replica = self.pc.coords["dp"] == 0 and self.pc.coords["cp"] == 0
@@ -87,27 +95,25 @@ class ParallelOptimizer:
             p.grad = None
 
     # ------------------------------------------------------------------ state
-    def named_state(self) -> dict:
-        """{"params": {name: {"step", "exp_avg", "exp_avg_sq"} in global shapes}, "groups": hyperparameters}."""
+    def local_state(self) -> dict[str, dict]:
+        """{name: {"step": float, "exp_avg": t, "exp_avg_sq": t}} with t this rank's TP / EP shard (the
+        parameter's local shape) for every parameter that has taken a step."""
         out = {}
         for name, p in self.named_params:
             state = self.inner.state.get(p, {})
             if state:
-                out[name] = {"step": float(state["step"]),
-                             **{k: gather_global(state[k], self.specs[name], self.pc) for k in STATE_KEYS}}
-        return {"params": out, "groups": _group_hparams(self.inner)}
+                out[name] = {"step": float(state["step"]), **{k: state[k].detach() for k in STATE_KEYS}}
+        return out
 
-    def load_named_state(self, saved: dict, source: str) -> None:
-        unknown = set(saved["params"]) - {n for n, _ in self.named_params}
+    def load_local_state(self, saved: dict[str, dict], source: str) -> None:
+        unknown = set(saved) - {n for n, _ in self.named_params}
         if unknown:
             raise ValueError(f"{source}: optimizer state for unknown tensor {sorted(unknown)[0]!r}")
         for name, p in self.named_params:
-            if name not in saved["params"]:
-                continue  # never stepped when saved
-            entry = saved["params"][name]
-            self.inner.state[p] = {"step": torch.tensor(entry["step"]),
-                                   **{k: local_slice(entry[k], self.specs[name], self.pc).to(p.device).clone()
-                                      for k in STATE_KEYS}}
+            if name in saved:  # absent: never stepped when saved
+                entry = saved[name]
+                self.inner.state[p] = {"step": torch.tensor(entry["step"]),
+                                       **{k: entry[k].to(p.device, torch.float32).clone() for k in STATE_KEYS}}
 
 
 class DistributedOptimizer(ParallelOptimizer):
@@ -129,6 +135,7 @@ class DistributedOptimizer(ParallelOptimizer):
 
     def reduce_gradients(self) -> None:
         self.reduce_partial_tp_grads()
+        self.reduce_embedding_copies()
         for buffer in self.buffers:
             buffer.reduce_scatter_grads()
 
@@ -137,7 +144,8 @@ class DistributedOptimizer(ParallelOptimizer):
         for buffer in self.buffers:
             for piece in buffer.pieces:
                 spec = self.specs[piece.name]
-                owned = spec.expert or spec.tp_sharded or self.pc.tp_rank == 0  # shards are disjoint over (E)DP
+                # shards are disjoint over (E)DP
+                owned = not spec.duplicate and (spec.expert or spec.tp_sharded or self.pc.tp_rank == 0)
                 if piece.master.grad is not None and owned:
                     grads.append(piece.master.grad)
         return _sum_of_squares(grads, self.pc.device)
@@ -150,16 +158,14 @@ class DistributedOptimizer(ParallelOptimizer):
         for buffer in self.buffers:
             buffer.gather_params()
 
-    def named_state(self) -> dict:
+    def local_state(self) -> dict[str, dict]:
         out = {}
         for buffer in self.buffers:
             for key in STATE_KEYS + ("step",):
                 for name, local in buffer.gather_state(self.inner, key).items():
-                    out.setdefault(name, {})[key] = (float(local.reshape(-1)[0]) if key == "step"
-                                                     else gather_global(local, self.specs[name], self.pc))
+                    out.setdefault(name, {})[key] = float(local.reshape(-1)[0]) if key == "step" else local
         # A parameter never stepped (no gradient yet) has no state, as in a single process.
-        params = {n: e for n, e in out.items() if e["step"] > 0}
-        return {"params": params, "groups": _group_hparams(self.inner)}
+        return {n: e for n, e in out.items() if e["step"] > 0}
 
     def refresh_from_params(self) -> None:
         with torch.no_grad():
@@ -174,16 +180,19 @@ class DistributedOptimizer(ParallelOptimizer):
             for piece in buffer.pieces:
                 piece.master.grad = None
 
-    def load_named_state(self, saved: dict, source: str) -> None:
+    def load_local_state(self, saved: dict[str, dict], source: str) -> None:
+        unknown = set(saved) - {n for n, _ in self.named_params}
+        if unknown:
+            raise ValueError(f"{source}: optimizer state for unknown tensor {sorted(unknown)[0]!r}")
         for buffer in self.buffers:
             for piece in buffer.pieces:
-                if piece.name not in saved["params"]:
+                if piece.name not in saved:
                     continue  # never stepped when saved
-                entry = saved["params"][piece.name]
+                entry = saved[piece.name]
                 state = {"step": torch.tensor(entry["step"])}
                 for key in STATE_KEYS:
-                    local = local_slice(entry[key], self.specs[piece.name], self.pc).reshape(-1)
-                    state[key] = local[piece.param_start:piece.param_end].to(piece.master.device, torch.float32).clone()
+                    flat = entry[key].reshape(-1)[piece.param_start:piece.param_end]
+                    state[key] = flat.to(piece.master.device, torch.float32).clone()
                 self.inner.state[piece.master] = state
 
 
@@ -310,10 +319,6 @@ def _all_reduce_bucket(params: list, group) -> None:
         n = p.grad.numel()
         p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
         offset += n
-
-
-def _group_hparams(optimizer) -> list[dict]:
-    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
 
 
 def build_parallel_optimizer(model, pc, cfg, distributed: bool, bucket_mb: float = 25.0) -> ParallelOptimizer:

@@ -20,6 +20,7 @@ class ParamSpec:
     tp_dim: int | None = None  # dimension split over tensor-parallel ranks
     expert: bool = False  # dimension 0 split over expert-parallel ranks (replicated over expert-data-parallel)
     partial_tp_grad: bool = False  # computed on a rank's own tokens: sum the gradient over TP ranks
+    duplicate: bool = False  # a pipeline copy (the last stage's embedding): synced, counted once elsewhere
 
     @property
     def tp_sharded(self) -> bool:
@@ -37,6 +38,8 @@ def parameter_specs(model: nn.Module, pc) -> dict[str, ParamSpec]:
 
     tp, ep = pc.tp_size, pc.ep_size
     moe = _moe_prefixes(model)
+    stages = getattr(model, "stages", ())
+    embedding_copy = bool(stages) and not any(s.is_first for s in stages)
     specs = {}
     for module_name, module in model.named_modules():
         for local_name, p in module.named_parameters(recurse=False):
@@ -47,13 +50,15 @@ def parameter_specs(model: nn.Module, pc) -> dict[str, ParamSpec]:
             if sharded and group_size(getattr(module, "group", None)) > 1 and not (
                     isinstance(module, RowParallelLinear) and local_name == "bias"):
                 dim = module.tp_dim if p.ndim > 1 else 0
-                specs[name] = ParamSpec(_scaled(shape, dim, tp), tp_dim=dim)
+                specs[name] = ParamSpec(_scaled(shape, dim, tp), tp_dim=dim,
+                                        duplicate=embedding_copy and name.startswith("embed_tokens."))
             elif isinstance(module, GroupedExperts):
                 specs[name] = ParamSpec(_scaled(shape, 0, ep), expert=True)
             else:
                 # Replicated: on a rank's own tokens (sequence parallel, or inside an MoE block, which
                 # shards tokens over TP ranks) its gradient is partial.
-                specs[name] = ParamSpec(shape, partial_tp_grad=tp > 1 and (pc.sequence_parallel or in_moe))
+                specs[name] = ParamSpec(shape, partial_tp_grad=tp > 1 and (pc.sequence_parallel or in_moe),
+                                        duplicate=embedding_copy and name.startswith("embed_tokens."))
     return specs
 
 

@@ -1,6 +1,7 @@
 """Run a function in forked worker processes (start-up ~0.1 s each) with the environment torchrun or srun
 would give them: for tests and CPU benchmarks of multi-rank code on gloo."""
 
+import io
 import multiprocessing
 import os
 import socket
@@ -32,7 +33,11 @@ def _entry(fn, rank, world, env, args, queue):
     torch.set_num_threads(1)
     try:
         result = fn(rank, world, *args)
-        queue.put((rank, "ok", result))
+        # As bytes: torch would pass tensors through shared memory, whose file descriptors vanish when
+        # this process exits before the parent has read them.
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # report everything, including SystemExit from a CLI
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -44,6 +49,8 @@ def _entry(fn, rank, world, env, args, queue):
 
 def run_workers(world: int, fn, *args, env_fn=torchrun_env, timeout: float = 600) -> list:
     """fn(rank, world, *args) in `world` forked processes; returns the results in rank order."""
+    import torch
+
     ctx = multiprocessing.get_context("fork")
     queue, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_entry, args=(fn, r, world, env_fn(r, world, port), args, queue))
@@ -57,7 +64,7 @@ def run_workers(world: int, fn, *args, env_fn=torchrun_env, timeout: float = 600
             if status != "ok":
                 errors.append(f"rank {rank}:\n{value}")
                 break
-            results[rank] = value
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=5 if errors else timeout)

@@ -1,32 +1,9 @@
-"""Moving tensors between a rank's shards and their global (single-process) form, so checkpoints have
-one layout-independent format: the full tensors under their single-process names."""
+"""Loading whole (single-process) tensors into a rank's shards, and ordering work rank 0 must do first."""
 
 import torch
 import torch.distributed as dist
 
-from megajoy.parallel.mappings import _all_gather
 from megajoy.parallel.params import ParamSpec, local_slice
-
-
-def gather_global(local: torch.Tensor, spec: ParamSpec, pc) -> torch.Tensor:
-    """The full tensor from this rank's shard (a collective over the TP or EP group)."""
-    full = local.detach()
-    if spec.tp_sharded and pc.tp_size > 1:
-        full = _all_gather(full, pc.group("tp"), spec.tp_dim)
-    if spec.expert and pc.ep_size > 1:
-        full = _all_gather(full, pc.group("ep"), 0)
-    return full
-
-
-def full_model_state(model, specs: dict[str, ParamSpec], pc) -> dict[str, torch.Tensor]:
-    """Global parameters and persistent buffers (identical on every rank), tied weights once."""
-    state = {}
-    params = dict(model.named_parameters())
-    for name, tensor in model.state_dict().items():
-        if model.cfg.tie_word_embeddings and name == "lm_head.weight":
-            continue
-        state[name] = gather_global(params[name], specs[name], pc) if name in specs else tensor.detach()
-    return state
 
 
 def load_full_model_state(model, state: dict[str, torch.Tensor], specs: dict[str, ParamSpec], pc,

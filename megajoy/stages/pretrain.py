@@ -1,8 +1,6 @@
 """`megajoy pretrain`: next-token (and, once switched on, MTP) training on Megatron-format data or the
 built-in corpus. Data and loss live here; everything else is the shared training loop."""
 
-import torch
-
 from megajoy.cli import add_config_arguments
 from megajoy.model.mtp import mtp_token_count
 from megajoy.optim.schedules import total_samples
@@ -39,18 +37,16 @@ class PretrainStage(Stage):
     def valid_micro_batches(self, trainer):
         return self.data.valid_micro_batches(trainer.job.train.micro_batch_size, self.dp_rank, self.dp)
 
-    def _mtp_on(self, trainer) -> bool:
-        return len(trainer.model.mtp) > 0 and trainer.step >= trainer.job.train.mtp_start_iter
+    def compute_mtp(self, trainer) -> bool:
+        return trainer.job.model.num_nextn_predict_layers > 0 and trainer.step >= trainer.job.train.mtp_start_iter
 
     def token_counts(self, trainer, batch) -> dict:
         counts = {"lm": batch.loss_mask.sum()}
-        if self._mtp_on(trainer):
-            counts["mtp"] = mtp_token_count(batch.loss_mask, len(trainer.model.mtp))
+        if self.compute_mtp(trainer):
+            counts["mtp"] = mtp_token_count(batch.loss_mask, trainer.job.model.num_nextn_predict_layers)
         return counts
 
-    def loss(self, trainer, batch, counts):
-        out = trainer.model(batch.input_ids, batch.position_ids, batch.document_ids, batch.labels,
-                            batch.loss_mask, compute_mtp="mtp" in counts)
+    def objective(self, trainer, out, counts):
         lm = out.lm_loss_sum / counts["lm"].clamp(min=1)
         parts = {"loss": lm.detach()}
         if "mtp" in counts:

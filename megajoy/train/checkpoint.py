@@ -1,23 +1,25 @@
-"""Training checkpoints: OUT/checkpoints/iter_NNNNNNN/ holds the model directory (model.safetensors,
-config.yaml, tokenizer.json, so conversion tools read it directly), optimizer.pt, rng.pt and
-trainer_state.json (step, consumed samples). Each is written under a temporary name and renamed into
-place whole; OUT/checkpoints/latest names the newest, and only the last `keep_last` are kept."""
+"""Training checkpoints: OUT/checkpoints/iter_NNNNNNN/ holds the distributed checkpoint (every rank's
+shards of model and optimizer state, readable at any layout), config.yaml, tokenizer.json,
+trainer_state.json (step, consumed samples), rng.pt and checksums.json. A save is written under a
+temporary name, in the background while training goes on, and renamed into place once every rank has
+finished and the checksums are written; OUT/checkpoints/latest names the newest complete one, and only
+the last `keep_last` are kept."""
 
 import json
 import os
 import random
 import shutil
-import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import yaml
 
-from megajoy.ckpt.atomic import atomic_directory
-from megajoy.ckpt.native import load_model_dir, write_model_files
+from megajoy.ckpt import distributed as dcp_io
+from megajoy.ckpt.atomic import replace_directory, temporary_sibling
+from megajoy.ckpt.native import CONFIG_NAME, TOKENIZER_NAME
 
 LATEST = "latest"
-# Fault injection for tests: seconds to pause inside a save, before it is renamed into place.
-PAUSE_ENV = "MEGAJOY_TEST_SAVE_PAUSE"
 
 
 def checkpoints_dir(out: str) -> str:
@@ -28,22 +30,59 @@ def _name(step: int) -> str:
     return f"iter_{step:07d}"
 
 
-def save_checkpoint(out: str, step: int, job, model_state: dict, optimizer_state: dict, trainer_state: dict,
-                    tokenizer_file: str | None, keep_last: int) -> str:
-    """Write full (layout-independent) model and optimizer state; called on the writing rank only."""
-    root = checkpoints_dir(out)
-    path = os.path.join(root, _name(step))
-    with atomic_directory(path) as tmp:
-        write_model_files(tmp, job, model_state, tokenizer_file)
-        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
-        torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({**trainer_state, "step": step}, f, indent=2)
-        if os.environ.get(PAUSE_ENV):
-            time.sleep(float(os.environ[PAUSE_ENV]))
-    _write_latest(root, _name(step))
-    _prune(root, keep_last)
-    return path
+class CheckpointWriter:
+    """Saves checkpoints, at most one in flight; the writing rank finishes them once complete."""
+
+    def __init__(self, out: str, pc, keep_last: int, background: bool):
+        self.out, self.pc, self.keep_last, self.background = out, pc, keep_last, background
+        self.pending = None  # (future, tmp path, final path)
+
+    def save(self, step: int, model, optimizer, specs, job, trainer_state: dict, tokenizer_file: str | None) -> None:
+        self.wait()
+        final = os.path.join(checkpoints_dir(self.out), _name(step))
+        tmp = self._agree_on_tmp(final)
+        state = dcp_io.sharded_state(model, optimizer.local_state(), specs, self.pc)
+        future = dcp_io.save(state, tmp, self.pc, self.background)  # returns once the state is staged
+        if self.pc.rank == 0:
+            _write_extras(tmp, job, {**trainer_state, "step": step}, tokenizer_file)
+        self.pending = (future, tmp, final)
+        self.poll()
+
+    def poll(self) -> None:
+        if self.pending is not None and self.pending[0].done():
+            self._finish()
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self._finish()
+
+    def _finish(self) -> None:
+        future, tmp, final = self.pending
+        self.pending = None
+        future.result()  # re-raises a failed write
+        if self.pc.rank == 0:
+            dcp_io.write_checksums(tmp)
+            replace_directory(tmp, final)
+            _write_latest(checkpoints_dir(self.out), os.path.basename(final))
+            _prune(checkpoints_dir(self.out), self.keep_last)
+
+    def _agree_on_tmp(self, final: str) -> str:
+        tmp = [temporary_sibling(final) if self.pc.rank == 0 else None]
+        if self.pc.rank == 0:
+            os.makedirs(tmp[0])
+        if dist.is_initialized() and self.pc.size("world") > 1:
+            dist.broadcast_object_list(tmp, src=0, group=self.pc.groups.get("ckpt"))
+        return tmp[0]
+
+
+def _write_extras(path: str, job, trainer_state: dict, tokenizer_file: str | None) -> None:
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        yaml.safe_dump(job.to_dict(), f, sort_keys=False)
+    if tokenizer_file:
+        shutil.copyfile(tokenizer_file, os.path.join(path, TOKENIZER_NAME))
+    with open(os.path.join(path, "trainer_state.json"), "w") as f:
+        json.dump(trainer_state, f, indent=2)
+    torch.save(rng_state(), os.path.join(path, "rng.pt"))
 
 
 def _write_latest(root: str, name: str) -> None:
@@ -91,17 +130,31 @@ def latest_checkpoint(out: str) -> str | None:
     return os.path.join(root, names[-1]) if names else None
 
 
-def load_checkpoint(path: str) -> tuple[dict, dict, dict]:
-    """(full model state, optimizer state, trainer state); restores the RNG. Errors name the file."""
-    _, model_state, _ = load_model_dir(path)
-    optimizer_state = _torch_load(os.path.join(path, "optimizer.pt"))
+def load_checkpoint(path: str, model, optimizer, specs, pc) -> dict:
+    """Verify checksums, restore this rank's model and optimizer shards (any saved layout) and the RNG;
+    return the trainer state. Errors name the file."""
+    _verify_on_rank0(path, pc)
+    dcp_io.load_into(model, optimizer, specs, pc, path)
     set_rng_state(_torch_load(os.path.join(path, "rng.pt")))
     state_path = os.path.join(path, "trainer_state.json")
     try:
         with open(state_path) as f:
-            return model_state, optimizer_state, json.load(f)
+            return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{state_path}: unreadable trainer state ({e})") from None
+
+
+def _verify_on_rank0(path: str, pc) -> None:
+    error = [None]
+    if pc.rank == 0:
+        try:
+            dcp_io.verify_checksums(path)
+        except ValueError as e:
+            error[0] = str(e)
+    if dist.is_initialized() and pc.size("world") > 1:
+        dist.broadcast_object_list(error, src=0, group=pc.groups.get("ckpt"))
+    if error[0]:
+        raise ValueError(error[0])
 
 
 def _torch_load(path: str):

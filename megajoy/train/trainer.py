@@ -19,14 +19,15 @@ from megajoy.parallel.context import ParallelContext
 from megajoy.parallel.mappings import all_reduce_no_grad
 from megajoy.parallel.optimizer import build_parallel_optimizer
 from megajoy.parallel.params import parameter_specs
-from megajoy.parallel.state import full_model_state, load_full_model_state
+from megajoy.parallel.pipeline import PipelineRunner
+from megajoy.parallel.state import load_full_model_state
 from megajoy.train import checkpoint as ckpt
 from megajoy.train.metrics import MetricsLog, format_line, plot_losses
 
 
 class Stage:
     """What a training stage supplies. Losses are normalised by token counts of the whole step, so
-    the sum over micro-batches is the global-batch mean whatever the micro-batching."""
+    the sum over micro-batches is the global-batch mean whatever the micro-batching or layout."""
 
     name = "stage"
 
@@ -42,8 +43,12 @@ class Stage:
     def token_counts(self, trainer: "Trainer", batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def loss(self, trainer: "Trainer", batch, counts: dict) -> tuple[torch.Tensor, dict]:
-        """(loss to backpropagate, detached per-micro-batch contributions to the step's metrics)."""
+    def compute_mtp(self, trainer: "Trainer") -> bool:
+        return False
+
+    def objective(self, trainer: "Trainer", out, counts: dict) -> tuple[torch.Tensor, dict]:
+        """From the model's output (CausalLMOutput) for one micro-batch: (loss to backpropagate, its
+        detached contributions to the step's metrics). Runs on the last pipeline stage."""
         raise NotImplementedError
 
 
@@ -56,8 +61,6 @@ class Trainer:
         self.job, self.stage, self.tokenizer_file = job, stage, tokenizer_file
         self.pc = pc or ParallelContext.single(default_device())
         self.device = self.pc.device
-        if self.pc.size("pp") > 1:
-            raise ValueError("pipeline parallelism (--pp > 1) is not implemented yet; use --pp 1")
         self._check_batch_layout()
         self.out = job.checkpoint.out
         self.bf16 = job.train.bf16 if job.train.bf16 is not None else self.device.type == "cuda"
@@ -69,14 +72,19 @@ class Trainer:
         self.optimizer = build_parallel_optimizer(self.model, self.pc, job.optimizer,
                                                   job.parallel.use_distributed_optimizer,
                                                   job.parallel.ddp_bucket_size_mb)
+        self.pipeline = PipelineRunner(self.model, self.pc) if self.pc.size("pp") > 1 else None
+        self.checkpoints = ckpt.CheckpointWriter(self.out, self.pc, job.checkpoint.keep_last, job.parallel.async_save)
         self.step, self.consumed = 0, 0
         self.stop_requested = False
         self.routers = [m for m in self.model.modules() if isinstance(m, Router)]
         stage.setup(self)
 
     def _check_batch_layout(self) -> None:
-        cfg, dp = self.job.train, self.pc.size("dp_cp")
+        cfg, dp, pp = self.job.train, self.pc.size("dp_cp"), self.pc.size("pp")
         unit = cfg.micro_batch_size * dp
+        if pp > 1 and cfg.global_batch_size // unit < pp:
+            raise ValueError(f"pipeline parallelism needs at least PP={pp} micro-batches per step and rank; "
+                             f"global_batch_size / (micro_batch_size x DP) = {cfg.global_batch_size // unit}")
         sizes = [cfg.global_batch_size] + (cfg.rampup_batch_size[:2] if cfg.rampup_batch_size else [])
         for size in sizes:
             if size % unit:
@@ -103,6 +111,7 @@ class Trainer:
                 bar.update(1)
                 last = self._after_step(window, bar) or last
                 saved_at = self._maybe_save(saved_at)
+                self.checkpoints.poll()
                 if self._should_exit():
                     break
         finally:
@@ -110,6 +119,7 @@ class Trainer:
             bar.close()
         if saved_at != self.step:
             self._save()
+        self.checkpoints.wait()
         self.log.close()
         if self.job.train.plot:
             plot_losses(self.log.path, os.path.join(self.out, "loss.png"), f"megajoy {self.stage.name}")
@@ -171,20 +181,33 @@ class Trainer:
                 "seconds": time.perf_counter() - started, **load}
 
     def _accumulate(self, micro_batches: list, counts: dict, backward: bool) -> dict[str, float]:
-        """Run the stage's loss over micro-batches; return the step's metrics summed over data-parallel ranks."""
-        parts_sum: dict[str, torch.Tensor] = {}
-        for batch in micro_batches:
-            with self._autocast():
-                loss, parts = self.stage.loss(self, batch.to(self.device), counts)
-            if backward:
-                loss.backward()
-            for key, value in parts.items():
-                parts_sum[key] = parts_sum.get(key, 0.0) + value.detach().float()
+        """Forward (and backward) over the step's micro-batches; return the objective's metrics summed
+        over micro-batches and data-parallel ranks."""
+        objective = lambda out: self.stage.objective(self, out, counts)  # noqa: E731
+        compute_mtp = self.stage.compute_mtp(self)
+        with self._autocast():
+            if self.pipeline is not None:
+                parts_sum = self.pipeline.run(micro_batches, objective, compute_mtp, backward)
+            else:
+                parts_sum = self._run_micro_batches(micro_batches, objective, compute_mtp, backward)
         keys = sorted(parts_sum)
         if not keys:
             return {}
         stacked = all_reduce_no_grad(torch.stack([parts_sum[k] for k in keys]), self.pc.group("dp_cp"))
         return dict(zip(keys, stacked.tolist()))
+
+    def _run_micro_batches(self, micro_batches: list, objective, compute_mtp: bool, backward: bool) -> dict:
+        parts_sum: dict[str, torch.Tensor] = {}
+        for batch in micro_batches:
+            batch = batch.to(self.device)
+            out = self.model(batch.input_ids, batch.position_ids, batch.document_ids, batch.labels, batch.loss_mask,
+                             compute_mtp=compute_mtp, return_logits=False)
+            loss, parts = objective(out)
+            if backward:
+                loss.backward()
+            for key, value in parts.items():
+                parts_sum[key] = parts_sum.get(key, 0.0) + value.detach().float()
+        return parts_sum
 
     def _step_token_counts(self, micro_batches: list) -> dict:
         counts: dict[str, torch.Tensor] = {}
@@ -238,14 +261,9 @@ class Trainer:
         return {"consumed_samples": self.consumed, "stage": self.stage.name}
 
     def _save(self) -> None:
-        """Every rank contributes its shards; the logging rank writes one layout-independent checkpoint."""
-        model_state = full_model_state(self.model, self.specs, self.pc)
-        optimizer_state = self.optimizer.named_state()
-        if self.is_logging_rank:
-            ckpt.save_checkpoint(self.out, self.step, self.job, model_state, optimizer_state, self.trainer_state(),
-                                 self.tokenizer_file, self.job.checkpoint.keep_last)
-        if dist.is_initialized():
-            dist.barrier()
+        """Every rank stages its shards and writes them (in the background with async saves)."""
+        self.checkpoints.save(self.step, self.model, self.optimizer, self.specs, self.job, self.trainer_state(),
+                              self.tokenizer_file)
 
     def _maybe_resume(self) -> int | None:
         if self.is_logging_rank:
@@ -260,19 +278,23 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.out)
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.checkpoints_dir(self.out)}")
-        model_state, optimizer_state, state = ckpt.load_checkpoint(path)
-        load_full_model_state(self.model, model_state, self.specs, self.pc, os.path.join(path, "model.safetensors"))
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.specs, self.pc)
         self.optimizer.refresh_from_params()
-        self.optimizer.load_named_state(optimizer_state, os.path.join(path, "optimizer.pt"))
         self.step, self.consumed = state["step"], state["consumed_samples"]
         if self.is_logging_rank:
             print(f"megajoy: resumed from {path} (step {self.step})", file=sys.stderr)
         return self.step
 
     def _load_init_weights(self, path: str) -> None:
+        """Weights (only) from a training checkpoint at any layout, a training output directory, or a
+        model directory (`megajoy init`, a converted Hugging Face model)."""
+        from megajoy.ckpt import distributed as dcp_io
         from megajoy.ckpt.native import load_model_dir
 
         checkpoint = ckpt.latest_checkpoint(path) or path
+        if dcp_io.is_distributed_checkpoint(checkpoint):
+            dcp_io.load_into(self.model, None, self.specs, self.pc, checkpoint)
+            return
         _, state, _ = load_model_dir(checkpoint)
         load_full_model_state(self.model, state, self.specs, self.pc, checkpoint)
 
