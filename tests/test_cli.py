@@ -26,7 +26,11 @@ def _flags(parser) -> dict[str, set[str]]:
 
 # Changing a flag breaks users' scripts: update this list only on purpose.
 PINNED_FLAGS = {
-    "info": {"-h", "--help", "--preset", "--config", "--set", "--seq-length", "--json"},
+    "info": {"-h", "--help", "--preset", "--config", "--set", "--seq-length", "--json", "--tp",
+             "--tensor-model-parallel-size", "--pp", "--pipeline-model-parallel-size", "--ep",
+             "--expert-model-parallel-size", "--dp", "--data-parallel-size", "--virtual-pipeline-stages", "--schedule",
+             "--pp-schedule", "--pp-layout", "--sequence-parallel", "--use-distributed-optimizer", "--micro-batch-size",
+             "--global-batch-size", "--gpu-memory", "--precision"},
     "init": {"-h", "--help", "--preset", "--config", "--set", "--out", "--seed", "--tokenizer", "--dtype"},
     "pretrain": {
         "-h", "--help", "--preset", "--config", "--set", "--train-iters", "--global-batch-size", "--micro-batch-size",

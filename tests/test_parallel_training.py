@@ -9,6 +9,7 @@ Each tensor must still move by at least ten times the tolerance, so the comparis
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -179,3 +180,57 @@ def test_torchrun_launches_the_driver(tmp_path, data_prefix, tokenizer_file, ref
         records = [json.loads(line) for line in f]
     weights = load_model_dir(latest_checkpoint(str(tmp_path / "torchrun")))[1]
     assert_equivalent((records, weights), reference)
+
+
+def test_async_save_is_not_changed_by_later_steps(tmp_path, data_prefix, tokenizer_file, monkeypatch, capfd):
+    """Steps 3 and 4 run while the step-2 checkpoint is still being written; what it holds is still
+    exactly the state after step 2."""
+    monkeypatch.setenv("MEGAJOY_TEST_SAVE_PAUSE", "1.5")
+    out = tmp_path / "async"
+    assert main(pretrain_args(out, data_prefix, tokenizer_file, "--save-interval", "2", "--keep-last", "5",
+                              iters=4)) == 0
+    err = capfd.readouterr().err
+    assert err.index("step 3/4 | loss") < err.index("iter_0000002 complete")
+    monkeypatch.delenv("MEGAJOY_TEST_SAVE_PAUSE")
+    two = tmp_path / "two_steps"
+    assert main(pretrain_args(two, data_prefix, tokenizer_file, iters=4, *["--exit-interval", "2"])) == 0
+    saved = load_model_dir(str(out / "checkpoints" / "iter_0000002"))[1]
+    after_two = load_model_dir(latest_checkpoint(str(two)))[1]
+    assert all(torch.equal(saved[n], after_two[n]) for n in after_two)
+
+
+def test_saved_at_tp2_pp2_resumes_at_ep2_and_single(tmp_path, data_prefix, tokenizer_file, deep_reference):
+    """Saved at TP 2 x PP 2, loaded at TP 1 x PP 1 x EP 2 (so DP 2) and in one process: the next step's
+    loss is the same, and equals the uninterrupted run's."""
+    saved = tmp_path / "tp2_pp2"
+    run_layout(saved, data_prefix, tokenizer_file, 4, ["--tp", "2", "--pp", "2", "--exit-interval", "2"] + DEEP)
+    losses = {}
+    for name, world, flags in (("ep2", 2, ["--ep", "2"]), ("single", 1, [])):
+        out = tmp_path / name
+        shutil.copytree(saved, out)
+        records, _ = run_layout(out, data_prefix, tokenizer_file, world, flags + ["--resume"] + DEEP)
+        losses[name] = {r["step"]: r["loss"] for r in records if "loss" in r}
+    reference = {r["step"]: r["loss"] for r in deep_reference[0] if "loss" in r}
+    assert losses["ep2"][3] == pytest.approx(losses["single"][3], rel=1e-6)
+    assert losses["single"][3] == pytest.approx(reference[3], rel=1e-5)
+
+
+def test_hf_export_from_a_tp2_pp2_checkpoint(tmp_path, data_prefix, tokenizer_file):
+    """tools/convert_ckpt.py reads a checkpoint written by TP 2 x PP 2 ranks; transformers' logits on the
+    export equal megajoy's on the same checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import load_tool, rel_err
+    from megajoy.model import create_model
+
+    out = tmp_path / "tp2_pp2"
+    run_layout(out, data_prefix, tokenizer_file, 4, ["--tp", "2", "--pp", "2"] + DEEP)
+    assert load_tool("convert_ckpt").main(["--input", str(out), "--output", str(tmp_path / "hf"), "--to", "hf",
+                                           "--dtype", "fp32"]) == 0
+    job, state, _ = load_model_dir(latest_checkpoint(str(out)))
+    model = create_model(job.model, seed=None)
+    model.load_state_dict(state)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    ids = torch.randint(0, job.model.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert rel_err(model.eval()(ids).logits, hf(ids).logits) <= 1e-4

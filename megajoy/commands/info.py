@@ -1,4 +1,5 @@
-"""`megajoy info`: parameters, FLOPs and KV cache, counted from the real modules on the meta device."""
+"""`megajoy info`: parameters, FLOPs and KV cache, counted from the real modules on the meta device;
+with layout flags, the memory each pipeline stage's ranks need."""
 
 import json
 
@@ -7,8 +8,22 @@ from megajoy.cli import add_config_arguments, job_config_from_args
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--seq-length", type=int, default=4096, help="sequence length for the FLOP count")
+    parser.add_argument("--seq-length", type=int, default=4096, help="sequence length for FLOPs and memory")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    plan = parser.add_argument_group("memory plan (given any of these)")
+    plan.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int)
+    plan.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int)
+    plan.add_argument("--ep", "--expert-model-parallel-size", dest="ep", type=int)
+    plan.add_argument("--dp", "--data-parallel-size", dest="dp", type=int)
+    plan.add_argument("--virtual-pipeline-stages", dest="virtual", type=int)
+    plan.add_argument("--schedule", "--pp-schedule", dest="schedule", choices=["1f1b", "interleaved", "zero-bubble"])
+    plan.add_argument("--pp-layout", type=int, nargs="+", metavar="LAYERS")
+    plan.add_argument("--sequence-parallel", action="store_true")
+    plan.add_argument("--use-distributed-optimizer", action="store_true")
+    plan.add_argument("--micro-batch-size", type=int, default=1)
+    plan.add_argument("--global-batch-size", type=int, help="default: one micro-batch per pipeline stage and DP rank")
+    plan.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU to check the plan against")
+    plan.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="activation precision")
 
 
 def run(args) -> int:
@@ -16,11 +31,50 @@ def run(args) -> int:
 
     job = job_config_from_args(args)
     stats = measure(meta_model(job.model), seq_length=args.seq_length)
+    plan = _memory_plan(args, job) if _wants_plan(args) else None
     if args.json:
-        print(json.dumps(stats.as_dict(), indent=2))
-    else:
-        print(format_stats(stats, job.model, args.preset or "tiny", args.seq_length))
+        payload = stats.as_dict()
+        if plan is not None:
+            payload["memory_plan"] = [m.as_dict() for m in plan]
+        print(json.dumps(payload, indent=2))
+        return 0
+    print(format_stats(stats, job.model, args.preset or "tiny", args.seq_length))
+    if plan is not None:
+        from megajoy.parallel.memory import format_plan
+
+        print(f"memory per GPU ({_layout_text(args)}, micro-batch {args.micro_batch_size} x {args.seq_length}, "
+              f"{args.precision} activations):")
+        print(format_plan(plan, args.gpu_memory))
     return 0
+
+
+def _wants_plan(args) -> bool:
+    return any(getattr(args, k) is not None for k in ("tp", "pp", "ep", "dp", "virtual", "schedule", "pp_layout"))
+
+
+def _layout_text(args) -> str:
+    parts = [f"{k.upper()} {getattr(args, k) or 1}" for k in ("tp", "pp", "ep", "dp")]
+    if args.sequence_parallel:
+        parts.append("SP")
+    if args.use_distributed_optimizer:
+        parts.append("ZeRO-1")
+    return " x ".join(parts[:4]) + "".join(", " + p for p in parts[4:])
+
+
+def _memory_plan(args, job):
+    from megajoy.config import ParallelConfig
+    from megajoy.parallel.memory import plan_memory
+
+    tp, pp, dp = args.tp or 1, args.pp or 1, args.dp or 1
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              expert_model_parallel_size=args.ep or 1, data_parallel_size=dp,
+                              virtual_pipeline_model_parallel_size=args.virtual,
+                              pipeline_schedule=args.schedule or ("1f1b" if not args.virtual else "interleaved"),
+                              pipeline_layout=args.pp_layout, sequence_parallel=args.sequence_parallel,
+                              use_distributed_optimizer=args.use_distributed_optimizer)
+    per_step = (args.global_batch_size // (args.micro_batch_size * dp)) if args.global_batch_size else pp
+    return plan_memory(job.model, parallel, tp * pp * dp, args.micro_batch_size, args.seq_length, per_step,
+                       bytes_per_element=2 if args.precision == "bf16" else 4)
 
 
 def _b(n: float) -> str:

@@ -170,6 +170,27 @@ class ParallelContext:
         return tuple(s for s in self.plan if s.pp_rank == self.coords["pp"])
 
 
+def planning_context(cfg, world: int, rank: int, model_cfg, seq_length: int | None = None) -> ParallelContext:
+    """This rank's context with placeholder groups: for building its modules on the meta device to
+    measure them, without starting torch.distributed."""
+    from megajoy.parallel.mappings import PlanningGroup
+    from megajoy.parallel.pipeline import plan_stages
+
+    layout = resolve_layout(cfg, world, model_cfg, seq_length)
+    plan = ()
+    if layout.pp > 1:
+        plan = plan_stages(model_cfg.num_hidden_layers, layout.pp, cfg.virtual_pipeline_model_parallel_size,
+                           cfg.pipeline_schedule, cfg.pipeline_layout)
+    coords = layout.coords(rank)
+    positions = {"tp": coords["tp"], "cp": coords["cp"], "dp": coords["dp"], "pp": coords["pp"],
+                 "ep": coords["ep"], "edp": coords["edp"], "dp_cp": coords["cp"] + layout.cp * coords["dp"],
+                 "stage": rank % layout.stage}
+    pc = ParallelContext(layout, rank, cfg.sequence_parallel, cfg.use_distributed_optimizer,
+                         torch.device("meta"), {}, plan, cfg.pipeline_schedule)
+    pc.groups = {name: PlanningGroup(pc.size(name), position) for name, position in positions.items()}
+    return pc
+
+
 def build_context(cfg, rank: int, world: int, device: torch.device, model_cfg=None,
                   seq_length: int | None = None) -> ParallelContext:
     """Create every process group (all ranks call this in the same order) and this rank's context."""

@@ -11,12 +11,24 @@ import torch
 import torch.distributed as dist
 
 
+class PlanningGroup:
+    """Stands in for a process group when modules are built only to be measured (the memory planner):
+    it knows its size and this rank's place, and cannot communicate."""
+
+    def __init__(self, size: int, rank: int):
+        self.size, self.rank = size, rank
+
+
 def group_size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
+    if group is None:
+        return 1
+    return group.size if isinstance(group, PlanningGroup) else dist.get_world_size(group)
 
 
 def group_rank(group) -> int:
-    return 0 if group is None else dist.get_rank(group)
+    if group is None:
+        return 0
+    return group.rank if isinstance(group, PlanningGroup) else dist.get_rank(group)
 
 
 # --------------------------------------------------------------------------- raw collectives

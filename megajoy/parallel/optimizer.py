@@ -216,8 +216,7 @@ class _ShardedBuffer:
         for _, p in named:
             self.offsets.append(total)
             total += p.numel()
-        self.shard = -(-total // self.n) if total else 0
-        self.total_padded = self.shard * self.n
+        self.shard, self.total_padded = shard_size(total, self.n), shard_size(total, self.n) * self.n
         lo, hi = self.rank * self.shard, (self.rank + 1) * self.shard
         self.pieces = []
         for (name, p), start in zip(named, self.offsets):
@@ -286,6 +285,18 @@ class _ShardedBuffer:
         full = self._all_gather_flat(self._shard_of(values))
         return {name: full[start:start + p.numel()].view_as(p).clone()
                 for (name, p), start in zip(self.named, self.offsets)}
+
+
+def shard_size(total: int, ranks: int) -> int:
+    """Elements each rank owns when `total` are laid end to end and padded to a multiple of `ranks`."""
+    return -(-total // ranks) if total else 0
+
+
+def owned_elements(sizes: list[int], ranks: int, rank: int) -> int:
+    """How many real (non-padding) elements of tensors of `sizes`, laid end to end, `rank` owns."""
+    total = sum(sizes)
+    shard = shard_size(total, ranks)
+    return max(0, min(total, (rank + 1) * shard) - rank * shard)
 
 
 def _sum_of_squares(tensors: list[torch.Tensor], device) -> torch.Tensor:

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import sys
 
 import numpy as np
 import torch
@@ -65,6 +66,7 @@ class CheckpointWriter:
             replace_directory(tmp, final)
             _write_latest(checkpoints_dir(self.out), os.path.basename(final))
             _prune(checkpoints_dir(self.out), self.keep_last)
+            print(f"megajoy: checkpoint {final} complete", file=sys.stderr)
 
     def _agree_on_tmp(self, final: str) -> str:
         tmp = [temporary_sibling(final) if self.pc.rank == 0 else None]

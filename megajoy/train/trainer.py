@@ -131,7 +131,7 @@ class Trainer:
             record = window.flush(self.step)
             self.log.write(record)
             if self.is_logging_rank:
-                bar.write(format_line(record, cfg.train_iters))
+                tqdm.write(format_line(record, cfg.train_iters), file=sys.stderr)
         if self.step % cfg.eval_interval == 0 or self.step == cfg.train_iters:
             record = {**(record or {}), **self._evaluate()}
         return record

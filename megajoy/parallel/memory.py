@@ -1,0 +1,189 @@
+"""Memory planner: what each rank of a layout holds during training.
+
+Parameters, gradients and optimizer state are read off this rank's real modules, built on the meta
+device with placeholder groups (fp32 master parameters and gradients, AdamW's two moments; with ZeRO-1
+the rank's slice of fp32 master copies and moments, sliced as the distributed optimizer slices).
+Activations are the tensors autograd keeps for backward, counted per micro-batch from the shapes this
+implementation saves (see `layer_activation_elements`), times the micro-batches the schedule keeps in
+flight on the rank. Attention is counted as a fused kernel keeps it (q, k, v, output, log-sum-exp), or,
+with `attention="math"` (CPU), with the full score matrix.
+"""
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from megajoy.config import ModelConfig
+from megajoy.parallel.context import planning_context
+from megajoy.parallel.optimizer import owned_elements
+from megajoy.parallel.params import parameter_specs
+
+GiB = 2**30
+
+
+@dataclass
+class RankMemory:
+    rank: int
+    pp_stage: int
+    layers: tuple
+    parameters: int  # bytes
+    gradients: int
+    optimizer: int
+    activations: int
+    micro_batches_in_flight: float
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer + self.activations
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def rank_model(model_cfg: ModelConfig, parallel_cfg, world: int, rank: int, seq_length: int):
+    from megajoy.model.transformer import JoyAIForCausalLM
+
+    pc = planning_context(parallel_cfg, world, rank, model_cfg, seq_length)
+    with torch.device("meta"):
+        return JoyAIForCausalLM(model_cfg, pc), pc
+
+
+def state_bytes(model, pc) -> tuple[int, int, int]:
+    """(parameter, gradient, optimizer) bytes of this rank, as the trainer allocates them."""
+    from megajoy.parallel.mappings import group_rank
+
+    params = [(n, p) for n, p in model.named_parameters()]
+    numel = sum(p.numel() for _, p in params)
+    if not pc.distributed_optimizer:
+        return 4 * numel, 4 * numel, 8 * numel
+    specs = parameter_specs(model, pc)
+    owned = 0
+    for expert, group in ((False, "dp_cp"), (True, "edp")):
+        sizes = [p.numel() for n, p in params if specs[n].expert == expert]
+        owned += owned_elements(sizes, pc.size(group), group_rank(pc.groups[group]))
+    return 4 * numel, 4 * numel, 12 * owned  # fp32 master slice + two moments
+
+
+def plan_memory(model_cfg: ModelConfig, parallel_cfg, world: int, micro_batch_size: int, seq_length: int,
+                micro_batches_per_step: int, attention: str = "flash", bytes_per_element: int = 4) -> list[RankMemory]:
+    """One entry per pipeline stage, for the stage's first rank: TP and EP ranks hold equal shares, and
+    with ZeRO-1 the first data-parallel rank owns the largest slice (the last may own padding)."""
+    plan = []
+    probe = planning_context(parallel_cfg, world, 0, model_cfg, seq_length)
+    for stage in range(probe.size("pp")):
+        rank = stage * probe.layout.stage
+        model, pc = rank_model(model_cfg, parallel_cfg, world, rank, seq_length)
+        params, grads, optim = state_bytes(model, pc)
+        in_flight = micro_batches_in_flight(pc, micro_batches_per_step)
+        per_micro = stage_activation_elements(model, pc, micro_batch_size, seq_length, attention, bytes_per_element)
+        layers = tuple(i for s in model.stages for i in s.layers)
+        plan.append(RankMemory(rank, stage, layers, params, grads, optim, int(per_micro * in_flight), in_flight))
+    return plan
+
+
+def micro_batches_in_flight(pc, micro_batches_per_step: int) -> float:
+    """Micro-batches whose activations a rank holds at its peak. 1F1B: PP - stage on stage `stage`;
+    interleaved 1F1B: PP x (1 + (PP - 1) / (PP x V)) (Megatron's estimate, first rank); ZB-V: PP."""
+    pp = pc.size("pp")
+    if pp == 1:
+        return 1.0
+    stage = pc.coords["pp"]
+    if pc.pipeline_schedule == "1f1b":
+        return float(min(micro_batches_per_step, pp - stage))
+    if pc.pipeline_schedule == "interleaved":
+        virtual = len(pc.plan) // pp
+        return min(micro_batches_per_step, pp * (1 + (pp - 1) / (pp * virtual)))
+    return float(min(micro_batches_per_step, pp))
+
+
+# ------------------------------------------------------------------------------------------ activations
+
+def stage_activation_elements(model, pc, micro_batch_size: int, seq_length: int, attention: str,
+                              bytes_per_element: int) -> float:
+    """Bytes autograd keeps for one micro-batch through this rank's stages."""
+    cfg = model.cfg
+    tokens = micro_batch_size * seq_length
+    local = tokens // pc.tp_size if pc.sequence_parallel else tokens
+    first = any(s.is_first for s in model.stages)
+    last = any(s.is_last for s in model.stages)
+    elements = tokens * cfg.qk_rope_head_dim  # cos and sin, shared by the layers
+    index_bytes = 8 * tokens if first else 0  # the embedding's token ids
+    for i in (int(k) for k in model.layers):
+        elements += layer_activation_elements(cfg, pc, micro_batch_size, seq_length, cfg.is_moe_layer(i), attention)
+        index_bytes += _moe_index_bytes(cfg, pc, tokens) if cfg.is_moe_layer(i) else 0
+    if last:
+        vocab = cfg.vocab_size // pc.tp_size
+        elements += _norm(local, cfg.hidden_size) + tokens * cfg.hidden_size + tokens * vocab  # norm, head, softmax
+        for _ in range(len(model.mtp)):
+            h = cfg.hidden_size
+            elements += _norm(local, h) + local * h + local + 2 * local * h  # enorm, hnorm on saved input, cat
+            elements += layer_activation_elements(cfg, pc, micro_batch_size, seq_length, False, attention)
+            elements += _norm(local, h) + tokens * h + tokens * vocab
+            index_bytes += 8 * tokens
+    return elements * bytes_per_element + index_bytes
+
+
+def _norm(rows: int, width: int) -> int:
+    """RMSNorm keeps its input and normalised output, and one statistic per row."""
+    return 2 * rows * width + rows
+
+
+def layer_activation_elements(cfg: ModelConfig, pc, micro_batch_size: int, seq_length: int, moe: bool,
+                              attention: str) -> int:
+    tokens = micro_batch_size * seq_length
+    local = tokens // pc.tp_size if pc.sequence_parallel else tokens
+    d = cfg.hidden_size
+    return 2 * _norm(local, d) + _mla(cfg, pc, micro_batch_size, seq_length, attention) + (
+        _moe(cfg, pc, tokens) if moe else tokens * d + 4 * tokens * (cfg.intermediate_size // pc.tp_size))
+
+
+def _mla(cfg: ModelConfig, pc, micro_batch_size: int, seq_length: int, attention: str) -> int:
+    tokens = micro_batch_size * seq_length
+    sp = pc.sequence_parallel and pc.tp_size > 1
+    local = tokens // pc.tp_size if sp else tokens
+    heads = cfg.num_attention_heads // pc.tp_size
+    q, c, r = cfg.q_lora_rank or 0, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    qk, v, nope = cfg.qk_head_dim, cfg.v_head_dim, cfg.qk_nope_head_dim
+    n = local * cfg.hidden_size  # the norm's output, input of both down projections
+    if q:  # q_a output, its norm's statistics and output; the up projection's (gathered) input
+        n += 2 * local * q + local + (tokens * q if sp else local * q)
+    else:
+        n += tokens * cfg.hidden_size if sp else 0
+    n += local * (c + r) + local * c + local + tokens * (c + r)  # kv_a output, its norm, kv_b's input
+    if attention == "math":  # scaled q and k copies, the score matrix, a v copy
+        n += 2 * tokens * heads * qk + micro_batch_size * heads * seq_length ** 2 + tokens * heads * v
+    else:  # q, k, the kv_b output v is a view of, the log-sum-exp
+        n += 2 * tokens * heads * qk + tokens * heads * (nope + v) + micro_batch_size * heads * seq_length
+    return n + tokens * heads * v  # attention output, o_proj's input
+
+
+def _moe(cfg: ModelConfig, pc, tokens: int) -> int:
+    """Float elements of an MoE block on this rank's tokens, assuming balanced routing."""
+    local = tokens // pc.tp_size  # the block always works on the rank's token shard
+    d, k, inter = cfg.hidden_size, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    routed = local * k
+    router = local * d + local * cfg.n_routed_experts + local + 2 * routed  # input, scores, sums, weights
+    experts = 3 * routed * d + 2 * routed * inter + 2 * routed * inter  # permuted in / out, gate-up, silu, product
+    shared = 4 * local * inter * cfg.n_shared_experts
+    return router + experts + shared
+
+
+def _moe_index_bytes(cfg: ModelConfig, pc, tokens: int) -> int:
+    """int64 index tensors of the routing and permutation, and the int32 group offsets."""
+    routed = tokens // pc.tp_size * cfg.num_experts_per_tok
+    return 8 * 3 * routed + 2 * 4 * cfg.n_routed_experts // pc.ep_size
+
+
+def format_plan(plan: list[RankMemory], gpu_memory_gib: float, headroom: float = 0.9) -> str:
+    rows = ["  stage  layers         params GiB  grads GiB  optim GiB  activ GiB (micro-batches)  total GiB"]
+    for m in plan:
+        layers = f"{m.layers[0]}-{m.layers[-1]}" if m.layers else "-"
+        rows.append(f"  {m.pp_stage:<5}  {layers:<13}  {m.parameters / GiB:>10.2f}  {m.gradients / GiB:>9.2f}  "
+                    f"{m.optimizer / GiB:>9.2f}  {m.activations / GiB:>9.2f} ({m.micro_batches_in_flight:g})"
+                    f"{'':>12}  {m.total / GiB:>9.2f}")
+    worst = max(m.total for m in plan)
+    budget = gpu_memory_gib * headroom
+    verdict = "fits" if worst / GiB <= budget else "does NOT fit"
+    rows.append(f"  peak {worst / GiB:.2f} GiB per GPU: {verdict} in {gpu_memory_gib:g} GiB "
+                f"(keeping {1 - headroom:.0%} for the allocator, communication buffers and the CUDA context)")
+    return "\n".join(rows)

@@ -1,0 +1,140 @@
+"""The memory planner against real ranks: parameter, gradient and optimizer bytes exactly, activations
+within 20% of what autograd keeps for backward (fp32, the CPU's math attention)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from helpers import TINY_MODEL_OVERRIDES
+from megajoy.config import ParallelConfig, load_job_config, tiny
+from megajoy.parallel.memory import rank_model, stage_activation_elements, state_bytes
+from megajoy.parallel.spawn import run_workers
+
+SEQ, MICRO = 32, 2
+
+
+def _job(flags: dict):
+    job = load_job_config("tiny", None, TINY_MODEL_OVERRIDES + ["model.num_hidden_layers=4"])
+    return dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, **flags))
+
+
+def _measure_rank(rank, world, flags):
+    """Real tensors of one rank after a forward / backward and an optimizer step."""
+    from megajoy.launch import setup_parallel
+    from megajoy.model import create_model
+    from megajoy.parallel.optimizer import build_parallel_optimizer
+    from megajoy.parallel.pipeline import PipelineRunner
+
+    job = _job(flags)
+    job = dataclasses.replace(job, data=dataclasses.replace(job.data, seq_length=SEQ))
+    pc = setup_parallel(job)
+    model = create_model(job.model, pc=pc).train()
+    optimizer = build_parallel_optimizer(model, pc, job.optimizer, pc.distributed_optimizer)
+    ids = torch.randint(0, job.model.vocab_size, (MICRO * pc.size("pp"), SEQ), generator=torch.Generator().manual_seed(0))
+    from megajoy.data.packing import document_positions, Batch
+
+    pos, docs = document_positions(ids, eod=1)
+    batches = [Batch(ids[i:i + MICRO], torch.roll(ids, -1, 1)[i:i + MICRO], torch.ones(MICRO, SEQ), pos[i:i + MICRO],
+                     docs[i:i + MICRO]) for i in range(0, ids.shape[0], MICRO)]
+    objective = lambda out: (out.lm_loss_sum / 1000 + out.mtp_loss_sum / 1000, {})  # noqa: E731
+    if pc.size("pp") > 1:
+        PipelineRunner(model, pc).run(batches, objective, True, backward=True)
+    else:
+        for b in batches:
+            objective(model(b.input_ids, b.position_ids, b.document_ids, b.labels, b.loss_mask, compute_mtp=True))[0].backward()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    optimizer.reduce_gradients()
+    optimizer.step()
+    optim = sum(t.numel() * t.element_size() for state in optimizer.inner.state.values()
+                for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
+    if pc.distributed_optimizer:  # the fp32 master slices
+        optim += sum(x.master.numel() * 4 for b in optimizer.buffers for x in b.pieces)
+    return params, grads, optim
+
+
+LAYOUTS = {
+    "tp2_pp2": (4, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)),
+    "ep2_dp2_zero": (2, dict(expert_model_parallel_size=2, use_distributed_optimizer=True)),
+    "pp2_v2_dp2_zero": (4, dict(pipeline_model_parallel_size=2, pipeline_schedule="interleaved",
+                                use_distributed_optimizer=True)),
+    "tp2_ep2_dp2_sp_zero": (4, dict(tensor_model_parallel_size=2, expert_model_parallel_size=2,
+                                    sequence_parallel=True, use_distributed_optimizer=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_state_bytes_are_exact(name):
+    world, flags = LAYOUTS[name]
+    measured = run_workers(world, _measure_rank, flags)
+    job = _job(flags)
+    for rank, real in enumerate(measured):
+        model, pc = rank_model(job.model, ParallelConfig(**flags), world, rank, SEQ)
+        assert state_bytes(model, pc) == real, (rank, state_bytes(model, pc), real)
+
+
+def _saved_bytes(model, ids, **kwargs) -> int:
+    """Bytes of the distinct storages autograd keeps for backward (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, labels=torch.roll(ids, -1, 1), **kwargs)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("overrides, micro, seq", [
+    ({}, 2, 64), ({}, 1, 128), (dict(q_lora_rank=None, n_shared_experts=2), 2, 64),
+    (dict(num_nextn_predict_layers=0, first_k_dense_replace=2), 4, 32),
+])
+def test_activations_within_20_percent_of_autograd(overrides, micro, seq):
+    from megajoy.model import create_model
+    from megajoy.data.packing import document_positions
+
+    cfg = dataclasses.replace(tiny(), **overrides)
+    model = create_model(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (micro, seq))
+    positions, documents = document_positions(ids, eod=1)
+    measured = _saved_bytes(model, ids, position_ids=positions, document_ids=documents)
+    planned = stage_activation_elements(model, model.pc, micro, seq, attention="math", bytes_per_element=4)
+    assert abs(planned / measured - 1) <= 0.2, (planned, measured)
+
+
+def _tp_activation_worker(rank, world):
+    from megajoy.launch import setup_parallel
+    from megajoy.model import create_model
+    from megajoy.data.packing import document_positions
+
+    job = dataclasses.replace(_job(dict(tensor_model_parallel_size=2, sequence_parallel=True)),
+                              data=dataclasses.replace(load_job_config("tiny").data, seq_length=64))
+    job = dataclasses.replace(job, model=tiny())
+    pc = setup_parallel(job)
+    model = create_model(job.model, pc=pc).train()
+    ids = torch.randint(0, job.model.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    positions, documents = document_positions(ids, eod=1)
+    measured = _saved_bytes(model, ids, position_ids=positions, document_ids=documents)
+    planned = stage_activation_elements(model, pc, 2, 64, attention="math", bytes_per_element=4)
+    return planned, measured
+
+
+def test_activations_under_tp2_sequence_parallel():
+    for planned, measured in run_workers(2, _tp_activation_worker):
+        assert abs(planned / measured - 1) <= 0.2, (planned, measured)
+
+
+def test_plan_cli_reports_fit(capsys):
+    from megajoy.cli import main
+
+    argv = ["info", "--preset", "joyai-flash", "--pp", "2", "--ep", "64", "--dp", "64", "--use-distributed-optimizer",
+            "--global-batch-size", "1024"]
+    assert main(argv) == 0
+    assert "fits in 80 GiB" in capsys.readouterr().out
+    assert main(argv[:-3] + ["--gpu-memory", "40"]) == 0
+    assert "does NOT fit in 40 GiB" in capsys.readouterr().out
