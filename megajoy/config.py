@@ -213,9 +213,26 @@ class OptimizerConfig:
     lr_wsd_decay_style: str = "linear"  # linear | cosine | 1-sqrt
     lr_wsd_decay_iters: int | None = None  # default: 20% of train_iters
     lr_decay_iters: int | None = None  # default: train_iters
+    # Muon (optimizer: muon): the Moonlight / Kimi recipe
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+    muon_ns_coefficients: list[float] = field(default_factory=lambda: [3.4445, -4.7750, 2.0315])
+    muon_ns_dtype: str = "auto"  # bf16 on GPU, fp32 on CPU; or bf16 / fp32
+    muon_scale: str = "match_rms_adamw"  # 0.2 sqrt(max(m, n)), so AdamW learning rates carry over; original; none
+    muon_per_head: bool = False  # orthogonalise MLA's q_b / kv_b / o projections head by head
+    muon_router: bool = False  # the router weight with Muon (default AdamW)
+    qk_clip_tau: float | None = None  # MuonClip: cap per-head max attention logits at tau (Kimi K2: 100)
 
     def __post_init__(self):
         _require(self.lr > 0 and 0 <= self.min_lr <= self.lr, f"need 0 <= min_lr={self.min_lr} <= lr={self.lr}, lr > 0")
+        _require(self.optimizer in ("adamw", "muon"), f"optimizer={self.optimizer!r} must be adamw or muon")
+        _require(self.muon_ns_dtype in ("auto", "bf16", "fp32"), f"muon_ns_dtype={self.muon_ns_dtype!r} must be "
+                 f"auto, bf16 or fp32")
+        _require(self.muon_scale in ("match_rms_adamw", "original", "none"),
+                 f"muon_scale={self.muon_scale!r} must be match_rms_adamw, original or none")
+        _require(len(self.muon_ns_coefficients) == 3, "muon_ns_coefficients takes three numbers (a, b, c)")
+        _require(self.qk_clip_tau is None or self.qk_clip_tau > 0, f"qk_clip_tau={self.qk_clip_tau} must be > 0")
         _require(self.lr_decay_style in ("constant", "linear", "cosine", "WSD"),
                  f"lr_decay_style={self.lr_decay_style!r} must be constant, linear, cosine or WSD")
         _require(self.lr_wsd_decay_style in ("linear", "cosine", "1-sqrt"),

@@ -45,7 +45,8 @@ PINNED_FLAGS = {
         "--expert-model-parallel-size", "--cp", "--context-parallel-size", "--dp", "--data-parallel-size",
         "--sequence-parallel", "--use-distributed-optimizer", "--ddp-bucket-size-mb", "--virtual-pipeline-stages",
         "--num-virtual-stages-per-pipeline-rank", "--virtual-pipeline-model-parallel-size", "--pp-schedule",
-        "--pp-layout", "--async-save", "--no-async-save",
+        "--pp-layout", "--async-save", "--no-async-save", "--muon-momentum", "--muon-ns-steps", "--muon-ns-dtype",
+        "--muon-scale", "--muon-per-head", "--muon-router", "--qk-clip-tau",
     },
 }
 
@@ -115,3 +116,14 @@ def test_init_stores_the_tokenizer(tmp_path, tokenizer_file):
     _, _, tokenizer = load_model_dir(str(tmp_path / "c"))
     assert open(tokenizer).read() == open(tokenizer_file).read()
     assert main(argv + ["--set", "model.vocab_size=100", "--out", str(tmp_path / "d")]) == 2
+
+
+def test_joyai_presets_default_to_muon():
+    from megajoy.stages.pretrain import build_job
+
+    parser = build_parser()
+    for preset, optimizer in (("joyai-flash", "muon"), ("joyai-slice", "muon"), ("tiny", "adamw")):
+        args = parser.parse_args(["pretrain", "--preset", preset])
+        assert build_job(args).optimizer.optimizer == optimizer
+    args = parser.parse_args(["pretrain", "--preset", "joyai-flash", "--optimizer", "adamw"])
+    assert build_job(args).optimizer.optimizer == "adamw"

@@ -234,3 +234,81 @@ def test_hf_export_from_a_tp2_pp2_checkpoint(tmp_path, data_prefix, tokenizer_fi
     ids = torch.randint(0, job.model.vocab_size, (2, 24))
     with torch.no_grad():
         assert rel_err(model.eval()(ids).logits, hf(ids).logits) <= 1e-4
+
+
+# Muon: every layout's update equals the single process's (Gram all-reduce for TP shards, one owner per
+# matrix in each data-parallel group, broadcast results).
+MUON = ["--optimizer", "muon", "--lr", "1e-3"]
+MUON_LAYOUTS = {
+    "tp2": (2, ["--tp", "2"], []),
+    "tp2_sp_per_head": (2, ["--tp", "2", "--sequence-parallel"], ["--muon-per-head"]),
+    "ep2_dp2": (2, ["--ep", "2"], []),
+    "dp4_zero": (4, ["--use-distributed-optimizer"], []),
+    "tp2_ep2_dp2_zero": (4, ["--tp", "2", "--ep", "2", "--use-distributed-optimizer"], []),
+    "pp2_tp2_dp2": (8, ["--pp", "2", "--tp", "2"], DEEP),
+}
+
+
+@pytest.fixture(scope="module")
+def muon_references(tmp_path_factory, data_prefix, tokenizer_file):
+    refs = {}
+
+    def reference(extra):
+        key = tuple(extra)
+        if key not in refs:
+            out = tmp_path_factory.mktemp("single_muon")
+            refs[key] = run_layout(out, data_prefix, tokenizer_file, 1, MUON + extra)
+        return refs[key]
+
+    return reference
+
+
+@pytest.mark.parametrize("name", list(MUON_LAYOUTS))
+def test_muon_layout_equals_single_process(name, tmp_path, data_prefix, tokenizer_file, muon_references):
+    world, flags, model_flags = MUON_LAYOUTS[name]
+    run = run_layout(tmp_path / name, data_prefix, tokenizer_file, world, MUON + model_flags + flags)
+    assert_equivalent(run, muon_references(model_flags))
+
+
+def _muon_owner_worker(rank, world):
+    import dataclasses
+
+    from megajoy.config import load_job_config
+    from megajoy.launch import setup_parallel
+    from megajoy.model import create_model
+    from megajoy.parallel.optimizer import build_parallel_optimizer
+
+    job = load_job_config("tiny", None, TINY_MODEL_OVERRIDES + ["parallel.expert_model_parallel_size=2",
+                                                                "parallel.use_distributed_optimizer=true",
+                                                                "optimizer.optimizer=muon"])
+    job = dataclasses.replace(job, data=dataclasses.replace(job.data, seq_length=16))
+    pc = setup_parallel(job)
+    model = create_model(job.model, pc=pc).train()
+    optimizer = build_parallel_optimizer(model, pc, job.optimizer, True)
+    ids = torch.randint(0, job.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(rank))
+    out = model(ids, labels=torch.roll(ids, -1, 1))
+    (out.lm_loss + out.mtp_loss).backward()
+    optimizer.reduce_gradients()
+    counts = []
+    for _ in range(2):
+        optimizer.step()
+        counts.append(list(optimizer.muon.orthogonalised))
+    matrices = [e.name for e in optimizer.muon.entries]
+    return counts, matrices, pc.coords
+
+
+def test_each_matrix_orthogonalised_once_per_step_in_its_data_parallel_group():
+    """4 ranks, EP 2 (so DP 4 for dense matrices, EDP 2 for experts), ZeRO-1: per step, every dense matrix
+    is orthogonalised by exactly one of the 4 ranks and every expert stack by one rank of its EDP pair."""
+    results = run_workers(4, _muon_owner_worker)
+    matrices = results[0][1]
+    dense = [n for n in matrices if ".experts." not in n]
+    for step in range(2):
+        done = [name for counts, _, _ in results for name in counts[step] if ".experts." not in name]
+        assert sorted(done) == sorted(dense)  # each exactly once across the data-parallel group
+        for ep in (0, 1):  # experts: within each EDP group (ranks holding the same experts)
+            group = [r for r in results if r[2]["ep"] == ep]
+            done = [n for counts, _, _ in group for n in counts[step] if ".experts." in n]
+            assert sorted(done) == sorted(n for n in matrices if ".experts." in n)
+    loads = [len(counts[0]) for counts, _, _ in results]
+    assert max(loads) - min(loads) <= 3  # spread over the ranks, not piled on one

@@ -23,7 +23,6 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from megajoy.parallel.params import ParamSpec
 
 CHECKSUMS = "checksums.json"
-STATE_KEYS = ("exp_avg", "exp_avg_sq")
 # Fault injection for tests: seconds the writer waits before writing its files.
 PAUSE_ENV = "MEGAJOY_TEST_SAVE_PAUSE"
 
@@ -91,9 +90,9 @@ def sharded_state(model, optimizer_state: dict | None, specs: dict[str, ParamSpe
             continue
         state[f"model.{name}"] = wrap(params[name] if name in params else tensor, specs.get(name))
     for name, entry in (optimizer_state or {}).items():
-        for key in STATE_KEYS:
-            state[f"optim.{name}.{key}"] = wrap(entry[key], specs[name])
-        state[f"optim.{name}.step"] = torch.tensor(entry["step"])
+        for field, value in entry.items():
+            key = f"optim.{name}.{field}"
+            state[key] = wrap(value, specs[name]) if torch.is_tensor(value) else torch.tensor(float(value))
     return state
 
 
@@ -121,8 +120,9 @@ def save(state: dict, path: str, pc, background: bool):
     return done
 
 
-def saved_keys(path: str) -> set[str]:
-    return set(FileSystemReader(path).read_metadata().state_dict_metadata.keys())
+def saved_shapes(path: str) -> dict[str, tuple]:
+    """{key: global shape} of everything a checkpoint holds."""
+    return {k: tuple(getattr(m, "size", ())) for k, m in FileSystemReader(path).read_metadata().state_dict_metadata.items()}
 
 
 def load_into(model, optimizer, specs: dict[str, ParamSpec], pc, path: str) -> None:
@@ -130,7 +130,8 @@ def load_into(model, optimizer, specs: dict[str, ParamSpec], pc, path: str) -> N
     any layout. Tensors the checkpoint lacks are named in the error."""
     distributed = dist.is_initialized() and pc.size("world") > 1
     meshes = Meshes(pc) if distributed else None
-    keys = saved_keys(path)
+    shapes = saved_shapes(path)
+    keys = set(shapes)
     target, params = {}, dict(model.named_parameters())
     for name, tensor in model.state_dict().items():
         if model.cfg.tie_word_embeddings and name == "lm_head.weight":
@@ -139,23 +140,41 @@ def load_into(model, optimizer, specs: dict[str, ParamSpec], pc, path: str) -> N
             raise ValueError(f"{path}: tensor {name!r} is missing from the checkpoint")
         local = torch.empty_like(params[name] if name in params else tensor, device="cpu")
         target[f"model.{name}"] = meshes.wrap(local, specs[name]) if distributed and name in specs else local
-    stepped = sorted({k.split(".", 1)[1].rsplit(".", 1)[0] for k in keys if k.startswith("optim.")})
+    fields = _optimizer_fields(keys)
     if optimizer is not None:
-        for name in stepped:
+        for name in fields:
             if name not in params:
                 raise ValueError(f"{path}: optimizer state for unknown tensor {name!r}")
-            for key in STATE_KEYS:
-                local = torch.empty(params[name].shape, dtype=torch.float32)
-                target[f"optim.{name}.{key}"] = meshes.wrap(local, specs[name]) if distributed else local
-            target[f"optim.{name}.step"] = torch.zeros(())
+        for name, names in fields.items():
+            if not optimizer.holds_state(name):
+                continue
+            for field in names:
+                key = f"optim.{name}.{field}"
+                if shapes[key]:  # a tensor shaped like the parameter
+                    local = torch.empty(params[name].shape, dtype=torch.float32)
+                    target[key] = meshes.wrap(local, specs[name]) if distributed else local
+                else:
+                    target[key] = torch.zeros(())
     with _quiet_single_process():
         dcp.load(target, checkpoint_id=path, process_group=pc.groups.get("ckpt") if distributed else None,
                  no_dist=not distributed)
     _copy_into_model(model, target)
     if optimizer is not None:
-        optimizer.load_local_state({name: {"step": float(target[f"optim.{name}.step"]),
-                                           **{k: _local(target[f"optim.{name}.{k}"]) for k in STATE_KEYS}}
-                                    for name in stepped}, path)
+        loaded = {}
+        for key, value in target.items():
+            if key.startswith("optim."):
+                name, field = key[len("optim."):].rsplit(".", 1)
+                loaded.setdefault(name, {})[field] = _local(value) if shapes[key] else float(value)
+        optimizer.load_local_state(loaded, path)
+
+
+def _optimizer_fields(keys) -> dict[str, list[str]]:
+    fields: dict[str, list[str]] = {}
+    for key in sorted(keys):
+        if key.startswith("optim."):
+            name, field = key[len("optim."):].rsplit(".", 1)
+            fields.setdefault(name, []).append(field)
+    return fields
 
 
 def _local(t):

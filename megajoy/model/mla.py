@@ -46,6 +46,9 @@ class MLA(nn.Module):
         self.kv_b_proj = ColumnParallelLinear(
             cfg.kv_lora_rank, cfg.num_attention_heads * (self.nope_dim + self.v_dim), self.tp)
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * self.v_dim, cfg.hidden_size, self.tp, bias=bias)
+        # QK-clip (MuonClip) bookkeeping: the largest pre-softmax logit of each local head since the last clip.
+        self.track_max_logit = False
+        self.register_buffer("max_logit", torch.zeros(self.num_heads), persistent=False)
 
     def project_q(self, x_BSD: torch.Tensor) -> torch.Tensor:
         """Local heads' queries [B,S,H,N+R] for the full sequence."""
@@ -72,5 +75,18 @@ class MLA(nn.Module):
         q_BSHQ = torch.cat((q_BSHN, q_rope_BSHR), dim=-1)
         k_BSHQ = torch.cat((k_BSHN, k_rope_BS1R.expand(-1, -1, self.num_heads, -1)), dim=-1)
 
+        if self.track_max_logit and self.training:
+            self._record_max_logit(q_BSHQ, k_BSHQ, seq.document_ids)
         out_BSHV = attention(q_BSHQ, k_BSHQ, v_BSHV, self.softmax_scale, seq.document_ids)
         return self.o_proj.forward_exit(out_BSHV.flatten(2), self.sp)
+
+    @torch.no_grad()
+    def _record_max_logit(self, q_BSHQ: torch.Tensor, k_BSHQ: torch.Tensor, document_ids_BS) -> None:
+        """max over allowed (query, key) pairs of scale * q.k, per head (recomputes the scores)."""
+        scores_BHST = torch.einsum("bshd,bthd->bhst", q_BSHQ.float(), k_BSHQ.float()) * self.softmax_scale
+        seq = scores_BHST.shape[-1]
+        allowed = torch.ones(seq, seq, dtype=torch.bool, device=scores_BHST.device).tril()
+        if document_ids_BS is not None:
+            allowed = allowed & (document_ids_BS.unsqueeze(2) == document_ids_BS.unsqueeze(1)).unsqueeze(1)
+        peak_H = scores_BHST.masked_fill(~allowed, float("-inf")).amax(dim=(0, 2, 3))
+        self.max_logit.copy_(torch.maximum(self.max_logit, peak_H.to(self.max_logit.dtype)))

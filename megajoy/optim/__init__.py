@@ -1,31 +1,25 @@
-"""Optimizers behind one interface: `build_optimizer(model, cfg)` returns a torch optimizer whose param
-groups carry `lr_mult` (the schedule sets group lr = scheduled lr * lr_mult)."""
+"""Optimizers. `adamw` builds a torch AdamW over named parameters, with param groups carrying
+`lr_mult` (the schedule sets group lr = scheduled lr * lr_mult). Muon, which needs the rank grid to
+orthogonalise sharded matrices, is assembled in `megajoy.parallel.optimizer` from `megajoy.optim.muon`."""
 
 import torch
-from torch import nn
+
+OPTIMIZERS = ("adamw", "muon")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(named_params: list, weight_decay: float) -> list[dict]:
     """Weight decay on matrices (and the embedding); none on norms, biases and other 1-D tensors."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
+    decay = [p for _, p in named_params if p.ndim >= 2]
+    no_decay = [p for _, p in named_params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay, "lr_mult": 1.0},
               {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0}]
     return [g for g in groups if g["params"]]
 
 
-def _adamw(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+def adamw(groups: list[dict], cfg) -> torch.optim.AdamW:
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
 
 
-OPTIMIZERS = {"adamw": _adamw}
-
-
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    if cfg.optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer {cfg.optimizer!r} is not available; choose one of {sorted(OPTIMIZERS)}")
-    return OPTIMIZERS[cfg.optimizer](model, cfg)
+def check_optimizer(name: str) -> None:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r} is not available; choose one of {list(OPTIMIZERS)}")

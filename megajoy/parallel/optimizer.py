@@ -6,6 +6,7 @@ buckets (dense parameters over data-parallel ranks, experts over expert-data-par
 `DistributedOptimizer` (ZeRO-1): each rank owns a contiguous 1/N of the flattened parameters with fp32
 master copies and optimizer state for that slice only; gradients are reduce-scattered, the slice is
 stepped, and parameters are all-gathered back.
+`MuonOptimizer`: Muon for the matrices (see megajoy.optim.muon), one of the above (AdamW) for the rest.
 
 Gradients are summed, not averaged: the loss is normalised by the token count of the whole global batch.
 """
@@ -13,7 +14,7 @@ Gradients are summed, not averaged: the loss is normalised by the token count of
 import torch
 import torch.distributed as dist
 
-from megajoy.optim import build_optimizer
+from megajoy.optim import adamw, check_optimizer, param_groups
 from megajoy.parallel.mappings import all_reduce_no_grad, group_size
 from megajoy.parallel.params import ParamSpec, parameter_specs
 
@@ -21,15 +22,17 @@ STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 class ParallelOptimizer:
-    def __init__(self, model, pc, cfg, bucket_mb: float = 25.0):
+    def __init__(self, model, pc, cfg, bucket_mb: float = 25.0, named_params: list | None = None):
         self.model, self.pc, self.cfg = model, pc, cfg
         self.specs = parameter_specs(model, pc)
-        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if named_params is None:
+            named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.named_params = named_params
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.inner = self._build_inner()
 
     def _build_inner(self):
-        return build_optimizer(self.model, self.cfg)
+        return adamw(param_groups(self.named_params, self.cfg.weight_decay), self.cfg)
 
     @property
     def param_groups(self):
@@ -52,6 +55,9 @@ class ParallelOptimizer:
     def reduce_gradients(self) -> None:
         self.reduce_partial_tp_grads()
         self.reduce_embedding_copies()
+        self.reduce_data_parallel()
+
+    def reduce_data_parallel(self) -> None:
         for expert in (False, True):
             params = [p for n, p in self.named_params if self.specs[n].expert == expert and p.grad is not None]
             group = self.pc.group("edp") if expert else self.pc.group("dp_cp")
@@ -77,7 +83,7 @@ class ParallelOptimizer:
 
     def clip_gradients(self, max_norm: float) -> float:
         """Global gradient norm over every shard and rank; scale gradients down when above max_norm."""
-        sq = all_reduce_no_grad(self._local_sq_norm(), self.pc.group("world"))
+        sq = all_reduce_no_grad(self._local_sq_norm().clone(), self.pc.group("world"))
         norm = float(sq.sqrt())
         if max_norm and norm > max_norm:
             torch._foreach_mul_(self._grads(), max_norm / (norm + 1e-6))
@@ -95,9 +101,13 @@ class ParallelOptimizer:
             p.grad = None
 
     # ------------------------------------------------------------------ state
+    def holds_state(self, name: str) -> bool:
+        """Whether this rank keeps (and loads) optimizer state for parameter `name`."""
+        return any(n == name for n, _ in self.named_params)
+
     def local_state(self) -> dict[str, dict]:
-        """{name: {"step": float, "exp_avg": t, "exp_avg_sq": t}} with t this rank's TP / EP shard (the
-        parameter's local shape) for every parameter that has taken a step."""
+        """{name: {field: tensor or float}}: for AdamW {"step", "exp_avg", "exp_avg_sq"}, each tensor this
+        rank's TP / EP shard (the parameter's local shape), for every parameter that has taken a step."""
         out = {}
         for name, p in self.named_params:
             state = self.inner.state.get(p, {})
@@ -111,7 +121,7 @@ class ParallelOptimizer:
             raise ValueError(f"{source}: optimizer state for unknown tensor {sorted(unknown)[0]!r}")
         for name, p in self.named_params:
             if name in saved:  # absent: never stepped when saved
-                entry = saved[name]
+                entry = _adam_entry(saved[name], name, source)
                 self.inner.state[p] = {"step": torch.tensor(entry["step"]),
                                        **{k: entry[k].to(p.device, torch.float32).clone() for k in STATE_KEYS}}
 
@@ -127,15 +137,9 @@ class DistributedOptimizer(ParallelOptimizer):
         no_decay = [piece for b in self.buffers for piece in b.pieces if piece.ndim_of_param < 2]
         groups = [{"params": [x.master for x in decay], "weight_decay": self.cfg.weight_decay, "lr_mult": 1.0},
                   {"params": [x.master for x in no_decay], "weight_decay": 0.0, "lr_mult": 1.0}]
-        groups = [g for g in groups if g["params"]]
-        if self.cfg.optimizer != "adamw":
-            raise ValueError(f"--use-distributed-optimizer supports adamw here, not {self.cfg.optimizer!r}")
-        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2),
-                                 eps=self.cfg.adam_eps)
+        return adamw([g for g in groups if g["params"]], self.cfg)
 
-    def reduce_gradients(self) -> None:
-        self.reduce_partial_tp_grads()
-        self.reduce_embedding_copies()
+    def reduce_data_parallel(self) -> None:
         for buffer in self.buffers:
             buffer.reduce_scatter_grads()
 
@@ -188,7 +192,7 @@ class DistributedOptimizer(ParallelOptimizer):
             for piece in buffer.pieces:
                 if piece.name not in saved:
                     continue  # never stepped when saved
-                entry = saved[piece.name]
+                entry = _adam_entry(saved[piece.name], piece.name, source)
                 state = {"step": torch.tensor(entry["step"])}
                 for key in STATE_KEYS:
                     flat = entry[key].reshape(-1)[piece.param_start:piece.param_end]
@@ -287,6 +291,14 @@ class _ShardedBuffer:
                 for (name, p), start in zip(self.named, self.offsets)}
 
 
+def _adam_entry(entry: dict, name: str, source: str) -> dict:
+    missing = [k for k in ("step",) + STATE_KEYS if k not in entry]
+    if missing:
+        raise ValueError(f"{source}: the optimizer state of {name!r} has no {missing[0]!r}; it was saved by a "
+                         f"different optimizer ({sorted(entry)})")
+    return entry
+
+
 def shard_size(total: int, ranks: int) -> int:
     """Elements each rank owns when `total` are laid end to end and padded to a multiple of `ranks`."""
     return -(-total // ranks) if total else 0
@@ -333,5 +345,10 @@ def _all_reduce_bucket(params: list, group) -> None:
 
 
 def build_parallel_optimizer(model, pc, cfg, distributed: bool, bucket_mb: float = 25.0) -> ParallelOptimizer:
+    check_optimizer(cfg.optimizer)
+    if cfg.optimizer == "muon":
+        from megajoy.parallel.muon import MuonOptimizer
+
+        return MuonOptimizer(model, pc, cfg, distributed, bucket_mb)
     cls = DistributedOptimizer if distributed else ParallelOptimizer
     return cls(model, pc, cfg, bucket_mb)

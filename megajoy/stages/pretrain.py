@@ -9,7 +9,7 @@ from megajoy.train.trainer import Stage, Trainer
 
 # Section defaults per model preset; the tiny preset uses the dataclass defaults (sized for a CPU).
 RECIPES = {
-    "joyai-flash": {"optimizer": {"lr": 4.2e-4, "min_lr": 4.2e-5, "lr_warmup_iters": 2000},
+    "joyai-flash": {"optimizer": {"optimizer": "muon", "lr": 4.2e-4, "min_lr": 4.2e-5, "lr_warmup_iters": 2000},
                     "data": {"seq_length": 4096}, "train": {"micro_batch_size": 1, "global_batch_size": 32}},
 }
 RECIPES["joyai-slice"] = RECIPES["joyai-flash"]

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from megajoy.model import create_model
 from megajoy.model.moe import MoE, Router
+from megajoy.optim.qk_clip import apply_qk_clip, track_max_logits
 from megajoy.optim.schedules import global_batch_size, learning_rate
 from megajoy.parallel.context import ParallelContext
 from megajoy.parallel.mappings import all_reduce_no_grad
@@ -72,6 +73,8 @@ class Trainer:
         self.optimizer = build_parallel_optimizer(self.model, self.pc, job.optimizer,
                                                   job.parallel.use_distributed_optimizer,
                                                   job.parallel.ddp_bucket_size_mb)
+        if job.optimizer.qk_clip_tau:
+            track_max_logits(self.model, True)
         self.pipeline = PipelineRunner(self.model, self.pc) if self.pc.size("pp") > 1 else None
         self.checkpoints = ckpt.CheckpointWriter(self.out, self.pc, job.checkpoint.keep_last, job.parallel.async_save)
         self.step, self.consumed = 0, 0
@@ -173,12 +176,21 @@ class Trainer:
         grad_norm = self.optimizer.clip_gradients(self.job.optimizer.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad()
+        clip = self._qk_clip()
         load = self._update_router_biases()
         self.step += 1
         self.consumed += global_batch
         tokens = sum(b.tokens for b in micro_batches) * self.pc.size("dp_cp")
         return {**totals, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                "seconds": time.perf_counter() - started, **load}
+                "seconds": time.perf_counter() - started, **load, **clip}
+
+    def _qk_clip(self) -> dict:
+        tau = self.job.optimizer.qk_clip_tau
+        if not tau:
+            return {}
+        stats = apply_qk_clip(self.model, tau, self.pc.group("dp_cp"))
+        self.optimizer.refresh_from_params()  # ZeRO keeps master copies of what it just rescaled
+        return stats
 
     def _accumulate(self, micro_batches: list, counts: dict, backward: bool) -> dict[str, float]:
         """Forward (and backward) over the step's micro-batches; return the objective's metrics summed

@@ -1,0 +1,157 @@
+"""Muon: momentum, orthogonalised by a quintic Newton-Schulz iteration, for the model's matrices.
+
+Per matrix M (after torch.optim.Muon, Keller Jordan's recipe, and Moonlight's scaling):
+    buf <- mu buf + (1 - mu) g;   u = (1 - mu) g + mu buf (Nesterov) or buf
+    O = NS(u);   M <- M (1 - lr wd) - lr * scale(m, n) * O,   scale = 0.2 sqrt(max(m, n)) ("match_rms_adamw")
+NS normalises X by its Frobenius norm, then repeats X <- a X + (b A + c A^2) X with A = X X^T over the
+smaller side. Since p(X X^T) X = X p(X^T X), the iteration can run on the Gram matrix of either side;
+for a tensor-parallel shard it runs on the Gram of the unsharded side, summed over the shard's group
+once per iteration (rows split: G = Y^T Y; columns split: G = Y Y^T), so the full matrix is never
+gathered. Batches of matrices of one shape (experts, heads) go through one batched iteration.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g_BMN: torch.Tensor, steps: int = 5, coefficients=COEFFICIENTS, eps: float = 1e-7,
+                  dtype: torch.dtype = torch.float32, sharded: str | None = None, group=None) -> torch.Tensor:
+    """Orthogonalise each matrix of a batch [B, m, n] (this rank's rows or columns of each when `sharded`
+    is "rows" or "cols" over `group`). Returns `dtype`."""
+    a, b, c = coefficients
+    x = g_BMN.to(dtype)
+    right = sharded == "rows" or (sharded is None and x.shape[-2] > x.shape[-1])
+    sq = x.float().pow(2).sum(dim=(-2, -1), keepdim=True)
+    if sharded is not None:
+        dist.all_reduce(sq, group=group)
+    x = x / sq.sqrt().clamp(min=eps).to(dtype)
+    for _ in range(steps):
+        gram = x.mT @ x if right else x @ x.mT
+        if sharded is not None:
+            dist.all_reduce(gram, group=group)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, x, poly, beta=a) if right else torch.baddbmm(x, poly, x, beta=a)
+    return x
+
+
+def ns_flops(m: int, n: int, steps: int = 5) -> int:
+    """Multiply-adds x 2 of `steps` iterations on the smaller Gram of an m x n matrix."""
+    small, large = min(m, n), max(m, n)
+    return steps * (4 * small * small * large + 2 * small ** 3)
+
+
+def update_scale(m: int, n: int, kind: str) -> float:
+    if kind == "match_rms_adamw":
+        return 0.2 * max(m, n) ** 0.5
+    if kind == "original":
+        return max(1.0, m / n) ** 0.5
+    if kind == "none":
+        return 1.0
+    raise ValueError(f"muon scaling {kind!r} must be match_rms_adamw, original or none")
+
+
+@dataclass
+class MatrixLayout:
+    """How one parameter's local tensor splits into the matrices Muon orthogonalises."""
+
+    kind: str  # "matrix", "stack" (leading batch dim), "gate_up" (experts' fused gate / up), "heads_rows", "heads_cols"
+    heads: int = 1
+    sharded: str | None = None  # "rows" / "cols": the matrix is split over TP ranks along that side
+    global_shape: tuple = ()  # one full matrix's (m, n), for the update scale
+
+    def to_matrices(self, t: torch.Tensor) -> torch.Tensor:
+        if self.kind == "matrix":
+            return t.unsqueeze(0)
+        if self.kind == "stack":
+            return t
+        if self.kind == "gate_up":  # [E, 2I, H] -> [2E, I, H]: gate and up are separate matrices
+            return t.unflatten(1, (2, -1)).flatten(0, 1)
+        if self.kind == "heads_rows":  # [heads * r, n] -> [heads, r, n]
+            return t.unflatten(0, (self.heads, -1))
+        return t.unflatten(1, (self.heads, -1)).transpose(0, 1)  # heads_cols: [m, heads * r] -> [heads, m, r]
+
+    def from_matrices(self, m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if self.kind == "heads_cols":
+            m = m.transpose(0, 1)
+        return m.reshape(like.shape)
+
+
+@dataclass
+class MuonEntry:
+    name: str
+    param: torch.nn.Parameter
+    layout: MatrixLayout
+    dp_group: object  # ranks holding replicas of this tensor; one of them orthogonalises it
+    dp_ranks: list  # global ranks of that group, in group order
+    tp_group: object  # ranks holding the other shards of the same matrices (when sharded)
+    owner: int = 0  # index in dp_ranks
+    flops: int = 0
+
+
+def assign_owners(entries: list[MuonEntry]) -> None:
+    """Spread each data-parallel group's matrices over its ranks, largest Newton-Schulz cost first onto
+    the least loaded rank (deterministic, so every rank computes the same assignment)."""
+    by_group: dict[tuple, list[MuonEntry]] = {}
+    for e in entries:
+        by_group.setdefault(tuple(e.dp_ranks), []).append(e)
+    for ranks, members in by_group.items():
+        load = [0] * len(ranks)
+        for e in sorted(members, key=lambda e: (-e.flops, e.name)):
+            e.owner = min(range(len(ranks)), key=lambda r: (load[r], r))
+            load[e.owner] += e.flops
+
+
+class MuonMatrices:
+    """The Muon half of an optimizer: momentum and Newton-Schulz on the owning rank of each matrix, the
+    orthogonalised update broadcast to the other replicas, the same parameter update everywhere."""
+
+    def __init__(self, entries: list[MuonEntry], cfg, rank: int, ns_dtype: torch.dtype):
+        self.entries, self.cfg, self.rank, self.ns_dtype = entries, cfg, rank, ns_dtype
+        assign_owners(entries)
+        self.group = {"params": [e.param for e in entries], "lr": cfg.lr, "lr_mult": 1.0, "optimizer": "muon"}
+        self.momentum: dict[str, torch.Tensor] = {}
+        self.orthogonalised: list[str] = []  # matrices this rank ran Newton-Schulz on in the last step
+
+    def owns(self, e: MuonEntry) -> bool:
+        return e.dp_ranks[e.owner] == self.rank
+
+    @torch.no_grad()
+    def step(self) -> None:
+        active = [e for e in self.entries if e.param.grad is not None]
+        updates = {e.name: self._orthogonalised_update(e) for e in active if self.owns(e)}
+        self.orthogonalised = sorted(updates)
+        self._share(active, updates)
+        lr, wd = self.group["lr"], self.cfg.weight_decay
+        for e in active:
+            m, n = e.layout.global_shape
+            e.param.mul_(1 - lr * wd)
+            e.param.add_(updates[e.name].to(e.param.dtype), alpha=-lr * update_scale(m, n, self.cfg.muon_scale))
+
+    def _orthogonalised_update(self, e: MuonEntry) -> torch.Tensor:
+        mu, g = self.cfg.muon_momentum, e.param.grad
+        buf = self.momentum.setdefault(e.name, torch.zeros_like(g, dtype=torch.float32))
+        buf.lerp_(g.float(), 1 - mu)
+        u = g.float().lerp(buf, mu) if self.cfg.muon_nesterov else buf
+        o = newton_schulz(e.layout.to_matrices(u), self.cfg.muon_ns_steps, tuple(self.cfg.muon_ns_coefficients),
+                          dtype=self.ns_dtype, sharded=e.layout.sharded, group=e.tp_group)
+        return e.layout.from_matrices(o.float(), g)
+
+    def _share(self, active: list[MuonEntry], updates: dict) -> None:
+        """Every replica receives each update from its owner: one broadcast per owner and group."""
+        by_owner: dict[tuple, list[MuonEntry]] = {}
+        for e in active:
+            if len(e.dp_ranks) > 1:
+                by_owner.setdefault((tuple(e.dp_ranks), e.owner), []).append(e)
+        for (ranks, owner), members in sorted(by_owner.items()):
+            sizes = [e.param.numel() for e in members]
+            if ranks[owner] == self.rank:
+                flat = torch.cat([updates[e.name].reshape(-1) for e in members])
+            else:
+                flat = torch.empty(sum(sizes), device=members[0].param.device)
+            dist.broadcast(flat, src=ranks[owner], group=members[0].dp_group)
+            for e, piece in zip(members, flat.split(sizes)):
+                updates[e.name] = piece.view_as(e.param)

@@ -1,0 +1,139 @@
+"""Muon against torch.optim.Muon (bf16 Newton-Schulz) and a float64 computation of the same algorithm
+(fp32); batched experts and heads; the tensor-parallel Gram scheme; QK-clip."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from megajoy.config import OptimizerConfig
+from megajoy.optim.muon import MatrixLayout, MuonEntry, MuonMatrices, newton_schulz
+from megajoy.parallel.spawn import run_workers
+
+SHAPES = [(64, 32), (32, 96), (48, 48)]
+
+
+def _cfg(**kw):
+    return dataclasses.replace(OptimizerConfig(optimizer="muon", lr=0.02, weight_decay=0.1), **kw)
+
+
+def _run_ours(params, grads_per_step, cfg, dtype):
+    entries = [MuonEntry(f"w{i}", p, MatrixLayout("matrix", global_shape=tuple(p.shape)), None, [0], None)
+               for i, p in enumerate(params)]
+    muon = MuonMatrices(entries, cfg, rank=0, ns_dtype=dtype)
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        muon.step()
+    return params
+
+
+def _setup(seed=0, steps=3):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.05) for s in SHAPES]
+    grads = [[torch.randn(s, generator=g) for s in SHAPES] for _ in range(steps)]
+    return params, grads
+
+
+def test_bf16_matches_torch_optim_muon():
+    params, grads = _setup()
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = torch.optim.Muon(ref, lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
+    for step_grads in grads:
+        for p, g in zip(ref, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    ours = _run_ours(params, grads, _cfg(), torch.bfloat16)
+    for a, b, start in zip(ours, ref, _setup()[0]):
+        moved = (b - start).abs().max()
+        # bf16 keeps 8 significant bits: differences stay at that level of the total update.
+        assert (a - b).abs().max() <= moved * 2 ** -7, ((a - b).abs().max(), moved)
+
+
+def _reference_float64(params, grads_per_step, lr=0.02, wd=0.1, mu=0.95, steps=5):
+    a, b, c = 3.4445, -4.7750, 2.0315
+    weights = [p.detach().double().clone() for p in params]
+    bufs = [torch.zeros_like(w) for w in weights]
+    for grads in grads_per_step:
+        for i, g in enumerate(grads):
+            g = g.double()
+            bufs[i] = mu * bufs[i] + (1 - mu) * g
+            u = (1 - mu) * g + mu * bufs[i]
+            x = u.T if u.shape[0] > u.shape[1] else u
+            x = x / x.norm()
+            for _ in range(steps):
+                gram = x @ x.T
+                x = a * x + (b * gram + c * gram @ gram) @ x
+            o = x.T if u.shape[0] > u.shape[1] else x
+            scale = 0.2 * max(u.shape) ** 0.5
+            weights[i] = weights[i] * (1 - lr * wd) - lr * scale * o
+    return weights
+
+
+def test_fp32_matches_float64_reference():
+    params, grads = _setup(1)
+    expected = _reference_float64(params, grads)
+    ours = _run_ours(params, grads, _cfg(), torch.float32)
+    for a, b in zip(ours, expected):
+        assert ((a.double() - b).norm() / b.norm()).item() <= 1e-6
+
+
+def test_experts_and_heads_are_orthogonalised_one_matrix_each():
+    g = torch.randn(3, 2 * 8, 12)  # 3 experts, fused gate / up of 8 rows each
+    fused = newton_schulz(MatrixLayout("gate_up").to_matrices(g))
+    for e in range(3):
+        for half in range(2):
+            alone = newton_schulz(g[e, half * 8:(half + 1) * 8].unsqueeze(0))[0]
+            assert torch.allclose(fused[2 * e + half], alone, atol=1e-5)
+    w = torch.randn(4 * 6, 10)  # 4 heads of 6 rows
+    heads = newton_schulz(MatrixLayout("heads_rows", heads=4).to_matrices(w))
+    assert torch.allclose(heads[2], newton_schulz(w[12:18].unsqueeze(0))[0], atol=1e-5)
+    o = torch.randn(10, 4 * 6)  # o_proj: heads split the input columns
+    layout = MatrixLayout("heads_cols", heads=4)
+    per_head = newton_schulz(layout.to_matrices(o))
+    assert torch.allclose(per_head[1], newton_schulz(o[:, 6:12].unsqueeze(0))[0], atol=1e-5)
+    assert torch.equal(layout.from_matrices(layout.to_matrices(o), o), o)
+
+
+def _sharded_ns_worker(rank, world):
+    import torch.distributed as dist
+
+    from megajoy.launch import init_distributed, launch_env
+
+    init_distributed(launch_env())
+    full = torch.randn(3, 40, 24, generator=torch.Generator().manual_seed(7))
+    rows = newton_schulz(full.chunk(world, dim=1)[rank], sharded="rows", group=dist.group.WORLD)
+    cols = newton_schulz(full.chunk(world, dim=2)[rank], sharded="cols", group=dist.group.WORLD)
+    return rows, cols
+
+
+def test_gram_all_reduce_equals_full_matrix_newton_schulz():
+    """Shards split along rows (X^T X Gram) or columns (X X^T Gram) give the full matrix's result."""
+    full = newton_schulz(torch.randn(3, 40, 24, generator=torch.Generator().manual_seed(7)))
+    results = run_workers(2, _sharded_ns_worker)
+    for rank, (rows, cols) in enumerate(results):
+        for got, want in ((rows, full.chunk(2, dim=1)[rank]), (cols, full.chunk(2, dim=2)[rank])):
+            assert ((got - want).norm() / want.norm()).item() <= 1e-5
+
+
+def test_qk_clip_brings_a_head_below_tau():
+    from helpers import random_model, small_config
+    from megajoy.optim.qk_clip import apply_qk_clip, track_max_logits
+
+    model = random_model(small_config(), seed=3).train()
+    attn = model.layers["1"].self_attn
+    with torch.no_grad():
+        attn.q_b_proj.weight[:attn.nope_dim + attn.rope_dim] *= 200  # head 0 gets large logits
+    track_max_logits(model, True)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 24))
+    model(ids, labels=torch.roll(ids, -1, 1))
+    before = attn.max_logit.clone()
+    tau = 5.0
+    assert before[0] > tau and (before[1:] < tau).all()
+    stats = apply_qk_clip(model, tau)
+    assert stats["qk_clip_heads"] >= 1 and stats["max_attention_logit"] == pytest.approx(float(before.max()))
+    model(ids, labels=torch.roll(ids, -1, 1))
+    after = attn.max_logit
+    assert after[0] == pytest.approx(tau, rel=1e-4)  # scaled by exactly tau / S
+    assert torch.allclose(after[1:], before[1:], rtol=1e-5)  # other heads untouched
