@@ -26,7 +26,7 @@ setup(
         "gpu": ["nvidia-ml-py"],
         "plot": ["matplotlib"],
         "te": ["transformer-engine[pytorch]"],
-        "test": ["pytest", "transformers>=5.0", "gguf>=0.17", "matplotlib"],
+        "test": ["pytest", "transformers>=5.0", "gguf>=0.17", "matplotlib", "compressed-tensors"],
     },
     entry_points={"console_scripts": ["megajoy=megajoy.cli:main"]},
 )

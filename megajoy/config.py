@@ -320,6 +320,26 @@ class ParallelConfig:
         _require(self.ddp_bucket_size_mb > 0, f"ddp_bucket_size_mb={self.ddp_bucket_size_mb} must be positive")
 
 
+@dataclass
+class QuantConfig:
+    qat: str | None = None  # int4 | q4_0 | q8_0: fake-quantised weights in the forward pass
+    qat_start_iter: int = 0
+    qat_modules: str = "routed-experts"  # routed-experts | experts | linear
+    qat_group: int = 64  # int4 group size (64 or 32; ggml's grids use their block of 32)
+    fp8: str = "off"  # off | tensorwise | blockwise
+    fp8_backend: str = "torch"  # torch | te | emulate (CPU)
+
+    def __post_init__(self):
+        _require(self.qat in (None, "int4", "q4_0", "q8_0"), f"qat={self.qat!r} must be int4, q4_0, q8_0 or null")
+        _require(self.qat_modules in ("routed-experts", "experts", "linear"),
+                 f"qat_modules={self.qat_modules!r} must be routed-experts, experts or linear")
+        _require(self.qat_group in (32, 64), f"qat_group={self.qat_group} must be 32 or 64")
+        _require(self.fp8 in ("off", "tensorwise", "blockwise"), f"fp8={self.fp8!r} must be off, tensorwise or blockwise")
+        _require(self.fp8_backend in ("torch", "te", "emulate"),
+                 f"fp8_backend={self.fp8_backend!r} must be torch, te or emulate")
+        _require(self.qat_start_iter >= 0, f"qat_start_iter={self.qat_start_iter} must be >= 0")
+
+
 # ---------------------------------------------------------------------------------------------- job config
 
 @dataclass
@@ -332,6 +352,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -46,7 +46,8 @@ PINNED_FLAGS = {
         "--sequence-parallel", "--use-distributed-optimizer", "--ddp-bucket-size-mb", "--virtual-pipeline-stages",
         "--num-virtual-stages-per-pipeline-rank", "--virtual-pipeline-model-parallel-size", "--pp-schedule",
         "--pp-layout", "--async-save", "--no-async-save", "--muon-momentum", "--muon-ns-steps", "--muon-ns-dtype",
-        "--muon-scale", "--muon-per-head", "--muon-router", "--qk-clip-tau",
+        "--muon-scale", "--muon-per-head", "--muon-router", "--qk-clip-tau", "--qat", "--qat-start-iter",
+        "--qat-modules", "--qat-group", "--fp8", "--fp8-backend",
     },
 }
 

@@ -312,3 +312,13 @@ def test_each_matrix_orthogonalised_once_per_step_in_its_data_parallel_group():
             assert sorted(done) == sorted(n for n in matrices if ".experts." in n)
     loads = [len(counts[0]) for counts, _, _ in results]
     assert max(loads) - min(loads) <= 3  # spread over the ranks, not piled on one
+
+
+def test_int4_qat_of_every_projection_under_tp2_ep2(tmp_path, data_prefix, tokenizer_file):
+    """Groups never straddle shards, so fake-quant on each shard equals fake-quant of the whole tensor."""
+    dims = ["model.intermediate_size=128", "model.q_lora_rank=32", "model.kv_lora_rank=32", "model.v_head_dim=32",
+            "model.moe_intermediate_size=32"]  # every projection's input splits into whole 32-groups per rank
+    qat = ["--qat", "int4", "--qat-modules", "linear", "--qat-group", "32"] + [a for d in dims for a in ("--set", d)]
+    single = run_layout(tmp_path / "single", data_prefix, tokenizer_file, 1, qat)
+    run = run_layout(tmp_path / "tp2_ep2", data_prefix, tokenizer_file, 4, qat + ["--tp", "2", "--ep", "2"])
+    assert_equivalent(run, single)

@@ -22,9 +22,12 @@ def main(argv=None) -> int:
     parser.add_argument("--to", required=True, choices=["hf", "megajoy"], help="target layout")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="weight dtype of the output (default: bf16 for hf, fp32 for megajoy)")
+    parser.add_argument("--int4", action="store_true", help="routed experts as packed INT4 with fp32 group scales "
+                        "(compressed-tensors pack-quantized, for vLLM / SGLang); other weights in --dtype")
+    parser.add_argument("--int4-group", type=int, choices=[32, 64], default=64)
     args = parser.parse_args(argv)
     try:
-        convert(args.input, args.output, args.to, args.dtype)
+        convert(args.input, args.output, args.to, args.dtype, args.int4_group if args.int4 else None)
     except (ValueError, FileNotFoundError) as e:
         print(f"convert_ckpt: error: {e}", file=sys.stderr)
         return 2

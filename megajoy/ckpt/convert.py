@@ -33,7 +33,7 @@ def detect_layout(path: str) -> str:
                      f"directory (config.json)")
 
 
-def convert(src: str, dst: str, to: str, dtype: str | None = None) -> None:
+def convert(src: str, dst: str, to: str, dtype: str | None = None, int4_group: int | None = None) -> None:
     src = resolve_input(src)
     layout = detect_layout(src)
     if to == "hf":
@@ -41,10 +41,12 @@ def convert(src: str, dst: str, to: str, dtype: str | None = None) -> None:
             raise ValueError(f"{src} is already a Hugging Face directory")
         job, state, tokenizer = native.load_model_dir(src)
         _check_against_model(job, state, src)
-        hf.save_hf_dir(dst, job.model, state, DTYPES[dtype or "bf16"], tokenizer)
+        hf.save_hf_dir(dst, job.model, state, DTYPES[dtype or "bf16"], tokenizer, int4_group=int4_group)
     elif to == "megajoy":
         if layout != "hf":
             raise ValueError(f"{src} is already a megajoy checkpoint")
+        if int4_group:
+            raise ValueError("--int4 applies to --to hf (an INT4 export for serving engines)")
         cfg, state = hf.load_hf_dir(src, DTYPES[dtype or "fp32"])
         job = JobConfig(model=cfg)
         _check_against_model(job, state, src)

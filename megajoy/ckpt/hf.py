@@ -109,16 +109,22 @@ def from_hf_name(hf_name: str, cfg: ModelConfig) -> str | None:
 
 # ------------------------------------------------------------------------------------------ tensors
 
-def export_tensors(cfg: ModelConfig, state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """megajoy state -> Hugging Face (name, tensor) pairs, one tensor at a time."""
+def export_tensors(cfg: ModelConfig, state: Mapping[str, torch.Tensor], int4=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """megajoy state -> Hugging Face (name, tensor) pairs, one tensor at a time. With `int4` (a
+    WeightFormat), routed experts come out packed (compressed-tensors pack-quantized)."""
+    from megajoy.quant.pack import packed_tensors
+
     for name, tensor in state.items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         m = _EXPERTS.match(name)
-        if m:
+        if not m:
+            yield to_hf_name(name, cfg), tensor
+        elif int4 is None:
             yield from _split_experts(int(m.group(1)), m.group(2), tensor, cfg)
         else:
-            yield to_hf_name(name, cfg), tensor
+            for hf_name, expert in _split_experts(int(m.group(1)), m.group(2), tensor, cfg):
+                yield from packed_tensors(hf_name, expert, int4)
     for k in range(cfg.num_nextn_predict_layers):
         prefix = f"model.layers.{cfg.num_hidden_layers + k}."
         head = "embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
@@ -175,20 +181,27 @@ def _stack_experts(layer: int, found: dict, load: Callable, cfg: ModelConfig):
 
 def save_hf_dir(directory: str, cfg: ModelConfig, state: Mapping[str, torch.Tensor],
                 dtype: torch.dtype = torch.bfloat16, tokenizer_file: str | None = None,
-                max_shard_bytes: int = 5 * 2**30) -> None:
+                max_shard_bytes: int = 5 * 2**30, int4_group: int | None = None) -> None:
     """A Hugging Face model directory, written atomically: weights (sharded safetensors), config.json,
-    generation_config.json and the tokenizer. The router bias stays fp32 (DeepSeek-V3 keeps it so)."""
+    generation_config.json and the tokenizer. The router bias stays fp32 (DeepSeek-V3 keeps it so).
+    With `int4_group`, the routed experts are packed INT4 with fp32 group scales (the rest in `dtype`)."""
     from megajoy.ckpt.atomic import atomic_directory
     from megajoy.ckpt.safetensors_io import ShardedWriter
     from megajoy.data.tokenizer import write_hf_tokenizer_files
 
     with atomic_directory(directory) as tmp:
+        from megajoy.quant.formats import WeightFormat
+        from megajoy.quant.pack import compressed_tensors_config
+
+        int4 = WeightFormat.of("int4", int4_group) if int4_group else None
         writer = ShardedWriter(tmp, max_shard_bytes)
-        for name, tensor in export_tensors(cfg, state):
-            keep_fp32 = name.endswith("e_score_correction_bias")
-            writer.add(name, tensor.to(torch.float32 if keep_fp32 else dtype))
+        for name, tensor in export_tensors(cfg, state, int4):
+            writer.add(name, _export_dtype(name, tensor, dtype))
         writer.close()
-        _write_json(os.path.join(tmp, "config.json"), hf_config(cfg, dtype))
+        config = hf_config(cfg, dtype)
+        if int4 is not None:
+            config["quantization_config"] = compressed_tensors_config(int4.group)
+        _write_json(os.path.join(tmp, "config.json"), config)
         _write_json(os.path.join(tmp, "generation_config.json"), generation_config(cfg))
         if tokenizer_file:
             write_hf_tokenizer_files(tokenizer_file, tmp, cfg)
@@ -208,6 +221,14 @@ def load_hf_dir(directory: str, dtype: torch.dtype = torch.float32) -> tuple[Mod
         keep_fp32 = name.endswith("e_score_correction_bias")
         state[name] = tensor.to(torch.float32 if keep_fp32 else dtype)
     return cfg, state
+
+
+def _export_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The router bias and INT4 scales stay fp32, packed codes and shapes keep their integer types."""
+    if not tensor.is_floating_point():
+        return tensor
+    keep_fp32 = name.endswith(("e_score_correction_bias", ".weight_scale"))
+    return tensor.to(torch.float32 if keep_fp32 else dtype)
 
 
 def _write_json(path: str, data: dict) -> None:

@@ -36,12 +36,12 @@ class MLA(nn.Module):
         qk_out = cfg.num_attention_heads * cfg.qk_head_dim
         bias = cfg.attention_bias
         if cfg.q_lora_rank:
-            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=bias)
+            self.q_a_proj = ColumnParallelLinear(cfg.hidden_size, cfg.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = ColumnParallelLinear(cfg.q_lora_rank, qk_out, self.tp)
         else:
             self.q_proj = ColumnParallelLinear(cfg.hidden_size, qk_out, self.tp)
-        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_proj_with_mqa = ColumnParallelLinear(cfg.hidden_size, cfg.kv_lora_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = ColumnParallelLinear(
             cfg.kv_lora_rank, cfg.num_attention_heads * (self.nope_dim + self.v_dim), self.tp)

@@ -90,10 +90,17 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
+    weight_quant = None  # quantisation-aware training's fake-quant (see megajoy.quant.qat)
+    matmul = None  # a low-precision grouped-GEMM back-end (see megajoy.quant.fp8)
+
     def forward(self, x_NH: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x_NH: rows sorted by expert, tokens_per_expert[e] rows for expert e."""
-        gate, up = grouped_mm(x_NH, self.gate_up_proj.transpose(1, 2), tokens_per_expert).chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), tokens_per_expert)
+        w1, w2 = self.gate_up_proj, self.down_proj
+        if self.weight_quant is not None:
+            w1, w2 = self.weight_quant(w1), self.weight_quant(w2)
+        gemm = self.matmul.grouped if self.matmul is not None else grouped_mm
+        gate, up = gemm(x_NH, w1.transpose(1, 2), tokens_per_expert).chunk(2, dim=-1)
+        return gemm(F.silu(gate) * up, w2.transpose(1, 2), tokens_per_expert)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from torch import nn
 
 from megajoy.config import ModelConfig
 from megajoy.model.norm import RMSNorm
+from megajoy.parallel.layers import ColumnParallelLinear
 
 
 class MTPLayer(nn.Module):
@@ -18,7 +19,7 @@ class MTPLayer(nn.Module):
         super().__init__()
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.eh_proj = ColumnParallelLinear(2 * cfg.hidden_size, cfg.hidden_size)
         self.decoder = decoder_layer
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

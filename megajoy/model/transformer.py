@@ -121,7 +121,17 @@ class JoyAIForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Router):
                 module.e_score_correction_bias.zero_()
+        self.reset_statistics()
+
+    @torch.no_grad()
+    def reset_statistics(self) -> None:
+        """Zero the running statistics (routers' expert load, attention's max logit): non-persistent
+        buffers that `to_empty` leaves uninitialised and no checkpoint restores."""
+        for module in self.modules():
+            if isinstance(module, Router):
                 module.expert_load.zero_()
+            elif isinstance(module, MLA):
+                module.max_logit.zero_()
 
     # ------------------------------------------------------------------ forward pieces
     def sequence_info(self, position_ids_BS: torch.Tensor, document_ids_BS: torch.Tensor | None) -> SequenceInfo:
@@ -227,4 +237,6 @@ def create_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int
     model = model.to_empty(device=device).to(dtype)
     if seed is not None:
         model.init_weights(seed)
+    else:
+        model.reset_statistics()
     return model

@@ -8,8 +8,24 @@ from torch import nn
 from megajoy.parallel.mappings import exit_tp, group_rank, group_size
 
 
-class ColumnParallelLinear(nn.Module):
-    """y_local = x W_local^T: the output features split over the group (weight [out / n, in])."""
+class ProjectionHooks:
+    """Two optional hooks every projection honours: `weight_quant` (quantisation-aware training's
+    fake-quant of the weight) and `matmul` (a low-precision GEMM back-end such as FP8)."""
+
+    weight_quant = None
+    matmul = None
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight_quant(self.weight) if self.weight_quant is not None else self.weight
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.effective_weight()
+        return self.matmul.linear(x, w) if self.matmul is not None else F.linear(x, w)
+
+
+class ColumnParallelLinear(ProjectionHooks, nn.Module):
+    """y_local = x W_local^T: the output features split over the group (weight [out / n, in]); with no
+    group, a plain linear layer."""
 
     tp_dim = 0
 
@@ -23,10 +39,11 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features // n)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = self.project(x)
+        return y if self.bias is None else y + self.bias
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(ProjectionHooks, nn.Module):
     """Partial y = x_local W_local^T with the input features split (weight [out, in / n]); the caller
     sums the partials on leaving the region. A bias is added after that sum (see `forward_exit`)."""
 
@@ -42,7 +59,7 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward_exit(self, x: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
-        y = exit_tp(F.linear(x, self.weight), self.group, sequence_parallel)
+        y = exit_tp(self.project(x), self.group, sequence_parallel)
         return y if self.bias is None else y + self.bias
 
 

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from megajoy.model import create_model
 from megajoy.model.moe import MoE, Router
 from megajoy.optim.qk_clip import apply_qk_clip, track_max_logits
+from megajoy.quant.qat import set_qat
 from megajoy.optim.schedules import global_batch_size, learning_rate
 from megajoy.parallel.context import ParallelContext
 from megajoy.parallel.mappings import all_reduce_no_grad
@@ -75,12 +76,30 @@ class Trainer:
                                                   job.parallel.ddp_bucket_size_mb)
         if job.optimizer.qk_clip_tau:
             track_max_logits(self.model, True)
+        self.qat_format = self._setup_quantisation()
         self.pipeline = PipelineRunner(self.model, self.pc) if self.pc.size("pp") > 1 else None
         self.checkpoints = ckpt.CheckpointWriter(self.out, self.pc, job.checkpoint.keep_last, job.parallel.async_save)
         self.step, self.consumed = 0, 0
+        self._qat_on = False
         self.stop_requested = False
         self.routers = [m for m in self.model.modules() if isinstance(m, Router)]
         stage.setup(self)
+
+    def _setup_quantisation(self):
+        """FP8 GEMMs from the start; the QAT format, whose groups are checked now and which is switched on
+        at `qat_start_iter` (see `_train_step`)."""
+        from megajoy.quant.formats import WeightFormat
+        from megajoy.quant.fp8 import Fp8Matmul
+        from megajoy.quant.qat import check_groups, set_fp8
+
+        q = self.job.quant
+        if q.fp8 != "off":
+            set_fp8(self.model, Fp8Matmul(q.fp8, q.fp8_backend))
+        if q.qat is None:
+            return None
+        fmt = WeightFormat.of(q.qat, q.qat_group)
+        check_groups(self.model, fmt, q.qat_modules)
+        return fmt
 
     def _check_batch_layout(self) -> None:
         cfg, dp, pp = self.job.train, self.pc.size("dp_cp"), self.pc.size("pp")
@@ -168,6 +187,9 @@ class Trainer:
         lr = learning_rate(self.step, self.job.optimizer, cfg.train_iters)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
+        if self.qat_format is not None and not self._qat_on and self.step >= self.job.quant.qat_start_iter:
+            set_qat(self.model, self.qat_format, self.job.quant.qat_modules)
+            self._qat_on = True
         micro_batches = self.stage.train_micro_batches(self, self.consumed, global_batch)
         counts = self._step_token_counts(micro_batches)
         self._set_aux_loss_scale(1.0 / (len(micro_batches) * self.pc.size("dp_cp")))

@@ -1,0 +1,114 @@
+"""Quantisation throughput: megajoy's fake-quant (quantise + dequantise) for int4 / q4_0 / q8_0 and its
+FP8 rounding, each beside a baseline measured in the same run (gguf's own numpy code for the ggml grids,
+compressed-tensors for int4), in GB/s of weights processed. On a GPU it also times a `joyai-slice`
+training step with FP8 (tensorwise) against bf16.
+
+  python benchmarks/quantization.py [--rows 4096 --cols 2048]
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from benchmarks.common import environment, print_table, time_call, write_json  # noqa: E402
+
+
+def _baselines(w: torch.Tensor):
+    out = {}
+    try:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize, quantize
+
+        host = w.cpu().numpy()
+        for name in ("Q8_0", "Q4_0"):
+            kind = getattr(GGMLQuantizationType, name)
+            out[name.lower()] = ("gguf (numpy)", lambda kind=kind: dequantize(quantize(host, kind), kind))
+    except ImportError:
+        pass
+    try:
+        from compressed_tensors.quantization import QuantizationArgs
+        from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+        from compressed_tensors.quantization.utils import calculate_qparams
+
+        args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=64)
+
+        def ct():
+            groups = w.unflatten(-1, (-1, 64))
+            scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+            return fake_quantize(w, scale, zero, args)
+
+        out["int4"] = ("compressed-tensors", ct)
+    except ImportError:
+        pass
+    return out
+
+
+def quantisation_rows(rows: int, cols: int, device: torch.device) -> list[dict]:
+    from megajoy.quant.formats import WeightFormat
+    from megajoy.quant.fp8 import E4M3, fp8_round
+
+    w = torch.randn(rows, cols, device=device) * 0.02
+    gigabytes = w.numel() * 4 / 1e9
+    baselines = _baselines(w)
+    table = []
+    for name in ("int4", "q4_0", "q8_0"):
+        fmt = WeightFormat.of(name)
+        seconds = time_call(lambda: fmt.fake_quant(w), device, warmup=1, iters=5)
+        row = {"format": name, "megajoy GB/s": gigabytes / seconds}
+        if name in baselines:
+            label, fn = baselines[name]
+            base = time_call(fn, device, warmup=1, iters=3)
+            row.update({"baseline": label, "baseline GB/s": gigabytes / base, "speed-up": base / seconds})
+        table.append(row)
+    for recipe, blockwise in (("fp8 tensorwise", False), ("fp8 blockwise", True)):
+        seconds = time_call(lambda: fp8_round(w, E4M3, blockwise, (128, 128)), device, warmup=1, iters=5)
+        table.append({"format": recipe, "megajoy GB/s": gigabytes / seconds})
+    return table
+
+
+def fp8_step_speedup(device: torch.device) -> dict | None:
+    """joyai-slice training step, bf16 autocast with and without FP8 GEMMs (GPU only)."""
+    if device.type != "cuda":
+        return None
+    from megajoy.config import joyai_slice
+    from megajoy.model import create_model
+    from megajoy.quant.fp8 import Fp8Matmul
+    from megajoy.quant.qat import set_fp8
+
+    cfg = joyai_slice()
+    model = create_model(cfg, device=device).train()
+    ids = torch.randint(0, cfg.vocab_size, (1, 4096), device=device)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(ids, labels=ids, compute_mtp=False)
+        out.lm_loss.backward()
+
+    bf16 = time_call(step, device, warmup=2, iters=5)
+    set_fp8(model, Fp8Matmul("tensorwise", "torch"))
+    fp8 = time_call(step, device, warmup=2, iters=5)
+    return {"bf16 step s": bf16, "fp8 tensorwise step s": fp8, "speed-up": bf16 / fp8}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--cols", type=int, default=2048)
+    parser.add_argument("--out", default="benchmarks/results/quantization.json")
+    args = parser.parse_args()
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    table = quantisation_rows(args.rows, args.cols, device)
+    print(f"fake-quant (quantise + dequantise) of a {args.rows} x {args.cols} fp32 weight on {device}:")
+    print_table(table, ["format", "megajoy GB/s", "baseline", "baseline GB/s", "speed-up"])
+    step = fp8_step_speedup(device)
+    print("FP8 training step: " + (str(step) if step else "no GPU here; run on a Hopper GPU for FP8 vs bf16"))
+    write_json(args.out, {"benchmark": "quantization", "env": environment(device), "fake_quant": table,
+                          "fp8_step": step})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Weight-only quantisation formats for quantisation-aware training, each with its exact rules:
+
+  int4   symmetric, one fp32 scale per group of `group` (64 or 32) along the input dimension:
+         scale = max|w| / 7.5, q = clamp(round_half_even(w / scale), -8, 7)  (compressed-tensors' int4,
+         the layout of the released JoyAI-Flash INT4 checkpoint and of vLLM / SGLang's pack-quantized)
+  q8_0   ggml's block of 32: d = max|w| / 127, q = round_half_away(w / d), stored d in fp16
+  q4_0   ggml's block of 32: m = the signed value of largest magnitude, d = m / -8,
+         q = clamp(trunc(w / d + 8.5), 0, 15) - 8, stored d in fp16
+
+Quantisation runs in fp32 in the same order of operations as ggml (gguf-py's numpy port), so
+`dequantize(quantize(w))` is bit-identical to what a GGUF file of that type holds. Fake-quant passes the
+gradient straight through (the straight-through estimator).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+FORMATS = ("int4", "q4_0", "q8_0")
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    name: str
+    group: int
+
+    @classmethod
+    def of(cls, name: str, group: int = 64) -> "WeightFormat":
+        if name not in FORMATS:
+            raise ValueError(f"quantisation format {name!r} must be one of {FORMATS}")
+        if name != "int4":
+            group = 32  # ggml's block size
+        if group not in (32, 64):
+            raise ValueError(f"int4 group size {group} must be 32 or 64")
+        return cls(name, group)
+
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes int8 [..., n], scales [..., n / group]); int4 scales fp32, ggml scales fp16."""
+        if w.shape[-1] % self.group:
+            raise ValueError(f"input dimension {w.shape[-1]} is not a multiple of the {self.name} group {self.group}")
+        blocks = w.detach().float().unflatten(-1, (-1, self.group))
+        codes, scales = {"int4": _int4, "q8_0": _q8_0, "q4_0": _q4_0}[self.name](blocks)
+        return codes.flatten(-2), scales.squeeze(-1)
+
+    def dequantize(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        blocks = codes.float().unflatten(-1, (-1, self.group))
+        return (blocks * scales.float().unsqueeze(-1)).flatten(-2)
+
+    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
+        """dequantize(quantize(w)) in w's dtype, with the gradient passed straight through."""
+        return _StraightThrough.apply(w, self)
+
+
+def _int4(blocks):
+    scales = blocks.abs().amax(dim=-1, keepdim=True) / 7.5
+    scales = torch.where(scales == 0, torch.finfo(torch.float32).eps, scales)
+    codes = torch.clamp(torch.round(blocks / scales), -8, 7)
+    return codes.to(torch.int8), scales
+
+
+def _round_half_away(x):
+    a = x.abs()
+    floored = torch.floor(a)
+    return torch.sign(x) * (floored + torch.floor(2 * (a - floored)))
+
+
+def _q8_0(blocks):
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    codes = _round_half_away(blocks * inverse)
+    return codes.to(torch.int8), d.half()
+
+
+def _q4_0(blocks):
+    peak = blocks.gather(-1, blocks.abs().argmax(dim=-1, keepdim=True))
+    d = peak / -8
+    inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    codes = torch.clamp(torch.trunc(blocks * inverse + 8.5), 0, 15) - 8
+    return codes.to(torch.int8), d.half()
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, fmt: WeightFormat):
+        codes, scales = fmt.quantize(w)
+        return fmt.dequantize(codes, scales).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None

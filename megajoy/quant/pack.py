@@ -1,0 +1,47 @@
+"""Packed INT4 in compressed-tensors' "pack-quantized" layout (what vLLM and SGLang load): each weight
+[out, in] becomes `weight_packed` int32 [out, in / 8] (eight 4-bit codes per word, code i in bits
+4i..4i+3, stored as code + 8), `weight_scale` fp32 [out, in / group] and `weight_shape` int64 [2]."""
+
+import torch
+
+from megajoy.quant.formats import WeightFormat
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-8, 7] of shape [rows, cols] (cols a multiple of 8) -> int32 [rows, cols / 8]."""
+    if codes.shape[-1] % 8:
+        raise ValueError(f"packing int4 needs a multiple of 8 columns, got {codes.shape[-1]}")
+    nibbles = (codes.to(torch.int64) + 8).unflatten(-1, (-1, 8))
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
+    words = (nibbles << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    nibbles = (words.unsqueeze(-1) >> torch.arange(0, 32, 4, dtype=torch.int64)) & 0xF
+    return (nibbles - 8).flatten(-2).to(torch.int8)
+
+
+def packed_tensors(name: str, weight: torch.Tensor, fmt: WeightFormat) -> list[tuple[str, torch.Tensor]]:
+    """`NAME.weight` -> NAME.weight_packed / weight_scale / weight_shape."""
+    codes, scales = fmt.quantize(weight)
+    base = name[:-len(".weight")]
+    return [(f"{base}.weight_packed", pack_int4(codes)), (f"{base}.weight_scale", scales.float()),
+            (f"{base}.weight_shape", torch.tensor(list(weight.shape), dtype=torch.int64))]
+
+
+def compressed_tensors_config(group: int) -> dict:
+    """config.json's quantization_config: symmetric int4 groups on the routed experts' projections."""
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {
+            "targets": [r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"],
+            "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+                        "group_size": group, "dynamic": False, "observer": "minmax"},
+            "input_activations": None, "output_activations": None, "format": "pack-quantized"}},
+        "ignore": ["lm_head"],
+        "kv_cache_scheme": None,
+    }

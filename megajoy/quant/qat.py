@@ -1,0 +1,59 @@
+"""Quantisation-aware training: the chosen projections see fake-quantised weights in the forward pass
+(high-precision master weights, straight-through gradients), from a chosen step on.
+
+Which projections (`--qat-modules`): `routed-experts` (default; the released JoyAI-Flash INT4 model
+quantises only these), `experts` (routed and shared), `linear` (every projection but the embedding and
+the output head). Groups run along each weight's input dimension, which must split into whole groups on
+every rank (a tensor-parallel shard of a row-parallel weight holds part of that dimension).
+"""
+
+from torch import nn
+
+from megajoy.model.moe import GroupedExperts
+from megajoy.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megajoy.quant.formats import WeightFormat
+
+MODULES = ("routed-experts", "experts", "linear")
+
+
+def qat_targets(model: nn.Module, which: str) -> list[tuple[str, nn.Module]]:
+    if which not in MODULES:
+        raise ValueError(f"--qat-modules {which!r} must be one of {MODULES}")
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, GroupedExperts):
+            out.append((name, module))
+        elif isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and name != "lm_head":
+            if which == "linear" or (which == "experts" and ".shared_experts." in f"{name}."):
+                out.append((name, module))
+    return out
+
+
+def check_groups(model: nn.Module, fmt: WeightFormat, which: str) -> None:
+    """Every quantised weight's (local) input dimension must be whole groups: a group never straddles a
+    tensor-parallel shard boundary."""
+    for name, module in qat_targets(model, which):
+        for pname, p in module.named_parameters(recurse=False):
+            if p.ndim >= 2 and p.shape[-1] % fmt.group:
+                raise ValueError(f"{name}.{pname}: input dimension {p.shape[-1]} on this rank is not a multiple of "
+                                 f"the {fmt.name} group {fmt.group}; change the group or the tensor-parallel size")
+
+
+def set_qat(model: nn.Module, fmt: WeightFormat | None, which: str = "routed-experts") -> int:
+    """Switch fake-quant on (a format) or off (None) for the targets; returns how many modules."""
+    targets = qat_targets(model, which)
+    if fmt is not None:
+        check_groups(model, fmt, which)
+    for _, module in targets:
+        module.weight_quant = fmt.fake_quant if fmt is not None else None
+    return len(targets)
+
+
+def set_fp8(model: nn.Module, matmul) -> int:
+    """FP8 GEMMs (an Fp8Matmul, or None for off) for every projection but the embedding and output head."""
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear, GroupedExperts)) and name != "lm_head":
+            module.matmul = matmul
+            count += 1
+    return count

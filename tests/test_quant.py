@@ -1,0 +1,206 @@
+"""Quantisation against references nobody here wrote: gguf's own quantize / dequantize (bit for bit),
+compressed-tensors' int4 fake-quant, packing and config parsing, torch._scaled_mm on CPU."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import load_tool, random_model, small_config
+from megajoy.quant.formats import WeightFormat
+from megajoy.quant.fp8 import E4M3, Fp8Matmul, quantize
+from megajoy.quant.pack import pack_int4, unpack_int4
+from megajoy.quant.qat import check_groups, set_qat
+
+
+def _weights(shape=(48, 256), seed=0):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.05
+    w[0, :32] = 0.0  # an all-zero block
+    w[1, 5] = 0.4  # an outlier
+    return w
+
+
+@pytest.mark.parametrize("name, qtype", [("q8_0", "Q8_0"), ("q4_0", "Q4_0")])
+def test_ggml_grids_are_bit_exact_with_gguf(name, qtype):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize as gguf_quantize
+
+    w = _weights()
+    kind = getattr(GGMLQuantizationType, qtype)
+    expected = dequantize(gguf_quantize(w.numpy(), kind), kind)
+    fmt = WeightFormat.of(name)
+    ours = fmt.fake_quant(w)
+    assert np.array_equal(ours.numpy(), expected)
+    codes, scales = fmt.quantize(w)
+    assert scales.dtype == torch.float16 and codes.abs().max() <= (127 if name == "q8_0" else 8)
+
+
+def test_int4_matches_compressed_tensors():
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    w = _weights()
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=64)
+    groups = w.unflatten(-1, (-1, 64))
+    scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+    expected = fake_quantize(w, scale, zero, args)
+    assert torch.equal(WeightFormat.of("int4", 64).fake_quant(w), expected)
+    codes, scales = WeightFormat.of("int4", 64).quantize(w)
+    assert torch.equal(scales, scale) and codes.min() >= -8 and codes.max() <= 7
+
+
+def test_straight_through_gradient():
+    w = _weights().requires_grad_()
+    upstream = torch.randn_like(w)
+    (WeightFormat.of("int4").fake_quant(w) * upstream).sum().backward()
+    assert torch.equal(w.grad, upstream)
+
+
+def test_pack_matches_compressed_tensors():
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    codes = torch.randint(-8, 8, (6, 64), dtype=torch.int8)
+    packed = pack_int4(codes)
+    assert torch.equal(packed, pack_to_int32(codes, 4))
+    assert torch.equal(unpack_int4(packed), codes)
+    assert torch.equal(unpack_from_int32(packed, 4, torch.Size([6, 64])), codes)
+
+
+def test_qat_forward_uses_exactly_the_gguf_weights():
+    """With q4_0 QAT on the routed experts, the model computes what a model holding gguf's dequantised
+    Q4_0 expert weights computes."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize as gguf_quantize
+
+    cfg = small_config(hidden_size=64, moe_intermediate_size=32)
+    model = random_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    reference = random_model(cfg)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if ".experts." in name:
+                q4 = GGMLQuantizationType.Q4_0
+                p.copy_(torch.from_numpy(dequantize(gguf_quantize(p.numpy(), q4), q4)).reshape(p.shape))
+    assert set_qat(model, WeightFormat.of("q4_0")) == cfg.num_hidden_layers - cfg.first_k_dense_replace
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def test_groups_never_straddle_tensor_parallel_shards():
+    from megajoy.config import ParallelConfig
+    from megajoy.parallel.memory import rank_model
+
+    cfg = small_config(intermediate_size=96)  # down_proj's input split over TP 2: 48 per rank
+    model, _ = rank_model(cfg, ParallelConfig(tensor_model_parallel_size=2), 2, 0, 32)
+    with pytest.raises(ValueError, match="layers.0.mlp.down_proj.weight: input dimension 48 on this rank is not a "
+                                         "multiple of the int4 group 32"):
+        check_groups(model, WeightFormat.of("int4", 32), "linear")
+    check_groups(model, WeightFormat.of("int4", 32), "routed-experts")  # experts are whole on each rank
+
+
+def test_int4_export_decompresses_to_the_qat_weights(tmp_path):
+    """tools/convert_ckpt.py --to hf --int4: compressed-tensors reads the config, its unpacking and
+    dequantisation of every expert give back exactly the weights the INT4 QAT forward used."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors import safe_open
+
+    from megajoy.cli import main
+
+    ckpt = tmp_path / "ckpt"
+    assert main(["init", "--set", "model.num_hidden_layers=2", "--out", str(ckpt)]) == 0
+    assert load_tool("convert_ckpt").main(["--input", str(ckpt), "--output", str(tmp_path / "hf"), "--to", "hf",
+                                           "--int4"]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    parsed = QuantizationConfig.model_validate(config["quantization_config"])
+    assert parsed.format == "pack-quantized" and parsed.config_groups["group_0"].weights.group_size == 64
+    from megajoy.ckpt.native import load_model_dir
+
+    _, state, _ = load_model_dir(str(ckpt))
+    fmt = WeightFormat.of("int4", 64)
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        inter = 64
+        gate_up, down = state["layers.1.mlp.experts.gate_up_proj"], state["layers.1.mlp.experts.down_proj"]
+        for e, proj, weight in [(3, "gate_proj", gate_up[3, :inter]), (3, "up_proj", gate_up[3, inter:]),
+                                (7, "down_proj", down[7])]:
+            base = f"model.layers.1.mlp.experts.{e}.{proj}"
+            assert f"{base}.weight" not in keys
+            scale = f.get_tensor(f"{base}.weight_scale")
+            shape = torch.Size(f.get_tensor(f"{base}.weight_shape").tolist())
+            codes = unpack_from_int32(f.get_tensor(f"{base}.weight_packed"), 4, shape)
+            assert scale.dtype == torch.float32 and shape == weight.shape
+            decompressed = (codes.float().unflatten(-1, (-1, 64)) * scale.unsqueeze(-1)).flatten(-2)
+            assert torch.equal(decompressed, fmt.fake_quant(weight))
+        assert f.get_tensor("model.layers.1.self_attn.o_proj.weight").dtype == torch.bfloat16
+        assert f.get_tensor("model.layers.1.mlp.shared_experts.down_proj.weight").dtype == torch.bfloat16
+
+
+def test_fp8_emulation_equals_scaled_mm_on_cpu():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 256, generator=g), torch.randn(96, 256, generator=g)
+    x8, sx = quantize(x, E4M3, False)
+    w8, sw = quantize(w, E4M3, False)
+    expected = torch._scaled_mm(x8, w8.t(), scale_a=sx.reshape(()), scale_b=sw.reshape(()), out_dtype=torch.float32)
+    assert torch.equal(Fp8Matmul("tensorwise", "emulate").linear(x, w), expected)
+
+
+def test_fp8_gradients_round_through_fp8():
+    x = torch.randn(8, 256, requires_grad=True)
+    w = torch.randn(128, 256, requires_grad=True)
+    for recipe in ("tensorwise", "blockwise"):
+        y = Fp8Matmul(recipe, "emulate").linear(x, w)
+        grad = torch.randn_like(y)
+        dx, dw = torch.autograd.grad(y, (x, w), grad)
+        reference_dx = grad @ w  # full precision: FP8 rounding makes the gradient differ a little
+        rel = ((dx - reference_dx).norm() / reference_dx.norm()).item()
+        assert 1e-4 < rel < 0.1
+
+
+@pytest.mark.parametrize("backend, recipe, message", [
+    ("te", "tensorwise", "Transformer Engine, which is not installed"),
+    ("torch", "tensorwise", "needs a CUDA GPU with FP8 units"),
+])
+def test_unavailable_fp8_backends_say_so(backend, recipe, message):
+    if backend == "torch" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match=message):
+        Fp8Matmul(recipe, backend)
+
+
+def _train(tmp_path, data_prefix, tokenizer_file, name, *flags):
+    from megajoy.cli import main
+
+    out = tmp_path / name
+    argv = ["pretrain", "--preset", "tiny", "--data-path", data_prefix, "--tokenizer", tokenizer_file,
+            "--seq-length", "64", "--global-batch-size", "4", "--micro-batch-size", "4", "--train-iters", "40",
+            "--eval-interval", "40", "--eval-iters", "4", "--log-interval", "1", "--lr-warmup-iters", "5",
+            "--mtp-start-iter", "0", "--out", str(out), *flags]
+    assert main(argv) == 0
+    with open(out / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_tiny_preset_trains_within_two_percent_with_int4_qat_and_fp8(tmp_path, data_prefix, tokenizer_file):
+    def final_val(records):
+        return [r["val_loss"] for r in records if "val_loss" in r][-1]
+
+    full = _train(tmp_path, data_prefix, tokenizer_file, "full")
+    start = [r["val_loss"] for r in full if "val_loss" in r][0]
+    assert final_val(full) < 0.7 * start  # it learns, so the comparison means something
+    for name, flags in (("int4", ["--qat", "int4"]), ("fp8_tensorwise", ["--fp8", "tensorwise", "--fp8-backend", "emulate"]),
+                        ("fp8_blockwise", ["--fp8", "blockwise", "--fp8-backend", "emulate"])):
+        quantised = final_val(_train(tmp_path, data_prefix, tokenizer_file, name, *flags))
+        assert abs(quantised / final_val(full) - 1) <= 0.02, (name, quantised, final_val(full))
+
+
+def test_qat_switches_on_at_its_step(tmp_path, data_prefix, tokenizer_file):
+    plain = {r["step"]: r["loss"] for r in _train(tmp_path, data_prefix, tokenizer_file, "plain") if "loss" in r}
+    late = {r["step"]: r["loss"] for r in _train(tmp_path, data_prefix, tokenizer_file, "late", "--qat", "q8_0",
+                                                 "--qat-start-iter", "10") if "loss" in r}
+    assert all(late[s] == plain[s] for s in range(1, 11))  # steps 0..9 run full precision
+    assert any(late[s] != plain[s] for s in range(11, 41))
