@@ -6,6 +6,7 @@ import torch
 
 from megajoy.ckpt.hf import save_hf_dir
 from megajoy.ckpt.native import model_state
+from megajoy.ckpt.view import state_view
 from megajoy.config import ModelConfig
 from megajoy.model import create_model
 
@@ -36,7 +37,7 @@ def hf_reference(model, directory: str):
     """Export `model` to a Hugging Face directory (fp32) and load it back with transformers."""
     from transformers import AutoModelForCausalLM
 
-    save_hf_dir(directory, model.cfg, model_state(model), dtype=torch.float32)
+    save_hf_dir(directory, state_view(model.cfg, model_state(model)), dtype=torch.float32)
     hf, info = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, output_loading_info=True)
     # transformers hard-codes DeepSeek-V3's MTP layer index (61) as the unexpected-key pattern; point it
     # at this config's MTP layer so its MtpModel can find the weights.

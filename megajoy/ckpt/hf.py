@@ -4,20 +4,18 @@ megajoy keeps routed experts stacked ([E, 2I, H] gate_up, [E, H, I] down) and th
 `mtp.{k}`; the Hugging Face layout (the one DeepSeek-V3 and JoyAI-Flash checkpoints ship) has one tensor
 per expert and projection, and the MTP module as decoder layer `num_hidden_layers + k` with copies of the
 embedding and output head (`embed_tokens`, `shared_head.head`) that inference engines load from there.
-Conversions are generators over (name, tensor) pairs so callers can stream them.
+Tensors are read from a `CheckpointView` (megajoy/ckpt/view.py) and written one at a time.
 """
 
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 
 import torch
 
 from megajoy.config import ModelConfig
 
-_EXPERTS = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
-_HF_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 # Hugging Face config.json fields megajoy's ModelConfig carries under the same names.
 HF_FIELDS = (
@@ -109,126 +107,122 @@ def from_hf_name(hf_name: str, cfg: ModelConfig) -> str | None:
 
 # ------------------------------------------------------------------------------------------ tensors
 
-def export_tensors(cfg: ModelConfig, state: Mapping[str, torch.Tensor], int4=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """megajoy state -> Hugging Face (name, tensor) pairs, one tensor at a time. With `int4` (a
-    WeightFormat), routed experts come out packed (compressed-tensors pack-quantized)."""
-    from megajoy.quant.pack import packed_tensors
+def hf_entries(view, dtype: torch.dtype, int4=None) -> list:
+    """The Hugging Face file's tensors, in order, each produced from `view` only while it is written.
+    Routed experts follow their layer's other tensors; with `int4` (a WeightFormat) they come out packed
+    (compressed-tensors pack-quantized). The router bias stays fp32, as DeepSeek-V3 keeps it."""
+    from megajoy.ckpt.safetensors_io import TensorEntry
 
-    for name, tensor in state.items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        m = _EXPERTS.match(name)
-        if not m:
-            yield to_hf_name(name, cfg), tensor
-        elif int4 is None:
-            yield from _split_experts(int(m.group(1)), m.group(2), tensor, cfg)
-        else:
-            for hf_name, expert in _split_experts(int(m.group(1)), m.group(2), tensor, cfg):
-                yield from packed_tensors(hf_name, expert, int4)
-    for k in range(cfg.num_nextn_predict_layers):
+    cfg = view.cfg
+    entries, pending_layer = [], None
+
+    def flush_experts(layer):
+        if layer is not None and layer in view.moe_layers():
+            entries.extend(_expert_entries(view, layer, dtype, int4))
+
+    for name in sorted(view.dense_names(), key=_file_position):
+        layer = _layer_of(name)
+        if layer != pending_layer:
+            flush_experts(pending_layer)
+            pending_layer = layer
+        keep_fp32 = name.endswith("e_score_correction_bias")
+        entries.append(TensorEntry(to_hf_name(name, cfg), torch.float32 if keep_fp32 else dtype,
+                                   view.dense_shape(name), _reader(view.dense, name)))
+    flush_experts(pending_layer)
+    head = "embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    for k in range(cfg.num_nextn_predict_layers):  # the MTP layer's own copies, where engines look for them
         prefix = f"model.layers.{cfg.num_hidden_layers + k}."
-        head = "embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-        yield prefix + "embed_tokens.weight", state["embed_tokens.weight"].clone()
-        yield prefix + "shared_head.head.weight", state[head].clone()
+        entries.append(TensorEntry(prefix + "embed_tokens.weight", dtype, view.dense_shape("embed_tokens.weight"),
+                                   _reader(view.dense, "embed_tokens.weight")))
+        entries.append(TensorEntry(prefix + "shared_head.head.weight", dtype, view.dense_shape(head),
+                                   _reader(view.dense, head)))
+    return entries
 
 
-def _split_experts(layer: int, kind: str, stacked: torch.Tensor, cfg: ModelConfig):
-    inter = cfg.moe_intermediate_size
-    for e in range(stacked.shape[0]):
-        prefix = f"model.layers.{layer}.mlp.experts.{e}."
-        if kind == "gate_up_proj":
-            yield prefix + "gate_proj.weight", stacked[e, :inter]
-            yield prefix + "up_proj.weight", stacked[e, inter:]
-        else:
-            yield prefix + "down_proj.weight", stacked[e]
+def _file_position(name: str) -> int:
+    """Embedding, then the layers in order, then the rest (a distributed checkpoint lists its tensors
+    by pipeline stage, not by layer)."""
+    layer = _layer_of(name)
+    if layer is not None:
+        return layer
+    return -1 if name.startswith("embed_tokens.") else 1 << 30
 
 
-def import_tensors(cfg: ModelConfig, names: list[str], load: Callable[[str], torch.Tensor]
-                   ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Hugging Face names (with a loader for each) -> megajoy (name, tensor) pairs; experts are stacked
-    per layer as soon as that layer's expert tensors have been read."""
-    expert_names: dict[int, dict[tuple[int, str], str]] = {}
-    for hf_name in names:
-        m = _HF_EXPERT.match(hf_name)
-        if m:
-            layer, e, proj = int(m.group(1)), int(m.group(2)), m.group(3)
-            expert_names.setdefault(layer, {})[(e, proj)] = hf_name
-            continue
-        name = from_hf_name(hf_name, cfg)
-        if name is not None:
-            yield name, load(hf_name)
-    for layer, found in sorted(expert_names.items()):
-        yield from _stack_experts(layer, found, load, cfg)
+def _layer_of(name: str) -> int | None:
+    m = re.match(r"^layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
 
 
-def _stack_experts(layer: int, found: dict, load: Callable, cfg: ModelConfig):
-    n = cfg.n_routed_experts
-    missing = [f"model.layers.{layer}.mlp.experts.{e}.{p}.weight" for e in range(n)
-               for p in ("gate_proj", "up_proj", "down_proj") if (e, p) not in found]
-    if missing:
-        raise ValueError(f"layer {layer}: {len(missing)} expert tensors missing, first {missing[0]}")
-    if len(found) != 3 * n:
-        extra = sorted(v for (e, _), v in found.items() if e >= n)
-        raise ValueError(f"layer {layer}: expert tensor {extra[0]} is beyond n_routed_experts={n}")
-    gate_up = torch.stack([torch.cat((load(found[(e, "gate_proj")]), load(found[(e, "up_proj")])))
-                           for e in range(n)])
-    yield f"layers.{layer}.mlp.experts.gate_up_proj", gate_up
-    del gate_up
-    yield f"layers.{layer}.mlp.experts.down_proj", torch.stack([load(found[(e, "down_proj")]) for e in range(n)])
+def _reader(load, *args):
+    return lambda: (load(*args),)
+
+
+def _expert_entries(view, layer: int, dtype: torch.dtype, int4) -> list:
+    from megajoy.ckpt.safetensors_io import TensorEntry
+
+    entries = []
+    for e in range(view.cfg.n_routed_experts):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            name = f"model.layers.{layer}.mlp.experts.{e}.{proj}."
+            shape = view.expert_shape(proj)
+            if int4 is None:
+                entries.append(TensorEntry(name + "weight", dtype, shape, _reader(view.expert, layer, e, proj)))
+            else:
+                entries.extend(_packed_entries(name, shape, lambda e=e, proj=proj: view.expert(layer, e, proj), int4))
+    return entries
+
+
+def _packed_entries(prefix: str, shape: tuple[int, int], load, int4) -> list:
+    """NAME.weight_packed / weight_scale / weight_shape, quantising the weight once for the first two."""
+    from megajoy.ckpt.safetensors_io import TensorEntry
+    from megajoy.quant.pack import pack_int4
+
+    rows, cols = shape
+    if cols % int4.group:
+        raise ValueError(f"{prefix}weight: input dimension {cols} is not a multiple of the int4 group {int4.group}")
+    cache = {}
+
+    def quantized():
+        if not cache:
+            cache["q"] = int4.quantize(load())
+        return cache["q"]
+
+    def codes():
+        yield pack_int4(quantized()[0])
+
+    def scales():
+        yield quantized()[1].float()
+        cache.clear()
+
+    return [TensorEntry(prefix + "weight_packed", torch.int32, (rows, cols // 8), codes),
+            TensorEntry(prefix + "weight_scale", torch.float32, (rows, cols // int4.group), scales),
+            TensorEntry.of(prefix + "weight_shape", torch.tensor([rows, cols], dtype=torch.int64))]
 
 
 # ------------------------------------------------------------------------------------------ directories
 
-def save_hf_dir(directory: str, cfg: ModelConfig, state: Mapping[str, torch.Tensor],
-                dtype: torch.dtype = torch.bfloat16, tokenizer_file: str | None = None,
-                max_shard_bytes: int = 5 * 2**30, int4_group: int | None = None) -> None:
-    """A Hugging Face model directory, written atomically: weights (sharded safetensors), config.json,
-    generation_config.json and the tokenizer. The router bias stays fp32 (DeepSeek-V3 keeps it so).
-    With `int4_group`, the routed experts are packed INT4 with fp32 group scales (the rest in `dtype`)."""
+def save_hf_dir(directory: str, view, dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 * 10**9,
+                int4_group: int | None = None) -> None:
+    """A Hugging Face model directory, written atomically and one tensor at a time: weights (sharded
+    safetensors), config.json, generation_config.json and the tokenizer. With `int4_group`, the routed
+    experts are packed INT4 with fp32 group scales (the rest in `dtype`)."""
     from megajoy.ckpt.atomic import atomic_directory
-    from megajoy.ckpt.safetensors_io import ShardedWriter
+    from megajoy.ckpt.safetensors_io import write_safetensors_dir
     from megajoy.data.tokenizer import write_hf_tokenizer_files
+    from megajoy.quant.formats import WeightFormat
+    from megajoy.quant.pack import compressed_tensors_config
 
+    int4 = WeightFormat.of("int4", int4_group) if int4_group else None
+    entries = hf_entries(view, dtype, int4)
     with atomic_directory(directory) as tmp:
-        from megajoy.quant.formats import WeightFormat
-        from megajoy.quant.pack import compressed_tensors_config
-
-        int4 = WeightFormat.of("int4", int4_group) if int4_group else None
-        writer = ShardedWriter(tmp, max_shard_bytes)
-        for name, tensor in export_tensors(cfg, state, int4):
-            writer.add(name, _export_dtype(name, tensor, dtype))
-        writer.close()
-        config = hf_config(cfg, dtype)
+        write_safetensors_dir(tmp, entries, max_shard_bytes)
+        config = hf_config(view.cfg, dtype)
         if int4 is not None:
             config["quantization_config"] = compressed_tensors_config(int4.group)
         _write_json(os.path.join(tmp, "config.json"), config)
-        _write_json(os.path.join(tmp, "generation_config.json"), generation_config(cfg))
-        if tokenizer_file:
-            write_hf_tokenizer_files(tokenizer_file, tmp, cfg)
-
-
-def load_hf_dir(directory: str, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    from megajoy.ckpt.safetensors_io import SafetensorsDir
-
-    path = os.path.join(directory, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{directory} is not a Hugging Face model directory: config.json is missing")
-    with open(path) as f:
-        cfg = model_config_from_hf(json.load(f), source=path)
-    files = SafetensorsDir(directory)
-    state = {}
-    for name, tensor in import_tensors(cfg, files.names(), files.load):
-        keep_fp32 = name.endswith("e_score_correction_bias")
-        state[name] = tensor.to(torch.float32 if keep_fp32 else dtype)
-    return cfg, state
-
-
-def _export_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The router bias and INT4 scales stay fp32, packed codes and shapes keep their integer types."""
-    if not tensor.is_floating_point():
-        return tensor
-    keep_fp32 = name.endswith(("e_score_correction_bias", ".weight_scale"))
-    return tensor.to(torch.float32 if keep_fp32 else dtype)
+        _write_json(os.path.join(tmp, "generation_config.json"), generation_config(view.cfg))
+        if view.tokenizer:
+            write_hf_tokenizer_files(view.tokenizer, tmp, view.cfg)
 
 
 def _write_json(path: str, data: dict) -> None:

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from megajoy.ckpt.atomic import atomic_directory
-from megajoy.ckpt.safetensors_io import SafetensorsDir, ShardedWriter
+from megajoy.ckpt.safetensors_io import SafetensorsDir, write_safetensors_dir
 from megajoy.config import JobConfig
 
 CONFIG_NAME = "config.yaml"
@@ -23,23 +23,40 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_model_files(directory: str, job: JobConfig, state: dict[str, torch.Tensor],
-                      tokenizer_file: str | None = None) -> None:
-    """Write into an existing directory (the caller decides about atomicity)."""
-    writer = ShardedWriter(directory)
-    for name, tensor in state.items():
-        writer.add(name, tensor)
-    writer.close()
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        yaml.safe_dump(job.to_dict(), f, sort_keys=False)
-    if tokenizer_file:
-        shutil.copyfile(tokenizer_file, os.path.join(directory, TOKENIZER_NAME))
+def megajoy_entries(view, dtype: torch.dtype = torch.float32) -> list:
+    """megajoy's own tensors (experts stacked per layer) from any view, produced while written. The
+    router bias stays fp32."""
+    from megajoy.ckpt.safetensors_io import TensorEntry
+
+    cfg = view.cfg
+    inter, hidden, n = cfg.moe_intermediate_size, cfg.hidden_size, cfg.n_routed_experts
+    entries = []
+    for name in view.dense_names():
+        out = torch.float32 if name.endswith("e_score_correction_bias") else dtype
+        entries.append(TensorEntry(name, out, view.dense_shape(name),
+                                   lambda name=name: (view.dense(name),)))
+    for layer in view.moe_layers():
+        def gate_up(layer=layer):
+            for e in range(n):
+                yield view.expert(layer, e, "gate_proj")
+                yield view.expert(layer, e, "up_proj")
+
+        def down(layer=layer):
+            for e in range(n):
+                yield view.expert(layer, e, "down_proj")
+
+        entries.append(TensorEntry(f"layers.{layer}.mlp.experts.gate_up_proj", dtype, (n, 2 * inter, hidden), gate_up))
+        entries.append(TensorEntry(f"layers.{layer}.mlp.experts.down_proj", dtype, (n, hidden, inter), down))
+    return entries
 
 
-def save_model_dir(directory: str, job: JobConfig, state: dict[str, torch.Tensor],
-                   tokenizer_file: str | None = None) -> None:
+def save_model_dir(directory: str, view, dtype: torch.dtype = torch.float32, max_shard_bytes: int = 5 * 10**9) -> None:
     with atomic_directory(directory) as tmp:
-        write_model_files(tmp, job, state, tokenizer_file)
+        write_safetensors_dir(tmp, megajoy_entries(view, dtype), max_shard_bytes)
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            yaml.safe_dump(view.job.to_dict(), f, sort_keys=False)
+        if view.tokenizer:
+            shutil.copyfile(view.tokenizer, os.path.join(tmp, TOKENIZER_NAME))
 
 
 def read_job_config(directory: str) -> JobConfig:

@@ -1,66 +1,181 @@
-"""Sharded safetensors directories (Hugging Face layout): a streaming writer and a lazy reader."""
+"""Sharded safetensors directories (Hugging Face layout), written and read one tensor at a time.
+
+Both sides stream: the writer takes a plan of tensors (name, dtype, shape) whose bytes are produced
+piece by piece while the file is written, and the reader copies one tensor, or a range of its rows,
+into memory with plain reads (no memory map: mapped pages of a multi-gigabyte file count against the
+process's resident memory). Peak memory is the largest piece, not the model.
+"""
 
 import json
+import math
 import os
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
+DTYPE_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
-class ShardedWriter:
-    """Add tensors one by one; a shard is written whenever `max_shard_bytes` would be exceeded.
 
-    With one shard the file is `model.safetensors`; with several, `model-0000i-of-0000n.safetensors`
-    plus `model.safetensors.index.json`.
-    """
+# ------------------------------------------------------------------------------------------ writing
 
-    def __init__(self, directory: str, max_shard_bytes: int = 5 * 2**30, metadata: dict | None = None):
-        self.directory = directory
-        self.max_shard_bytes = max_shard_bytes
-        self.metadata = {"format": "pt", **(metadata or {})}
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
-        self.total_bytes = 0
+@dataclass(frozen=True)
+class TensorEntry:
+    """One output tensor: its bytes are the concatenation of what `chunks()` yields (converted to `dtype`)."""
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.pending or any(name in shard for shard in self.shards):
-            raise ValueError(f"tensor {name!r} written twice")
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self.pending[name] = tensor.detach().contiguous()
-        self.pending_bytes += size
-        self.total_bytes += size
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    chunks: Callable[[], Iterable[torch.Tensor]]
 
-    def _flush(self) -> None:
-        index = len(self.shards)
-        save_file(self.pending, os.path.join(self.directory, f"shard-{index}.tmp"), metadata=self.metadata)
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor) -> "TensorEntry":
+        return cls(name, tensor.dtype, tuple(tensor.shape), lambda: (tensor,))
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def write_safetensors_dir(directory: str, entries: Iterable[TensorEntry], max_shard_bytes: int = 5 * 10**9,
+                          metadata: dict | None = None) -> list[str]:
+    """Write `entries` in order into `model.safetensors`, or into `model-0000i-of-0000n.safetensors`
+    shards plus `model.safetensors.index.json`; returns the file names. The directory should be a
+    temporary one (see `atomic_directory`): a failure leaves partial files behind."""
+    entries = list(entries)
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"tensor {twice!r} planned twice")
+    shards = _plan_shards(entries, max_shard_bytes)
+    n = len(shards)
+    filenames = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for filename, shard in zip(filenames, shards):
+        _write_file(os.path.join(directory, filename), shard, {"format": "pt", **(metadata or {})})
+    if n > 1:
+        weight_map = {e.name: filename for filename, shard in zip(filenames, shards) for e in shard}
+        total = sum(e.nbytes for e in entries)
+        with open(os.path.join(directory, INDEX_NAME), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return filenames
+
+
+def _plan_shards(entries: Sequence[TensorEntry], max_shard_bytes: int) -> list[list[TensorEntry]]:
+    shards, size = [[]], 0
+    for entry in entries:
+        if shards[-1] and size + entry.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    return shards
+
+
+def _write_file(path: str, entries: list[TensorEntry], metadata: dict) -> None:
+    header, offset = {"__metadata__": metadata}, 0
+    for e in entries:
+        header[e.name] = {"dtype": DTYPE_CODES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for e in entries:
+            _write_entry(f, e)
+
+
+def _write_entry(f, entry: TensorEntry) -> None:
+    written = 0
+    for chunk in entry.chunks():
+        data = chunk.detach().to(entry.dtype).contiguous().reshape(-1)
+        written += data.numel() * data.element_size()
+        if written > entry.nbytes:
+            break
+        f.write(data.view(torch.uint8).numpy().data)
+    if written != entry.nbytes:
+        raise ValueError(f"tensor {entry.name!r}: its pieces hold {written} bytes, its shape {list(entry.shape)} "
+                         f"in {entry.dtype} needs {entry.nbytes}")
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+class SafetensorsFile:
+    """One .safetensors file: header parsed at open, tensors read on demand with positioned reads."""
+
+    def __init__(self, path: str):
+        self.path = path
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{path}: unreadable safetensors file (shorter than its 8-byte header length)")
+            (length,) = struct.unpack("<Q", head)
+            if 8 + length > size:
+                raise ValueError(f"{path}: truncated safetensors file (header of {length} bytes, file of {size})")
+            try:
+                header = json.loads(f.read(length))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}: unreadable safetensors header ({e})") from None
+        self.data_start = 8 + length
+        header.pop("__metadata__", None)
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            if info.get("dtype") not in CODE_DTYPES:
+                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+            begin, end = info["data_offsets"]
+            if self.data_start + end > size:
+                raise ValueError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte "
+                                 f"{self.data_start + end}, the file has {size}")
+            self.entries[name] = (CODE_DTYPES[info["dtype"]], tuple(info["shape"]), begin, end)
+        self._fd: int | None = None
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """The tensor, or its rows [start, stop) along the first dimension."""
+        dtype, shape, begin, end = self.entries[name]
+        if start is not None:
+            row = math.prod(shape[1:]) * dtype.itemsize
+            begin, end = begin + start * row, begin + stop * row
+            shape = (stop - start, *shape[1:])
+        buffer = bytearray(end - begin)
+        self._read_into(buffer, self.data_start + begin)
+        if not buffer:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+    def _read_into(self, buffer: bytearray, offset: int) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        view, done = memoryview(buffer), 0
+        while done < len(buffer):
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n == 0:
+                raise ValueError(f"{self.path}: file ended while reading (truncated during conversion?)")
+            done += n
 
     def close(self) -> None:
-        if self.pending or not self.shards:
-            self._flush()
-        n = len(self.shards)
-        if n == 1:
-            os.rename(os.path.join(self.directory, "shard-0.tmp"), os.path.join(self.directory, SINGLE_NAME))
-            return
-        weight_map = {}
-        for i, names in enumerate(self.shards):
-            filename = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.rename(os.path.join(self.directory, f"shard-{i}.tmp"), os.path.join(self.directory, filename))
-            weight_map.update(dict.fromkeys(names, filename))
-        with open(os.path.join(self.directory, INDEX_NAME), "w") as f:
-            json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        self.close()
 
 
 class SafetensorsDir:
-    """Lazy view of a directory holding `model.safetensors` or an index with shards."""
+    """Lazy view of a directory holding `model.safetensors` or an index with its shards."""
 
     def __init__(self, directory: str):
         self.directory = directory
@@ -68,41 +183,39 @@ class SafetensorsDir:
         if os.path.exists(index_path):
             try:
                 with open(index_path) as f:
-                    self.weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{index_path}: not a safetensors index ({e})") from None
+            for filename in sorted(set(weight_map.values())):
+                if not os.path.exists(os.path.join(directory, filename)):
+                    raise FileNotFoundError(f"{index_path}: shard {os.path.join(directory, filename)} is missing")
+            self.files = {f: SafetensorsFile(os.path.join(directory, f)) for f in sorted(set(weight_map.values()))}
+            for name, filename in weight_map.items():
+                if name not in self.files[filename].entries:
+                    raise ValueError(f"{index_path}: tensor {name!r} is listed in {filename}, which does not hold it")
         elif os.path.exists(os.path.join(directory, SINGLE_NAME)):
-            self.weight_map = dict.fromkeys(_keys_of(os.path.join(directory, SINGLE_NAME)), SINGLE_NAME)
+            self.files = {SINGLE_NAME: SafetensorsFile(os.path.join(directory, SINGLE_NAME))}
+            weight_map = dict.fromkeys(self.files[SINGLE_NAME].keys(), SINGLE_NAME)
         else:
             raise FileNotFoundError(f"{directory}: neither {SINGLE_NAME} nor {INDEX_NAME} found")
-        for filename in sorted(set(self.weight_map.values())):
-            path = os.path.join(directory, filename)
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{index_path}: shard {path} is missing")
-        self._handles: dict[str, object] = {}
+        self.weight_map: dict[str, str] = weight_map
 
     def names(self) -> list[str]:
         return list(self.weight_map)
 
+    def _file(self, name: str) -> SafetensorsFile:
+        if name not in self.weight_map:
+            raise KeyError(f"{self.directory}: no tensor {name!r}")
+        return self.files[self.weight_map[name]]
+
     def load(self, name: str) -> torch.Tensor:
-        filename = self.weight_map[name]
-        if filename not in self._handles:
-            self._handles[filename] = _open(os.path.join(self.directory, filename))
-        return self._handles[filename].get_tensor(name)
+        return self._file(name).read(name)
 
-    def shape(self, name: str) -> list[int]:
-        filename = self.weight_map[name]
-        if filename not in self._handles:
-            self._handles[filename] = _open(os.path.join(self.directory, filename))
-        return self._handles[filename].get_slice(name).get_shape()
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._file(name).read(name, start, stop)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._file(name).entries[name][1]
 
-def _open(path: str):
-    try:
-        return safe_open(path, framework="pt")
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-        raise ValueError(f"{path}: unreadable safetensors file ({e})") from None
-
-
-def _keys_of(path: str) -> list[str]:
-    return list(_open(path).keys())
+    def dtype(self, name: str) -> torch.dtype:
+        return self._file(name).entries[name][0]

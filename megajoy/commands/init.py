@@ -17,6 +17,7 @@ def run(args) -> int:
     import torch
 
     from megajoy.ckpt.native import model_state, save_model_dir
+    from megajoy.ckpt.view import state_view
     from megajoy.data.tokenizer import load_tokenizer
     from megajoy.model import create_model
 
@@ -26,7 +27,8 @@ def run(args) -> int:
         if vocab > job.model.vocab_size:
             raise ValueError(f"{args.tokenizer}: the tokenizer has {vocab} tokens, more than the model's "
                              f"vocab_size={job.model.vocab_size}")
-    model = create_model(job.model, seed=args.seed, dtype=getattr(torch, DTYPES[args.dtype]))
-    save_model_dir(args.out, job, model_state(model), args.tokenizer)
+    dtype = getattr(torch, DTYPES[args.dtype])
+    model = create_model(job.model, seed=args.seed, dtype=dtype)
+    save_model_dir(args.out, state_view(job, model_state(model), args.tokenizer), dtype)
     print(f"megajoy init: wrote {args.out}")
     return 0

@@ -45,3 +45,19 @@ def compressed_tensors_config(group: int) -> dict:
         "ignore": ["lm_head"],
         "kv_cache_scheme": None,
     }
+
+
+def pack_ggml(codes: torch.Tensor, scales: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
+    """q8_0 / q4_0 codes and fp16 block scales -> ggml's block bytes, uint8 [..., n / 32 * block bytes].
+    q8_0 block: d (fp16) then 32 int8; q4_0 block: d (fp16) then 16 bytes, byte j holding the codes of
+    j (low nibble) and j + 16 (high nibble), each stored as code + 8."""
+    if fmt.name not in ("q8_0", "q4_0"):
+        raise ValueError(f"{fmt.name} is not a ggml block format")
+    blocks = codes.unflatten(-1, (-1, 32))
+    d = scales.to(torch.float16).unsqueeze(-1).view(torch.uint8)  # [..., n / 32, 2], little-endian
+    if fmt.name == "q8_0":
+        qs = blocks.view(torch.uint8)
+    else:
+        nibbles = (blocks + 8).to(torch.uint8)
+        qs = nibbles[..., :16] | (nibbles[..., 16:] << 4)
+    return torch.cat([d, qs], dim=-1).flatten(-2)
