@@ -9,6 +9,8 @@ COMMANDS = {
     "info": ("megajoy.commands.info", "parameters, FLOPs and KV-cache size of a configuration"),
     "init": ("megajoy.commands.init", "write a randomly initialised checkpoint"),
     "pretrain": ("megajoy.stages.pretrain", "pretrain on Megatron-format data or the built-in corpus"),
+    "sft": ("megajoy.stages.sft", "supervised fine-tuning on chat data (packed, assistant tokens only)"),
+    "chat-template": ("megajoy.commands.chat_template", "show what the model sees of chat data, trained tokens marked"),
 }
 
 

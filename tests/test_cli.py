@@ -49,7 +49,11 @@ PINNED_FLAGS = {
         "--muon-scale", "--muon-per-head", "--muon-router", "--qk-clip-tau", "--qat", "--qat-start-iter",
         "--qat-modules", "--qat-group", "--fp8", "--fp8-backend",
     },
+    "chat-template": {"-h", "--help", "--render", "--tokenizer", "--thinking", "--limit"},
 }
+PINNED_FLAGS["sft"] = PINNED_FLAGS["pretrain"] | {"--data", "--thinking", "--overlong", "--no-pack",
+                                                  "--valid-conversations", "--demo-conversations",
+                                                  "--exact-match-samples"}
 
 
 def test_cli_flags_are_pinned():

@@ -13,7 +13,7 @@ import sysconfig
 
 from megajoy.ckpt.atomic import atomic_directory
 
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2  # 2: the chat template tokens are special tokens of the built-in tokenizer
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
 PREFIX_NAME = "corpus_text_document"
 

@@ -76,12 +76,15 @@ def _find_token(tok: Tokenizer, candidates: list[str]) -> int | None:
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, path: str) -> None:
-    """A byte-level BPE (GPT-2 style pre-tokenisation) with DeepSeek-V3's special tokens at ids 0..2."""
+    """A byte-level BPE (GPT-2 style pre-tokenisation) with DeepSeek-V3's special tokens at ids 0..2 and
+    the chat template's after them, so post-training needs no new embeddings."""
+    from megajoy.data.chat import TEMPLATE_TOKENS
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + TEMPLATE_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     tmp = path + ".tmp"

@@ -2,10 +2,9 @@
 built-in corpus. Data and loss live here; everything else is the shared training loop."""
 
 from megajoy.cli import add_config_arguments
-from megajoy.model.mtp import mtp_token_count
 from megajoy.optim.schedules import total_samples
 from megajoy.stages.flags import add_training_flags, flag_overrides
-from megajoy.train.trainer import Stage, Trainer
+from megajoy.train.trainer import NextTokenStage, Trainer
 
 # Section defaults per model preset; the tiny preset uses the dataclass defaults (sized for a CPU).
 RECIPES = {
@@ -15,7 +14,7 @@ RECIPES = {
 RECIPES["joyai-slice"] = RECIPES["joyai-flash"]
 
 
-class PretrainStage(Stage):
+class PretrainStage(NextTokenStage):
     name = "pretrain"
 
     def __init__(self, blend: list[str], tokenizer):
@@ -36,24 +35,6 @@ class PretrainStage(Stage):
 
     def valid_micro_batches(self, trainer):
         return self.data.valid_micro_batches(trainer.job.train.micro_batch_size, self.dp_rank, self.dp)
-
-    def compute_mtp(self, trainer) -> bool:
-        return trainer.job.model.num_nextn_predict_layers > 0 and trainer.step >= trainer.job.train.mtp_start_iter
-
-    def token_counts(self, trainer, batch) -> dict:
-        counts = {"lm": batch.loss_mask.sum()}
-        if self.compute_mtp(trainer):
-            counts["mtp"] = mtp_token_count(batch.loss_mask, trainer.job.model.num_nextn_predict_layers)
-        return counts
-
-    def objective(self, trainer, out, counts):
-        lm = out.lm_loss_sum / counts["lm"].clamp(min=1)
-        parts = {"loss": lm.detach()}
-        if "mtp" in counts:
-            mtp = out.mtp_loss_sum / counts["mtp"].clamp(min=1)
-            parts["mtp_loss"] = mtp.detach()
-            return lm + trainer.job.model.mtp_loss_weight * mtp, parts
-        return lm, parts
 
 
 def add_arguments(parser) -> None:

@@ -54,6 +54,31 @@ class Stage:
         raise NotImplementedError
 
 
+class NextTokenStage(Stage):
+    """Next-token loss over the tokens the batch's loss mask selects, plus the MTP loss from
+    `mtp_start_iter` on (pretraining, SFT)."""
+
+    def compute_mtp(self, trainer: "Trainer") -> bool:
+        return trainer.job.model.num_nextn_predict_layers > 0 and trainer.step >= trainer.job.train.mtp_start_iter
+
+    def token_counts(self, trainer: "Trainer", batch) -> dict:
+        from megajoy.model.mtp import mtp_token_count
+
+        counts = {"lm": batch.loss_mask.sum()}
+        if self.compute_mtp(trainer):
+            counts["mtp"] = mtp_token_count(batch.loss_mask, trainer.job.model.num_nextn_predict_layers)
+        return counts
+
+    def objective(self, trainer: "Trainer", out, counts):
+        lm = out.lm_loss_sum / counts["lm"].clamp(min=1)
+        parts = {"loss": lm.detach()}
+        if "mtp" in counts:
+            mtp = out.mtp_loss_sum / counts["mtp"].clamp(min=1)
+            parts["mtp_loss"] = mtp.detach()
+            return lm + trainer.job.model.mtp_loss_weight * mtp, parts
+        return lm, parts
+
+
 def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 

@@ -1,0 +1,139 @@
+"""The chat template: DeepSeek-V3-style special tokens, `<think>` for the thinking mode, tool calls in
+Qwen3-Coder's XML style. A conversation renders to pieces of text, each marked trained or not; the
+tokens of the trained pieces are the only ones with a loss.
+
+    <｜begin▁of▁sentence｜>{system}{tools}
+    <｜User｜>{user}<｜Assistant｜><think>{reasoning}</think>{content}{tool calls}<｜end▁of▁sentence｜>
+    <｜tool▁output▁begin｜>{tool result}<｜tool▁output▁end｜>
+
+Thinking mode opens the answer with `<think>` (part of the prompt) and trains the reasoning, `</think>`
+and the answer. The non-thinking form puts an empty `</think>` in the prompt instead, so the model
+learns to answer directly after it; earlier turns of a thinking conversation (before its last user
+message) are rendered that way too, their reasoning dropped, as DeepSeek-V3.1 does. A tool call:
+
+    <tool_call>
+    <function=NAME>
+    <parameter=ARG>
+    VALUE
+    </parameter>
+    </function>
+    </tool_call>
+"""
+
+import json
+from dataclasses import dataclass
+
+from megajoy.data.tokenizer import BOS_TOKEN, EOS_TOKEN
+
+USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+THINK, END_THINK = "<think>", "</think>"
+TOOL_CALL, END_TOOL_CALL = "<tool_call>", "</tool_call>"
+TOOL_OUTPUT, END_TOOL_OUTPUT = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+TEMPLATE_TOKENS = [USER, ASSISTANT, THINK, END_THINK, TOOL_CALL, END_TOOL_CALL, TOOL_OUTPUT, END_TOOL_OUTPUT]
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class ConversationError(ValueError):
+    """A conversation that cannot be trained on; `kind` is how it is counted."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class Piece:
+    text: str
+    trained: bool
+
+
+def thinking_mode(conversation: dict, mode: str = "auto") -> bool:
+    """`on` / `off`, or `auto`: the conversation's own "thinking" field, else whether any assistant turn
+    carries reasoning_content."""
+    if mode != "auto":
+        return mode == "on"
+    if "thinking" in conversation:
+        return bool(conversation["thinking"])
+    return any(m.get("reasoning_content") for m in conversation.get("messages", []) if m.get("role") == "assistant")
+
+
+def render(conversation: dict, mode: str = "auto", generation_prompt: bool = False) -> list[Piece]:
+    """The pieces the model sees. With `generation_prompt`, a final assistant turn is left open (for
+    generation) instead of being required."""
+    messages = conversation.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ConversationError("malformed", "\"messages\" must be a non-empty list")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            role = m.get("role") if isinstance(m, dict) else m
+            raise ConversationError("unknown_role", f"unknown role {role!r} (expected one of {ROLES})")
+    if not generation_prompt and not any(m["role"] == "assistant" for m in messages):
+        raise ConversationError("no_assistant", "no assistant turn to train on")
+    thinking = thinking_mode(conversation, mode)
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user") if any(
+        m["role"] == "user" for m in messages) else -1
+    pieces = [Piece(BOS_TOKEN + system_prompt(messages, conversation.get("tools")), False)]
+    for i, m in enumerate(messages):
+        if m["role"] == "user":
+            pieces.append(Piece(USER + _text(m), False))
+        elif m["role"] == "tool":
+            pieces.append(Piece(TOOL_OUTPUT + _text(m) + END_TOOL_OUTPUT, False))
+        elif m["role"] == "assistant":
+            pieces.extend(_assistant(m, thinking and i > last_user))
+    if generation_prompt:
+        pieces.append(Piece(ASSISTANT + (THINK if thinking else END_THINK), False))
+    return pieces
+
+
+def system_prompt(messages: list[dict], tools) -> str:
+    text = "".join(_text(m) for m in messages if m["role"] == "system")
+    if tools:
+        listing = "\n".join(json.dumps(t, ensure_ascii=False, sort_keys=True) for t in tools)
+        text += "\n\n# Tools\n<tools>\n" + listing + "\n</tools>"
+    return text
+
+
+def _assistant(m: dict, thinking: bool) -> list[Piece]:
+    answer = _text(m) + "".join(tool_call_text(call) for call in m.get("tool_calls") or [])
+    if thinking:
+        return [Piece(ASSISTANT + THINK, False),
+                Piece((m.get("reasoning_content") or "") + END_THINK + answer + EOS_TOKEN, True)]
+    return [Piece(ASSISTANT + END_THINK, False), Piece(answer + EOS_TOKEN, True)]
+
+
+def tool_call_text(call: dict) -> str:
+    function = call.get("function", call)
+    if not isinstance(function, dict) or "name" not in function:
+        raise ConversationError("malformed", f"tool call {call!r} has no function name")
+    arguments = function.get("arguments") or {}
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            raise ConversationError("malformed", f"tool call arguments {arguments!r} are not JSON") from None
+    params = "".join(f"<parameter={k}>\n{v if isinstance(v, str) else json.dumps(v)}\n</parameter>\n"
+                     for k, v in arguments.items())
+    return f"{TOOL_CALL}\n<function={function['name']}>\n{params}</function>\n{END_TOOL_CALL}"
+
+
+def _text(m: dict) -> str:
+    content = m.get("content")
+    if content is None:
+        return ""
+    if not isinstance(content, str):
+        raise ConversationError("malformed", f"{m['role']} content must be a string, got {type(content).__name__}")
+    return content
+
+
+def parse_tool_calls(text: str) -> list[dict]:
+    """The tool calls in generated text: [{"name": ..., "arguments": {...}}]."""
+    import re
+
+    calls = []
+    for block in re.findall(re.escape(TOOL_CALL) + r"(.*?)" + re.escape(END_TOOL_CALL), text, flags=re.S):
+        function = re.search(r"<function=([^>\n]+)>", block)
+        if function is None:
+            continue
+        args = dict(re.findall(r"<parameter=([^>\n]+)>\n(.*?)\n</parameter>", block, flags=re.S))
+        calls.append({"name": function.group(1), "arguments": args})
+    return calls

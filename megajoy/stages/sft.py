@@ -1,0 +1,206 @@
+"""`megajoy sft`: supervised fine-tuning on chat data (thinking and non-thinking), conversations packed
+best-fit-decreasing into rows with block-diagonal masks, loss on assistant tokens only. Data, loss and
+defaults live here; everything else is the shared training loop."""
+
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+
+from megajoy.cli import add_config_arguments
+from megajoy.stages.flags import add_training_flags, flag_overrides
+from megajoy.train.trainer import NextTokenStage, Trainer
+
+# Section defaults: a short CPU-sized run on the built-in demo data.
+DEFAULTS = {"optimizer": {"lr": 1e-3, "min_lr": 1e-4, "lr_warmup_iters": 10, "lr_decay_style": "cosine"},
+            "data": {"seq_length": 2048}, "train": {"train_iters": 150, "global_batch_size": 4, "micro_batch_size": 2,
+                                                   "eval_interval": 50, "eval_iters": 2, "mtp_start_iter": 0},
+            "checkpoint": {"out": "runs/sft"}}
+
+
+class SftStage(NextTokenStage):
+    name = "sft"
+
+    def __init__(self, args):
+        self.args = args
+
+    def setup(self, trainer: Trainer) -> None:
+        from megajoy.data.sft import RowSchedule, pack_rows, padding_fraction
+
+        job, args = trainer.job, self.args
+        data = load_chat_data(job, args, trainer.tokenizer_file)
+        self.tokenizer = data["tokenizer"]
+        self.valid_conversations = [s.source for s in data["valid"]]
+        rows = pack_rows(data["train"], job.data.seq_length, self.tokenizer.pad_id, pack=not args.no_pack)
+        self.valid_rows = pack_rows(data["valid"], job.data.seq_length, self.tokenizer.pad_id)
+        self.schedule = RowSchedule(rows, job.train.seed)
+        self.stats = {"rows": len(rows), "conversations": len(data["train"]),
+                      "padding_fraction": padding_fraction(rows, self.tokenizer.pad_id), "packed": not args.no_pack}
+        self.dp_rank = trainer.pc.coords["dp"] + trainer.pc.coords["cp"] * trainer.pc.size("dp")
+        self.dp = trainer.pc.size("dp_cp")
+        if trainer.pc.rank == 0:
+            print(f"megajoy sft: {data['report']}", file=sys.stderr)
+            print(f"megajoy sft: {len(data['train'])} conversations in {len(rows)} rows of {job.data.seq_length} "
+                  f"tokens, padding {100 * self.stats['padding_fraction']:.2f}%", file=sys.stderr)
+
+    def train_micro_batches(self, trainer, consumed, global_batch):
+        return self.schedule.micro_batches(consumed, global_batch, trainer.job.train.micro_batch_size, self.dp_rank,
+                                           self.dp)
+
+    def valid_micro_batches(self, trainer):
+        from megajoy.data.sft import stack
+
+        micro = trainer.job.train.micro_batch_size
+        rows = self.valid_rows[: len(self.valid_rows) // (micro * self.dp) * micro * self.dp]
+        mine = rows[self.dp_rank * micro:]
+        return [stack(mine[i:i + micro]) for i in range(0, len(mine), micro * self.dp)]
+
+
+
+def load_chat_data(job, args, tokenizer_path: str) -> dict:
+    """Tokenizer (template tokens added), train / held-out conversations, and the load report."""
+    import random
+
+    from megajoy.data.sft import ChatTokenizer, load_conversations
+
+    tokenizer = ChatTokenizer(tokenizer_path, job.model.vocab_size)
+    path = data_file(job, args)
+    samples, report = load_conversations(path, tokenizer, job.data.seq_length + 1, args.overlong, args.thinking)
+    order = list(range(len(samples)))
+    random.Random(job.train.seed).shuffle(order)
+    valid = set(order[:min(args.valid_conversations, len(samples) // 10)])
+    return {"tokenizer": tokenizer, "report": report.summary(path),
+            "train": [s for i, s in enumerate(samples) if i not in valid],
+            "valid": [s for i, s in enumerate(samples) if i in valid]}
+
+
+def exact_match(model, tokenizer, conversations: list[dict], mode: str, max_new_tokens: int = 24) -> float:
+    """Share of conversations whose final assistant answer greedy decoding reproduces exactly (after the
+    reasoning, when the model thinks). Conversations without an "answer" are skipped."""
+    from megajoy.data.chat import END_THINK, render
+    from megajoy.data.tokenizer import EOS_TOKEN
+    from megajoy.model.generate import greedy
+
+    scored = [c for c in conversations if "answer" in c and c["messages"][-1]["role"] == "assistant"]
+    if not scored:
+        return float("nan")
+    eos = tokenizer.tok.token_to_id(EOS_TOKEN)
+    hits = 0
+    for c in scored:
+        prompt = dict(c, messages=c["messages"][:-1])
+        ids = tokenizer.encode(render(prompt, mode, generation_prompt=True)).ids
+        text = tokenizer.decode(greedy(model, ids, max_new_tokens, eos_token_id=eos))
+        answer = text.split(END_THINK)[-1].replace(EOS_TOKEN, "").strip()
+        hits += answer == c["answer"]
+    return hits / len(scored)
+
+
+# ------------------------------------------------------------------------------------------ command
+
+def add_arguments(parser) -> None:
+    add_config_arguments(parser)
+    add_training_flags(parser)
+    group = parser.add_argument_group("SFT data")
+    group.add_argument("--data", default=None, metavar="FILE.jsonl",
+                       help="chat JSONL ({\"messages\": [...], \"tools\": [...]}); default: the built-in demo data")
+    group.add_argument("--thinking", choices=["auto", "on", "off"], default="auto",
+                       help="template mode: auto = thinking where a conversation has reasoning_content")
+    group.add_argument("--overlong", choices=["truncate", "drop"], default="truncate",
+                       help="conversations longer than --seq-length + 1 tokens")
+    group.add_argument("--no-pack", action="store_true", help="one conversation per row, padded (the baseline)")
+    group.add_argument("--valid-conversations", type=int, default=64, help="held out for validation and exact match")
+    group.add_argument("--demo-conversations", type=int, default=2000)
+    group.add_argument("--exact-match-samples", type=int, default=64,
+                       help="held-out conversations scored by greedy exact match before and after (0: off)")
+
+
+def build_job(args, defaults=DEFAULTS):
+    """The job: the stage's defaults, the model of the --init checkpoint (or the preset), then flags."""
+    from megajoy.ckpt.native import read_job_config
+    from megajoy.config import load_job_config
+    from megajoy.train.checkpoint import latest_checkpoint
+
+    init = flag_value(args, "checkpoint.init")
+    model_overrides = []
+    if init:
+        model = read_job_config(latest_checkpoint(init) or init).model
+        model_overrides = [f"model.{k}={json.dumps(v)}" for k, v in dataclasses.asdict(model).items()]
+    return load_job_config(args.preset, args.config, model_overrides + flag_overrides(args) + args.overrides,
+                           defaults=defaults)
+
+
+def flag_value(args, path: str):
+    for item in flag_overrides(args) + args.overrides:
+        key, _, value = item.partition("=")
+        if key == path:
+            return json.loads(value) if value.startswith('"') else value
+    return None
+
+
+def stage_tokenizer(job, args) -> str:
+    """--tokenizer, else the tokenizer stored with the --init checkpoint."""
+    from megajoy.train.checkpoint import latest_checkpoint
+
+    if job.data.tokenizer:
+        return job.data.tokenizer
+    if job.checkpoint.init:
+        directory = latest_checkpoint(job.checkpoint.init) or job.checkpoint.init
+        path = os.path.join(directory, "tokenizer.json")
+        if os.path.exists(path):
+            return path
+    raise ValueError("no tokenizer: pass --tokenizer, or --init a checkpoint that stores one")
+
+
+def data_file(job, args) -> str:
+    return args.data or os.path.join(job.checkpoint.out, "demo_sft.jsonl")
+
+
+def prepare_files(job, args, rank: int) -> str:
+    """Rank 0 writes the stage's tokenizer (template tokens added) into the output directory, and so
+    into every checkpoint, and the demo data when no --data is given. Returns the tokenizer's path."""
+    from megajoy.data.demo import sft_conversations, write_jsonl
+    from megajoy.data.sft import ChatTokenizer
+
+    tokenizer = ChatTokenizer(stage_tokenizer(job, args), job.model.vocab_size)
+    path = os.path.join(job.checkpoint.out, "tokenizer.json")
+    if rank == 0:
+        os.makedirs(job.checkpoint.out, exist_ok=True)
+        tokenizer.save(path + ".tmp")
+        os.replace(path + ".tmp", path)
+        if not args.data and not os.path.exists(data_file(job, args)):
+            write_jsonl(data_file(job, args), sft_conversations(args.demo_conversations, seed=job.train.seed))
+    return path
+
+
+def run(args) -> int:
+    from megajoy.launch import setup_parallel
+    from megajoy.parallel.state import rank0_first
+
+    job = build_job(args)
+    pc = setup_parallel(job)
+    with rank0_first(pc):
+        tokenizer_path = prepare_files(job, args, pc.rank)
+    stage = SftStage(args)
+    trainer = Trainer(job, stage, tokenizer_path, pc)
+    before = _exact_match(trainer, stage, args)
+    summary = trainer.run()
+    after = _exact_match(trainer, stage, args)
+    if pc.rank == 0:
+        results = {"step": trainer.step, **stage.stats, "exact_match_before": before, "exact_match_after": after,
+                   **{k: v for k, v in summary.items() if k.startswith("val_")}}
+        with open(os.path.join(trainer.out, "sft_results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"megajoy sft: step {trainer.step}, validation loss {summary.get('val_loss', float('nan')):.4f}, "
+              f"held-out exact match {before} -> {after}; checkpoints in {trainer.out}/checkpoints")
+    return 0
+
+
+def _exact_match(trainer, stage, args) -> float | None:
+    """Only where one process holds the whole model (generation is not distributed)."""
+    if not args.exact_match_samples or trainer.pc.size("world") > 1:
+        return None
+    conversations = stage.valid_conversations[: args.exact_match_samples]
+    with torch.no_grad():
+        return exact_match(trainer.model, stage.tokenizer, conversations, args.thinking)

@@ -1,0 +1,168 @@
+"""SFT: the chat template (thinking, non-thinking, tool calls), the loss mask, best-fit-decreasing
+packing, the load report for bad conversations, `megajoy chat-template` and `megajoy sft` end to end."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from helpers import TINY_MODEL_OVERRIDES
+from megajoy.cli import main
+from megajoy.data.chat import parse_tool_calls, render
+from megajoy.data.demo import sft_conversations, write_jsonl
+from megajoy.data.sft import (ChatTokenizer, Sample, best_fit_decreasing, load_conversations, pack_rows,
+                              padding_fraction)
+
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+TWO_TURNS = {"messages": [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4", "reasoning_content": "two and two"},
+    {"role": "user", "content": "3+3?"},
+    {"role": "assistant", "content": "6", "reasoning_content": "three and three"}]}
+
+
+def text_of(pieces, trained=None):
+    return "".join(p.text for p in pieces if trained is None or p.trained == trained)
+
+
+def test_thinking_and_non_thinking_forms():
+    thinking = render(TWO_TURNS)
+    assert text_of(thinking) == (
+        BOS + "Be brief.<｜User｜>2+2?<｜Assistant｜></think>4" + EOS
+        + "<｜User｜>3+3?<｜Assistant｜><think>three and three</think>6" + EOS)
+    assert text_of(thinking, trained=True) == "4" + EOS + "three and three</think>6" + EOS
+    plain = render(TWO_TURNS, mode="off")
+    assert text_of(plain) == (BOS + "Be brief.<｜User｜>2+2?<｜Assistant｜></think>4" + EOS
+                              + "<｜User｜>3+3?<｜Assistant｜></think>6" + EOS)
+    assert text_of(plain, trained=True) == "4" + EOS + "6" + EOS
+    prompt = render({"messages": TWO_TURNS["messages"][:4]}, mode="on", generation_prompt=True)
+    assert text_of(prompt).endswith("<｜User｜>3+3?<｜Assistant｜><think>")
+
+
+def test_tool_calls_in_qwen3_coder_xml():
+    conversation = {"tools": [{"type": "function", "function": {"name": "calculator"}}], "messages": [
+        {"role": "user", "content": "12*3"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "calculator", "arguments": '{"expression": "12*3"}'}}]},
+        {"role": "tool", "content": "36"},
+        {"role": "assistant", "content": "36"}]}
+    text = text_of(render(conversation))
+    call = "<tool_call>\n<function=calculator>\n<parameter=expression>\n12*3\n</parameter>\n</function>\n</tool_call>"
+    assert '<tools>\n{"function": {"name": "calculator"}, "type": "function"}\n</tools>' in text
+    assert ("<｜Assistant｜></think>" + call + EOS + "<｜tool▁output▁begin｜>36<｜tool▁output▁end｜>"
+            "<｜Assistant｜></think>36" + EOS) in text
+    assert parse_tool_calls(text) == [{"name": "calculator", "arguments": {"expression": "12*3"}}]
+    assert text_of(render(conversation), trained=True) == call + EOS + "36" + EOS
+
+
+def test_loss_mask_selects_exactly_the_assistant_tokens(tokenizer_file):
+    tokenizer = ChatTokenizer(tokenizer_file, 320)
+    assert tokenizer.added == []  # megajoy's BPE trainer reserves the template tokens
+    samples = [tokenizer.encode(render(c)) for c in (TWO_TURNS, {"messages": [
+        {"role": "user", "content": "a cat"}, {"role": "assistant", "content": "the dog"}]})]
+    (row,) = pack_rows(samples, sum(len(s.ids) for s in samples) + 5, tokenizer.pad_id)
+    labels = row.labels[0][row.loss_mask[0].bool()].tolist()
+    expected = "4" + EOS + "three and three</think>6" + EOS + "the dog" + EOS
+    assert tokenizer.decode(labels) == expected
+    assert tokenizer.tok.token_to_id("<｜Assistant｜>") in row.input_ids[0].tolist()
+    n0 = len(samples[0].ids)
+    assert row.position_ids[0, :n0].tolist() == list(range(n0)) and row.position_ids[0, n0] == 0
+    assert row.document_ids[0, n0 - 1] == 0 and row.document_ids[0, n0] == 1 and row.document_ids[0, -1] == 2
+    assert row.loss_mask[0, n0 - 1] == 0  # the first document's last token does not predict the next's BOS
+
+
+def test_template_tokens_are_added_when_missing(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.add_special_tokens([BOS, EOS])
+    tok.add_tokens(list("abc"))
+    tok.save(str(tmp_path / "t.json"))
+    chat = ChatTokenizer(str(tmp_path / "t.json"), 64)
+    assert len(chat.added) == 8 and chat.tok.get_vocab_size() == 13
+    assert len(chat.encode(render(TWO_TURNS)).ids) > 0
+    assert chat.tok.encode("<｜User｜><think>", add_special_tokens=False).ids == [5, 7]
+    with pytest.raises(ValueError, match="more than the model's vocab_size=10"):
+        ChatTokenizer(str(tmp_path / "t.json"), 10)
+
+
+def test_best_fit_decreasing():
+    # longest first, each into the fullest bin it fits: 7 | 5 | 4 -> (5) | 3 -> (7) | 2 -> new | 1 -> (5, 4)
+    assert best_fit_decreasing([7, 5, 4, 3, 2, 1], 10) == [[0, 3], [1, 2, 5], [4]]
+    rng = random.Random(0)
+    for _ in range(20):
+        lengths = [rng.randint(1, 100) for _ in range(rng.randint(1, 300))]
+        bins = best_fit_decreasing(lengths, 128)
+        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in b) <= 128 for b in bins)
+        lower = math.ceil(sum(lengths) / 128)
+        assert len(bins) <= 11 / 9 * max(lower, sum(x > 64 for x in lengths)) + 1  # BFD's worst-case bound
+
+
+def test_packing_pads_under_one_percent_on_the_demo_data(tokenizer_file):
+    tokenizer = ChatTokenizer(tokenizer_file, 320)
+    samples = [tokenizer.encode(render(c)) for c in sft_conversations(2000, seed=1)]
+    packed = pack_rows(samples, 2048, tokenizer.pad_id)  # the sft stage's default row
+    padded = pack_rows(samples, 2048, tokenizer.pad_id, pack=False)
+    assert padding_fraction(packed, tokenizer.pad_id) < 0.01
+    assert padding_fraction(padded, tokenizer.pad_id) > 0.9
+    tokens = sum(len(s.ids) for s in samples)
+    assert len(packed) == math.ceil(tokens / 2049)  # as few rows as the tokens need
+
+
+def test_bad_conversations_are_counted_and_reported(tmp_path, tokenizer_file):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    long = {"messages": [{"role": "user", "content": "the cat " * 40}, {"role": "assistant", "content": "yes"}]}
+    long_answer = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the dog " * 40}]}
+    lines = [good, {"messages": [{"role": "user", "content": "hi"}]},
+             {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+             long, {"messages": "nope"}, long_answer, good]
+    path = tmp_path / "chat.jsonl"
+    write_jsonl(str(path), lines)
+    tokenizer = ChatTokenizer(tokenizer_file, 320)
+    samples, report = load_conversations(str(path), tokenizer, 40, "truncate")
+    assert report.kept == 3 and report.truncated == 1 and len(samples) == 3
+    assert dict(report.dropped) == {"no_assistant": 1, "unknown_role": 1, "too_long": 1, "malformed": 1}
+    assert report.first_lines == {"no_assistant": 2, "unknown_role": 3, "too_long": 4, "malformed": 5}
+    assert len(samples[1].ids) == 40 and samples[1].source == long_answer
+    assert "1 dropped: no assistant (first at line 2)" in report.summary(str(path))
+    _, report = load_conversations(str(path), tokenizer, 40, "drop")
+    assert report.kept == 2 and report.dropped["too_long"] == 2
+    with open(path, "a") as f:
+        f.write('{"messages": [}\n')
+    with pytest.raises(ValueError, match=rf"{path}:8: malformed JSON"):
+        load_conversations(str(path), tokenizer, 40)
+
+
+def test_chat_template_command_marks_trained_tokens(tmp_path, tokenizer_file, capsys):
+    write_jsonl(str(tmp_path / "c.jsonl"), [{"messages": [{"role": "user", "content": "hi"},
+                                                         {"role": "assistant", "content": "the cat"}]}])
+    assert main(["chat-template", "--render", str(tmp_path / "c.jsonl"), "--tokenizer", tokenizer_file]) == 0
+    out = capsys.readouterr().out
+    assert BOS + "<｜User｜>hi<｜Assistant｜></think>⟦the cat" + EOS + "⟧" in out
+    tokenizer = ChatTokenizer(tokenizer_file, 320)
+    n = len(tokenizer.tok.encode("the cat" + EOS, add_special_tokens=False).ids)
+    assert f"tokens, {n} trained" in out
+
+
+def test_sft_end_to_end(tmp_path, tokenizer_file):
+    sets = [a for o in TINY_MODEL_OVERRIDES for a in ("--set", o)]
+    assert main(["init", "--out", str(tmp_path / "init"), "--tokenizer", tokenizer_file] + sets) == 0
+    out = tmp_path / "sft"
+    assert main(["sft", "--init", str(tmp_path / "init"), "--out", str(out), "--train-iters", "30", "--seq-length",
+                 "512", "--demo-conversations", "300", "--eval-interval", "15", "--exact-match-samples", "4",
+                 "--lr", "3e-3"]) == 0
+    results = json.loads((out / "sft_results.json").read_text())
+    assert 0 < results["padding_fraction"] < 0.3 and results["packed"] is True and results["rows"] < 200
+    assert results["exact_match_before"] is not None and results["exact_match_after"] is not None
+    val = [json.loads(line)["val_loss"] for line in open(out / "metrics.jsonl") if "val_loss" in line]
+    assert len(val) == 3 and val[-1] < 0.8 * val[0]
+    from megajoy.ckpt.native import load_model_dir
+    from megajoy.train.checkpoint import latest_checkpoint
+
+    job, _, tokenizer = load_model_dir(latest_checkpoint(str(out)))
+    assert job.model.hidden_size == 32  # the --init checkpoint's model, not the preset's
+    assert ChatTokenizer(tokenizer, 320).added == []
