@@ -85,27 +85,3 @@ def load_model_dir(directory: str) -> tuple[JobConfig, dict[str, torch.Tensor], 
         state = {name: files.load(name) for name in files.names()}
     tokenizer = os.path.join(directory, TOKENIZER_NAME)
     return job, state, tokenizer if os.path.exists(tokenizer) else None
-
-
-
-def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """`load_state_dict` with one error naming the first missing, unexpected or mis-shaped tensor."""
-    check_state(model, state, source)
-    model.load_state_dict(state, strict=False)
-
-
-def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Every tensor of `model` present in `state`, none unknown, each shaped as the model's (meta is fine)."""
-    expected = model.state_dict()
-    if getattr(model, "cfg", None) is not None and model.cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing:
-        raise ValueError(f"{source}: {len(missing)} tensor(s) missing, first {missing[0]!r}")
-    if unexpected:
-        raise ValueError(f"{source}: unknown tensor {unexpected[0]!r} ({len(unexpected)} unknown in all)")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the config "
-                             f"expects {tuple(expected[name].shape)}")

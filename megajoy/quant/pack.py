@@ -23,14 +23,6 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return (nibbles - 8).flatten(-2).to(torch.int8)
 
 
-def packed_tensors(name: str, weight: torch.Tensor, fmt: WeightFormat) -> list[tuple[str, torch.Tensor]]:
-    """`NAME.weight` -> NAME.weight_packed / weight_scale / weight_shape."""
-    codes, scales = fmt.quantize(weight)
-    base = name[:-len(".weight")]
-    return [(f"{base}.weight_packed", pack_int4(codes)), (f"{base}.weight_scale", scales.float()),
-            (f"{base}.weight_shape", torch.tensor(list(weight.shape), dtype=torch.int64))]
-
-
 def compressed_tensors_config(group: int) -> dict:
     """config.json's quantization_config: symmetric int4 groups on the routed experts' projections."""
     return {
