@@ -7,6 +7,7 @@ embedding and output head (`embed_tokens`, `shared_head.head`) that inference en
 Tensors are read from a `CheckpointView` (megajoy/ckpt/view.py) and written one at a time.
 """
 
+import itertools
 import json
 import os
 import re
@@ -113,22 +114,14 @@ def hf_entries(view, dtype: torch.dtype, int4=None) -> list:
     (compressed-tensors pack-quantized). The router bias stays fp32, as DeepSeek-V3 keeps it."""
     from megajoy.ckpt.safetensors_io import TensorEntry
 
-    cfg = view.cfg
-    entries, pending_layer = [], None
-
-    def flush_experts(layer):
-        if layer is not None and layer in view.moe_layers():
+    cfg, entries = view.cfg, []
+    for layer, names in itertools.groupby(sorted(view.dense_names(), key=_file_position), key=_layer_of):
+        for name in names:
+            keep_fp32 = name.endswith("e_score_correction_bias")
+            entries.append(TensorEntry(to_hf_name(name, cfg), torch.float32 if keep_fp32 else dtype,
+                                       view.dense_shape(name), _reader(view.dense, name)))
+        if layer in view.moe_layers():
             entries.extend(_expert_entries(view, layer, dtype, int4))
-
-    for name in sorted(view.dense_names(), key=_file_position):
-        layer = _layer_of(name)
-        if layer != pending_layer:
-            flush_experts(pending_layer)
-            pending_layer = layer
-        keep_fp32 = name.endswith("e_score_correction_bias")
-        entries.append(TensorEntry(to_hf_name(name, cfg), torch.float32 if keep_fp32 else dtype,
-                                   view.dense_shape(name), _reader(view.dense, name)))
-    flush_experts(pending_layer)
     head = "embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     for k in range(cfg.num_nextn_predict_layers):  # the MTP layer's own copies, where engines look for them
         prefix = f"model.layers.{cfg.num_hidden_layers + k}."
