@@ -179,12 +179,15 @@ class RowSchedule:
         if not rows:
             raise ValueError("no training rows: every conversation was dropped")
         self.rows, self.seed = rows, seed
+        self._epoch, self._order = None, None
 
     def row(self, position: int) -> Batch:
         epoch, offset = divmod(position, len(self.rows))
-        order = list(range(len(self.rows)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return self.rows[order[offset]]
+        if epoch != self._epoch:
+            self._order = list(range(len(self.rows)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(self._order)
+            self._epoch = epoch
+        return self.rows[self._order[offset]]
 
     def micro_batches(self, consumed: int, global_batch: int, micro: int, rank: int = 0, world: int = 1) -> list[Batch]:
         step = micro * world

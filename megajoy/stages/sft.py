@@ -11,6 +11,7 @@ import torch
 
 from megajoy.cli import add_config_arguments
 from megajoy.stages.flags import add_training_flags, flag_overrides
+from megajoy.train.checkpoint import resolve_checkpoint
 from megajoy.train.trainer import NextTokenStage, Trainer
 
 # Section defaults: a short CPU-sized run on the built-in demo data.
@@ -120,34 +121,22 @@ def build_job(args, defaults=DEFAULTS):
     """The job: the stage's defaults, the model of the --init checkpoint (or the preset), then flags."""
     from megajoy.ckpt.native import read_job_config
     from megajoy.config import load_job_config
-    from megajoy.train.checkpoint import latest_checkpoint
 
-    init = flag_value(args, "checkpoint.init")
-    model_overrides = []
-    if init:
-        model = read_job_config(latest_checkpoint(init) or init).model
-        model_overrides = [f"model.{k}={json.dumps(v)}" for k, v in dataclasses.asdict(model).items()]
-    return load_job_config(args.preset, args.config, model_overrides + flag_overrides(args) + args.overrides,
-                           defaults=defaults)
-
-
-def flag_value(args, path: str):
-    for item in flag_overrides(args) + args.overrides:
-        key, _, value = item.partition("=")
-        if key == path:
-            return json.loads(value) if value.startswith('"') else value
-    return None
+    overrides = flag_overrides(args) + args.overrides
+    job = load_job_config(args.preset, args.config, overrides, defaults=defaults)
+    if not job.checkpoint.init:
+        return job
+    model = read_job_config(resolve_checkpoint(job.checkpoint.init)).model
+    model_overrides = [f"model.{k}={json.dumps(v)}" for k, v in dataclasses.asdict(model).items()]
+    return load_job_config(args.preset, args.config, model_overrides + overrides, defaults=defaults)
 
 
-def stage_tokenizer(job, args) -> str:
+def stage_tokenizer(job) -> str:
     """--tokenizer, else the tokenizer stored with the --init checkpoint."""
-    from megajoy.train.checkpoint import latest_checkpoint
-
     if job.data.tokenizer:
         return job.data.tokenizer
     if job.checkpoint.init:
-        directory = latest_checkpoint(job.checkpoint.init) or job.checkpoint.init
-        path = os.path.join(directory, "tokenizer.json")
+        path = os.path.join(resolve_checkpoint(job.checkpoint.init), "tokenizer.json")
         if os.path.exists(path):
             return path
     raise ValueError("no tokenizer: pass --tokenizer, or --init a checkpoint that stores one")
@@ -163,7 +152,7 @@ def prepare_files(job, args, rank: int) -> str:
     from megajoy.data.demo import sft_conversations, write_jsonl
     from megajoy.data.sft import ChatTokenizer
 
-    tokenizer = ChatTokenizer(stage_tokenizer(job, args), job.model.vocab_size)
+    tokenizer = ChatTokenizer(stage_tokenizer(job), job.model.vocab_size)
     path = os.path.join(job.checkpoint.out, "tokenizer.json")
     if rank == 0:
         os.makedirs(job.checkpoint.out, exist_ok=True)

@@ -132,6 +132,11 @@ def latest_checkpoint(out: str) -> str | None:
     return os.path.join(root, names[-1]) if names else None
 
 
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory as given, or a training output directory's latest checkpoint."""
+    return latest_checkpoint(path) or path
+
+
 def load_checkpoint(path: str, model, optimizer, specs, pc) -> dict:
     """Verify checksums, restore this rank's model and optimizer shards (any saved layout) and the RNG;
     return the trainer state. Errors name the file."""

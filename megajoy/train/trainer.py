@@ -350,7 +350,7 @@ class Trainer:
         from megajoy.ckpt import distributed as dcp_io
         from megajoy.ckpt.native import load_model_dir
 
-        checkpoint = ckpt.latest_checkpoint(path) or path
+        checkpoint = ckpt.resolve_checkpoint(path)
         if dcp_io.is_distributed_checkpoint(checkpoint):
             dcp_io.load_into(self.model, None, self.specs, self.pc, checkpoint)
             return
