@@ -189,10 +189,12 @@ def _copy_into_model(model, target: dict) -> None:
                 tensor.copy_(_local(target[key]).to(tensor.device))
 
 
-def read_full_tensors(path: str, prefix: str = "model.", names: list[str] | None = None) -> dict[str, torch.Tensor]:
+def read_full_tensors(path: str, prefix: str = "model.", names: list[str] | None = None,
+                      metadata: dict | None = None) -> dict[str, torch.Tensor]:
     """Whole tensors under `prefix` (or just `names`, without the prefix) from a checkpoint written at any
-    layout, read in this process alone; shapes and dtypes come from the checkpoint's metadata."""
-    metadata = FileSystemReader(path).read_metadata().state_dict_metadata
+    layout, read in this process alone; shapes and dtypes come from the checkpoint's metadata (pass its
+    `state_dict_metadata` when reading tensor after tensor, so it is not re-read each time)."""
+    metadata = metadata or FileSystemReader(path).read_metadata().state_dict_metadata
     wanted = [prefix + n for n in names] if names is not None else [k for k in metadata if k.startswith(prefix)]
     missing = [k for k in wanted if k not in metadata]
     if missing:

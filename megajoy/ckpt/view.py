@@ -200,8 +200,8 @@ class DcpStore:
         from torch.distributed.checkpoint import FileSystemReader
 
         self.path = path
-        metadata = FileSystemReader(path).read_metadata().state_dict_metadata
-        self.meta = {k[len(self.PREFIX):]: v for k, v in metadata.items() if k.startswith(self.PREFIX)}
+        self.metadata = FileSystemReader(path).read_metadata().state_dict_metadata
+        self.meta = {k[len(self.PREFIX):]: v for k, v in self.metadata.items() if k.startswith(self.PREFIX)}
         self.weight_map = dict.fromkeys(self.meta, path)
         self._cached: tuple[str, torch.Tensor] | None = None
 
@@ -214,7 +214,7 @@ class DcpStore:
         if self._cached is not None and self._cached[0] == name:
             return self._cached[1]
         self._cached = None  # release before reading the next one
-        tensor = read_full_tensors(self.path, names=[name])[name]
+        tensor = read_full_tensors(self.path, names=[name], metadata=self.metadata)[name]
         self._cached = (name, tensor)
         return tensor
 
