@@ -166,3 +166,14 @@ def test_sft_end_to_end(tmp_path, tokenizer_file):
     job, _, tokenizer = load_model_dir(latest_checkpoint(str(out)))
     assert job.model.hidden_size == 32  # the --init checkpoint's model, not the preset's
     assert ChatTokenizer(tokenizer, 320).added == []
+
+
+def test_sft_refuses_missing_tokenizer_and_empty_data(tmp_path, tokenizer_file, capsys):
+    sets = [a for o in TINY_MODEL_OVERRIDES for a in ("--set", o)]
+    assert main(["init", "--out", str(tmp_path / "bare")] + sets) == 0  # no tokenizer stored
+    assert main(["sft", "--init", str(tmp_path / "bare"), "--out", str(tmp_path / "a")]) == 2
+    assert "no tokenizer: pass --tokenizer, or --init a checkpoint that stores one" in capsys.readouterr().err
+    write_jsonl(str(tmp_path / "empty.jsonl"), [{"messages": [{"role": "user", "content": "hi"}]}])
+    assert main(["sft", "--init", str(tmp_path / "bare"), "--tokenizer", tokenizer_file, "--data",
+                 str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "b")]) == 2
+    assert "no training rows: every conversation was dropped" in capsys.readouterr().err
