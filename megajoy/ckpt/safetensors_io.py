@@ -113,7 +113,7 @@ class SafetensorsFile:
     """One .safetensors file: header parsed at open, tensors read on demand with positioned reads."""
 
     def __init__(self, path: str):
-        self.path = path
+        self.path, self._fd = path, None
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(8)
@@ -137,7 +137,6 @@ class SafetensorsFile:
                 raise ValueError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte "
                                  f"{self.data_start + end}, the file has {size}")
             self.entries[name] = (CODE_DTYPES[info["dtype"]], tuple(info["shape"]), begin, end)
-        self._fd: int | None = None
 
     def keys(self) -> list[str]:
         return list(self.entries)
