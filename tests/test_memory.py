@@ -37,7 +37,7 @@ def _measure_rank(rank, world, flags):
     pos, docs = document_positions(ids, eod=1)
     batches = [Batch(ids[i:i + MICRO], torch.roll(ids, -1, 1)[i:i + MICRO], torch.ones(MICRO, SEQ), pos[i:i + MICRO],
                      docs[i:i + MICRO]) for i in range(0, ids.shape[0], MICRO)]
-    objective = lambda out: (out.lm_loss_sum / 1000 + out.mtp_loss_sum / 1000, {})  # noqa: E731
+    objective = lambda out, batch=None: (out.lm_loss_sum / 1000 + out.mtp_loss_sum / 1000, {})  # noqa: E731
     if pc.size("pp") > 1:
         PipelineRunner(model, pc).run(batches, objective, True, backward=True)
     else:

@@ -14,13 +14,33 @@ class Batch:
     loss_mask: torch.Tensor  # [B, S] float
     position_ids: torch.Tensor  # [B, S], restarting at 0 in every document
     document_ids: torch.Tensor  # [B, S], 0, 1, ... per row
+    ref_logps: torch.Tensor | None = None  # [B, S] reference model's log-probability of each label (DPO)
 
     def to(self, device) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+        return Batch(**{name: t.to(device, non_blocking=True) for name, t in self.tensors().items()})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that are set, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     @property
     def tokens(self) -> int:
         return self.input_ids.numel()
+
+
+def stack(rows: list[Batch]) -> Batch:
+    """One Batch of the rows of several."""
+    return Batch(**{name: torch.cat([r.tensors()[name] for r in rows]) for name in rows[0].tensors()})
+
+
+def held_out_batches(rows: list[Batch], micro: int, dp_rank: int, dp: int) -> list[Batch]:
+    """This data-parallel rank's equal share of the held-out rows, in micro-batches of at most `micro`
+    rows (every rank gets the same number, so their collectives match)."""
+    if len(rows) < dp:
+        return []
+    share = len(rows) // dp
+    mine = rows[dp_rank * share:(dp_rank + 1) * share]
+    return [stack(mine[i:i + micro]) for i in range(0, share, micro)]
 
 
 def document_positions(tokens_BS: torch.Tensor, eod: int) -> tuple[torch.Tensor, torch.Tensor]:

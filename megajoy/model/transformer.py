@@ -44,6 +44,7 @@ class CausalLMOutput:
     mtp_loss_sum: torch.Tensor | None = None
     mtp_tokens: torch.Tensor | None = None
     mtp_logits: list | None = None
+    lm_token_loss: torch.Tensor | None = None  # [B, S] per-token cross-entropy, unmasked (DPO, RL need it)
 
     @property
     def lm_loss(self) -> torch.Tensor:
@@ -188,7 +189,9 @@ class JoyAIForCausalLM(nn.Module):
         if loss_mask is None:
             loss_mask = torch.ones_like(input_ids, dtype=torch.float32)
         if labels is not None:
-            out.lm_loss_sum, out.lm_tokens = self.masked_cross_entropy(logits_BSV, labels, loss_mask)
+            ce_BS = self.token_cross_entropy(logits_BSV, labels)
+            mask = loss_mask.float()
+            out.lm_loss_sum, out.lm_tokens, out.lm_token_loss = (ce_BS * mask).sum(), mask.sum(), ce_BS
         if compute_mtp and len(self.mtp):
             self._mtp_forward(out, h_BSD, input_ids, labels, loss_mask, seq, keep_logits)
         return out
@@ -216,11 +219,15 @@ class JoyAIForCausalLM(nn.Module):
             out.mtp_tokens = torch.stack(counts).mean()
         out.mtp_logits = logits or None
 
+    def token_cross_entropy(self, logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy [B, S] in fp32, on every tensor-parallel rank."""
+        ce = vocab_parallel_cross_entropy(logits_BSV.flatten(0, 1), labels_BS.flatten(), self.pc.tp)
+        return ce.view_as(labels_BS)
+
     def masked_cross_entropy(self, logits_BSV: torch.Tensor, labels_BS: torch.Tensor, mask_BS: torch.Tensor):
         """(sum of per-token cross-entropy where mask is set, number of such tokens), in fp32."""
-        ce = vocab_parallel_cross_entropy(logits_BSV.flatten(0, 1), labels_BS.flatten(), self.pc.tp)
-        mask = mask_BS.flatten().float()
-        return (ce * mask).sum(), mask.sum()
+        mask = mask_BS.float()
+        return (self.token_cross_entropy(logits_BSV, labels_BS) * mask).sum(), mask.sum()
 
 
 def _draw(shape: tuple, std: float, seed: int, name: str) -> torch.Tensor:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from megajoy.data.packing import Batch, stack
+
 SCHEDULES = ("1f1b", "interleaved", "zero-bubble")
 
 
@@ -82,7 +84,7 @@ def single_stage(num_layers: int) -> tuple[StageSpec, ...]:
 class StageModule(nn.Module):
     """One stage's forward for `PipelineStage`: registers exactly the modules this stage runs (shared with
     the rank's model, so names and parameters are the model's). The last stage returns the step's loss
-    contribution from `objective(CausalLMOutput)`, set by the trainer before each schedule run."""
+    contribution from `objective(CausalLMOutput, Batch)`, set by the trainer before each schedule run."""
 
     def __init__(self, model: nn.Module, spec: StageSpec):
         super().__init__()
@@ -97,16 +99,17 @@ class StageModule(nn.Module):
         self.objective = None
         self.compute_mtp = False
 
-    def forward(self, x, *, input_ids, position_ids, document_ids, labels, loss_mask):
-        model = self.model
-        seq = model.sequence_info(position_ids, document_ids)
+    def forward(self, x, **fields):
+        model, batch = self.model, Batch(**fields)
+        seq = model.sequence_info(batch.position_ids, batch.document_ids)
         h = model.embed(x) if self.spec.is_first else x
         for i in self.spec.layers:
             h = model.layers[str(i)](h, seq)
         if not self.spec.is_last:
             return h
-        out = model.finish(h, input_ids, labels, loss_mask, seq, compute_mtp=self.compute_mtp, return_logits=False)
-        return self.objective(out).reshape(1)  # 1-element, so the schedule can merge outputs in eval()
+        out = model.finish(h, batch.input_ids, batch.labels, batch.loss_mask, seq, compute_mtp=self.compute_mtp,
+                           return_logits=False)
+        return self.objective(out, batch).reshape(1)  # 1-element, so the schedule can merge outputs in eval()
 
 
 def build_schedule(stage_modules: list[StageModule], pc, schedule: str, n_microbatches: int,
@@ -155,15 +158,14 @@ class PipelineRunner:
     def run(self, batches: list, objective, compute_mtp: bool, backward: bool) -> dict[str, torch.Tensor]:
         parts: list[dict] = []
 
-        def last_stage_objective(out):
-            loss, metrics = objective(out)
+        def last_stage_objective(out, batch):
+            loss, metrics = objective(out, batch)
             parts.append(metrics)
             return loss
 
         for module in self.modules:
             module.objective, module.compute_mtp = last_stage_objective, compute_mtp
-        inputs = {key: torch.cat([getattr(b, key) for b in batches]).to(self.pc.device)
-                  for key in ("input_ids", "position_ids", "document_ids", "labels", "loss_mask")}
+        inputs = stack(batches).to(self.pc.device).tensors()
         if backward:
             args = (inputs["input_ids"],) if self.holds_first else ()
             target = torch.zeros(inputs["input_ids"].shape[0], device=self.pc.device)

@@ -48,9 +48,9 @@ class Stage:
     def compute_mtp(self, trainer: "Trainer") -> bool:
         return False
 
-    def objective(self, trainer: "Trainer", out, counts: dict) -> tuple[torch.Tensor, dict]:
-        """From the model's output (CausalLMOutput) for one micro-batch: (loss to backpropagate, its
-        detached contributions to the step's metrics). Runs on the last pipeline stage."""
+    def objective(self, trainer: "Trainer", out, counts: dict, batch) -> tuple[torch.Tensor, dict]:
+        """From the model's output (CausalLMOutput) for one micro-batch `batch`: (loss to backpropagate,
+        its detached contributions to the step's metrics). Runs on the last pipeline stage."""
         raise NotImplementedError
 
 
@@ -69,7 +69,7 @@ class NextTokenStage(Stage):
             counts["mtp"] = mtp_token_count(batch.loss_mask, trainer.job.model.num_nextn_predict_layers)
         return counts
 
-    def objective(self, trainer: "Trainer", out, counts):
+    def objective(self, trainer: "Trainer", out, counts, batch):
         lm = out.lm_loss_sum / counts["lm"].clamp(min=1)
         parts = {"loss": lm.detach()}
         if "mtp" in counts:
@@ -242,7 +242,7 @@ class Trainer:
     def _accumulate(self, micro_batches: list, counts: dict, backward: bool) -> dict[str, float]:
         """Forward (and backward) over the step's micro-batches; return the objective's metrics summed
         over micro-batches and data-parallel ranks."""
-        objective = lambda out: self.stage.objective(self, out, counts)  # noqa: E731
+        objective = lambda out, batch: self.stage.objective(self, out, counts, batch)  # noqa: E731
         compute_mtp = self.stage.compute_mtp(self)
         with self._autocast():
             if self.pipeline is not None:
@@ -255,18 +255,42 @@ class Trainer:
         stacked = all_reduce_no_grad(torch.stack([parts_sum[k] for k in keys]), self.pc.group("dp_cp"))
         return dict(zip(keys, stacked.tolist()))
 
-    def _run_micro_batches(self, micro_batches: list, objective, compute_mtp: bool, backward: bool) -> dict:
+    def _run_micro_batches(self, micro_batches: list, objective, compute_mtp: bool, backward: bool,
+                           model=None) -> dict:
         parts_sum: dict[str, torch.Tensor] = {}
         for batch in micro_batches:
             batch = batch.to(self.device)
-            out = self.model(batch.input_ids, batch.position_ids, batch.document_ids, batch.labels, batch.loss_mask,
+            out = (model or self.model)(batch.input_ids, batch.position_ids, batch.document_ids, batch.labels, batch.loss_mask,
                              compute_mtp=compute_mtp, return_logits=False)
-            loss, parts = objective(out)
+            loss, parts = objective(out, batch)
             if backward:
                 loss.backward()
             for key, value in parts.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + value.detach().float()
         return parts_sum
+
+    @torch.no_grad()
+    def label_logps(self, micro_batches: list, model=None, pipeline=None) -> list[torch.Tensor]:
+        """Per micro-batch, the log-probability of each label under `model` (default: the one trained)
+        in eval mode, zero where the loss mask is; [B, S] on the CPU. Under pipeline parallelism
+        (`pipeline`: the model's runner) only the last stage's ranks get them, the others zeros."""
+        model = model or self.model
+        pipeline = pipeline or (self.pipeline if model is self.model else None)
+        found = []
+
+        def collect(out, batch):
+            found.append((-out.lm_token_loss * batch.loss_mask).cpu())
+            return out.lm_loss_sum * 0, {}
+
+        was_training = model.training
+        model.eval()
+        with self._autocast():
+            if pipeline is not None:
+                pipeline.run(micro_batches, collect, False, backward=False)
+            else:
+                self._run_micro_batches(micro_batches, collect, False, False, model)
+        model.train(was_training)
+        return found or [torch.zeros_like(b.loss_mask) for b in micro_batches]
 
     def _step_token_counts(self, micro_batches: list) -> dict:
         counts: dict[str, torch.Tensor] = {}
