@@ -26,7 +26,7 @@ setup(
         "gpu": ["nvidia-ml-py"],
         "plot": ["matplotlib"],
         "te": ["transformer-engine[pytorch]"],
-        "test": ["pytest", "transformers>=5.0", "gguf>=0.17", "matplotlib", "compressed-tensors"],
+        "test": ["pytest", "transformers>=5.0", "gguf>=0.17", "matplotlib", "compressed-tensors", "trl==1.16.0"],
     },
     entry_points={"console_scripts": ["megajoy=megajoy.cli:main"]},
 )

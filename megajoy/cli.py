@@ -10,6 +10,7 @@ COMMANDS = {
     "init": ("megajoy.commands.init", "write a randomly initialised checkpoint"),
     "pretrain": ("megajoy.stages.pretrain", "pretrain on Megatron-format data or the built-in corpus"),
     "sft": ("megajoy.stages.sft", "supervised fine-tuning on chat data (packed, assistant tokens only)"),
+    "dpo": ("megajoy.stages.dpo", "direct preference optimisation on chosen / rejected pairs"),
     "chat-template": ("megajoy.commands.chat_template", "show what the model sees of chat data, trained tokens marked"),
 }
 

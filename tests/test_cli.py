@@ -54,6 +54,9 @@ PINNED_FLAGS = {
 PINNED_FLAGS["sft"] = PINNED_FLAGS["pretrain"] | {"--data", "--thinking", "--overlong", "--no-pack",
                                                   "--valid-conversations", "--demo-conversations",
                                                   "--exact-match-samples"}
+PINNED_FLAGS["dpo"] = PINNED_FLAGS["pretrain"] | {"--data", "--beta", "--label-smoothing", "--sft-weight",
+                                                  "--reference", "--thinking", "--overlong", "--valid-pairs",
+                                                  "--demo-pairs", "--exact-match-samples"}
 
 
 def test_cli_flags_are_pinned():

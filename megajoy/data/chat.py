@@ -57,9 +57,11 @@ def thinking_mode(conversation: dict, mode: str = "auto") -> bool:
     return any(m.get("reasoning_content") for m in conversation.get("messages", []) if m.get("role") == "assistant")
 
 
-def render(conversation: dict, mode: str = "auto", generation_prompt: bool = False) -> list[Piece]:
+def render(conversation: dict, mode: str = "auto", generation_prompt: bool = False,
+           train_from: int = 0) -> list[Piece]:
     """The pieces the model sees. With `generation_prompt`, a final assistant turn is left open (for
-    generation) instead of being required."""
+    generation) instead of being required. Assistant turns before message `train_from` are context only
+    (a DPO response is trained, the prompt's earlier answers are not)."""
     messages = conversation.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ConversationError("malformed", "\"messages\" must be a non-empty list")
@@ -67,7 +69,7 @@ def render(conversation: dict, mode: str = "auto", generation_prompt: bool = Fal
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             role = m.get("role") if isinstance(m, dict) else m
             raise ConversationError("unknown_role", f"unknown role {role!r} (expected one of {ROLES})")
-    if not generation_prompt and not any(m["role"] == "assistant" for m in messages):
+    if not generation_prompt and not any(m["role"] == "assistant" for m in messages[train_from:]):
         raise ConversationError("no_assistant", "no assistant turn to train on")
     thinking = thinking_mode(conversation, mode)
     last_user = max(i for i, m in enumerate(messages) if m["role"] == "user") if any(
@@ -79,7 +81,7 @@ def render(conversation: dict, mode: str = "auto", generation_prompt: bool = Fal
         elif m["role"] == "tool":
             pieces.append(Piece(TOOL_OUTPUT + _text(m) + END_TOOL_OUTPUT, False))
         elif m["role"] == "assistant":
-            pieces.extend(_assistant(m, thinking and i > last_user))
+            pieces.extend(_assistant(m, thinking and i > last_user, trained=i >= train_from))
     if generation_prompt:
         pieces.append(Piece(ASSISTANT + (THINK if thinking else END_THINK), False))
     return pieces
@@ -93,12 +95,12 @@ def system_prompt(messages: list[dict], tools) -> str:
     return text
 
 
-def _assistant(m: dict, thinking: bool) -> list[Piece]:
+def _assistant(m: dict, thinking: bool, trained: bool = True) -> list[Piece]:
     answer = _text(m) + "".join(tool_call_text(call) for call in m.get("tool_calls") or [])
     if thinking:
         return [Piece(ASSISTANT + THINK, False),
-                Piece((m.get("reasoning_content") or "") + END_THINK + answer + EOS_TOKEN, True)]
-    return [Piece(ASSISTANT + END_THINK, False), Piece(answer + EOS_TOKEN, True)]
+                Piece((m.get("reasoning_content") or "") + END_THINK + answer + EOS_TOKEN, trained)]
+    return [Piece(ASSISTANT + END_THINK, False), Piece(answer + EOS_TOKEN, trained)]
 
 
 def tool_call_text(call: dict) -> str:

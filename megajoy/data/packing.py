@@ -2,6 +2,7 @@
 and its position within its document; the EOD belongs to the document it ends (Megatron's
 reset_attention_mask convention)."""
 
+import dataclasses
 from dataclasses import dataclass, fields
 
 import torch
@@ -34,12 +35,14 @@ def stack(rows: list[Batch]) -> Batch:
 
 
 def held_out_batches(rows: list[Batch], micro: int, dp_rank: int, dp: int) -> list[Batch]:
-    """This data-parallel rank's equal share of the held-out rows, in micro-batches of at most `micro`
-    rows (every rank gets the same number, so their collectives match)."""
-    if len(rows) < dp:
+    """This data-parallel rank's share of the held-out rows in micro-batches of `micro` rows. Every row
+    is scored once whatever the layout; shares are topped up with rows whose loss mask is empty, so
+    every rank runs the same number of micro-batches (and collectives)."""
+    if not rows:
         return []
-    share = len(rows) // dp
-    mine = rows[dp_rank * share:(dp_rank + 1) * share]
+    share = -(-len(rows) // (dp * micro)) * micro
+    blank = dataclasses.replace(rows[0], loss_mask=torch.zeros_like(rows[0].loss_mask))
+    mine = [rows[i] if i < len(rows) else blank for i in range(dp_rank * share, (dp_rank + 1) * share)]
     return [stack(mine[i:i + micro]) for i in range(0, share, micro)]
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megajoy.data.chat import TEMPLATE_TOKENS, ConversationError, render
-from megajoy.data.packing import Batch
+from megajoy.data.packing import Batch, stack
 from megajoy.data.tokenizer import PAD_TOKEN, load_tokenizer
 
 
@@ -29,6 +29,7 @@ class Sample:
 
 @dataclass
 class LoadReport:
+    noun: str = "conversations"
     kept: int = 0
     truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
@@ -39,7 +40,7 @@ class LoadReport:
         self.first_lines.setdefault(reason, line)
 
     def summary(self, path: str) -> str:
-        parts = [f"{self.kept} conversations kept"]
+        parts = [f"{self.kept} {self.noun} kept"]
         if self.truncated:
             parts.append(f"{self.truncated} truncated to the sequence length")
         for reason, n in sorted(self.dropped.items()):
@@ -138,10 +139,11 @@ def pack_rows(samples: list[Sample], seq_length: int, pad_id: int, pack: bool = 
     capacity = seq_length + 1
     groups = best_fit_decreasing([len(s.ids) for s in samples], capacity) if pack else [[i] for i in
                                                                                         range(len(samples))]
-    return [_row([samples[i] for i in group], capacity, pad_id) for group in groups]
+    return [packed_row([samples[i] for i in group], capacity, pad_id) for group in groups]
 
 
-def _row(samples: list[Sample], capacity: int, pad_id: int) -> Batch:
+def packed_row(samples: list[Sample], capacity: int, pad_id: int) -> Batch:
+    """One row: the samples one after another, each its own document, then a padding document."""
     ids, trained, docs, positions = [], [], [], []
     for d, s in enumerate(samples):
         ids += s.ids
@@ -164,11 +166,6 @@ def padding_fraction(rows: list[Batch], pad_id: int) -> float:
     pad = sum(int((r.document_ids == r.document_ids[:, -1:]).sum()) for r in rows
               if bool(r.input_ids[0, -1] == pad_id))
     return pad / max(total, 1)
-
-
-def stack(rows: list[Batch]) -> Batch:
-    return Batch(*(torch.cat([getattr(r, f) for r in rows]) for f in
-                   ("input_ids", "labels", "loss_mask", "position_ids", "document_ids")))
 
 
 class RowSchedule:

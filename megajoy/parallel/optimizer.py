@@ -47,9 +47,13 @@ class ParallelOptimizer:
         _bucketed_all_reduce(partial, self.pc.group("tp"), self.bucket_bytes)
 
     def reduce_embedding_copies(self) -> None:
-        """The first and last pipeline stages each hold the embedding: sum their gradients."""
+        """The first and last pipeline stages each hold the embedding: sum their gradients. A copy that
+        got no gradient (the last stage's, when MTP is off this step) counts as zero, so both join."""
         if self.pc.size("embed") > 1:
-            params = [p for n, p in self.named_params if n.startswith("embed_tokens.") and p.grad is not None]
+            params = [p for n, p in self.named_params if n.startswith("embed_tokens.")]
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
             _bucketed_all_reduce(params, self.pc.groups["embed"], self.bucket_bytes)
 
     def reduce_gradients(self) -> None:

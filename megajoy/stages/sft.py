@@ -10,6 +10,7 @@ import sys
 import torch
 
 from megajoy.cli import add_config_arguments
+from megajoy.data.packing import held_out_batches
 from megajoy.stages.flags import add_training_flags, flag_overrides
 from megajoy.train.checkpoint import resolve_checkpoint
 from megajoy.train.trainer import NextTokenStage, Trainer
@@ -51,13 +52,7 @@ class SftStage(NextTokenStage):
                                            self.dp)
 
     def valid_micro_batches(self, trainer):
-        from megajoy.data.sft import stack
-
-        micro = trainer.job.train.micro_batch_size
-        rows = self.valid_rows[: len(self.valid_rows) // (micro * self.dp) * micro * self.dp]
-        mine = rows[self.dp_rank * micro:]
-        return [stack(mine[i:i + micro]) for i in range(0, len(mine), micro * self.dp)]
-
+        return held_out_batches(self.valid_rows, trainer.job.train.micro_batch_size, self.dp_rank, self.dp)
 
 
 def load_chat_data(job, args, tokenizer_path: str) -> dict:
@@ -142,24 +137,26 @@ def stage_tokenizer(job) -> str:
     raise ValueError("no tokenizer: pass --tokenizer, or --init a checkpoint that stores one")
 
 
-def data_file(job, args) -> str:
-    return args.data or os.path.join(job.checkpoint.out, "demo_sft.jsonl")
+def data_file(job, args, demo_name: str = "demo_sft.jsonl") -> str:
+    return args.data or os.path.join(job.checkpoint.out, demo_name)
 
 
-def prepare_files(job, args, rank: int) -> str:
+def prepare_files(job, args, rank: int, demo_name: str = "demo_sft.jsonl", make_demo=None) -> str:
     """Rank 0 writes the stage's tokenizer (template tokens added) into the output directory, and so
     into every checkpoint, and the demo data when no --data is given. Returns the tokenizer's path."""
     from megajoy.data.demo import sft_conversations, write_jsonl
     from megajoy.data.sft import ChatTokenizer
 
+    make_demo = make_demo or (lambda: sft_conversations(args.demo_conversations, seed=job.train.seed))
     tokenizer = ChatTokenizer(stage_tokenizer(job), job.model.vocab_size)
     path = os.path.join(job.checkpoint.out, "tokenizer.json")
     if rank == 0:
         os.makedirs(job.checkpoint.out, exist_ok=True)
         tokenizer.save(path + ".tmp")
         os.replace(path + ".tmp", path)
-        if not args.data and not os.path.exists(data_file(job, args)):
-            write_jsonl(data_file(job, args), sft_conversations(args.demo_conversations, seed=job.train.seed))
+        demo = data_file(job, args, demo_name)
+        if not args.data and not os.path.exists(demo):
+            write_jsonl(demo, make_demo())
     return path
 
 
@@ -173,9 +170,9 @@ def run(args) -> int:
         tokenizer_path = prepare_files(job, args, pc.rank)
     stage = SftStage(args)
     trainer = Trainer(job, stage, tokenizer_path, pc)
-    before = _exact_match(trainer, stage, args)
+    before = held_out_exact_match(trainer, stage, args)
     summary = trainer.run()
-    after = _exact_match(trainer, stage, args)
+    after = held_out_exact_match(trainer, stage, args)
     if pc.rank == 0:
         results = {"step": trainer.step, **stage.stats, "exact_match_before": before, "exact_match_after": after,
                    **{k: v for k, v in summary.items() if k.startswith("val_")}}
@@ -186,7 +183,7 @@ def run(args) -> int:
     return 0
 
 
-def _exact_match(trainer, stage, args) -> float | None:
+def held_out_exact_match(trainer, stage, args) -> float | None:
     """Only where one process holds the whole model (generation is not distributed)."""
     if not args.exact_match_samples or trainer.pc.size("world") > 1:
         return None
