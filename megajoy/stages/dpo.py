@@ -19,7 +19,7 @@ from megajoy.stages.flags import add_training_flags
 from megajoy.train.trainer import Stage, Trainer
 
 # Section defaults: a short CPU-sized run on the built-in demo pairs.
-DEFAULTS = {"optimizer": {"lr": 2e-5, "min_lr": 2e-6, "lr_warmup_iters": 5, "lr_decay_style": "cosine"},
+DEFAULTS = {"optimizer": {"lr": 1e-4, "min_lr": 1e-5, "lr_warmup_iters": 5, "lr_decay_style": "cosine"},
             "data": {"seq_length": 512}, "train": {"train_iters": 60, "global_batch_size": 8, "micro_batch_size": 4,
                                                   "eval_interval": 20, "eval_iters": 2}, "checkpoint": {"out": "runs/dpo"}}
 DEMO_FILE = "demo_dpo.jsonl"
@@ -106,12 +106,15 @@ class DpoStage(Stage):
         terms = dpo_terms(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.label_smoothing)
         weight = present.float() / counts["pairs"].clamp(min=1)
         loss = (terms.losses * weight).sum()
+        # reward_accuracy: the implicit reward ranks chosen first (TRL's rewards/accuracies; 0 while the
+        # policy is the reference). ranking_accuracy: the policy's own log-probability does (Chen et
+        # al. 2024, "Preference learning algorithms do not learn preference rankings").
         parts = {"loss": loss.detach(),
                  "reward_accuracy": ((terms.chosen_rewards > terms.rejected_rewards) * weight).sum(),
                  "reward_margin": ((terms.chosen_rewards - terms.rejected_rewards) * weight).sum(),
                  "chosen_reward": (terms.chosen_rewards * weight).sum(),
                  "rejected_reward": (terms.rejected_rewards * weight).sum(),
-                 "preference_accuracy": ((chosen > rejected) * weight).sum().detach()}
+                 "ranking_accuracy": ((chosen > rejected) * weight).sum().detach()}
         if args.sft_weight:
             sft_loss = -(logps * chosen_mask(batch.loss_mask, batch.document_ids)).sum()
             sft_loss = sft_loss / counts["chosen_tokens"].clamp(min=1)
@@ -196,14 +199,14 @@ def run(args) -> int:
     if pc.rank == 0:
         evaluations = [r for r in read_metrics(os.path.join(trainer.out, "metrics.jsonl")) if "val_loss" in r]
         results = {"step": trainer.step, **stage.stats,
-                   "preference_accuracy_before": evaluations[0]["val_preference_accuracy"] if evaluations else None,
-                   "preference_accuracy_after": summary.get("val_preference_accuracy"),
+                   "ranking_accuracy_before": evaluations[0]["val_ranking_accuracy"] if evaluations else None,
+                   "ranking_accuracy_after": summary.get("val_ranking_accuracy"),
                    "exact_match_before": before, "exact_match_after": after,
                    **{k: v for k, v in summary.items() if k.startswith("val_")}}
         with open(os.path.join(trainer.out, "dpo_results.json"), "w") as f:
             json.dump(results, f, indent=2)
-        print(f"megajoy dpo: step {trainer.step}, held-out preference accuracy "
-              f"{results['preference_accuracy_before']} -> {results['preference_accuracy_after']}, reward accuracy "
+        print(f"megajoy dpo: step {trainer.step}, held-out ranking accuracy "
+              f"{results['ranking_accuracy_before']} -> {results['ranking_accuracy_after']}, reward accuracy "
               f"{summary.get('val_reward_accuracy')}, exact match {before} -> {after}; "
               f"checkpoints in {trainer.out}/checkpoints")
     return 0

@@ -17,8 +17,8 @@ from megajoy.train.trainer import NextTokenStage, Trainer
 
 # Section defaults: a short CPU-sized run on the built-in demo data.
 DEFAULTS = {"optimizer": {"lr": 1e-3, "min_lr": 1e-4, "lr_warmup_iters": 10, "lr_decay_style": "cosine"},
-            "data": {"seq_length": 2048}, "train": {"train_iters": 150, "global_batch_size": 4, "micro_batch_size": 2,
-                                                   "eval_interval": 50, "eval_iters": 2, "mtp_start_iter": 0},
+            "data": {"seq_length": 1024}, "train": {"train_iters": 100, "global_batch_size": 8, "micro_batch_size": 2,
+                                                   "eval_interval": 25, "eval_iters": 2, "mtp_start_iter": 0},
             "checkpoint": {"out": "runs/sft"}}
 
 
