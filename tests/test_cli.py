@@ -50,6 +50,8 @@ PINNED_FLAGS = {
         "--qat-modules", "--qat-group", "--fp8", "--fp8-backend",
     },
     "chat-template": {"-h", "--help", "--render", "--tokenizer", "--thinking", "--limit"},
+    "generate": {"-h", "--help", "--ckpt", "--prompt", "--chat", "--thinking", "--max-new-tokens", "--temperature",
+                 "--top-k", "--top-p", "--stop", "--seed", "--mtp-draft", "--json"},
 }
 PINNED_FLAGS["sft"] = PINNED_FLAGS["pretrain"] | {"--data", "--thinking", "--overlong", "--no-pack",
                                                   "--valid-conversations", "--demo-conversations",

@@ -1,7 +1,20 @@
-"""Greedy decoding with the full forward pass (no cache): the reference continuation exports are
-checked against."""
+"""Generation. `generate` decodes batches of prompts with absorbed MLA over a latent KV cache: per token
+and layer the cache holds only the normalised latent c_kv (kv_lora_rank values) and the rotated shared
+rope key (qk_rope_head_dim values), and kv_b_proj is folded into the query and the output instead of
+expanding keys and values per head:
+
+    score(i, t) = scale * (q_nope_i W_uk . c_t + q_rope_i . k_rope_t),    out_i = (sum_t p(i, t) c_t) W_uv^T
+
+`greedy` re-runs the full forward for every token (no cache): the reference the cached path and the
+exports are checked against. Single process (one rank holds the whole model). Legend: B batch, S new
+positions, T cached positions, H heads, C kv_lora_rank, R rope dim, N nope dim, V value dim.
+"""
+
+from dataclasses import dataclass
 
 import torch
+
+from megajoy.kernels.rope import apply_rope
 
 
 @torch.no_grad()
@@ -20,3 +33,280 @@ def greedy(model, prompt: list[int], max_new_tokens: int, eos_token_id: int | No
     finally:
         model.train(was_training)
     return ids[len(prompt):]
+
+
+# ------------------------------------------------------------------------------------------ the cache
+
+class LatentCache:
+    """Per attention layer: c_kv [B, T, C] and rotated k_rope [B, T, R], the first `length` positions
+    filled. Rows are left-padded: `valid` [B, T] marks the positions that hold real tokens."""
+
+    def __init__(self, layers: list, batch: int, capacity: int, device, dtype):
+        first = layers[0]
+        self.c_kv = {id(m): torch.zeros(batch, capacity, first.kv_lora_rank, device=device, dtype=dtype)
+                     for m in layers}
+        self.k_rope = {id(m): torch.zeros(batch, capacity, first.rope_dim, device=device, dtype=dtype)
+                       for m in layers}
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+    def write(self, mla, c_kv_BSC: torch.Tensor, k_rope_BSR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's latents at [length, length + S) and return the filled cache of the layer."""
+        end = self.length + c_kv_BSC.shape[1]
+        self.c_kv[id(mla)][:, self.length:end] = c_kv_BSC
+        self.k_rope[id(mla)][:, self.length:end] = k_rope_BSR
+        return self.c_kv[id(mla)][:, :end], self.k_rope[id(mla)][:, :end]
+
+    def step_mask(self, new_valid_BS: torch.Tensor) -> torch.Tensor:
+        """[B, 1, S, T] for the S positions about to be written: each sees the valid positions up to
+        itself, and itself (so a padding position's output stays finite; no valid one looks at it)."""
+        s = new_valid_BS.shape[1]
+        end = self.length + s
+        self.valid[:, self.length:end] = new_valid_BS
+        causal = torch.ones(s, end, dtype=torch.bool, device=self.valid.device).tril(self.length)
+        keys, queries = torch.arange(end, device=self.valid.device), torch.arange(s, device=self.valid.device)
+        itself = keys[None, :] == self.length + queries[:, None]
+        return ((causal.unsqueeze(0) & self.valid[:, None, :end]) | itself.unsqueeze(0)).unsqueeze(1)
+
+    def advance(self, s: int) -> None:
+        self.length += s
+
+    def truncate(self, length: int) -> None:
+        """Forget positions from `length` on (rejected speculative tokens)."""
+        self.valid[:, length:] = False
+        self.length = length
+
+
+def absorbed_attention(mla, x_BSD: torch.Tensor, cos, sin, cache: LatentCache, mask_B1ST: torch.Tensor):
+    q_BSHN, q_rope_BSHR = mla.project_q(x_BSD).split([mla.nope_dim, mla.rope_dim], dim=-1)
+    c_kv_BSC, k_rope_BSR = mla.project_latent(x_BSD)
+    q_rope_BSHR = apply_rope(q_rope_BSHR, cos, sin)
+    k_rope_BSR = apply_rope(k_rope_BSR.unsqueeze(2), cos, sin).squeeze(2)
+    c_kv_BTC, k_rope_BTR = cache.write(mla, c_kv_BSC, k_rope_BSR)
+
+    w_HXC = mla.kv_b_proj.weight.view(mla.num_heads, mla.nope_dim + mla.v_dim, mla.kv_lora_rank)
+    w_uk_HNC, w_uv_HVC = w_HXC.split([mla.nope_dim, mla.v_dim], dim=1)
+    q_latent_BSHC = torch.einsum("bshn,hnc->bshc", q_BSHN, w_uk_HNC)
+    scores_BHST = (torch.einsum("bshc,btc->bhst", q_latent_BSHC, c_kv_BTC)
+                   + torch.einsum("bshr,btr->bhst", q_rope_BSHR, k_rope_BTR)) * mla.softmax_scale
+    probs_BHST = scores_BHST.float().masked_fill(~mask_B1ST, float("-inf")).softmax(-1).to(c_kv_BTC.dtype)
+    out_latent_BSHC = torch.einsum("bhst,btc->bshc", probs_BHST, c_kv_BTC)
+    out_BSHV = torch.einsum("bshc,hvc->bshv", out_latent_BSHC, w_uv_HVC)
+    return mla.o_proj.forward_exit(out_BSHV.flatten(2), False)
+
+
+def decoder_step(layer, h_BSD, cos, sin, cache, mask):
+    h_BSD = h_BSD + absorbed_attention(layer.self_attn, layer.input_layernorm(h_BSD), cos, sin, cache, mask)
+    return h_BSD + layer.mlp(layer.post_attention_layernorm(h_BSD))
+
+
+def check_single_process(model) -> None:
+    if len(model.stages) != 1 or model.pc.tp_size > 1 or model.embed_tokens is None:
+        raise ValueError("generation runs on one process holding the whole model (no TP or PP)")
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # [B, S, vocab] fp32
+    hidden: torch.Tensor  # [B, S, D], the final normed hidden state (the MTP module's input)
+
+
+def cached_forward(model, ids_BS: torch.Tensor, positions_BS: torch.Tensor, valid_BS: torch.Tensor,
+                   cache: LatentCache) -> StepOutput:
+    """Run S new positions through the model, reading and extending the cache."""
+    rope = model.sequence_info(positions_BS, None)
+    cos, sin = rope.cos, rope.sin
+    mask = cache.step_mask(valid_BS)
+    h = model.embed(ids_BS)
+    for layer in model.layers.values():
+        h = decoder_step(layer, h, cos, sin, cache, mask)
+    cache.advance(ids_BS.shape[1])
+    hidden = model.norm(h)
+    return StepOutput(model.lm_head(hidden).float(), hidden)
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    stop_token_ids: tuple = ()
+    seed: int = 0
+
+
+def sample(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids [B]: argmax at temperature 0, else a draw after temperature, top-k and top-p."""
+    if params.temperature <= 0:
+        return logits_BV.argmax(-1)
+    logits = logits_BV / params.temperature
+    if params.top_k:
+        kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = probs.cumsum(-1) - probs >= params.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], params: SamplingParams | None = None) -> list[list[int]]:
+    """The tokens appended to each prompt (a stop token ends a row and is included)."""
+    params = params or SamplingParams()
+    check_single_process(model)
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        return _generate(model, prompts, params, device)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, prompts, params, device):
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    dtype = next(model.parameters()).dtype
+    cache = LatentCache([layer.self_attn for layer in model.layers.values()], batch, longest + params.max_new_tokens,
+                        device, dtype)
+    ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
+    valid = torch.zeros(batch, longest, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):  # left padding: every row's last prompt token is at the same index
+        ids[b, longest - len(p):] = torch.tensor(p, device=device)
+        valid[b, longest - len(p):] = True
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    generator = torch.Generator(device=device).manual_seed(params.seed) if params.temperature > 0 else None
+    stops = torch.tensor(list(params.stop_token_ids) or [-1], device=device)
+    out = [[] for _ in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    step = cached_forward(model, ids, positions, valid, cache)
+    next_positions = positions[:, -1:] + 1
+    for _ in range(params.max_new_tokens):
+        tokens = sample(step.logits[:, -1], params, generator)
+        for b in torch.nonzero(~done).flatten().tolist():
+            out[b].append(int(tokens[b]))
+        done |= torch.isin(tokens, stops)
+        if bool(done.all()) or cache.length >= cache.capacity:
+            break
+        step = cached_forward(model, tokens[:, None], next_positions, ~done[:, None], cache)
+        next_positions = next_positions + 1
+    return out
+
+
+# ------------------------------------------------------------------------------------------ MTP drafts
+
+class MtpDrafter:
+    """Drafts tokens with the model's MTP module: at position j it reads the main model's final hidden
+    state h_j and the embedding of token t_{j+1} and predicts t_{j+2}; further drafts feed its own
+    output back as h (one module used recursively). Its decoder layer has its own latent cache, whose
+    confirmed part always has one entry per main-cache position."""
+
+    def __init__(self, model, capacity: int, device, dtype):
+        if not len(model.mtp):
+            raise ValueError("--mtp-draft needs a model with an MTP module (num_nextn_predict_layers >= 1)")
+        self.model, self.mtp = model, model.mtp[0]
+        self.cache = LatentCache([self.mtp.decoder.self_attn], 1, capacity, device, dtype)
+        self.last_hidden, self.last_token = None, None
+
+    def _step(self, hidden_BSD, next_ids_BS):
+        start = self.cache.length
+        positions = torch.arange(start, start + next_ids_BS.shape[1], device=next_ids_BS.device)[None]
+        rope = self.model.sequence_info(positions, None)
+        mask = self.cache.step_mask(torch.ones_like(next_ids_BS, dtype=torch.bool))
+        x = self.mtp.eh_proj(torch.cat((self.mtp.enorm(self.model.embed(next_ids_BS)), self.mtp.hnorm(hidden_BSD)), -1))
+        out = self.mtp.norm(decoder_step(self.mtp.decoder, x, rope.cos, rope.sin, self.cache, mask))
+        self.cache.advance(next_ids_BS.shape[1])
+        return out, self.model.lm_head(out[:, -1]).float().argmax(-1)
+
+    def confirm(self, hidden_BSD: torch.Tensor, next_ids_BS: torch.Tensor) -> None:
+        """Entries for newly confirmed positions: their main hidden states and the tokens that follow."""
+        out, token = self._step(hidden_BSD, next_ids_BS)
+        self.last_hidden, self.last_token = out[:, -1:], token
+
+    def draft(self, k: int) -> list[int]:
+        confirmed, drafts = self.cache.length, [int(self.last_token)]
+        hidden = self.last_hidden
+        for _ in range(k - 1):
+            hidden, token = self._step(hidden, self.last_token.new_tensor([[drafts[-1]]]))
+            drafts.append(int(token))
+        self.cache.truncate(confirmed)
+        return drafts
+
+
+@dataclass
+class SpeculativeStats:
+    verify_passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / max(self.drafted, 1)
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Mean acceptance length: tokens each verification pass adds (accepted drafts + the bonus)."""
+        return (self.accepted + self.verify_passes) / max(self.verify_passes, 1)
+
+
+@torch.no_grad()
+def speculative_greedy(model, prompt: list[int], max_new_tokens: int, draft_tokens: int,
+                       stop_token_ids=(), drafter=None) -> tuple[list[int], SpeculativeStats]:
+    """Greedy decoding of one prompt where the MTP module drafts `draft_tokens` tokens and the main model
+    checks them all in one pass; the longest agreeing prefix is kept, plus the main model's own next
+    token. The output is plain greedy decoding's."""
+    check_single_process(model)
+    if not prompt:
+        raise ValueError("the prompt needs at least one token")
+    was_training = model.training
+    model.eval()
+    try:
+        return _speculative(model, prompt, max_new_tokens, draft_tokens, set(stop_token_ids), drafter)
+    finally:
+        model.train(was_training)
+
+
+def _speculative(model, prompt, max_new_tokens, k, stops, drafter):
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    capacity = len(prompt) + max_new_tokens + k + 1
+    cache = LatentCache([layer.self_attn for layer in model.layers.values()], 1, capacity, device, dtype)
+    drafter = drafter or MtpDrafter(model, capacity, device, dtype)
+    ids = torch.tensor([prompt], device=device)
+    step = cached_forward(model, ids, torch.arange(len(prompt), device=device)[None], torch.ones_like(ids, dtype=torch.bool),
+                          cache)
+    out = [int(step.logits[0, -1].argmax())]
+    drafter.confirm(step.hidden, ids.new_tensor([prompt[1:] + out]))
+    stats = SpeculativeStats()
+    while len(out) < max_new_tokens and out[-1] not in stops:
+        drafts = drafter.draft(k)
+        base = cache.length
+        tokens = ids.new_tensor([[out[-1]] + drafts])
+        step = cached_forward(model, tokens, torch.arange(base, base + k + 1, device=device)[None],
+                              torch.ones_like(tokens, dtype=torch.bool), cache)
+        targets = step.logits[0].argmax(-1).tolist()
+        accepted = 0
+        while accepted < k and drafts[accepted] == targets[accepted]:
+            accepted += 1
+        new = drafts[:accepted] + [targets[accepted]]
+        cache.truncate(base + accepted + 1)
+        drafter.confirm(step.hidden[:, :accepted + 1], ids.new_tensor([new]))
+        stats.verify_passes += 1
+        stats.drafted += k
+        stats.accepted += accepted
+        out.extend(new)
+    for i, token in enumerate(out):
+        if token in stops:
+            out = out[:i + 1]
+            break
+    return out[:max_new_tokens], stats

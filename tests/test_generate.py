@@ -1,0 +1,137 @@
+"""Generation: absorbed MLA over the latent KV cache gives the full forward's logits, and greedy decoding
+of a left-padded batch equals greedy decoding by full re-computation, prompt by prompt; sampling
+respects temperature, top-k, top-p and stop tokens; `megajoy generate` end to end."""
+
+import pytest
+import torch
+from helpers import random_model, small_config
+
+from megajoy.model.generate import LatentCache, SamplingParams, cached_forward, generate, greedy, sample
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = random_model(small_config(num_nextn_predict_layers=1, initializer_range=0.1), seed=3)
+    return m
+
+
+def test_cached_logits_equal_the_full_forward(model):
+    ids = torch.randint(0, 256, (2, 12))
+    full = model(ids, compute_mtp=False).logits
+    cache = LatentCache([layer.self_attn for layer in model.layers.values()], 2, 12, "cpu", torch.float32)
+    positions = torch.arange(12).expand(2, 12)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    prefill = cached_forward(model, ids[:, :7], positions[:, :7], valid[:, :7], cache)
+    steps = [cached_forward(model, ids[:, i:i + 1], positions[:, i:i + 1], valid[:, i:i + 1], cache).logits
+             for i in range(7, 12)]
+    cached = torch.cat([prefill.logits] + steps, dim=1)
+    assert (cached - full).abs().max() < 1e-4 * full.abs().max()
+    # The cache holds the latent and the rope key only: kv_lora_rank + qk_rope_head_dim values per token.
+    assert cache.c_kv[id(model.layers["0"].self_attn)].shape == (2, 12, 32)
+    assert cache.k_rope[id(model.layers["0"].self_attn)].shape == (2, 12, 8)
+
+
+def test_batched_greedy_equals_full_recomputation(model):
+    prompts = [[5, 17, 42], [9], [200, 3, 3, 3, 7, 11, 250], [1, 2]]
+    want = [greedy(model, p, 10) for p in prompts]
+    got = generate(model, prompts, SamplingParams(max_new_tokens=10))
+    assert got == want
+    assert len({tuple(w) for w in want}) == len(want)  # the prompts lead to different continuations
+
+
+def test_stop_tokens_end_each_row(model):
+    prompts = [[5, 17, 42], [200, 3, 3, 3, 7]]
+    free = generate(model, prompts, SamplingParams(max_new_tokens=8))
+    stop = free[0][2]
+    got = generate(model, prompts, SamplingParams(max_new_tokens=8, stop_token_ids=(stop,)))
+    assert got[0] == free[0][:3]
+    cut = free[1].index(stop) + 1 if stop in free[1] else len(free[1])
+    assert got[1] == free[1][:cut]
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    top_k = sample(logits, SamplingParams(temperature=1.0, top_k=2), g)
+    assert set(top_k.tolist()) == {0, 1}
+    share = (top_k == 0).float().mean().item()
+    assert abs(share - 1 / (1 + torch.e ** -1)) < 0.03  # softmax over the two kept logits
+    # top-p 0.7: p = softmax = [.64, .23, .09, ...]; the prefix reaching 0.7 is the first two tokens.
+    top_p = sample(logits, SamplingParams(temperature=1.0, top_p=0.7), g)
+    assert set(top_p.tolist()) == {0, 1}
+    cold = sample(logits, SamplingParams(temperature=0.05), g)
+    assert (cold == 0).float().mean() > 0.99
+    assert sample(logits[:1], SamplingParams(), None).tolist() == [0]
+
+
+def test_generation_needs_the_whole_model_and_prompts(model):
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[1], []])
+
+
+class OracleDrafter:
+    """Drafts the true greedy continuation, wrong from draft `wrong_at` on (exercises acceptance)."""
+
+    def __init__(self, continuation: list[int], wrong_at: int):
+        self.continuation, self.wrong_at, self.done = continuation, wrong_at, 0
+
+    def confirm(self, hidden, next_ids):
+        self.done += next_ids.shape[1]
+
+    def draft(self, k):
+        start = self.done - self.prompt_length
+        drafts = self.continuation[start:start + k] + [0] * k
+        return [t if i < self.wrong_at else (t + 1) % 256 for i, t in enumerate(drafts[:k])]
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_mtp_speculative_greedy_equals_plain_greedy(model, k):
+    from megajoy.model.generate import speculative_greedy
+
+    for prompt in ([5, 17, 42], [200, 3, 3, 3, 7, 11, 250]):
+        want = greedy(model, prompt, 12)
+        got, stats = speculative_greedy(model, prompt, 12, k)
+        assert got == want and stats.verify_passes >= 1 and stats.drafted == k * stats.verify_passes
+
+
+@pytest.mark.parametrize("wrong_at", [0, 1, 3, 99])
+def test_verification_keeps_exactly_the_agreeing_drafts(model, wrong_at):
+    from megajoy.model.generate import speculative_greedy
+
+    prompt, k = [9, 8, 7], 3
+    want = greedy(model, prompt, 13)
+    drafter = OracleDrafter(want[1:], wrong_at)
+    drafter.prompt_length = len(prompt)
+    got, stats = speculative_greedy(model, prompt, 13, k, drafter=drafter)
+    assert got == want
+    per_pass = min(wrong_at, k)
+    assert stats.accepted == per_pass * stats.verify_passes
+    assert stats.verify_passes == -(-12 // (per_pass + 1))  # 12 tokens after the prefill's first
+
+
+def test_generate_command(tmp_path, tokenizer_file, capsys):
+    import json
+
+    from helpers import TINY_MODEL_OVERRIDES
+    from megajoy.cli import main
+    from megajoy.commands.generate import load_for_generation, prompt_ids
+
+    sets = [a for o in TINY_MODEL_OVERRIDES + ["model.num_nextn_predict_layers=1", "model.initializer_range=0.2"]
+            for a in ("--set", o)]
+    assert main(["init", "--out", str(tmp_path / "m"), "--tokenizer", tokenizer_file] + sets) == 0
+    capsys.readouterr()
+    model, tokenizer = load_for_generation(str(tmp_path / "m"))
+    outputs = {}
+    for flags in ([], ["--mtp-draft", "2"]):
+        assert main(["generate", "--ckpt", str(tmp_path / "m"), "--prompt", "the cat", "--prompt", "a dog sat",
+                     "--max-new-tokens", "6", "--stop", "<｜end▁of▁sentence｜>", "--json"] + flags) == 0
+        outputs[bool(flags)] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for text, plain, speculative in zip(["the cat", "a dog sat"], outputs[False], outputs[True]):
+        want = greedy(model, prompt_ids(tokenizer, text, False, False), 6, tokenizer.tok.token_to_id("<｜end▁of▁sentence｜>"))
+        assert plain["token_ids"] == want == speculative["token_ids"]
+        assert plain["completion"] == tokenizer.decode(want) and 0 <= speculative["acceptance_rate"] <= 1
+    with pytest.raises(SystemExit):
+        main(["generate", "--ckpt", str(tmp_path / "m")])  # --prompt is required
+    assert main(["generate", "--ckpt", str(tmp_path / "m"), "--prompt", "x", "--stop", "the cat"]) == 2
+    assert "a stop must be exactly one token" in capsys.readouterr().err
