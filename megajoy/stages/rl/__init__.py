@@ -1,0 +1,1 @@
+"""Reinforcement learning: policy losses (FiberPO, GRPO, GSPO, PPO-clip)."""

@@ -1,0 +1,128 @@
+"""FiberPO's properties (JOYAI.md section 5) and GRPO / GSPO / PPO-clip against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from megajoy.stages.rl.losses import (fiber_terms, fiberpo_loss, group_advantages, grpo_loss, gspo_loss,
+                                      ppo_clip_loss)
+
+C_PLUS, C_MINUS, EPS = 0.12, 0.08, 0.05
+
+
+def terms(log_ratio, mask=None):
+    mask = torch.ones_like(log_ratio) if mask is None else mask
+    return fiber_terms(log_ratio, mask, C_PLUS, C_MINUS, EPS)
+
+
+def test_nothing_clipped_gives_the_plain_ratio_and_its_gradient():
+    torch.manual_seed(0)
+    log_ratio = (torch.rand(3, 6, dtype=torch.float64) - 0.5) * 0.04  # |log r| <= 0.02: inside every budget
+    mask = torch.ones(3, 6, dtype=torch.float64)
+    mask[2, 4:] = 0
+    t = terms(log_ratio, mask)
+    assert not t.clipped.any() and (t.channels == 0).all()
+    assert torch.allclose(t.weight[mask.bool()], log_ratio.exp()[mask.bool()], rtol=0, atol=1e-14)
+    ratio = log_ratio.exp()
+    jac = torch.autograd.functional.jacobian(lambda r: terms(r.log(), mask).weight * mask, ratio)
+    jac = jac.reshape(18, 18)
+    assert torch.allclose(jac, torch.diag(mask.flatten()), atol=1e-12)
+    # The loss's gradient is the plain ratio objective's: -mean_tau mean_t r A.
+    advantages = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
+    a = log_ratio.clone().requires_grad_()
+    fiberpo_loss(a, advantages, mask, C_PLUS, C_MINUS, EPS)[0].backward()
+    b = log_ratio.clone().requires_grad_()
+    (-((b.exp() * advantages[:, None] * mask).sum(-1) / mask.sum(-1)).mean()).backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-14) and b.grad.abs().max() > 0.01
+
+
+def test_weight_stays_within_its_bounds():
+    torch.manual_seed(1)
+    for scale in (0.01, 0.1, 0.5, 3.0):
+        g = terms(torch.randn(64, 16, dtype=torch.float64) * scale).weight
+        assert g.min() >= math.exp(-C_MINUS - 2 * EPS) - 1e-12
+        assert g.max() <= math.exp(C_PLUS + 2 * EPS) + 1e-12
+
+
+def test_rollback_reverses_the_drifting_channels_gradient():
+    # T = 4 tokens, all positive: log s+ = mean log r. Pass-through at 0.10, rollback at 0.13 (C+ = 0.12 <
+    # 0.13 < (1 + 1/4) 0.12 = 0.15), zeroed at 0.20. d log w_base / d log r_t = g'(x) / T.
+    grads = {}
+    for name, value in (("pass", 0.10), ("rollback", 0.13), ("zeroed", 0.20)):
+        log_ratio = torch.full((1, 4), value, dtype=torch.float64, requires_grad=True)
+        terms(log_ratio).w_base.log().sum().backward()
+        grads[name] = log_ratio.grad[0, 0].item()
+    assert grads["pass"] == pytest.approx(1 / 4)
+    assert grads["rollback"] == pytest.approx(-4 / 4)  # slope -T, not 0
+    assert grads["zeroed"] == 0
+
+
+def test_jacobian_is_block_diagonal_over_trajectories():
+    torch.manual_seed(2)
+    log_ratio = torch.randn(3, 5, dtype=torch.float64) * 0.08
+    jac = torch.autograd.functional.jacobian(lambda x: terms(x).weight, log_ratio)  # [3, 5, 3, 5]
+    for a in range(3):
+        for b in range(3):
+            block = jac[a, :, b, :]
+            assert (block.abs().max() > 1e-3) if a == b else (block == 0).all()
+
+
+def test_every_regime_is_reached():
+    rows = {  # T = 4 tokens each
+        "G-I, L-I": [0.01, 0.01, 0.01, 0.01],
+        "G-II,r": [0.13, 0.13, 0.13, 0.13],  # log s+ = 0.13 rolls back
+        "G-II": [0.5, 0.5, 0.5, 0.5],  # log s+ = 0.5 zeroed
+        "G-III,r, L-III": [0.26, 0.26, -0.18, -0.18],  # log s+ = 0.13, log s- = 0.09: both roll back;
+        # every |u| (0.13 and 0.09) exceeds eps
+        "G-III, L-III": [1.0, 1.0, -1.0, -1.0],  # both zeroed; every |u| = 0.5 > eps
+        "L-II": [0.02, 0.02, 0.02, 0.1],  # only the last token's u = 0.06 is clipped
+    }
+    log_ratio = torch.tensor(list(rows.values()), dtype=torch.float64)
+    _, stats = fiberpo_loss(log_ratio, torch.ones(len(rows), dtype=torch.float64), torch.ones_like(log_ratio))
+    n = len(rows)
+    assert stats["regime_G-I"] == pytest.approx(2 / n)  # the first and the L-II row
+    for name in ("G-II,r", "G-II", "G-III,r", "G-III", "L-II"):
+        assert stats[f"regime_{name}"] == pytest.approx(1 / n), name
+    assert stats["regime_L-III"] == pytest.approx(2 / n)
+    # Rows whose tokens all sit on their aggregate (u = 0, and no opposite-sign mass): nothing clipped.
+    assert stats["regime_L-I"] == pytest.approx(3 / n)
+    assert terms(log_ratio[4:5]).w_base.item() == pytest.approx(1.0)  # G-III: w_base = 1
+
+
+# Hand-computed examples: two trajectories, ratios (1.5, 0.5) with A = 1 and (1.1, padding) with A = -1.
+LOG_RATIO = torch.tensor([[math.log(1.5), math.log(0.5)], [math.log(1.1), 0.0]], dtype=torch.float64)
+MASK = torch.tensor([[1.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+ADV = torch.tensor([1.0, -1.0], dtype=torch.float64)
+
+
+def test_grpo_by_hand():
+    # trajectory 1: min(1.5, 1.2) = 1.2 and min(0.5, 0.8) = 0.5 -> 0.85; trajectory 2: min(-1.1, -1.1) = -1.1
+    loss, stats = grpo_loss(LOG_RATIO, ADV, MASK, epsilon=0.2)
+    assert loss.item() == pytest.approx(-(0.85 - 1.1) / 2)
+    assert stats["token_clip_fraction"] == pytest.approx(1 / 3)
+
+
+def test_ppo_clip_by_hand():
+    log_ratio = LOG_RATIO.clone().requires_grad_()
+    loss, _ = ppo_clip_loss(log_ratio, ADV, MASK, epsilon=0.2)
+    assert loss.item() == pytest.approx(-(1.2 + 0.5 - 1.1) / 3)
+    loss.backward()
+    # d/d log r of -(r A)/3 where unclipped: token 2 -> -0.5/3, token 3 -> +1.1/3; token 1 clipped -> 0
+    assert log_ratio.grad.flatten().tolist() == pytest.approx([0.0, -0.5 / 3, 1.1 / 3, 0.0])
+
+
+def test_gspo_by_hand():
+    # s1 = sqrt(1.5 * 0.5) = 0.8660 (inside [0.8, 1.2]); s2 = 1.1 -> (0.8660 - 1.1) / 2
+    loss, _ = gspo_loss(LOG_RATIO, ADV, MASK, epsilon_low=0.2, epsilon_high=0.2)
+    assert loss.item() == pytest.approx(-(math.sqrt(0.75) - 1.1) / 2)
+    loss, stats = gspo_loss(LOG_RATIO, ADV, MASK, epsilon_low=0.1, epsilon_high=0.05)
+    # s1 = 0.866 < 0.9 with A = 1: min(0.866, 0.9) = 0.866; s2 = 1.1 > 1.05, A = -1: min(-1.1, -1.05) = -1.1
+    assert loss.item() == pytest.approx(-(math.sqrt(0.75) - 1.1) / 2)
+    assert stats["sequence_clip_fraction"] == 0
+
+
+def test_group_advantages_by_hand():
+    adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0]]))
+    assert adv[0].tolist() == pytest.approx([0.866025, -0.866025, -0.866025, 0.866025], abs=1e-5)
+    assert adv[1].tolist() == [0.0, 0.0, 0.0, 0.0]
