@@ -11,6 +11,7 @@ COMMANDS = {
     "pretrain": ("megajoy.stages.pretrain", "pretrain on Megatron-format data or the built-in corpus"),
     "sft": ("megajoy.stages.sft", "supervised fine-tuning on chat data (packed, assistant tokens only)"),
     "dpo": ("megajoy.stages.dpo", "direct preference optimisation on chosen / rejected pairs"),
+    "rl": ("megajoy.stages.rl.stage", "reinforcement learning with verifiable rewards (FiberPO, GRPO, GSPO, PPO-clip)"),
     "generate": ("megajoy.commands.generate", "decode with the latent KV cache, or MTP self-speculative decoding"),
     "chat-template": ("megajoy.commands.chat_template", "show what the model sees of chat data, trained tokens marked"),
 }

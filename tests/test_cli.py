@@ -56,6 +56,11 @@ PINNED_FLAGS = {
 PINNED_FLAGS["sft"] = PINNED_FLAGS["pretrain"] | {"--data", "--thinking", "--overlong", "--no-pack",
                                                   "--valid-conversations", "--demo-conversations",
                                                   "--exact-match-samples"}
+PINNED_FLAGS["rl"] = PINNED_FLAGS["pretrain"] | {
+    "--data", "--policy-loss", "--compare", "--fiber-c-plus", "--fiber-c-minus", "--fiber-epsilon", "--clip-epsilon",
+    "--gspo-epsilon-low", "--gspo-epsilon-high", "--prompts-per-step", "--rollouts-per-prompt", "--updates-per-batch",
+    "--max-new-tokens", "--temperature", "--rollout-qat", "--rollout-qat-modules", "--curriculum",
+    "--curriculum-rollouts", "--thinking", "--valid-prompts", "--demo-prompts"}
 PINNED_FLAGS["dpo"] = PINNED_FLAGS["pretrain"] | {"--data", "--beta", "--label-smoothing", "--sft-weight",
                                                   "--reference", "--thinking", "--overlong", "--valid-pairs",
                                                   "--demo-pairs", "--exact-match-samples"}

@@ -1,4 +1,4 @@
-"""Built-in post-training demo data, generated locally: small arithmetic with and without thinking
+"""Built-in post-training demo data, generated locally: single-digit arithmetic with and without thinking
 traces, short instruction tasks, calculator tool calls (Qwen3-Coder XML), and preference pairs whose
 rejected answer is wrong. Every item has one exact answer, so held-out exact match is the metric."""
 
@@ -13,7 +13,7 @@ WORDS = "cat dog bird fish tree lamp book cup star moon".split()
 
 
 def arithmetic(rng: random.Random, thinking: bool) -> dict:
-    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
     op = rng.choice("+-")
     answer = a + b if op == "+" else a - b
     message = {"role": "assistant", "content": str(answer)}
@@ -70,3 +70,20 @@ def write_jsonl(path: str, items: list[dict]) -> str:
             f.write(json.dumps(item, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def rl_prompts(n: int, seed: int = 0) -> list[dict]:
+    """Prompts with verifiable answers: arithmetic (half of it in thinking mode; checked exactly) and
+    calculator tool calls (checked by evaluating the call's expression)."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        if rng.random() < 0.75:
+            item = arithmetic(rng, thinking=False)
+            prompts.append({"messages": item["messages"][:1], "answer": item["answer"], "verifier": "math",
+                            "domain": "arithmetic", "thinking": rng.random() < 0.5})
+        else:
+            item = tool_use(rng)
+            prompts.append({"tools": item["tools"], "messages": item["messages"][:1], "answer": item["answer"],
+                            "verifier": "calculator", "domain": "tool", "thinking": False})
+    return prompts

@@ -15,7 +15,9 @@ class Batch:
     loss_mask: torch.Tensor  # [B, S] float
     position_ids: torch.Tensor  # [B, S], restarting at 0 in every document
     document_ids: torch.Tensor  # [B, S], 0, 1, ... per row
-    ref_logps: torch.Tensor | None = None  # [B, S] reference model's log-probability of each label (DPO)
+    # [B, S] log-probability of each label under a fixed model: DPO's reference, RL's rollout policy
+    ref_logps: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None  # [B, S] RL: each response token's advantage
 
     def to(self, device) -> "Batch":
         return Batch(**{name: t.to(device, non_blocking=True) for name, t in self.tensors().items()})

@@ -88,7 +88,7 @@ def absorbed_attention(mla, x_BSD: torch.Tensor, cos, sin, cache: LatentCache, m
     k_rope_BSR = apply_rope(k_rope_BSR.unsqueeze(2), cos, sin).squeeze(2)
     c_kv_BTC, k_rope_BTR = cache.write(mla, c_kv_BSC, k_rope_BSR)
 
-    w_HXC = mla.kv_b_proj.weight.view(mla.num_heads, mla.nope_dim + mla.v_dim, mla.kv_lora_rank)
+    w_HXC = mla.kv_b_proj.effective_weight().view(mla.num_heads, mla.nope_dim + mla.v_dim, mla.kv_lora_rank)
     w_uk_HNC, w_uv_HVC = w_HXC.split([mla.nope_dim, mla.v_dim], dim=1)
     q_latent_BSHC = torch.einsum("bshn,hnc->bshc", q_BSHN, w_uk_HNC)
     scores_BHST = (torch.einsum("bshc,btc->bhst", q_latent_BSHC, c_kv_BTC)

@@ -48,6 +48,14 @@ class Stage:
     def compute_mtp(self, trainer: "Trainer") -> bool:
         return False
 
+    def step_metrics(self, trainer: "Trainer") -> dict[str, float]:
+        """Metrics of the step beyond the objective's (e.g. RL's rollout statistics)."""
+        return {}
+
+    def evaluate(self, trainer: "Trainer") -> dict[str, float]:
+        """Held-out metrics beyond the validation batches' objective (e.g. generation accuracy)."""
+        return {}
+
     def objective(self, trainer: "Trainer", out, counts: dict, batch) -> tuple[torch.Tensor, dict]:
         """From the model's output (CausalLMOutput) for one micro-batch `batch`: (loss to backpropagate,
         its detached contributions to the step's metrics). Runs on the last pipeline stage."""
@@ -228,7 +236,7 @@ class Trainer:
         self.step += 1
         self.consumed += global_batch
         tokens = sum(b.tokens for b in micro_batches) * self.pc.size("dp_cp")
-        return {**totals, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+        return {**totals, **self.stage.step_metrics(self), "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                 "seconds": time.perf_counter() - started, **load, **clip}
 
     def _qk_clip(self) -> dict:
@@ -328,11 +336,14 @@ class Trainer:
     @torch.no_grad()
     def _evaluate(self) -> dict:
         batches = self.stage.valid_micro_batches(self)
-        if not batches:
+        totals = {}
+        if batches:
+            self.model.eval()
+            totals = self._accumulate(batches, self._step_token_counts(batches), backward=False)
+            self.model.train()
+        totals.update(self.stage.evaluate(self))
+        if not totals:
             return {}
-        self.model.eval()
-        totals = self._accumulate(batches, self._step_token_counts(batches), backward=False)
-        self.model.train()
         record = {"step": self.step, **{f"val_{k}": v for k, v in totals.items()}}
         self.log.write(record)
         if self.is_logging_rank:

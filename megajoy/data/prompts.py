@@ -1,0 +1,44 @@
+"""RL prompts: JSONL `{"messages": [...] | "prompt": "...", "answer": "...", "verifier": "math" |
+"calculator", "domain": "...", "tools": [...], "thinking": bool}` rendered through the chat template with
+the assistant's turn left open. Lines that cannot be used are counted by reason and reported."""
+
+from dataclasses import dataclass
+
+from megajoy.data.chat import ConversationError, render
+from megajoy.data.sft import ChatTokenizer, LoadReport, read_jsonl
+
+VERIFIER_NAMES = ("math", "calculator")
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    answer: str
+    verifier: str
+    domain: str
+    source: dict
+
+
+def load_prompts(path: str, tokenizer: ChatTokenizer, max_tokens: int, mode: str = "auto") -> tuple[list[Prompt], LoadReport]:
+    report, prompts = LoadReport("prompts"), []
+    for number, obj in read_jsonl(path):
+        if isinstance(obj.get("prompt"), str) and "messages" not in obj:
+            obj = dict(obj, messages=[{"role": "user", "content": obj["prompt"]}])
+        if "answer" not in obj:
+            report.count("no_answer", number)
+            continue
+        verifier = obj.get("verifier", "math")
+        if verifier not in VERIFIER_NAMES:
+            report.count("unknown_verifier", number)
+            continue
+        try:
+            ids = tokenizer.encode(render(obj, mode, generation_prompt=True)).ids
+        except ConversationError as e:
+            report.count(e.kind, number)
+            continue
+        if len(ids) > max_tokens:
+            report.count("too_long", number)
+            continue
+        prompts.append(Prompt(ids, str(obj["answer"]), verifier, str(obj.get("domain", verifier)), obj))
+        report.kept += 1
+    return prompts, report

@@ -1,0 +1,170 @@
+"""RL plumbing: verifiers, the Gaussian curriculum, prompt loading, the stage's objective on micro-batches,
+and `megajoy rl` end to end (diagnostics, ratios, --compare, rollouts under INT4 weights)."""
+
+import argparse
+import collections
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import TINY_MODEL_OVERRIDES
+
+from megajoy.cli import main
+from megajoy.data.demo import write_jsonl
+from megajoy.stages.rl.curriculum import CurriculumSampler
+from megajoy.stages.rl.losses import fiberpo_loss, ppo_clip_loss
+from megajoy.stages.rl.rewards import calculator_reward, math_reward, safe_eval
+
+EOS = "<｜end▁of▁sentence｜>"
+
+
+def test_verifiers():
+    assert math_reward("3 + 4 = 7.</think>7" + EOS, "7") == 1
+    assert math_reward("7.0" + EOS, "7") == 1 and math_reward("-1", "-1") == 1
+    assert math_reward("3 + 4 = 7.</think>8" + EOS, "7") == 0 and math_reward("7 apples", "7") == 0
+    call = "<tool_call>\n<function=calculator>\n<parameter=expression>\n12 * 3\n</parameter>\n</function>\n</tool_call>"
+    assert calculator_reward(call + EOS, "36") == 1
+    assert calculator_reward(call.replace("12", "13"), "36") == 0
+    assert calculator_reward(call.replace("calculator", "search"), "36") == 0
+    assert safe_eval("(2 + 3) * -4 / 2") == -10
+    assert safe_eval("__import__('os').getcwd()") is None and safe_eval("1 / 0") is None and safe_eval("2 ** 9") is None
+
+
+def test_curriculum_sampler():
+    rates = [1.0, 0.8, 0.8, 0.2, 0.2, 0.5] + [0.5] * 10
+    domains = ["a", "a", "a", "a", "a", "a"] + ["b"] * 10
+    sampler = CurriculumSampler(rates, domains, seed=0)
+    assert 0 not in sampler.by_domain["a"]  # always solved: dropped
+    probabilities = sampler.domain_probabilities()  # sqrt(5) : sqrt(10)
+    assert probabilities["a"] == pytest.approx(math.sqrt(5) / (math.sqrt(5) + math.sqrt(10)))
+    assert sampler.mu(0) == pytest.approx(0.8) and sampler.mu(1) == pytest.approx(0.2)
+    assert sampler.mu(0.5) == pytest.approx(0.5)
+    early = collections.Counter(sampler.sample(20000, progress=0.0))
+    late = collections.Counter(sampler.sample(20000, progress=1.0))
+    domain_a = sum(v for k, v in early.items() if k < 6) / 20000
+    assert abs(domain_a - probabilities["a"]) < 0.02
+    # Within domain a at mu = 0.8: weights exp(0), exp(0), exp(-8), exp(-8), exp(-2) for p = .8 .8 .2 .2 .5
+    w = [1, 1, math.exp(-8), math.exp(-8), math.exp(-2)]
+    share_high = (early[1] + early[2]) / sum(early[i] for i in range(1, 6))
+    assert abs(share_high - 2 / sum(w)) < 0.02
+    share_low = (late[3] + late[4]) / sum(late[i] for i in range(1, 6))
+    assert abs(share_low - 2 / sum(w)) < 0.02
+    with pytest.raises(ValueError, match="always solved"):
+        CurriculumSampler([1.0, 1.0], ["a", "b"])
+
+
+def test_bad_prompts_are_counted(tmp_path, tokenizer_file):
+    from megajoy.data.prompts import load_prompts
+    from megajoy.data.sft import ChatTokenizer
+
+    lines = [{"prompt": "1 + 1?", "answer": "2"}, {"prompt": "no answer"},
+             {"prompt": "x", "answer": "1", "verifier": "oracle"},
+             {"messages": [{"role": "robot", "content": "x"}], "answer": "1"},
+             {"prompt": "the cat " * 40, "answer": "1"}, {"messages": [{"role": "user", "content": "3 * 4"}],
+                                                           "answer": 12, "verifier": "calculator", "domain": "tool"}]
+    write_jsonl(str(tmp_path / "p.jsonl"), lines)
+    prompts, report = load_prompts(str(tmp_path / "p.jsonl"), ChatTokenizer(tokenizer_file, 320), 60)
+    assert [p.answer for p in prompts] == ["2", "12"] and prompts[1].domain == "tool"
+    assert dict(report.dropped) == {"no_answer": 1, "unknown_verifier": 1, "unknown_role": 1, "too_long": 1}
+    assert report.first_lines == {"no_answer": 2, "unknown_verifier": 3, "unknown_role": 4, "too_long": 5}
+
+
+@pytest.mark.parametrize("loss", ["fiberpo", "ppo-clip"])
+def test_objective_is_the_whole_batch_loss_however_it_is_split(loss):
+    """Micro-batch contributions sum to the loss of the whole rollout batch (trajectory- or
+    token-normalised), and so do their gradients."""
+    from megajoy.data.packing import Batch
+    from megajoy.stages.rl.stage import RlStage
+
+    torch.manual_seed(0)
+    rows, width = 6, 10
+    mask = (torch.arange(width)[None, :] >= torch.tensor([[3], [4], [2], [6], [3], [5]])).float()
+    old = -torch.rand(rows, width) * mask
+    advantages = torch.randn(rows)
+    new = (old + torch.randn(rows, width) * 0.1).requires_grad_()
+    whole_fn = {"fiberpo": fiberpo_loss, "ppo-clip": ppo_clip_loss}[loss]
+    want = whole_fn(new * mask - old, advantages, mask)[0]
+    (want_grad,) = torch.autograd.grad(want, new)
+    args = argparse.Namespace(policy_loss=loss, fiber_c_plus=0.12, fiber_c_minus=0.08, fiber_epsilon=0.05,
+                              clip_epsilon=0.2)
+    stage = RlStage(args)
+    batch = Batch(torch.zeros(rows, width, dtype=torch.long), torch.zeros(rows, width, dtype=torch.long), mask,
+                  torch.zeros(rows, width, dtype=torch.long), torch.zeros(rows, width, dtype=torch.long),
+                  ref_logps=old, advantages=advantages[:, None] * mask)
+    counts = stage.token_counts(None, batch)
+    total = 0
+    for part in (slice(0, 2), slice(2, 6)):
+        sub = Batch(**{k: v[part] for k, v in batch.tensors().items()})
+        out = SimpleNamespace(lm_token_loss=-new[part])
+        total = total + stage.objective(None, out, counts, sub)[0]
+    (got_grad,) = torch.autograd.grad(total, new)
+    assert abs(total.item() - want.item()) < 1e-6
+    assert torch.allclose(got_grad, want_grad, atol=1e-7) and want_grad.abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_init(tmp_path_factory, tokenizer_file):
+    out = tmp_path_factory.mktemp("rl_init")
+    # experts 32 wide, so that INT4 rollouts can use groups of 32
+    sets = [a for o in TINY_MODEL_OVERRIDES + ["model.moe_intermediate_size=32"] for a in ("--set", o)]
+    assert main(["init", "--out", str(out), "--tokenizer", tokenizer_file] + sets) == 0
+    return out
+
+
+def rl_args(init, out, *extra):
+    return ["rl", "--init", str(init), "--out", str(out), "--train-iters", "4", "--prompts-per-step", "4",
+            "--rollouts-per-prompt", "4", "--micro-batch-size", "8", "--max-new-tokens", "6", "--demo-prompts", "60",
+            "--valid-prompts", "8", "--eval-interval", "4", "--temperature", "2.0", "--lr", "1e-3", *extra]
+
+
+def test_rl_end_to_end_with_every_diagnostic(tmp_path, tiny_init):
+    assert main(rl_args(tiny_init, tmp_path, "--rollout-qat", "int4", "--qat-group", "32", "--curriculum",
+                        "--curriculum-rollouts", "2")) == 0
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        for key in ("entropy", "importance_ratio", "response_length", "grad_norm", "mean_abs_u", "token_clip_fraction",
+                    "reward"):
+            assert key in r and math.isfinite(r[key]), key
+        assert sum(r[f"regime_{g}"] for g in ("G-I", "G-II,r", "G-II", "G-III,r", "G-III")) == pytest.approx(1)
+        assert sum(r[f"regime_{g}"] for g in ("L-I", "L-II", "L-III")) == pytest.approx(1)
+        assert 0 < r["response_length"] <= 6 and r["entropy"] > 0
+    # The first update of each rollout batch sees the rollout policy itself; the second a changed one.
+    assert steps[0]["importance_ratio"] == pytest.approx(1, abs=1e-5) and steps[0]["mean_abs_u"] < 1e-5
+    assert abs(steps[1]["importance_ratio"] - 1) > 1e-4 or steps[1]["mean_abs_u"] > 1e-4
+    assert [r["step"] for r in records if "val_accuracy" in r] == [0, 4]
+    results = json.loads((tmp_path / "rl_results.json").read_text())
+    assert results["policy_loss"] == "fiberpo" and results["step"] == 4
+
+
+def test_compare_runs_both_losses_with_the_same_seeds(tmp_path, tiny_init):
+    assert main(rl_args(tiny_init, tmp_path, "--compare", "fiberpo", "grpo", "--train-iters", "2",
+                        "--eval-interval", "2")) == 0
+    assert (tmp_path / "compare.png").stat().st_size > 10000
+    runs = {loss: [json.loads(line) for line in open(tmp_path / loss / "metrics.jsonl")] for loss in ("fiberpo", "grpo")}
+    first = {loss: next(r for r in records if "reward" in r) for loss, records in runs.items()}
+    # Same seeds: the same first rollouts (before the losses make the policies differ).
+    assert first["fiberpo"]["reward"] == first["grpo"]["reward"]
+    assert first["fiberpo"]["response_length"] == first["grpo"]["response_length"]
+    assert json.loads((tmp_path / "compare.json").read_text()).keys() == {"fiberpo", "grpo"}
+
+
+def test_rollouts_under_int4_weights_then_back_to_full_precision():
+    from helpers import random_model, small_config
+    from megajoy.config import QuantConfig
+    from megajoy.stages.rl.stage import RlStage
+
+    model = random_model(small_config(initializer_range=0.2), seed=1)
+    ids = torch.randint(0, 256, (1, 16))
+    full = model(ids, compute_mtp=False).logits
+    stage = RlStage(argparse.Namespace(rollout_qat="int4", rollout_qat_modules="experts"))
+    trainer = SimpleNamespace(model=model, job=SimpleNamespace(quant=QuantConfig(qat_group=32)))
+    with stage._rollout_weights(trainer):
+        quantised = model(ids, compute_mtp=False).logits
+        assert all(m.weight_quant is not None for n, m in model.named_modules() if n.endswith("mlp.experts"))
+    assert (quantised - full).abs().max() > 1e-4
+    assert all(m.weight_quant is None for n, m in model.named_modules() if hasattr(m, "weight_quant"))
+    assert torch.equal(model(ids, compute_mtp=False).logits, full)
