@@ -168,3 +168,19 @@ def test_rollouts_under_int4_weights_then_back_to_full_precision():
     assert (quantised - full).abs().max() > 1e-4
     assert all(m.weight_quant is None for n, m in model.named_modules() if hasattr(m, "weight_quant"))
     assert torch.equal(model(ids, compute_mtp=False).logits, full)
+
+
+def test_rl_under_data_parallelism(tmp_path, tiny_init, capfd):
+    """Each rank rolls out its share of the prompts; the step's statistics cover both ranks."""
+    from megajoy.parallel.spawn import cli_worker, run_workers
+
+    run_workers(2, cli_worker, rl_args(tiny_init, tmp_path, "--dp", "2", "--train-iters", "2", "--eval-interval", "2"))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 2 and steps[0]["importance_ratio"] == pytest.approx(1, abs=1e-5)
+    assert [r["step"] for r in records if "val_accuracy" in r] == [0, 2]
+    capfd.readouterr()
+    with pytest.raises(AssertionError, match="megajoy exited with 2"):
+        run_workers(2, cli_worker, rl_args(tiny_init, tmp_path / "odd", "--dp", "2", "--prompts-per-step", "3",
+                                           "--micro-batch-size", "2"))
+    assert "--prompts-per-step 3 is not divisible by the 2 data-parallel ranks" in capfd.readouterr().err
