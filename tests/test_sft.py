@@ -106,7 +106,7 @@ def test_packing_pads_under_one_percent_on_the_demo_data(tokenizer_file):
     tokenizer = ChatTokenizer(tokenizer_file, 320)
     samples = [tokenizer.encode(render(c)) for c in sft_conversations(2000, seed=1)]
     # 2048-token rows: the test's 320-token BPE spends about twice the tokens of the main job's 4096-token
-    # one, whose conversations fill the stage's default 1024-token rows alike (0.23% padding, README).
+    # one, whose conversations fill the stage's default 1024-token rows alike (0.4% padding, README).
     packed = pack_rows(samples, 2048, tokenizer.pad_id)
     padded = pack_rows(samples, 2048, tokenizer.pad_id, pack=False)
     assert padding_fraction(packed, tokenizer.pad_id) < 0.01

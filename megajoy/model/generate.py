@@ -192,12 +192,12 @@ def _generate(model, prompts, params, device):
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     step = cached_forward(model, ids, positions, valid, cache)
     next_positions = positions[:, -1:] + 1
-    for _ in range(params.max_new_tokens):
+    for i in range(params.max_new_tokens):
         tokens = sample(step.logits[:, -1], params, generator)
         for b in torch.nonzero(~done).flatten().tolist():
             out[b].append(int(tokens[b]))
         done |= torch.isin(tokens, stops)
-        if bool(done.all()) or cache.length >= cache.capacity:
+        if bool(done.all()) or i == params.max_new_tokens - 1:
             break
         step = cached_forward(model, tokens[:, None], next_positions, ~done[:, None], cache)
         next_positions = next_positions + 1

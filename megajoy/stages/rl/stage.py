@@ -21,9 +21,9 @@ from megajoy.stages.flags import add_training_flags
 from megajoy.stages.rl.losses import POLICY_LOSSES, group_advantages
 from megajoy.train.trainer import Stage, Trainer
 
-DEFAULTS = {"optimizer": {"lr": 3e-5, "min_lr": 3e-5, "lr_warmup_iters": 0, "lr_decay_style": "constant",
+DEFAULTS = {"optimizer": {"lr": 1e-4, "min_lr": 1e-4, "lr_warmup_iters": 0, "lr_decay_style": "constant",
                           "weight_decay": 0.0},
-            "train": {"train_iters": 40, "micro_batch_size": 16, "eval_interval": 10, "log_interval": 1},
+            "train": {"train_iters": 80, "micro_batch_size": 16, "eval_interval": 20, "log_interval": 1},
             "checkpoint": {"out": "runs/rl"}}
 DEMO_FILE = "demo_rl.jsonl"
 # Losses normalised per token of the whole batch; the others per trajectory.
