@@ -241,7 +241,9 @@ def test_dpo_end_to_end(single_run):
     assert train[-1]["loss"] < train[0]["loss"] and train[-1]["reward_margin"] > 0
     results = json.loads((single_run / "dpo_results.json").read_text())
     assert results["reference"] == "cached" and results["step"] == 12 and results["pairs"] > 250
-    assert results["val_reward_accuracy"] > 0.5 and results["ranking_accuracy_before"] is not None
+    # Held out: the DPO loss falls below ln 2 and the margin opens (accuracy on 24 pairs is too coarse here).
+    assert results["val_loss"] < math.log(2) - 0.01 and results["val_reward_margin"] > 0
+    assert results["ranking_accuracy_before"] is not None
 
 
 def test_frozen_reference_model_gives_the_cached_run(tmp_path, tiny_init, single_run):

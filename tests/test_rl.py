@@ -121,7 +121,8 @@ def rl_args(init, out, *extra):
 
 def test_rl_end_to_end_with_every_diagnostic(tmp_path, tiny_init):
     assert main(rl_args(tiny_init, tmp_path, "--rollout-qat", "int4", "--qat-group", "32", "--curriculum",
-                        "--curriculum-rollouts", "2")) == 0
+                        "--curriculum-rollouts", "2", "--plot")) == 0
+    assert (tmp_path / "rl.png").stat().st_size > 10000 and (tmp_path / "loss.png").exists()
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
@@ -184,3 +185,18 @@ def test_rl_under_data_parallelism(tmp_path, tiny_init, capfd):
         run_workers(2, cli_worker, rl_args(tiny_init, tmp_path / "odd", "--dp", "2", "--prompts-per-step", "3",
                                            "--micro-batch-size", "2"))
     assert "--prompts-per-step 3 is not divisible by the 2 data-parallel ranks" in capfd.readouterr().err
+
+
+def test_first_update_sees_ratio_one_under_bf16_autocast(tmp_path, tiny_init):
+    """The rollout log-probabilities are taken with the update's own numerics (autocast included)."""
+    assert main(rl_args(tiny_init, tmp_path, "--bf16", "--train-iters", "1", "--eval-interval", "100")) == 0
+    (step,) = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
+    assert step["importance_ratio"] == pytest.approx(1, abs=1e-6) and step["mean_abs_u"] == pytest.approx(0, abs=1e-6)
+
+
+def test_bad_sampling_settings_are_refused(tmp_path, tiny_init, capsys):
+    assert main(rl_args(tiny_init, tmp_path, "--rollouts-per-prompt", "1")) == 2
+    assert "--rollouts-per-prompt must be at least 2" in capsys.readouterr().err
+    assert main(["generate", "--ckpt", str(tiny_init), "--prompt", "x", "--top-p", "0"]) == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+    assert main(["generate", "--ckpt", str(tiny_init), "--prompt", "x", "--mtp-draft", "-1"]) == 2

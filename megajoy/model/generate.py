@@ -116,8 +116,9 @@ class StepOutput:
 
 
 def cached_forward(model, ids_BS: torch.Tensor, positions_BS: torch.Tensor, valid_BS: torch.Tensor,
-                   cache: LatentCache) -> StepOutput:
-    """Run S new positions through the model, reading and extending the cache."""
+                   cache: LatentCache, last_only: bool = False) -> StepOutput:
+    """Run S new positions through the model, reading and extending the cache; with `last_only`, logits
+    and hidden state of the last position only (a prefill that only samples the next token)."""
     rope = model.sequence_info(positions_BS, None)
     cos, sin = rope.cos, rope.sin
     mask = cache.step_mask(valid_BS)
@@ -125,7 +126,7 @@ def cached_forward(model, ids_BS: torch.Tensor, positions_BS: torch.Tensor, vali
     for layer in model.layers.values():
         h = decoder_step(layer, h, cos, sin, cache, mask)
     cache.advance(ids_BS.shape[1])
-    hidden = model.norm(h)
+    hidden = model.norm(h[:, -1:] if last_only else h)
     return StepOutput(model.lm_head(hidden).float(), hidden)
 
 
@@ -159,23 +160,33 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Gen
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def check_sampling(params: SamplingParams) -> None:
+    if not 0 < params.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+    if params.top_k < 0 or params.max_new_tokens < 1:
+        raise ValueError(f"top_k must be >= 0 and max_new_tokens >= 1 (got {params.top_k}, {params.max_new_tokens})")
+
+
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], params: SamplingParams | None = None) -> list[list[int]]:
-    """The tokens appended to each prompt (a stop token ends a row and is included)."""
+def generate(model, prompts: list[list[int]], params: SamplingParams | None = None,
+             entropies: list | None = None) -> list[list[int]]:
+    """The tokens appended to each prompt (a stop token ends a row and is included). If `entropies` is a
+    list, it receives per row the entropy of the policy (temperature 1) at each generated token."""
     params = params or SamplingParams()
     check_single_process(model)
+    check_sampling(params)
     if not prompts or any(not p for p in prompts):
         raise ValueError("every prompt needs at least one token")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
-        return _generate(model, prompts, params, device)
+        return _generate(model, prompts, params, device, entropies)
     finally:
         model.train(was_training)
 
 
-def _generate(model, prompts, params, device):
+def _generate(model, prompts, params, device, entropies):
     batch, longest = len(prompts), max(len(p) for p in prompts)
     dtype = next(model.parameters()).dtype
     cache = LatentCache([layer.self_attn for layer in model.layers.values()], batch, longest + params.max_new_tokens,
@@ -190,12 +201,18 @@ def _generate(model, prompts, params, device):
     stops = torch.tensor(list(params.stop_token_ids) or [-1], device=device)
     out = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    step = cached_forward(model, ids, positions, valid, cache)
+    step = cached_forward(model, ids, positions, valid, cache, last_only=True)
     next_positions = positions[:, -1:] + 1
+    if entropies is not None:
+        entropies[:] = [[] for _ in range(batch)]
     for i in range(params.max_new_tokens):
-        tokens = sample(step.logits[:, -1], params, generator)
+        logits = step.logits[:, -1]
+        tokens = sample(logits, params, generator)
+        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1) if entropies is not None else None
         for b in torch.nonzero(~done).flatten().tolist():
             out[b].append(int(tokens[b]))
+            if entropy is not None:
+                entropies[b].append(float(entropy[b]))
         done |= torch.isin(tokens, stops)
         if bool(done.all()) or i == params.max_new_tokens - 1:
             break
@@ -265,10 +282,13 @@ def speculative_greedy(model, prompt: list[int], max_new_tokens: int, draft_toke
                        stop_token_ids=(), drafter=None) -> tuple[list[int], SpeculativeStats]:
     """Greedy decoding of one prompt where the MTP module drafts `draft_tokens` tokens and the main model
     checks them all in one pass; the longest agreeing prefix is kept, plus the main model's own next
-    token. The output is plain greedy decoding's."""
+    token. The output is plain greedy decoding's (up to floating-point near-ties: the verification pass
+    rounds differently from one-token steps)."""
     check_single_process(model)
     if not prompt:
         raise ValueError("the prompt needs at least one token")
+    if draft_tokens < 1 or max_new_tokens < 1:
+        raise ValueError(f"draft_tokens and max_new_tokens must be >= 1 (got {draft_tokens}, {max_new_tokens})")
     was_training = model.training
     model.eval()
     try:

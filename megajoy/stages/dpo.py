@@ -61,6 +61,12 @@ class DpoStage(Stage):
         self.reference = create_model(trainer.job.model, device=trainer.device, seed=None, pc=trainer.pc)
         self.reference.load_state_dict(trainer.model.state_dict())
         self.reference.requires_grad_(False).eval()
+        # The same GEMMs as the policy at step 0 (FP8 if on); QAT, switched on later, is not copied: the
+        # reference is the initial model in either mode.
+        policy = dict(trainer.model.named_modules())
+        for name, module in self.reference.named_modules():
+            if hasattr(module, "matmul"):
+                module.matmul = policy[name].matmul
         if trainer.pipeline is not None:
             self.reference_pipeline = PipelineRunner(self.reference, trainer.pc)
 

@@ -292,12 +292,14 @@ class Trainer:
 
         was_training = model.training
         model.eval()
-        with self._autocast():
-            if pipeline is not None:
-                pipeline.run(micro_batches, collect, False, backward=False)
-            else:
-                self._run_micro_batches(micro_batches, collect, False, False, model)
-        model.train(was_training)
+        try:
+            with self._autocast():
+                if pipeline is not None:
+                    pipeline.run(micro_batches, collect, False, backward=False)
+                else:
+                    self._run_micro_batches(micro_batches, collect, False, False, model)
+        finally:
+            model.train(was_training)
         return found or [torch.zeros_like(b.loss_mask) for b in micro_batches]
 
     def _step_token_counts(self, micro_batches: list) -> dict:

@@ -77,21 +77,29 @@ class RlStage(Stage):
         """Each prompt's share of n sampled completions that the verifier accepts (all ranks, gathered)."""
         mine = list(range(self.dp_rank, len(prompts), self.dp))
         rewards = torch.zeros(len(prompts), device=trainer.device)
-        if mine:
-            completions = self._sample(trainer, [prompts[i] for i in mine], n, seed=-1)
-            scores = torch.tensor(self._rewards([prompts[i] for i in mine for _ in range(n)], completions))
-            rewards[mine] = scores.view(len(mine), n).mean(-1).to(trainer.device)
+        chunk = max(1, 64 // n)  # prompts per generation batch
+        for start in range(0, len(mine), chunk):
+            part = mine[start:start + chunk]
+            completions, _ = self._sample(trainer, [prompts[i] for i in part], n, seed=start)
+            scores = torch.tensor(self._rewards([prompts[i] for i in part for _ in range(n)], completions))
+            rewards[part] = scores.view(len(part), n).mean(-1).to(trainer.device)
         if self.dp > 1:
             dist.all_reduce(rewards, group=trainer.pc.group("dp"))
         return rewards.tolist()
 
-    def _sample(self, trainer, prompts, n: int, seed: int, greedy: bool = False) -> list[list[int]]:
+    def _sample(self, trainer, prompts, n: int, seed: int, greedy: bool = False):
+        """(n completions per prompt, the policy's entropy at each of their tokens). Sampling (not the
+        greedy held-out evaluation) uses the --rollout-qat weights."""
+        import contextlib
+
         from megajoy.model.generate import SamplingParams, generate
 
         params = SamplingParams(self.args.max_new_tokens, 0.0 if greedy else self.args.temperature,
                                 stop_token_ids=(self.eos,), seed=seed)
-        with self._rollout_weights(trainer):
-            return generate(trainer.model, [p.ids for p in prompts for _ in range(n)], params)
+        entropies = []
+        with contextlib.nullcontext() if greedy else self._rollout_weights(trainer):
+            completions = generate(trainer.model, [p.ids for p in prompts for _ in range(n)], params, entropies)
+        return completions, entropies
 
     def _rollout_weights(self, trainer):
         """Rollouts under quantised weights (--rollout-qat): fake-quant on for generation only."""
@@ -139,15 +147,16 @@ class RlStage(Stage):
 
         n = self.args.rollouts_per_prompt
         prompts = self._choose_prompts(trainer)
-        completions = self._sample(trainer, prompts, n, seed=trainer.job.train.seed * 1_000_003 + trainer.step
-                                   + 7919 * self.dp_rank)
+        completions, entropies = self._sample(trainer, prompts, n, seed=trainer.job.train.seed * 1_000_003
+                                              + trainer.step + 7919 * self.dp_rank)
         expanded = [p for p in prompts for _ in range(n)]
         rewards = torch.tensor(self._rewards(expanded, completions))
         advantages = group_advantages(rewards.view(len(prompts), n)).flatten()
         samples = [Sample(p.ids + c, [False] * len(p.ids) + [True] * len(c)) for p, c in zip(expanded, completions)]
         capacity = max(len(s.ids) for s in samples)
         rows = [packed_row([s], capacity, self.tokenizer.pad_id) for s in samples]
-        entropy_sum = self._record_rollout_policy(trainer, rows, advantages)
+        self._record_rollout_policy(trainer, rows, advantages)
+        entropy_sum = sum(sum(e) for e in entropies)
         tokens = sum(len(c) for c in completions)
         totals = torch.tensor([float(rewards.sum()), float(len(completions)), float(tokens), entropy_sum],
                               device=trainer.device)
@@ -158,24 +167,15 @@ class RlStage(Stage):
                               "entropy": entropy / max(tokens, 1)}
         self.rows = rows
 
-    @torch.no_grad()
-    def _record_rollout_policy(self, trainer, rows, advantages) -> float:
-        """Set each row's rollout log-probabilities and advantages; return the summed token entropy."""
-        model, micro, entropy = trainer.model, trainer.job.train.micro_batch_size, 0.0
-        was_training = model.training
-        model.eval()
-        for start in range(0, len(rows), micro):
-            batch = stack(rows[start:start + micro]).to(trainer.device)
-            logits = model(batch.input_ids, batch.position_ids, batch.document_ids, compute_mtp=False,
-                           return_logits=True).logits.float()
-            logp = logits.log_softmax(-1)
-            token_logp = logp.gather(-1, batch.labels.unsqueeze(-1)).squeeze(-1)
-            entropy += float((-(logp.exp() * logp).sum(-1) * batch.loss_mask).sum())
-            for i, row in enumerate(rows[start:start + micro]):
-                row.ref_logps = (token_logp[i:i + 1] * batch.loss_mask[i:i + 1]).cpu()
-                row.advantages = advantages[start + i] * row.loss_mask
-        model.train(was_training)
-        return entropy
+    def _record_rollout_policy(self, trainer, rows, advantages) -> None:
+        """Set each row's rollout log-probabilities (the training forward's own numerics: autocast and
+        cross-entropy path, so the first update sees ratios of exactly 1) and advantages."""
+        micro = trainer.job.train.micro_batch_size
+        batches = [stack(rows[i:i + micro]) for i in range(0, len(rows), micro)]
+        logps = torch.cat(trainer.label_logps(batches))
+        for i, row in enumerate(rows):
+            row.ref_logps = logps[i:i + 1]
+            row.advantages = advantages[i] * row.loss_mask
 
     def train_micro_batches(self, trainer, consumed, global_batch):
         if self.rows is None or trainer.step % self.args.updates_per_batch == 0:
@@ -189,7 +189,7 @@ class RlStage(Stage):
     def evaluate(self, trainer) -> dict:
         """Greedy accuracy on the held-out prompts, each rank a share."""
         mine = self.valid[self.dp_rank::self.dp]
-        hits = sum(self._rewards(mine, self._sample(trainer, mine, 1, seed=0, greedy=True))) if mine else 0.0
+        hits = sum(self._rewards(mine, self._sample(trainer, mine, 1, seed=0, greedy=True)[0])) if mine else 0.0
         totals = torch.tensor([hits, float(len(mine))], device=trainer.device)
         if self.dp > 1:
             dist.all_reduce(totals, group=trainer.pc.group("dp"))
@@ -262,14 +262,18 @@ def add_arguments(parser) -> None:
     group.add_argument("--demo-prompts", type=int, default=1000)
 
 
-def build_job(args):
-    """One step updates on the whole rollout batch: the global batch is prompts x rollouts."""
+def build_job(args, dp: int = 1):
+    """One step updates on the whole rollout batch: the global batch is prompts x rollouts; the default
+    micro-batch is the largest of at most 16 rows that divides each rank's share."""
     import copy
 
+    if args.rollouts_per_prompt < 2:
+        raise ValueError("--rollouts-per-prompt must be at least 2 (advantages are normalised within a group)")
     trajectories = args.prompts_per_step * args.rollouts_per_prompt
+    per_rank = max(trajectories // dp, 1)
     defaults = copy.deepcopy(DEFAULTS)
-    defaults["train"].update(global_batch_size=trajectories,
-                             micro_batch_size=min(defaults["train"]["micro_batch_size"], trajectories))
+    micro = max(m for m in range(1, min(defaults["train"]["micro_batch_size"], per_rank) + 1) if per_rank % m == 0)
+    defaults["train"].update(global_batch_size=trajectories, micro_batch_size=micro)
     job = sft.build_job(args, defaults)
     if job.train.global_batch_size != trajectories:
         raise ValueError(f"--global-batch-size is set by --prompts-per-step x --rollouts-per-prompt = {trajectories}")
@@ -288,7 +292,7 @@ def run(args) -> int:
     results = {}
     for loss in losses:
         args.policy_loss = loss
-        job = build_job(args)
+        job = build_job(args, pc.size("dp"))
         if args.compare:
             job.checkpoint.out = os.path.join(root, loss)
         with rank0_first(pc):
@@ -298,6 +302,8 @@ def run(args) -> int:
         summary = trainer.run()
         results[loss] = summarise(trainer.out, trainer.step, loss, summary)
     if pc.rank == 0:
+        if job.train.plot and not args.compare:
+            plot_runs({losses[0]: os.path.join(root, "metrics.jsonl")}, os.path.join(root, "rl.png"))
         if args.compare:
             plot_runs({loss: os.path.join(root, loss, "metrics.jsonl") for loss in losses},
                       os.path.join(root, "compare.png"))

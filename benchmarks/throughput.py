@@ -1,0 +1,247 @@
+"""End-to-end training step (forward, backward, AdamW step) of a preset, one process: tokens/s, MFU, peak
+memory and, on a GPU, NVML telemetry (memory, power, SM clock, utilisation). Beside it, in the same run
+and with the same weights and batch, Hugging Face transformers' DeepseekV3ForCausalLM (the baseline),
+and megajoy under torch.compile (`--compile`). Every variant runs in its own forked process, so its peak
+memory is its own.
+
+  python benchmarks/throughput.py                              # tiny preset (2.75M), batch 8 x 256, fp32
+  python benchmarks/throughput.py --preset joyai-slice --batch 1 --seq-length 4096 --no-hf    # a GPU
+
+MFU counts model FLOPs as `megajoy info` does (3 x forward, causal attention, no MTP) over the peak
+matmul rate measured in the same run (fp32 on a CPU, bf16 on a GPU).
+Writes benchmarks/results/throughput.json, .md and .png.
+"""
+
+import argparse
+import multiprocessing
+import os
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from benchmarks.common import environment, print_table, synchronize, write_json  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def peak_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+class Telemetry:
+    """NVML samples every 0.1 s while running; a clear "no GPU" record without one."""
+
+    def __init__(self, device: torch.device):
+        self.samples, self.handle, self.note = [], None, None
+        if device.type != "cuda":
+            self.note = "no GPU"
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            self.nvml = pynvml
+        except Exception as e:  # nvidia-ml-py missing or NVML unavailable
+            self.note = f"NVML unavailable: {e}"
+
+    def __enter__(self):
+        self.stop = threading.Event()
+        if self.handle is not None:
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        nvml = self.nvml
+        while not self.stop.wait(0.1):
+            self.samples.append({
+                "memory_used_gb": nvml.nvmlDeviceGetMemoryInfo(self.handle).used / 1e9,
+                "power_w": nvml.nvmlDeviceGetPowerUsage(self.handle) / 1e3,
+                "sm_clock_mhz": nvml.nvmlDeviceGetClockInfo(self.handle, nvml.NVML_CLOCK_SM),
+                "utilization_pct": nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu})
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.handle is not None:
+            self.thread.join()
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {"telemetry": self.note or "no samples"}
+        keys = self.samples[0].keys()
+        return {f"{k}_mean": sum(s[k] for s in self.samples) / len(self.samples) for k in keys} | {
+            f"{k}_max": max(s[k] for s in self.samples) for k in keys}
+
+
+def build_variant(name: str, cfg, state: dict, device, dtype, hf_dir: str):
+    """(model, step function taking (inputs, labels)) for one variant."""
+    if name == "transformers":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=dtype).to(device).train()
+
+        def forward(inputs, labels):
+            logits = model(input_ids=inputs).logits
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+    else:
+        from megajoy.model import create_model
+
+        model = create_model(cfg, device=device, seed=None, dtype=dtype)
+        model.load_state_dict(state)
+        model.train()
+        core = torch.compile(model) if name == "megajoy --compile" else model
+
+        def forward(inputs, labels):
+            out = core(inputs, labels=labels, compute_mtp=False, return_logits=False)
+            return out.lm_loss_sum / out.lm_tokens
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+
+    def step(inputs, labels):
+        forward(inputs, labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+def resident_kb(field: str = "VmRSS") -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def run_variant(name, cfg, state, args, hf_dir, flops_per_token, peak, queue):
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    start_kb = resident_kb() if device.type == "cpu" else 0
+    try:
+        model, step = build_variant(name, cfg, state, device, dtype, hf_dir)
+        g = torch.Generator().manual_seed(0)
+        batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq_length + 1), generator=g).to(device)
+                   for _ in range(2)]
+        for i in range(args.warmup):
+            b = batches[i % 2]
+            step(b[:, :-1], b[:, 1:])
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        synchronize(device)
+        with Telemetry(device) as telemetry:
+            started = time.perf_counter()
+            for i in range(args.steps):
+                b = batches[i % 2]
+                step(b[:, :-1], b[:, 1:])
+            synchronize(device)
+            seconds = (time.perf_counter() - started) / args.steps
+        tokens_per_s = args.batch * args.seq_length / seconds
+        peak_gb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                   else (resident_kb("VmHWM") - start_kb) * 1024) / 1e9
+        queue.put({"variant": name, "step_seconds": seconds, "tokens_per_s": tokens_per_s,
+                   "mfu": flops_per_token * tokens_per_s / peak, "peak_memory_gb": peak_gb, **telemetry.summary()})
+    except Exception as e:  # recorded, so one failing variant does not hide the others
+        queue.put({"variant": name, "error": f"{type(e).__name__}: {e}"})
+
+
+def main() -> None:
+    from megajoy.ckpt.hf import save_hf_dir
+    from megajoy.ckpt.native import model_state
+    from megajoy.ckpt.view import state_view
+    from megajoy.config import load_job_config
+    from megajoy.model import create_model
+    from megajoy.model.stats import measure
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also run megajoy under torch.compile")
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    parser.add_argument("--bf16", action="store_true", help="bf16 weights and compute (default fp32)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=os.path.join(RESULTS, "throughput"))
+    args = parser.parse_args()
+
+    import dataclasses
+    import tempfile
+
+    job = load_job_config(args.preset, None, [])
+    cfg = dataclasses.replace(job.model, num_nextn_predict_layers=0)
+    model = create_model(cfg, seed=0)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    flops_per_token = measure(model, args.seq_length).training_flops_per_token(with_mtp=False)
+    device = torch.device(args.device)
+    peak = peak_matmul_flops(device, torch.bfloat16 if args.bf16 else torch.float32)
+    variants = ["megajoy"] + (["megajoy --compile"] if args.compile else []) + ([] if args.no_hf else ["transformers"])
+    rows = []
+    with tempfile.TemporaryDirectory() as hf_dir:
+        if not args.no_hf:
+            save_hf_dir(hf_dir, state_view(cfg, model_state(model)), dtype=torch.float32)
+        del model
+        ctx = multiprocessing.get_context("fork")
+        for name in variants:
+            queue = ctx.Queue()
+            process = ctx.Process(target=run_variant, args=(name, cfg, state, args, hf_dir, flops_per_token, peak, queue))
+            process.start()
+            rows.append(queue.get())
+            process.join()
+            print(f"{name}: " + (f"{rows[-1]['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in rows[-1]
+                                 else rows[-1]["error"]), file=sys.stderr)
+    base = next((r for r in rows if r["variant"] == "transformers" and "tokens_per_s" in r), None)
+    for r in rows:
+        if base is not None and "tokens_per_s" in r:
+            r["ratio_to_transformers"] = r["tokens_per_s"] / base["tokens_per_s"]
+    columns = ["variant", "tokens_per_s", "ratio_to_transformers", "mfu", "peak_memory_gb", "step_seconds"]
+    print_table(rows, columns)
+    payload = {"environment": environment(device), "preset": args.preset, "batch": args.batch,
+               "seq_length": args.seq_length, "dtype": "bf16" if args.bf16 else "fp32",
+               "training_flops_per_token": flops_per_token, "peak_matmul_flops": peak, "results": rows}
+    write_json(args.out + ".json", payload)
+    write_markdown(args.out + ".md", payload, columns)
+    plot(args.out + ".png", rows)
+
+
+def write_markdown(path: str, payload: dict, columns: list[str]) -> None:
+    env = payload["environment"]
+    lines = [f"{payload['preset']}, batch {payload['batch']} x {payload['seq_length']}, {payload['dtype']}, "
+             f"{env['device']} ({env.get('gpu', env['cpu'])}, {env['threads']} threads), torch {env['torch']}, "
+             f"{env['date']}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in payload["results"]:
+        cells = [r.get(c, r.get("error", "")) if c == "tokens_per_s" else r.get(c, "") for c in columns]
+        lines.append("| " + " | ".join(f"{c:.4g}" if isinstance(c, float) else str(c) for c in cells) + " |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot(path: str, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "tokens_per_s" in r]
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.barh([r["variant"] for r in done], [r["tokens_per_s"] for r in done])
+    ax.set_xlabel("training tokens/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
