@@ -1,7 +1,7 @@
 """End-to-end training step (forward, backward, AdamW step) of a preset, one process: tokens/s, MFU, peak
 memory and, on a GPU, NVML telemetry (memory, power, SM clock, utilisation). Beside it, in the same run
 and with the same weights and batch, Hugging Face transformers' DeepseekV3ForCausalLM (the baseline),
-and megajoy under torch.compile (`--compile`). Every variant runs in its own forked process, so its peak
+and megajoy under torch.compile (`--compile`). Every variant runs in its own fresh process, so its peak
 memory is its own.
 
   python benchmarks/throughput.py                              # tiny preset (2.75M), batch 8 x 256, fp32
@@ -94,7 +94,7 @@ def build_variant(name: str, cfg, state: dict, device, dtype, hf_dir: str):
     if name == "transformers":
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=dtype).to(device).train()
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).train()
 
         def forward(inputs, labels):
             logits = model(input_ids=inputs).logits
@@ -193,7 +193,7 @@ def main() -> None:
         if not args.no_hf:
             save_hf_dir(hf_dir, state_view(cfg, model_state(model)), dtype=torch.float32)
         del model
-        ctx = multiprocessing.get_context("fork")
+        ctx = multiprocessing.get_context("spawn")  # a fork after torch's thread pool started can hang
         for name in variants:
             queue = ctx.Queue()
             process = ctx.Process(target=run_variant, args=(name, cfg, state, args, hf_dir, flops_per_token, peak, queue))

@@ -49,3 +49,18 @@ def test_grouped_mm_aligned_shapes_take_the_native_path():
 
     assert _native_grouped_mm_ok(torch.randn(4, 8), torch.randn(2, 16, 8).transpose(1, 2))
     assert not _native_grouped_mm_ok(torch.randn(4, 6), torch.randn(2, 6, 7))
+
+
+def test_fp32_grouped_mm_traces_under_torch_compile():
+    """torch.compile's fake-tensor rule for _grouped_mm takes bf16 only; fp32 on CPU runs eagerly inside
+    the compiled function, with the same values and gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(24, 16, requires_grad=True)
+    w = torch.randn(3, 16, 32, requires_grad=True)
+    counts = torch.tensor([5, 0, 19])
+    eager = grouped_mm(x, w, counts)
+    compiled = torch.compile(lambda a, b: grouped_mm(a, b, counts), backend="aot_eager", fullgraph=False)(x, w)
+    assert torch.equal(compiled, eager)
+    (gx, gw) = torch.autograd.grad(compiled.square().sum(), (x, w))
+    (ex, ew) = torch.autograd.grad(eager.square().sum(), (x, w))
+    assert torch.allclose(gx, ex) and torch.allclose(gw, ew)

@@ -10,8 +10,17 @@ import torch
 def grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
     if _native_grouped_mm_ok(x_TK, w_EKN):
         offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
+        if x_TK.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+            return _eager_grouped_mm(x_TK, w_EKN, offsets)
         return torch._grouped_mm(x_TK, w_EKN, offs=offsets)
     return padded_grouped_mm(x_TK, w_EKN, tokens_per_expert)
+
+
+@torch.compiler.disable
+def _eager_grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """torch.compile's fake-tensor rule for _grouped_mm accepts bf16 only, while the CPU kernel also runs
+    fp32: under compile, an fp32 grouped GEMM runs eagerly (a graph break around it)."""
+    return torch._grouped_mm(x_TK, w_EKN, offs=offsets)
 
 
 def _native_grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
