@@ -63,6 +63,8 @@ def test_sampling_filters():
     cold = sample(logits, SamplingParams(temperature=0.05), g)
     assert (cold == 0).float().mean() > 0.99
     assert sample(logits[:1], SamplingParams(), None).tolist() == [0]
+    ties = torch.zeros(2000, 5)  # five equal logits: top-k keeps exactly k of them
+    assert len(set(sample(ties, SamplingParams(temperature=1.0, top_k=2), g).tolist())) == 2
 
 
 def test_generation_needs_the_whole_model_and_prompts(model):

@@ -148,8 +148,8 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Gen
         return logits_BV.argmax(-1)
     logits = logits_BV / params.temperature
     if params.top_k:
-        kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        kept, index = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, index, kept)  # exactly k, ties too
     if params.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
