@@ -91,6 +91,15 @@ TINY_MODEL_OVERRIDES = [
 ]
 
 
+def init_tiny_checkpoint(out, tokenizer_file: str | None = None, *overrides: str) -> None:
+    """`megajoy init` of the tiny test model (plus `overrides`) into `out`, storing the tokenizer if given."""
+    from megajoy.cli import main
+
+    sets = [a for o in TINY_MODEL_OVERRIDES + list(overrides) for a in ("--set", o)]
+    tokenizer = ["--tokenizer", tokenizer_file] if tokenizer_file else []
+    assert main(["init", "--out", str(out)] + tokenizer + sets) == 0
+
+
 def load_tool(name: str):
     """Import tools/NAME.py as a module (the tools are scripts, not package modules)."""
     import importlib.util

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import TINY_MODEL_OVERRIDES
+from helpers import init_tiny_checkpoint
 from megajoy.cli import main
 from megajoy.data.demo import write_jsonl
 from megajoy.data.packing import stack
@@ -217,8 +217,7 @@ def dpo_args(init, out, *extra):
 @pytest.fixture(scope="module")
 def tiny_init(tmp_path_factory, tokenizer_file):
     out = tmp_path_factory.mktemp("dpo_init")
-    sets = [a for o in TINY_MODEL_OVERRIDES for a in ("--set", o)]
-    assert main(["init", "--out", str(out), "--tokenizer", tokenizer_file] + sets) == 0
+    init_tiny_checkpoint(out, tokenizer_file)
     return out
 
 

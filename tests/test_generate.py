@@ -115,13 +115,12 @@ def test_verification_keeps_exactly_the_agreeing_drafts(model, wrong_at):
 def test_generate_command(tmp_path, tokenizer_file, capsys):
     import json
 
-    from helpers import TINY_MODEL_OVERRIDES
+    from helpers import init_tiny_checkpoint
     from megajoy.cli import main
     from megajoy.commands.generate import load_for_generation, prompt_ids
 
-    sets = [a for o in TINY_MODEL_OVERRIDES + ["model.num_nextn_predict_layers=1", "model.initializer_range=0.2"]
-            for a in ("--set", o)]
-    assert main(["init", "--out", str(tmp_path / "m"), "--tokenizer", tokenizer_file] + sets) == 0
+    init_tiny_checkpoint(tmp_path / "m", tokenizer_file, "model.num_nextn_predict_layers=1",
+                         "model.initializer_range=0.2")
     capsys.readouterr()
     model, tokenizer = load_for_generation(str(tmp_path / "m"))
     outputs = {}

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import TINY_MODEL_OVERRIDES
+from helpers import init_tiny_checkpoint
 
 from megajoy.cli import main
 from megajoy.data.demo import write_jsonl
@@ -108,8 +108,7 @@ def test_objective_is_the_whole_batch_loss_however_it_is_split(loss):
 def tiny_init(tmp_path_factory, tokenizer_file):
     out = tmp_path_factory.mktemp("rl_init")
     # experts 32 wide, so that INT4 rollouts can use groups of 32
-    sets = [a for o in TINY_MODEL_OVERRIDES + ["model.moe_intermediate_size=32"] for a in ("--set", o)]
-    assert main(["init", "--out", str(out), "--tokenizer", tokenizer_file] + sets) == 0
+    init_tiny_checkpoint(out, tokenizer_file, "model.moe_intermediate_size=32")
     return out
 
 

@@ -6,12 +6,11 @@ import math
 import random
 
 import pytest
-import torch
-from helpers import TINY_MODEL_OVERRIDES
+from helpers import init_tiny_checkpoint
 from megajoy.cli import main
 from megajoy.data.chat import parse_tool_calls, render
 from megajoy.data.demo import sft_conversations, write_jsonl
-from megajoy.data.sft import (ChatTokenizer, Sample, best_fit_decreasing, load_conversations, pack_rows,
+from megajoy.data.sft import (ChatTokenizer, best_fit_decreasing, load_conversations, pack_rows,
                               padding_fraction)
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -151,8 +150,7 @@ def test_chat_template_command_marks_trained_tokens(tmp_path, tokenizer_file, ca
 
 
 def test_sft_end_to_end(tmp_path, tokenizer_file):
-    sets = [a for o in TINY_MODEL_OVERRIDES for a in ("--set", o)]
-    assert main(["init", "--out", str(tmp_path / "init"), "--tokenizer", tokenizer_file] + sets) == 0
+    init_tiny_checkpoint(tmp_path / "init", tokenizer_file)
     out = tmp_path / "sft"
     assert main(["sft", "--init", str(tmp_path / "init"), "--out", str(out), "--train-iters", "30", "--seq-length",
                  "512", "--demo-conversations", "300", "--eval-interval", "15", "--exact-match-samples", "4",
@@ -171,8 +169,7 @@ def test_sft_end_to_end(tmp_path, tokenizer_file):
 
 
 def test_sft_refuses_missing_tokenizer_and_empty_data(tmp_path, tokenizer_file, capsys):
-    sets = [a for o in TINY_MODEL_OVERRIDES for a in ("--set", o)]
-    assert main(["init", "--out", str(tmp_path / "bare")] + sets) == 0  # no tokenizer stored
+    init_tiny_checkpoint(tmp_path / "bare")  # no tokenizer stored
     assert main(["sft", "--init", str(tmp_path / "bare"), "--out", str(tmp_path / "a")]) == 2
     assert "no tokenizer: pass --tokenizer, or --init a checkpoint that stores one" in capsys.readouterr().err
     write_jsonl(str(tmp_path / "empty.jsonl"), [{"messages": [{"role": "user", "content": "hi"}]}])
@@ -191,8 +188,7 @@ def sft_args(init, out, *extra):
 @pytest.fixture(scope="module")
 def sft_single(tmp_path_factory, tokenizer_file):
     init, out = tmp_path_factory.mktemp("sft_init"), tmp_path_factory.mktemp("sft_single")
-    sets = [a for o in TINY_MODEL_OVERRIDES for a in ("--set", o)]
-    assert main(["init", "--out", str(init), "--tokenizer", tokenizer_file] + sets) == 0
+    init_tiny_checkpoint(init, tokenizer_file)
     assert main(sft_args(init, out)) == 0
     return init, out
 

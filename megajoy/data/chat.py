@@ -127,6 +127,11 @@ def _text(m: dict) -> str:
     return content
 
 
+def final_answer(completion: str) -> str:
+    """The answer of a generated assistant turn: the text after the reasoning, without end of sentence."""
+    return completion.split(END_THINK)[-1].replace(EOS_TOKEN, "").strip()
+
+
 def parse_tool_calls(text: str) -> list[dict]:
     """The tool calls in generated text: [{"name": ..., "arguments": {...}}]."""
     import re

@@ -65,6 +65,16 @@ def read_jsonl(path: str):
             yield number, obj
 
 
+def split_held_out(items: list, count: int, seed: int) -> tuple[list, list]:
+    """(train, held out): a seeded random choice of `count` items held out, both lists in file order."""
+    import random
+
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held_out = set(order[:count])
+    return ([x for i, x in enumerate(items) if i not in held_out], [x for i, x in enumerate(items) if i in held_out])
+
+
 class ChatTokenizer:
     """A tokenizer.json with the template's special tokens (added when missing)."""
 

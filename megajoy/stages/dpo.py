@@ -131,21 +131,15 @@ class DpoStage(Stage):
 
 def load_pair_data(job, args, tokenizer_path: str) -> dict:
     """Tokenizer, train / held-out pairs and their packed rows, and the load report."""
-    import random
-
     from megajoy.data.preference import load_pairs, pack_pairs
-    from megajoy.data.sft import ChatTokenizer
+    from megajoy.data.sft import ChatTokenizer, split_held_out
 
     tokenizer = ChatTokenizer(tokenizer_path, job.model.vocab_size)
     path = sft.data_file(job, args, DEMO_FILE)
     pairs, report = load_pairs(path, tokenizer, job.data.seq_length + 1, args.overlong, args.thinking)
     if not pairs:
         raise ValueError(f"{path}: no preference pairs to train on ({report.summary(path)})")
-    order = list(range(len(pairs)))
-    random.Random(job.train.seed).shuffle(order)
-    held_out = set(order[:min(args.valid_pairs, len(pairs) // 10)])
-    train = [p for i, p in enumerate(pairs) if i not in held_out]
-    valid = [p for i, p in enumerate(pairs) if i in held_out]
+    train, valid = split_held_out(pairs, min(args.valid_pairs, len(pairs) // 10), job.train.seed)
     return {"tokenizer": tokenizer, "report": report.summary(path), "train": train, "valid": valid,
             "train_rows": pack_pairs(train, job.data.seq_length, tokenizer.pad_id),
             "valid_rows": pack_pairs(valid, job.data.seq_length, tokenizer.pad_id)}

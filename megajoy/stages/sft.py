@@ -57,40 +57,31 @@ class SftStage(NextTokenStage):
 
 def load_chat_data(job, args, tokenizer_path: str) -> dict:
     """Tokenizer (template tokens added), train / held-out conversations, and the load report."""
-    import random
-
-    from megajoy.data.sft import ChatTokenizer, load_conversations
+    from megajoy.data.sft import ChatTokenizer, load_conversations, split_held_out
 
     tokenizer = ChatTokenizer(tokenizer_path, job.model.vocab_size)
     path = data_file(job, args)
     samples, report = load_conversations(path, tokenizer, job.data.seq_length + 1, args.overlong, args.thinking)
-    order = list(range(len(samples)))
-    random.Random(job.train.seed).shuffle(order)
-    valid = set(order[:min(args.valid_conversations, len(samples) // 10)])
-    return {"tokenizer": tokenizer, "report": report.summary(path),
-            "train": [s for i, s in enumerate(samples) if i not in valid],
-            "valid": [s for i, s in enumerate(samples) if i in valid]}
+    train, valid = split_held_out(samples, min(args.valid_conversations, len(samples) // 10), job.train.seed)
+    return {"tokenizer": tokenizer, "report": report.summary(path), "train": train, "valid": valid}
 
 
 def exact_match(model, tokenizer, conversations: list[dict], mode: str, max_new_tokens: int = 24) -> float:
-    """Share of conversations whose final assistant answer greedy decoding reproduces exactly (after the
-    reasoning, when the model thinks). Conversations without an "answer" are skipped."""
-    from megajoy.data.chat import END_THINK, render
+    """Share of conversations whose final assistant answer greedy decoding (batched, latent cache)
+    reproduces exactly (after the reasoning, when the model thinks). Conversations without an "answer"
+    are skipped."""
+    from megajoy.data.chat import final_answer, render
     from megajoy.data.tokenizer import EOS_TOKEN
-    from megajoy.model.generate import greedy
+    from megajoy.model.generate import SamplingParams, generate
 
     scored = [c for c in conversations if "answer" in c and c["messages"][-1]["role"] == "assistant"]
     if not scored:
         return float("nan")
-    eos = tokenizer.tok.token_to_id(EOS_TOKEN)
-    hits = 0
-    for c in scored:
-        prompt = dict(c, messages=c["messages"][:-1])
-        ids = tokenizer.encode(render(prompt, mode, generation_prompt=True)).ids
-        text = tokenizer.decode(greedy(model, ids, max_new_tokens, eos_token_id=eos))
-        answer = text.split(END_THINK)[-1].replace(EOS_TOKEN, "").strip()
-        hits += answer == c["answer"]
-    return hits / len(scored)
+    prompts = [tokenizer.encode(render(dict(c, messages=c["messages"][:-1]), mode, generation_prompt=True)).ids
+               for c in scored]
+    params = SamplingParams(max_new_tokens, stop_token_ids=(tokenizer.tok.token_to_id(EOS_TOKEN),))
+    completions = generate(model, prompts, params)
+    return sum(final_answer(tokenizer.decode(t)) == c["answer"] for t, c in zip(completions, scored)) / len(scored)
 
 
 # ------------------------------------------------------------------------------------------ command

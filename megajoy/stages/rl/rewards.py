@@ -8,8 +8,7 @@ calculator tool (Qwen3-Coder XML) with an expression whose value is the expected
 import ast
 import operator
 
-from megajoy.data.chat import END_THINK, parse_tool_calls
-from megajoy.data.tokenizer import EOS_TOKEN
+from megajoy.data.chat import final_answer, parse_tool_calls
 
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
               ast.USub: operator.neg, ast.UAdd: operator.pos}
@@ -30,10 +29,6 @@ def safe_eval(expression: str) -> float | None:
         return float(value(ast.parse(expression.strip(), mode="eval").body))
     except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
         return None
-
-
-def final_answer(completion: str) -> str:
-    return completion.split(END_THINK)[-1].replace(EOS_TOKEN, "").strip()
 
 
 def same_answer(got: str, want: str) -> bool:
