@@ -23,10 +23,13 @@ setup(
     extras_require={
         "hf": ["transformers>=5.0"],
         "gguf": ["gguf>=0.17"],
-        "gpu": ["nvidia-ml-py"],
+        "gpu": ["nvidia-ml-py", "triton"],  # the CUDA torch wheels bring a matching Triton already
         "plot": ["matplotlib"],
         "te": ["transformer-engine[pytorch]"],
-        "test": ["pytest", "transformers>=5.0", "gguf>=0.17", "matplotlib", "compressed-tensors", "trl==1.16.0"],
+        "test": ["pytest", "transformers>=5.0", "gguf>=0.17", "matplotlib", "compressed-tensors", "trl==1.16.0",
+                 # Triton's interpreter runs the GPU kernels on CPU in the tests (the version torch 2.11's
+                 # CUDA wheels pin)
+                 "triton==3.6.0"],
     },
     entry_points={"console_scripts": ["megajoy=megajoy.cli:main"]},
 )

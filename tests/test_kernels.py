@@ -1,7 +1,8 @@
-"""Reference kernels: grouped GEMM (native and padded fallback) and MoE permute / unpermute."""
+"""Kernels: the torch references (grouped GEMM, MoE permute / unpermute) and every fast path against them."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megajoy.kernels.grouped_gemm import grouped_mm, padded_grouped_mm
 from megajoy.kernels.moe_permute import permute, unpermute
@@ -64,3 +65,323 @@ def test_fp32_grouped_mm_traces_under_torch_compile():
     (gx, gw) = torch.autograd.grad(compiled.square().sum(), (x, w))
     (ex, ew) = torch.autograd.grad(eager.square().sum(), (x, w))
     assert torch.allclose(gx, ex) and torch.allclose(gw, ew)
+
+
+# ------------------------------------------------------------------------------- fast paths (Triton, fused)
+# Each fast path against its torch reference computed in float64. On CPU the Triton kernels run in
+# Triton's interpreter (conftest sets TRITON_INTERPRET=1), in fp32; on a GPU they run compiled, in fp32
+# and bf16. Fresh random inputs each time; NaN never passes (rel_err of NaN is NaN, which fails <=).
+
+from megajoy.kernels import backend  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(not backend.triton_available(), reason="Triton is not installed")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture
+def triton_backend():
+    with backend.kernel_backend("triton"):
+        yield
+
+
+def _grads(fn, inputs, grad_out):
+    out = fn(*inputs)
+    return [out] + list(torch.autograd.grad(out, [t for t in inputs if t.requires_grad], grad_out))
+
+
+def _compare(fast, reference, inputs, dtype, grad_dtype=None):
+    """fast(*inputs) and its input gradients vs reference(*inputs in float64 on CPU)."""
+    with torch.no_grad():
+        probe = fast(*inputs)
+    grad_out = torch.randn(probe.shape, device=probe.device).to(grad_dtype or probe.dtype)
+    got = _grads(fast, inputs, grad_out)
+    ref_inputs = [t.detach().double().cpu().requires_grad_(t.requires_grad) if t.is_floating_point()
+                  else t.cpu() for t in inputs]
+    want = _grads(reference, ref_inputs, grad_out.double().cpu())
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert rel(g.cpu(), w) <= TOL[dtype], (rel(g.cpu(), w), g.dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [64, 96, 1536])
+def test_triton_rmsnorm_matches_reference(triton_backend, dtype, n):
+    from megajoy.kernels.rmsnorm import rms_norm, rms_norm_reference
+
+    x = torch.randn(3, 37, n, device=DEVICE, dtype=dtype, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(n, device=DEVICE)).to(dtype).requires_grad_()
+    _compare(lambda a, b: rms_norm(a, b, 1e-6), lambda a, b: rms_norm_reference(a, b, 1e-6), [x, w], dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_rope_matches_reference_on_strided_views(triton_backend, dtype):
+    """q's rotary part is a slice of a wider head (a strided view), the key's a broadcast single head."""
+    from megajoy.kernels.rope import apply_rope, apply_rope_reference
+
+    angles = torch.rand(2, 11, 8, device=DEVICE) * 6
+    cos, sin = angles.cos() * 1.1, angles.sin() * 1.1
+    wide = torch.randn(2, 11, 3, 24, device=DEVICE, dtype=dtype, requires_grad=True)
+    ref_cos, ref_sin = cos.double().cpu(), sin.double().cpu()
+    _compare(lambda a: apply_rope(a[..., 8:], cos, sin), lambda a: apply_rope_reference(a[..., 8:], ref_cos, ref_sin),
+             [wide], dtype)
+    k = torch.randn(2, 11, 16, device=DEVICE, dtype=dtype).unsqueeze(2).requires_grad_()
+    _compare(lambda a: apply_rope(a, cos, sin), lambda a: apply_rope_reference(a, ref_cos, ref_sin), [k], dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_permute_unpermute_match_reference(triton_backend, dtype):
+    from megajoy.kernels import moe_permute as mp
+
+    tokens, k, experts, hidden = 45, 4, 8, 40
+    ids = torch.stack([torch.randperm(experts, device=DEVICE)[:k] for _ in range(tokens)])
+    x = torch.randn(tokens, hidden, device=DEVICE, dtype=dtype, requires_grad=True)
+    weights = torch.rand(tokens, k, device=DEVICE, requires_grad=True)
+
+    def through(x_, w_, perm, unperm):
+        x_perm, counts, source = perm(x_, ids.to(x_.device))
+        y = x_perm * torch.arange(1, x_perm.shape[0] + 1, device=x_.device, dtype=x_.dtype)[:, None] / 50
+        return unperm(y, source, w_)
+
+    def fast(x_, w_):
+        return through(x_, w_, lambda a, i: mp.permute(a, i, experts), mp.unpermute)
+
+    def reference(x_, w_):
+        def ref_perm(a, i):
+            flat = i.reshape(-1)
+            source = torch.argsort(flat, stable=True)
+            return a.index_select(0, source // k), torch.bincount(flat, minlength=experts), source
+        return through(x_, w_, ref_perm, mp.unpermute_reference)
+
+    _compare(fast, reference, [x, weights], dtype)
+
+
+@needs_triton
+def test_triton_kernels_write_every_element(triton_backend):
+    """Outputs come from torch.empty: poison the allocator's memory first, then check no NaN is left."""
+    from megajoy.kernels.moe_permute_triton import gather_rows, gather_sum, row_dots
+    from megajoy.kernels.rmsnorm_triton import forward
+
+    for _ in range(3):
+        torch.full((1 << 16,), float("nan"), device=DEVICE)
+        x = torch.randn(17, 1100, device=DEVICE)  # wider than one 1024-column block
+        index = torch.randint(0, 17, (23,), device=DEVICE)
+        assert torch.equal(gather_rows(x, index), x[index])
+        idx_TK = torch.randint(0, 17, (5, 3), device=DEVICE)
+        assert torch.allclose(gather_sum(x, idx_TK, None), x[idx_TK].sum(1), atol=1e-5)
+        assert torch.allclose(row_dots(x[:5], idx_TK, x), (x[:5, None] * x[idx_TK]).sum(-1), rtol=1e-5, atol=1e-3)
+        y, rstd = forward(x, torch.ones(1100, device=DEVICE), 1e-6, torch.float32)
+        assert not y.isnan().any() and not rstd.isnan().any()
+
+
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_chunked_linear_cross_entropy_matches_full_logits(chunk):
+    """Loss and both gradients (under arbitrary per-token weights, as DPO and RL use) equal
+    cross_entropy(h @ W^T) in float64; chunk 5 does not divide the 23 tokens."""
+    from megajoy.kernels.cross_entropy import linear_cross_entropy
+
+    h = torch.randn(23, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    target = torch.randint(0, 50, (23,))
+    grad = torch.randn(23)
+    got = _grads(lambda a, b: linear_cross_entropy(a, b, target, chunk=chunk), [h, w], grad)
+    ref_in = [h.detach().double().requires_grad_(), w.detach().double().requires_grad_()]
+    want = _grads(lambda a, b: F.cross_entropy(a @ b.T, target, reduction="none"), ref_in, grad.double())
+    for g, r in zip(got, want):
+        assert rel(g, r) <= 1e-6
+
+
+def test_chunked_linear_cross_entropy_under_bf16_autocast_equals_autocast_linear():
+    """Under bf16 autocast the chunks' GEMMs run in bf16 as F.linear's would: the same logits, so the same
+    loss; gradients agree to bf16 rounding (the reference's dW is one bf16 GEMM, ours sums chunks in fp32)."""
+    from megajoy.kernels.cross_entropy import linear_cross_entropy
+
+    h = torch.randn(64, 32, requires_grad=True)
+    w = (torch.randn(300, 32) * 0.5).requires_grad_()
+    target, grad = torch.randint(0, 300, (64,)), torch.randn(64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _grads(lambda a, b: linear_cross_entropy(a, b, target, chunk=16), [h, w], grad)
+        want = _grads(lambda a, b: F.cross_entropy(F.linear(a, b).float(), target, reduction="none"), [h, w], grad)
+    assert got[0].dtype == torch.float32 and (got[0] - want[0]).abs().max() <= 1e-5
+    assert rel(got[1], want[1]) <= 1e-2 and rel(got[2], want[2]) <= 1e-2
+
+
+def _chunked_ce_tp_worker(rank, world):
+    import torch.distributed as dist
+
+    from megajoy.kernels.cross_entropy import linear_cross_entropy
+    from megajoy.launch import init_distributed, launch_env
+
+    init_distributed(launch_env(), backend="gloo")  # forked CPU ranks, also on a machine with a GPU
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(19, 8, generator=g)
+    w = torch.randn(48, 8, generator=g)
+    target = torch.randint(0, 48, (19,), generator=g)
+    grad = torch.randn(19, generator=g)
+    h_local = h.clone().requires_grad_()
+    w_local = w.chunk(world, 0)[rank].clone().requires_grad_()
+    loss = linear_cross_entropy(h_local, w_local, target, dist.group.WORLD, chunk=6)
+    loss.backward(grad)
+    dist.all_reduce(h_local.grad)  # enter_tp's backward: the vocabulary slices' partial dh summed
+    return loss.detach(), h_local.grad, w_local.grad
+
+
+@pytest.mark.skipif(CUDA, reason="forked gloo ranks cannot follow CUDA autograd run earlier in the parent process")
+def test_chunked_linear_cross_entropy_over_vocab_parallel_ranks():
+    from megajoy.parallel.spawn import run_workers
+
+    results = run_workers(2, _chunked_ce_tp_worker)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(19, 8, generator=g, dtype=torch.float32).double().requires_grad_()
+    w = torch.randn(48, 8, generator=g).double().requires_grad_()
+    target = torch.randint(0, 48, (19,), generator=g)
+    grad = torch.randn(19, generator=g).double()
+    ref = F.cross_entropy(h @ w.T, target, reduction="none")
+    ref.backward(grad)
+    for rank, (loss, gh, gw) in enumerate(results):
+        assert rel(loss, ref.detach()) <= 1e-6 and rel(gh, h.grad) <= 1e-6
+        assert rel(gw, w.grad.chunk(2, 0)[rank]) <= 1e-6
+
+
+def test_model_loss_and_gradients_equal_with_the_chunked_head():
+    """The whole tiny model (LM + MTP losses) with the fused head + cross-entropy in 7-token chunks."""
+    from helpers import random_model, small_config
+
+    cfg = small_config()
+    model = random_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    labels = torch.randint(0, cfg.vocab_size, (2, 24))
+
+    def run():
+        model.zero_grad()
+        out = model(ids, labels=labels, compute_mtp=True)
+        (out.lm_loss + out.mtp_loss).backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, plain_grads = run()
+    backend.configure(cross_entropy_chunk=7)
+    try:
+        chunked, chunked_grads = run()
+    finally:
+        backend.configure(cross_entropy_chunk=None)
+    assert abs(chunked.lm_loss.item() - plain.lm_loss.item()) <= 1e-5 * plain.lm_loss.item()
+    assert abs(chunked.mtp_loss.item() - plain.mtp_loss.item()) <= 1e-5 * plain.mtp_loss.item()
+    assert rel(chunked.lm_token_loss, plain.lm_token_loss) <= 1e-6
+    assert plain_grads.keys() == chunked_grads.keys()
+    for name in plain_grads:
+        assert rel(chunked_grads[name], plain_grads[name]) <= 1e-5, name
+
+
+def test_kernel_backend_settings_reject_bad_values():
+    with pytest.raises(ValueError, match="must be one of auto, torch, triton"):
+        backend.configure(backend="cuda")
+    with pytest.raises(ValueError, match="cross_entropy_chunk=-3 must be >= 0"):
+        backend.configure(cross_entropy_chunk=-3)
+
+
+@pytest.mark.parametrize("lengths", [[100, 28, 300, 84], [512], [128, 128, 256], [5, 600, 40, 3]])
+def test_document_block_mask_equals_flex_own_and_attends_like_the_reference(lengths):
+    """The block mask built from per-block document ranges covers exactly the blocks that torch's
+    create_block_mask finds by evaluating every pair, and FlexAttention with it (eager on CPU) equals the
+    dense-mask SDPA reference in float64. Row 2 packs three near-equal documents; 648 tokens do not fill
+    the last 128-token block."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from megajoy.kernels.attention import attention, document_block_mask
+
+    seq = sum(lengths)
+    docs = torch.stack([torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)),
+                        torch.repeat_interleave(torch.arange(3), torch.tensor([seq // 3, seq // 3, seq - 2 * (seq // 3)]))])
+    ours = document_block_mask(docs)
+    theirs = create_block_mask(lambda b, h, q, k: (k <= q) & (docs[b, q] == docs[b, k]), 2, None, seq, seq, device="cpu")
+    assert torch.equal(ours.to_dense(), theirs.to_dense())
+    q, k = torch.randn(2, seq, 3, 24, dtype=torch.float64), torch.randn(2, seq, 3, 24, dtype=torch.float64)
+    v = torch.randn(2, seq, 3, 16, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention warns that eager mode is slow
+        got = attention(q, k, v, 0.2, docs, ours)
+    assert rel(got, attention(q, k, v, 0.2, docs, None)) <= 1e-12
+
+
+# ------------------------------------------------------------------------------------- GPU-only fast paths
+
+@needs_cuda
+@pytest.mark.parametrize("docs", [None, [100, 28, 300, 84], [512]])
+def test_flex_document_attention_matches_dense_mask_sdpa(docs):
+    """MLA's shapes (qk 192, v 128) through the CUDA path (FlexAttention with a block mask, or causal SDPA
+    for one document per row) against the dense-mask SDPA reference in float64 on CPU; bf16 inputs."""
+    from megajoy.kernels.attention import attention, prepare_document_mask
+
+    b, s, h = 2, 512, 4
+    q, k = (torch.randn(b, s, h, 192, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    v = torch.randn(b, s, h, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ids = None if docs is None else torch.repeat_interleave(
+        torch.arange(len(docs)), torch.tensor(docs)).expand(b, s).contiguous().cuda()
+    mask = prepare_document_mask(ids)
+    assert (mask is not None) == (ids is not None)
+    scale = 192 ** -0.5
+    reference_ids = None if ids is None else ids.cpu()
+    _compare(lambda q_, k_, v_: attention(q_, k_, v_, scale, ids, mask),
+             lambda q_, k_, v_: attention(q_, k_, v_, scale, reference_ids if reference_ids is not None
+                                          else torch.zeros(b, s, dtype=torch.long)),
+             [q, k, v], torch.bfloat16)
+
+
+@needs_cuda
+def test_grouped_mm_under_bf16_autocast_takes_the_grouped_kernel():
+    counts = torch.tensor([130, 0, 7, 300], device="cuda")
+    x = torch.randn(int(counts.sum()), 256, device="cuda", requires_grad=True)
+    w = torch.randn(4, 512, 256, device="cuda", requires_grad=True)  # [E, out, in] as the experts hold it
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = grouped_mm(x, w.transpose(1, 2), counts)
+    assert out.dtype == torch.bfloat16
+    ref = _loop_reference(x.detach().double().cpu(), w.detach().double().cpu().transpose(1, 2), counts.cpu())
+    assert rel(out.float().cpu(), ref) <= 1e-2
+
+
+@needs_cuda
+def test_batched_newton_schulz_in_bf16_matches_float64():
+    from megajoy.optim.muon import newton_schulz
+
+    g = torch.randn(16, 256, 96, device="cuda")
+    fast = newton_schulz(g, dtype=torch.bfloat16)
+    ref = newton_schulz(g.double().cpu(), dtype=torch.float64)
+    assert rel(fast.float().cpu(), ref) <= 3e-2  # 1.3e-2 seen for bf16 on CPU
+
+
+@needs_cuda
+def test_model_fast_paths_equal_the_torch_reference_on_gpu():
+    """The tiny model with packed documents under bf16 autocast: every fast path (Triton RMSNorm, RoPE,
+    permute, FlexAttention, grouped GEMM, chunked head) against the torch back-end."""
+    from helpers import random_model, small_config
+
+    cfg = small_config()
+    model = random_model(cfg).cuda()
+    ids = torch.randint(0, cfg.vocab_size, (2, 256), device="cuda")
+    docs = torch.repeat_interleave(torch.arange(3), torch.tensor([90, 40, 126])).expand(2, -1).cuda()
+    positions = torch.cat([torch.arange(n) for n in (90, 40, 126)]).expand(2, -1).cuda()
+
+    def run(kernels):
+        model.zero_grad()
+        with backend.kernel_backend(kernels), torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(ids, position_ids=positions, document_ids=docs, labels=ids.roll(-1, 1), compute_mtp=True)
+            (out.lm_loss + out.mtp_loss).backward()
+        return out, {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref, ref_grads = run("torch")
+    fast, fast_grads = run("auto")
+    assert abs(fast.lm_loss.item() - ref.lm_loss.item()) <= 1e-2 * ref.lm_loss.item()
+    for name, g in ref_grads.items():
+        assert rel(fast_grads[name], g) <= 5e-2, name

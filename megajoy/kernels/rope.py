@@ -11,6 +11,7 @@ import math
 import torch
 
 from megajoy.config import yarn_mscale
+from megajoy.kernels.backend import use_triton
 
 
 def rope_frequencies(dim: int, theta: float, rope_scaling: dict | None) -> tuple[torch.Tensor, float]:
@@ -52,8 +53,34 @@ def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, amplitude: 
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, S, H, D]; cos/sin: [B, S, D/2]. Computes in fp32 and returns x's dtype."""
+    """x: [B, S, H, D]; cos/sin: [B, S, D/2]. Computes in fp32 and returns x's dtype (contiguous)."""
+    width = x.shape[-1]
+    if use_triton(x) and x.stride(-1) == 1 and width >= 4 and width & (width - 1) == 0:
+        return _TritonRope.apply(x, cos, sin)
+    return apply_rope_reference(x, cos, sin)
+
+
+def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     x32 = x.float()
     even, odd = x32[..., 0::2], x32[..., 1::2]
     return torch.cat((even * cos - odd * sin, odd * cos + even * sin), dim=-1).to(x.dtype)
+
+
+class _TritonRope(torch.autograd.Function):
+    """One pass over x (any strides but a unit last one) into the de-interleaved output; the backward
+    rotates the gradient back by the negative angle into the interleaved layout."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        from megajoy.kernels import rope_triton
+
+        ctx.save_for_backward(cos, sin)
+        return rope_triton.rotate(x, cos, sin, inverse=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from megajoy.kernels import rope_triton
+
+        cos, sin = ctx.saved_tensors
+        return rope_triton.rotate(grad, cos, sin, inverse=True), None, None

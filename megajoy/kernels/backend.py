@@ -1,0 +1,89 @@
+"""Which implementation a hot path runs.
+
+Every op in megajoy.kernels has a plain-torch reference. The fast paths (Triton kernels, FlexAttention,
+the chunked head + cross-entropy) run where they pay: on CUDA tensors, outside torch.compile (whose
+Inductor fuses the same element-wise and reduction work itself). `configure(backend=...)` chooses:
+
+  auto    fast paths on CUDA when Triton is installed, the torch reference elsewhere (default)
+  torch   the torch reference everywhere
+  triton  the Triton kernels everywhere; on CPU tensors this needs TRITON_INTERPRET=1 (Triton's
+          interpreter), which is how the kernels are tested without a GPU
+"""
+
+import contextlib
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass
+class KernelSettings:
+    backend: str = "auto"
+    # Tokens per chunk of the fused output-projection + cross-entropy (the full logits are never held).
+    # None: 4096 on CUDA and off on CPU; 0: off.
+    cross_entropy_chunk: int | None = None
+
+
+settings = KernelSettings()
+
+
+def configure(backend: str | None = None, cross_entropy_chunk: int | None = -1) -> None:
+    """Set the kernel back-end and/or the cross-entropy chunk (-1 leaves it unchanged)."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"kernel backend {backend!r} must be one of {', '.join(BACKENDS)}")
+        if backend == "triton" and not triton_available():
+            raise RuntimeError("kernel backend 'triton' was requested but Triton is not installed "
+                               "(pip install triton)")
+        settings.backend = backend
+    if cross_entropy_chunk != -1:
+        if cross_entropy_chunk is not None and cross_entropy_chunk < 0:
+            raise ValueError(f"cross_entropy_chunk={cross_entropy_chunk} must be >= 0 (0: off) or None (auto)")
+        settings.cross_entropy_chunk = cross_entropy_chunk
+
+
+@contextlib.contextmanager
+def kernel_backend(backend: str):
+    """Run a block with another back-end, then restore the previous one."""
+    previous = settings.backend
+    configure(backend=backend)
+    try:
+        yield
+    finally:
+        settings.backend = previous
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether an op on `t` takes its Triton kernel."""
+    if settings.backend == "torch" or torch.compiler.is_compiling():
+        return False
+    if settings.backend == "triton":
+        if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("kernel backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                               "Triton is imported")
+        return True
+    return t.is_cuda and triton_available()
+
+
+def use_fused_cuda_path(t: torch.Tensor) -> bool:
+    """Fast paths written in torch itself (FlexAttention, grouped GEMM casts): CUDA, unless 'torch'."""
+    return settings.backend != "torch" and t.is_cuda
+
+
+def cross_entropy_chunk(t: torch.Tensor) -> int:
+    """Tokens per chunk for the fused head + cross-entropy on `t`'s device; 0 means unfused."""
+    if settings.backend == "torch":
+        return 0
+    if settings.cross_entropy_chunk is None:
+        return 4096 if t.is_cuda else 0
+    return settings.cross_entropy_chunk
