@@ -258,8 +258,13 @@ class TrainConfig:
     eval_iters: int = 8  # validation batches (each global_batch_size rows) per evaluation, as Megatron counts
     exit_interval: int | None = None  # save and stop after a step divisible by this (Megatron's --exit-interval)
     plot: bool = False
+    kernels: str = "auto"  # auto: fast paths on GPUs; torch: reference ops everywhere; triton (see megajoy.kernels)
+    cross_entropy_chunk: int | None = None  # fused head + loss in token chunks; None: 4096 on GPUs, off on CPU; 0 off
 
     def __post_init__(self):
+        _require(self.kernels in ("auto", "torch", "triton"), f"kernels={self.kernels!r} must be auto, torch or triton")
+        _require(self.cross_entropy_chunk is None or self.cross_entropy_chunk >= 0,
+                 f"cross_entropy_chunk={self.cross_entropy_chunk} must be >= 0 (0: off)")
         for name in ("train_iters", "global_batch_size", "micro_batch_size", "log_interval", "eval_interval"):
             _require(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
         _require(self.eval_iters >= 0, f"eval_iters={self.eval_iters} must be >= 0")

@@ -77,7 +77,7 @@ class MLA(nn.Module):
 
         if self.track_max_logit and self.training:
             self._record_max_logit(q_BSHQ, k_BSHQ, seq.document_ids)
-        out_BSHV = attention(q_BSHQ, k_BSHQ, v_BSHV, self.softmax_scale, seq.document_ids)
+        out_BSHV = attention(q_BSHQ, k_BSHQ, v_BSHV, self.softmax_scale, seq.document_ids, seq.document_mask)
         return self.o_proj.forward_exit(out_BSHV.flatten(2), self.sp)
 
     @torch.no_grad()

@@ -157,6 +157,13 @@ def sequence_balance_loss(routing: Routing, batch: int, cfg: ModelConfig, tp_gro
     return cfg.aux_loss_alpha * (frac_BE * prob_sum_BE / seq).sum(-1).mean()
 
 
+def _expert_input(x_TH: torch.Tensor) -> torch.Tensor:
+    """Under autocast the experts' GEMMs take the autocast dtype: cast the tokens once, before they are
+    copied K times and sent to other ranks (K times fewer bytes cast, half the all-to-all traffic)."""
+    device = x_TH.device.type
+    return x_TH.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x_TH
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, pc=None):
         super().__init__()
@@ -181,7 +188,7 @@ class MoE(nn.Module):
             x_BSH = split_along(x_BSH, self.tp, dim=1)
         x_TH = x_BSH.flatten(0, 1)
         routing = self.gate(x_TH)
-        x_perm, tokens_per_expert, meta = self.dispatcher.dispatch(x_TH, routing.expert_ids_TK)
+        x_perm, tokens_per_expert, meta = self.dispatcher.dispatch(_expert_input(x_TH), routing.expert_ids_TK)
         y_perm = self.experts(x_perm, tokens_per_expert)
         y_TH = self.dispatcher.combine(y_perm, routing.weights_TK, meta)
         if self.shared_experts is not None:

@@ -13,6 +13,9 @@ import torch
 from torch import nn
 
 from megajoy.config import ModelConfig
+from megajoy.kernels.attention import prepare_document_mask
+from megajoy.kernels.backend import cross_entropy_chunk
+from megajoy.kernels.cross_entropy import linear_cross_entropy
 from megajoy.kernels.rope import rope_cos_sin, rope_frequencies
 from megajoy.model.mla import MLA
 from megajoy.model.mlp import MLP
@@ -27,11 +30,13 @@ from megajoy.parallel.mappings import enter_tp, gather_along
 
 @dataclass
 class SequenceInfo:
-    """Per-token metadata every layer needs: rotary cos/sin and, for packed rows, document ids."""
+    """Per-token metadata every layer needs: rotary cos/sin and, for packed rows, document ids (and the
+    attention kernel's mask built from them once per forward, when its fast path wants one)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
     document_ids: torch.Tensor | None
+    document_mask: object | None = None
 
 
 @dataclass
@@ -139,7 +144,7 @@ class JoyAIForCausalLM(nn.Module):
         if self._inv_freq.device != position_ids_BS.device:
             self._inv_freq = self._inv_freq.to(position_ids_BS.device)
         cos, sin = rope_cos_sin(position_ids_BS, self._inv_freq, self.rope_amplitude)
-        return SequenceInfo(cos, sin, document_ids_BS)
+        return SequenceInfo(cos, sin, document_ids_BS, prepare_document_mask(document_ids_BS))
 
     def run_layers(self, h_BSD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
         for layer in self.layers.values():
@@ -179,8 +184,8 @@ class JoyAIForCausalLM(nn.Module):
                return_logits: bool | None = None) -> CausalLMOutput:
         """The last stage's work on the last decoder layer's output: norm, head, losses, MTP."""
         h_BSD = self.norm(h_BSD)
-        logits_BSV = self.head(h_BSD)
         keep_logits = return_logits if return_logits is not None else labels is None
+        logits_BSV = self.head(h_BSD) if keep_logits else None
         out = CausalLMOutput(logits=self.full_logits(logits_BSV) if keep_logits else None)
         if compute_mtp is None:
             compute_mtp = len(self.mtp) > 0
@@ -189,7 +194,7 @@ class JoyAIForCausalLM(nn.Module):
         if loss_mask is None:
             loss_mask = torch.ones_like(input_ids, dtype=torch.float32)
         if labels is not None:
-            ce_BS = self.token_cross_entropy(logits_BSV, labels)
+            ce_BS = self.head_cross_entropy(h_BSD, labels, logits_BSV)
             mask = loss_mask.float()
             out.lm_loss_sum, out.lm_tokens, out.lm_token_loss = (ce_BS * mask).sum(), mask.sum(), ce_BS
         if compute_mtp and len(self.mtp):
@@ -204,13 +209,14 @@ class JoyAIForCausalLM(nn.Module):
         for depth, layer in enumerate(self.mtp, start=1):
             next_ids = shift_left(tokens, depth - 1, 0)
             h_BSD = layer(h_BSD, self.embed(next_ids), seq)
-            logits_BSV = self.head(h_BSD)
+            logits_BSV = self.head(h_BSD) if keep_logits else None
             if keep_logits:
                 logits.append(self.full_logits(logits_BSV))
             if labels is not None:
-                s, n = self.masked_cross_entropy(logits_BSV, shift_left(labels, depth, 0), mtp_loss_mask(loss_mask, depth))
-                sums.append(s)
-                counts.append(n)
+                mask = mtp_loss_mask(loss_mask, depth).float()
+                ce_BS = self.head_cross_entropy(h_BSD, shift_left(labels, depth, 0), logits_BSV)
+                sums.append((ce_BS * mask).sum())
+                counts.append(mask.sum())
         if labels is not None:
             # DeepSeek-V3 averages the depths, (1/D) sum_k L_k; pooling the depths' sums and counts gives
             # exactly that when every depth scores the same number of tokens, and stays additive over
@@ -219,15 +225,24 @@ class JoyAIForCausalLM(nn.Module):
             out.mtp_tokens = torch.stack(counts).mean()
         out.mtp_logits = logits or None
 
+    def head_cross_entropy(self, h_BSD: torch.Tensor, labels_BS: torch.Tensor,
+                           logits_BSV: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token cross-entropy [B, S] in fp32 of the head's prediction from the normed hidden states,
+        on every tensor-parallel rank. Without logits at hand (and no low-precision head GEMM), the head
+        and the loss run fused in token chunks where that is switched on (megajoy.kernels.backend)."""
+        chunk = cross_entropy_chunk(h_BSD)
+        if logits_BSV is None and chunk and self.lm_head.matmul is None:
+            h_NK = enter_tp(h_BSD, self.pc.tp, self.pc.sequence_parallel).flatten(0, 1)
+            ce = linear_cross_entropy(h_NK, self.lm_head.effective_weight(), labels_BS.flatten(), self.pc.tp, chunk)
+            return ce.view_as(labels_BS)
+        if logits_BSV is None:
+            logits_BSV = self.head(h_BSD)
+        return self.token_cross_entropy(logits_BSV, labels_BS)
+
     def token_cross_entropy(self, logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
-        """Per-token cross-entropy [B, S] in fp32, on every tensor-parallel rank."""
+        """Per-token cross-entropy [B, S] in fp32 of vocabulary-parallel logits."""
         ce = vocab_parallel_cross_entropy(logits_BSV.flatten(0, 1), labels_BS.flatten(), self.pc.tp)
         return ce.view_as(labels_BS)
-
-    def masked_cross_entropy(self, logits_BSV: torch.Tensor, labels_BS: torch.Tensor, mask_BS: torch.Tensor):
-        """(sum of per-token cross-entropy where mask is set, number of such tokens), in fp32."""
-        mask = mask_BS.float()
-        return (self.token_cross_entropy(logits_BSV, labels_BS) * mask).sum(), mask.sum()
 
 
 def _draw(shape: tuple, std: float, seed: int, name: str) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from megajoy.kernels import backend as kernels
 from megajoy.model import create_model
 from megajoy.model.moe import MoE, Router
 from megajoy.optim.qk_clip import apply_qk_clip, track_max_logits
@@ -99,6 +100,7 @@ class Trainer:
         self._check_batch_layout()
         self.out = job.checkpoint.out
         self.bf16 = job.train.bf16 if job.train.bf16 is not None else self.device.type == "cuda"
+        kernels.configure(backend=job.train.kernels, cross_entropy_chunk=job.train.cross_entropy_chunk)
         torch.manual_seed(job.train.seed)
         self.model = create_model(job.model, device=self.device, seed=job.train.seed, pc=self.pc).train()
         self.specs = parameter_specs(self.model, self.pc)
