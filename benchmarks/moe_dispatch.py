@@ -1,6 +1,9 @@
 """MoE dispatch path, phase by phase: permute, all-to-all out, grouped GEMM over local experts,
 all-to-all back, weighted un-permute; beside it, in the same run, the per-expert loop that the grouped
-GEMM replaces.
+GEMM replaces. Each phase is held against its floor (GEMM FLOPs at the dense matmul rate, bytes at the
+copy bandwidth, both measured in the same run). On one rank it also times the whole MoE layer (router,
+dispatch, experts, shared expert, combine) forward + backward under bf16 autocast on a GPU, as training
+runs it, and reports its rate against the dense matmul rate.
 
   python benchmarks/moe_dispatch.py                 # CPU, 1 rank (no all-to-all)
   python benchmarks/moe_dispatch.py --ep 4          # CPU, 4 forked ranks on gloo
@@ -17,11 +20,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import environment, print_table, time_call, write_json  # noqa: E402
+from benchmarks.common import environment, measure_floors, print_table, time_call, time_op, write_json  # noqa: E402
 
+PROFILE = False
 SHAPES = {  # tokens per rank, hidden, expert intermediate, experts, top-k
     "small": (4096, 256, 128, 16, 4),
     "joyai": (8192, 2048, 768, 256, 8),
+    # One GPU's share under EP 8: 32 local experts receive ~8 x 8192 token copies (2,048 rows each).
+    "joyai-ep8": (8192, 2048, 768, 32, 8),
 }
 
 
@@ -94,13 +100,48 @@ def run(rank, world, args):
     tokens, hidden, inter, experts, topk = SHAPES[args.shape]
     torch.manual_seed(rank)
     steps, state = phases(tokens, hidden, inter, experts, topk, device, group)
+    floors = measure_floors(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    element = 2 if device.type == "cuda" else 4
     rows = []
     for name, fn in steps:  # phases depend on each other's outputs: run in order, time each
         seconds = time_call(fn, device, warmup=1, iters=args.iters)
-        gemm_flops = 2 * 3 * hidden * inter * int(state["local_counts"].sum()) if "GEMM" in name else None
-        rows.append({"phase": name, "ms": seconds * 1e3,
-                     "TFLOP/s": gemm_flops / seconds / 1e12 if gemm_flops else None})
-    return rows, environment(device)
+        rows_moved = int(state["local_counts"].sum()) if "GEMM" in name else tokens * topk
+        flops = 2 * 3 * hidden * inter * rows_moved if "GEMM" in name else 0
+        moved = 0 if flops else (rows_moved + (tokens if "permute" in name else 0)) * hidden * element
+        rows.append({"phase": name, "ms": seconds * 1e3, "TFLOP/s": flops / seconds / 1e12 if flops else None,
+                     "x floor": seconds / floors.seconds(flops, moved)})
+    if group is None:
+        rows.append(moe_layer_row(tokens, hidden, inter, experts, topk, device, floors))
+    return rows, environment(device) | {"matmul_tflops": floors.matmul_flops_per_s / 1e12}
+
+
+def moe_layer_row(tokens, hidden, inter, experts, topk, device, floors) -> dict:
+    """megajoy's MoE block, forward + backward (one shared expert beside the routed ones)."""
+    from megajoy.config import ModelConfig
+    from megajoy.model.moe import MoE
+
+    cfg = ModelConfig(hidden_size=hidden, moe_intermediate_size=inter, n_routed_experts=experts,
+                      num_experts_per_tok=topk, vocab_size=256, num_hidden_layers=2)
+    layer = MoE(cfg).to(device).train()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    x = torch.randn(1, tokens, hidden, device=device, requires_grad=True)
+    dy = torch.randn_like(x)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            y = layer(x)
+        torch.autograd.grad(y, [x] + list(layer.parameters()), dy)
+
+    seconds = time_op(step, device)
+    if PROFILE:
+        from benchmarks.throughput import print_profile
+
+        print_profile(lambda *_: step(), None, device)
+    flops = 3 * 2 * tokens * (hidden * experts + 3 * hidden * inter * (topk + 1))  # router + routed + shared
+    return {"phase": "whole MoE layer, forward + backward", "ms": seconds * 1e3,
+            "TFLOP/s": flops / seconds / 1e12, "x floor": seconds / floors.seconds(flops, 0),
+            "of matmul rate": floors.seconds(flops, 0) / seconds}
 
 
 def main() -> None:
@@ -108,8 +149,11 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
     parser.add_argument("--ep", type=int, default=1, help="ranks to fork on CPU (ignored under torchrun)")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--profile", action="store_true", help="print the MoE layer's most expensive ops")
     parser.add_argument("--out", default="benchmarks/results/moe_dispatch.json")
     args = parser.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     if "RANK" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         rows, env = run(rank, world, args)
@@ -127,7 +171,8 @@ def main() -> None:
         tokens, hidden, inter, experts, topk = SHAPES[args.shape]
         print(f"MoE dispatch, {args.shape}: {tokens} tokens/rank, hidden {hidden}, expert inter {inter}, "
               f"{experts} experts, top-{topk}, {world} rank(s), {env['device']}")
-        print_table(rows, ["phase", "ms", "TFLOP/s"])
+        print(f"  dense matmul rate measured in this run: {env['matmul_tflops']:.3g} TFLOP/s")
+        print_table(rows, ["phase", "ms", "TFLOP/s", "x floor", "of matmul rate"])
         write_json(args.out, {"benchmark": "moe_dispatch", "shape": args.shape, "ranks": world, "env": env,
                               "phases": rows})
 

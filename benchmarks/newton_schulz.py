@@ -19,12 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import environment, print_table, time_call, write_json  # noqa: E402
-
-
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n ** 3 / time_call(lambda: a @ b, device, warmup=2, iters=5)
+from benchmarks.common import environment, measure_floors, print_table, time_call, write_json  # noqa: E402
 
 
 def rank_matrices(args):
@@ -53,16 +48,17 @@ def per_step(args, device, dtype) -> dict:
     from megajoy.optim.muon import newton_schulz, ns_flops
 
     shapes, model, cfg, pc = rank_matrices(args)
+    rate = measure_floors(device, dtype).matmul_flops_per_s  # the floor: Newton-Schulz is all matmuls
     repeats = (1, 3) if device.type == "cuda" else (0, 1)  # (warm-up, timed) calls per distinct shape
     rows, total = [], 0.0
     for (expert, batch, m, n), count in sorted(shapes.items()):
         x = torch.randn(batch, m, n, device=device)
         seconds = time_call(lambda: newton_schulz(x, dtype=dtype), device, *repeats)
         rows.append({"matrices": f"{'experts ' if expert else ''}{batch} x {m}x{n}", "per step": count,
-                     "ms each": seconds * 1e3, "TFLOP/s": batch * ns_flops(m, n) / seconds / 1e12})
+                     "ms each": seconds * 1e3, "TFLOP/s": batch * ns_flops(m, n) / seconds / 1e12,
+                     "x floor": seconds / (batch * ns_flops(m, n) / rate)})
         # One rank of the data-parallel group (expert-data-parallel for experts) orthogonalises each.
         total += seconds * count / pc.size("edp" if expert else "dp_cp")
-    rate = matmul_rate(device, dtype)
     tokens = args.global_batch_size * args.seq_length / (args.dp * args.tp * args.pp)  # this rank's share
     step_seconds = measure(meta_model(cfg), args.seq_length).training_flops_per_token(True) * tokens / rate
     return {"rows": rows, "ns_seconds_per_step": total, "step_seconds_estimate": step_seconds,
@@ -77,7 +73,7 @@ def _tp_scheme_worker(rank, world, m, n, iters):
     from megajoy.launch import init_distributed, launch_env
     from megajoy.optim.muon import newton_schulz
 
-    init_distributed(launch_env())
+    init_distributed(launch_env(), backend="gloo")  # forked CPU ranks, also on a machine with a GPU
     torch.manual_seed(0)
     shard = torch.randn(1, m // world, n)
     group = dist.group.WORLD
@@ -135,7 +131,7 @@ def main() -> None:
     result = per_step(args, device, dtype)
     print(f"Newton-Schulz per step, {args.preset}, rank 0 of TP {args.tp} x PP {args.pp} x EP {args.ep} x DP "
           f"{args.dp}, {device}, {dtype}:")
-    print_table(result["rows"], ["matrices", "per step", "ms each", "TFLOP/s"])
+    print_table(result["rows"], ["matrices", "per step", "ms each", "TFLOP/s", "x floor"])
     print(f"  Newton-Schulz per rank and step: {result['ns_seconds_per_step']:.3f} s; estimated step "
           f"{result['step_seconds_estimate']:.2f} s (at the measured {result['matmul_tflops']:.2f} TFLOP/s); "
           f"ratio {result['ratio']:.1%}")

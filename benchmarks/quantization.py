@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import environment, print_table, time_call, write_json  # noqa: E402
+from benchmarks.common import environment, measure_floors, print_table, time_call, write_json  # noqa: E402
 
 
 def _baselines(w: torch.Tensor):
@@ -53,12 +53,14 @@ def quantisation_rows(rows: int, cols: int, device: torch.device) -> list[dict]:
 
     w = torch.randn(rows, cols, device=device) * 0.02
     gigabytes = w.numel() * 4 / 1e9
+    # The floor: the fp32 weight read once and its fake-quantised copy written once, at copy bandwidth.
+    floor = measure_floors(device, torch.float32).seconds(0, 2 * gigabytes * 1e9)
     baselines = _baselines(w)
     table = []
     for name in ("int4", "q4_0", "q8_0"):
         fmt = WeightFormat.of(name)
         seconds = time_call(lambda: fmt.fake_quant(w), device, warmup=1, iters=5)
-        row = {"format": name, "megajoy GB/s": gigabytes / seconds}
+        row = {"format": name, "megajoy GB/s": gigabytes / seconds, "x floor": seconds / floor}
         if name in baselines:
             label, fn = baselines[name]
             base = time_call(fn, device, warmup=1, iters=3)
@@ -66,7 +68,7 @@ def quantisation_rows(rows: int, cols: int, device: torch.device) -> list[dict]:
         table.append(row)
     for recipe, blockwise in (("fp8 tensorwise", False), ("fp8 blockwise", True)):
         seconds = time_call(lambda: fp8_round(w, E4M3, blockwise, (128, 128)), device, warmup=1, iters=5)
-        table.append({"format": recipe, "megajoy GB/s": gigabytes / seconds})
+        table.append({"format": recipe, "megajoy GB/s": gigabytes / seconds, "x floor": seconds / floor})
     return table
 
 
@@ -103,7 +105,7 @@ def main() -> None:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     table = quantisation_rows(args.rows, args.cols, device)
     print(f"fake-quant (quantise + dequantise) of a {args.rows} x {args.cols} fp32 weight on {device}:")
-    print_table(table, ["format", "megajoy GB/s", "baseline", "baseline GB/s", "speed-up"])
+    print_table(table, ["format", "megajoy GB/s", "x floor", "baseline", "baseline GB/s", "speed-up"])
     step = fp8_step_speedup(device)
     print("FP8 training step: " + (str(step) if step else "no GPU here; run on a Hopper GPU for FP8 vs bf16"))
     write_json(args.out, {"benchmark": "quantization", "env": environment(device), "fake_quant": table,

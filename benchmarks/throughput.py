@@ -8,7 +8,8 @@ memory is its own.
   python benchmarks/throughput.py --preset joyai-slice --batch 1 --seq-length 4096 --no-hf    # a GPU
 
 MFU counts model FLOPs as `megajoy info` does (3 x forward, causal attention, no MTP) over the peak
-matmul rate measured in the same run (fp32 on a CPU, bf16 on a GPU).
+matmul rate measured in the same run (fp32 on a CPU, bf16 on a GPU, where the step runs under bf16
+autocast with fp32 weights as training does).
 Writes benchmarks/results/throughput.json, .md and .png.
 """
 
@@ -23,24 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import environment, print_table, synchronize, write_json  # noqa: E402
+from benchmarks.common import environment, measure_floors, print_table, synchronize, write_json  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def peak_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
-    n = 4096 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    synchronize(device)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
 
 
 class Telemetry:
@@ -89,8 +75,9 @@ class Telemetry:
             f"{k}_max": max(s[k] for s in self.samples) for k in keys}
 
 
-def build_variant(name: str, cfg, state: dict, device, dtype, hf_dir: str):
-    """(model, step function taking (inputs, labels)) for one variant."""
+def build_variant(name: str, cfg, state: dict, device, dtype, hf_dir: str, autocast: bool, accumulate: int = 1):
+    """(model, step function taking (inputs, labels)) for one variant. With `autocast`, fp32 weights
+    and bf16 autocast, as megajoy's trainer runs on a GPU."""
     if name == "transformers":
         from transformers import AutoModelForCausalLM
 
@@ -102,22 +89,32 @@ def build_variant(name: str, cfg, state: dict, device, dtype, hf_dir: str):
     else:
         from megajoy.model import create_model
 
-        model = create_model(cfg, device=device, seed=None, dtype=dtype)
-        model.load_state_dict(state)
+        if state is None:  # no baseline to share weights with: initialise on the device itself
+            model = create_model(cfg, device=device, seed=0, dtype=dtype)
+        else:
+            model = create_model(cfg, device=device, seed=None, dtype=dtype)
+            model.load_state_dict(state)
         model.train()
         core = torch.compile(model) if name == "megajoy --compile" else model
 
         def forward(inputs, labels):
             out = core(inputs, labels=labels, compute_mtp=False, return_logits=False)
             return out.lm_loss_sum / out.lm_tokens
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
 
     def step(inputs, labels):
-        forward(inputs, labels).backward()
+        for _ in range(accumulate):  # micro-batches per optimizer step
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = forward(inputs, labels)
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return model, step
+
+
+def autocast_on(args) -> bool:
+    return args.device.startswith("cuda") and not args.bf16 and not args.fp32
 
 
 def resident_kb(field: str = "VmRSS") -> int:
@@ -126,11 +123,14 @@ def resident_kb(field: str = "VmRSS") -> int:
 
 
 def run_variant(name, cfg, state, args, hf_dir, flops_per_token, peak, queue):
+    from megajoy.kernels import backend
+
+    backend.configure(backend=args.kernels, cross_entropy_chunk=args.cross_entropy_chunk)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     start_kb = resident_kb() if device.type == "cpu" else 0
     try:
-        model, step = build_variant(name, cfg, state, device, dtype, hf_dir)
+        model, step = build_variant(name, cfg, state, device, dtype, hf_dir, autocast_on(args), args.accumulate)
         g = torch.Generator().manual_seed(0)
         batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq_length + 1), generator=g).to(device)
                    for _ in range(2)]
@@ -147,13 +147,27 @@ def run_variant(name, cfg, state, args, hf_dir, flops_per_token, peak, queue):
                 step(b[:, :-1], b[:, 1:])
             synchronize(device)
             seconds = (time.perf_counter() - started) / args.steps
-        tokens_per_s = args.batch * args.seq_length / seconds
+        tokens_per_s = args.accumulate * args.batch * args.seq_length / seconds
         peak_gb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                    else (resident_kb("VmHWM") - start_kb) * 1024) / 1e9
+        if args.profile:
+            print_profile(step, batches[0], device)
         queue.put({"variant": name, "step_seconds": seconds, "tokens_per_s": tokens_per_s,
                    "mfu": flops_per_token * tokens_per_s / peak, "peak_memory_gb": peak_gb, **telemetry.summary()})
     except Exception as e:  # recorded, so one failing variant does not hide the others
         queue.put({"variant": name, "error": f"{type(e).__name__}: {e}"})
+
+
+def print_profile(step, batch, device) -> None:
+    """One more step under torch.profiler: the ops that took the most device (or CPU) time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step(*((batch[:, :-1], batch[:, 1:]) if batch is not None else ()))
+        synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), file=sys.stderr)
 
 
 def main() -> None:
@@ -162,7 +176,7 @@ def main() -> None:
     from megajoy.ckpt.view import state_view
     from megajoy.config import load_job_config
     from megajoy.model import create_model
-    from megajoy.model.stats import measure
+    from megajoy.model.stats import measure, meta_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny")
@@ -172,7 +186,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also run megajoy under torch.compile")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
-    parser.add_argument("--bf16", action="store_true", help="bf16 weights and compute (default fp32)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 weights and compute")
+    parser.add_argument("--fp32", action="store_true", help="fp32 on a GPU too (default there: fp32 weights "
+                        "under bf16 autocast, as training runs; on a CPU: fp32)")
+    parser.add_argument("--accumulate", type=int, default=1, metavar="N",
+                        help="micro-batches (forward + backward) per optimizer step")
+    parser.add_argument("--kernels", choices=["auto", "torch", "triton"], default="auto")
+    parser.add_argument("--cross-entropy-chunk", type=int, default=None, metavar="TOKENS",
+                        help="fused head + loss chunk (default: 4096 on a GPU, off on a CPU; 0: off)")
+    parser.add_argument("--profile", action="store_true", help="print the step's most expensive ops")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=os.path.join(RESULTS, "throughput"))
     args = parser.parse_args()
@@ -182,11 +204,13 @@ def main() -> None:
 
     job = load_job_config(args.preset, None, [])
     cfg = dataclasses.replace(job.model, num_nextn_predict_layers=0)
-    model = create_model(cfg, seed=0)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    flops_per_token = measure(model, args.seq_length).training_flops_per_token(with_mtp=False)
+    flops_per_token = measure(meta_model(cfg), args.seq_length).training_flops_per_token(with_mtp=False)
+    # The weights travel to the variants only when transformers must start from the same ones.
+    model = None if args.no_hf else create_model(cfg, seed=0)
+    state = None if model is None else {k: v.detach().clone() for k, v in model.state_dict().items()}
     device = torch.device(args.device)
-    peak = peak_matmul_flops(device, torch.bfloat16 if args.bf16 else torch.float32)
+    low_precision = args.bf16 or autocast_on(args)
+    peak = measure_floors(device, torch.bfloat16 if low_precision else torch.float32).matmul_flops_per_s
     variants = ["megajoy"] + (["megajoy --compile"] if args.compile else []) + ([] if args.no_hf else ["transformers"])
     rows = []
     with tempfile.TemporaryDirectory() as hf_dir:
@@ -209,7 +233,8 @@ def main() -> None:
     columns = ["variant", "tokens_per_s", "ratio_to_transformers", "mfu", "peak_memory_gb", "step_seconds"]
     print_table(rows, columns)
     payload = {"environment": environment(device), "preset": args.preset, "batch": args.batch,
-               "seq_length": args.seq_length, "dtype": "bf16" if args.bf16 else "fp32",
+               "micro_batches_per_step": args.accumulate,
+               "seq_length": args.seq_length, "dtype": "bf16" if args.bf16 else ("bf16 autocast" if autocast_on(args) else "fp32"),
                "training_flops_per_token": flops_per_token, "peak_matmul_flops": peak, "results": rows}
     write_json(args.out + ".json", payload)
     write_markdown(args.out + ".md", payload, columns)
