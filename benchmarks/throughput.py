@@ -6,6 +6,9 @@ memory is its own.
 
   python benchmarks/throughput.py                              # tiny preset (2.75M), batch 8 x 256, fp32
   python benchmarks/throughput.py --preset joyai-slice --batch 1 --seq-length 4096 --no-hf    # a GPU
+  python benchmarks/throughput.py --layout "" --layout "--dp 2" --layout "--tp 2 --sequence-parallel" \
+      --layout "--pp 2" --layout "--ep 2 --dp 2"       # `megajoy pretrain` itself at each layout (CPU: forked
+                                                        # gloo ranks; GPUs: run the script under torchrun)
 
 MFU counts model FLOPs as `megajoy info` does (3 x forward, causal attention, no MTP) over the peak
 matmul rate measured in the same run (fp32 on a CPU, bf16 on a GPU, where the step runs under bf16
@@ -196,8 +199,13 @@ def main() -> None:
                         help="fused head + loss chunk (default: 4096 on a GPU, off on a CPU; 0: off)")
     parser.add_argument("--profile", action="store_true", help="print the step's most expensive ops")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--layout", action="append", metavar="FLAGS",
+                        help="instead of the one-process variants, time `megajoy pretrain` at this parallel layout "
+                        "(its flags in one string, e.g. \"--tp 2 --ep 2\"; \"\" is one process); repeatable")
     parser.add_argument("--out", default=os.path.join(RESULTS, "throughput"))
     args = parser.parse_args()
+    if args.layout is not None:
+        return layouts_main(args)
 
     import dataclasses
     import tempfile
@@ -239,6 +247,78 @@ def main() -> None:
     write_json(args.out + ".json", payload)
     write_markdown(args.out + ".md", payload, columns)
     plot(args.out + ".png", rows)
+
+
+def layout_world(flags: list[str]) -> tuple[int, int]:
+    """(ranks, data-parallel ranks) of a layout given as pretrain flags (DP 1 unless --dp says otherwise)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for name, aliases in (("tp", ["--tensor-model-parallel-size"]), ("pp", ["--pipeline-model-parallel-size"]),
+                          ("cp", ["--context-parallel-size"]), ("dp", ["--data-parallel-size"])):
+        parser.add_argument(f"--{name}", *aliases, type=int, default=1)
+    known, _ = parser.parse_known_args(flags)
+    return known.tp * known.pp * known.cp * known.dp, known.dp
+
+
+def run_layout(args, layout: str, out: str) -> dict:
+    """`megajoy pretrain` (built-in corpus, no MTP, no evaluation) at one layout; tokens/s from its
+    metrics.jsonl, averaged over the steps after the warm-up."""
+    import json
+    import shlex
+
+    from megajoy.cli import main as megajoy_main
+    from megajoy.parallel.spawn import cli_worker, run_workers
+
+    flags = shlex.split(layout)
+    world, dp = layout_world(flags)
+    iters = args.warmup + args.steps
+    argv = ["pretrain", "--preset", args.preset, "--seq-length", str(args.seq_length),
+            "--micro-batch-size", str(args.batch), "--global-batch-size", str(args.batch * args.accumulate * dp),
+            "--train-iters", str(iters), "--log-interval", "1", "--eval-interval", str(iters + 1), "--eval-iters", "0",
+            "--mtp-start-iter", str(iters + 1), "--kernels", args.kernels, "--out", out, *flags]
+    if args.cross_entropy_chunk is not None:
+        argv += ["--cross-entropy-chunk", str(args.cross_entropy_chunk)]
+    if "RANK" in os.environ:  # under torchrun: every rank runs the trainer here
+        if int(os.environ["WORLD_SIZE"]) != world:
+            raise SystemExit(f"layout {layout!r} needs {world} ranks, torchrun started {os.environ['WORLD_SIZE']}")
+        megajoy_main(argv)
+        if int(os.environ["RANK"]) != 0:
+            return {}
+    elif world == 1:
+        megajoy_main(argv)
+    else:
+        run_workers(world, cli_worker, argv)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = [r for r in map(json.loads, f) if "tokens_per_s" in r and r["step"] > args.warmup]
+    tokens_per_s = sum(r["tokens_per_s"] for r in records) / len(records)
+    return {"layout": layout or "(one process)", "ranks": world, "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_rank": tokens_per_s / world}
+
+
+def layouts_main(args) -> None:
+    import tempfile
+
+    from megajoy.config import load_job_config
+    from megajoy.model.stats import measure, meta_model
+
+    cfg = load_job_config(args.preset, None, []).model
+    flops_per_token = measure(meta_model(cfg), args.seq_length).training_flops_per_token(with_mtp=False)
+    device = torch.device(args.device)
+    peak = measure_floors(device, torch.bfloat16 if device.type == "cuda" else torch.float32).matmul_flops_per_s
+    rows = []
+    for layout in args.layout:
+        with tempfile.TemporaryDirectory() as out:
+            row = run_layout(args, layout, out)
+        if not row:
+            return
+        row["mfu"] = flops_per_token * row["tokens_per_s_per_rank"] / peak
+        rows.append(row)
+        print(f"{row['layout']}: {row['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
+    columns = ["layout", "ranks", "tokens_per_s", "tokens_per_s_per_rank", "mfu"]
+    print_table(rows, columns)
+    payload = {"environment": environment(device), "preset": args.preset, "batch": args.batch,
+               "seq_length": args.seq_length, "micro_batches_per_step": args.accumulate,
+               "training_flops_per_token": flops_per_token, "peak_matmul_flops": peak, "layouts": rows}
+    write_json(args.out + "_layouts.json", payload)
 
 
 def write_markdown(path: str, payload: dict, columns: list[str]) -> None:
