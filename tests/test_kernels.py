@@ -283,8 +283,12 @@ def test_model_loss_and_gradients_equal_with_the_chunked_head():
 
 
 def test_kernel_backend_settings_reject_bad_values():
+    from megajoy.config import TrainConfig
+
     with pytest.raises(ValueError, match="must be one of auto, torch, triton"):
         backend.configure(backend="cuda")
+    with pytest.raises(ValueError, match="kernels='cuda' must be auto, torch or triton"):
+        TrainConfig(kernels="cuda")
     with pytest.raises(ValueError, match="cross_entropy_chunk=-3 must be >= 0"):
         backend.configure(cross_entropy_chunk=-3)
 

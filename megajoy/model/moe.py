@@ -81,6 +81,13 @@ class Router(nn.Module):
         return self
 
 
+def _expert_input(t: torch.Tensor) -> torch.Tensor:
+    """Under autocast the experts' GEMMs take the autocast dtype: cast tokens once, before they are copied
+    K times and sent to other ranks (K times fewer bytes cast, half the all-to-all traffic)."""
+    device = t.device.type
+    return t.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else t
+
+
 class GroupedExperts(nn.Module):
     """This rank's routed experts' SwiGLU weights as stacked tensors (Hugging Face transformers 5
     layout): gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
@@ -99,6 +106,9 @@ class GroupedExperts(nn.Module):
         if self.weight_quant is not None:
             w1, w2 = self.weight_quant(w1), self.weight_quant(w2)
         gemm = self.matmul.grouped if self.matmul is not None else grouped_mm
+        # Autocast's cast, taken here on the contiguous weights: cast after the transposes below it is a
+        # strided copy (torch's slow element-wise path).
+        w1, w2 = _expert_input(w1), _expert_input(w2)
         gate, up = gemm(x_NH, w1.transpose(1, 2), tokens_per_expert).chunk(2, dim=-1)
         return gemm(F.silu(gate) * up, w2.transpose(1, 2), tokens_per_expert)
 
@@ -155,13 +165,6 @@ def sequence_balance_loss(routing: Routing, batch: int, cfg: ModelConfig, tp_gro
         all_reduce_no_grad(counts_BE, tp_group)
     frac_BE = counts_BE * (e / (k * seq))
     return cfg.aux_loss_alpha * (frac_BE * prob_sum_BE / seq).sum(-1).mean()
-
-
-def _expert_input(x_TH: torch.Tensor) -> torch.Tensor:
-    """Under autocast the experts' GEMMs take the autocast dtype: cast the tokens once, before they are
-    copied K times and sent to other ranks (K times fewer bytes cast, half the all-to-all traffic)."""
-    device = x_TH.device.type
-    return x_TH.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x_TH
 
 
 class MoE(nn.Module):

@@ -1,0 +1,41 @@
+"""The benchmark scripts run end to end on CPU at their small shapes and write what RESULTS.md is made
+from: every row timed, held against a positive floor and (where there is one) its baseline."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_hot_path_scripts_report_floor_ratios_and_baselines(tmp_path):
+    scripts = ["rmsnorm", "rope", "moe_permute", "cross_entropy"]
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run_all.py"), "--only", *scripts,
+                           "--results", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in scripts:
+        payload = json.loads((tmp_path / f"{name}.json").read_text())
+        floors = payload["floors"]
+        assert floors["matmul_flops_per_s"] > 1e9 and floors["copy_bytes_per_s"] > 1e8
+        assert len(payload["rows"]) >= 3
+        for row in payload["rows"]:
+            assert row["ms"] > 0 and row["floor ms"] > 0
+            assert math.isclose(row["x floor"], row["ms"] / row["floor ms"], rel_tol=1e-9)
+            assert row["speed-up"] > 0 and math.isclose(row["speed-up"], row["baseline ms"] / row["ms"], rel_tol=1e-9)
+    summary = (tmp_path / "summary.md").read_text()
+    assert all(f"### {name}" in summary for name in scripts) and "failed" not in summary
+
+
+def test_throughput_times_pretrain_at_a_layout(tmp_path):
+    out = tmp_path / "throughput"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--layout", "",
+                           "--layout", "--dp 2", "--steps", "2", "--warmup", "1", "--batch", "2", "--seq-length", "64",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    layouts = json.loads((tmp_path / "throughput_layouts.json").read_text())["layouts"]
+    assert [(r["layout"], r["ranks"]) for r in layouts] == [("(one process)", 1), ("--dp 2", 2)]
+    for row in layouts:
+        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1
+        assert math.isclose(row["tokens_per_s_per_rank"] * row["ranks"], row["tokens_per_s"])
