@@ -1,8 +1,8 @@
 """MLA's core attention (qk head 192, v head 128) forward and forward + backward, one document per row
 and packed documents: megajoy's path (on a GPU, FlexAttention with a block-sparse document mask, which
 the model builds once per forward for all layers and is timed on its own row, or SDPA's causal kernels) against the reference, SDPA with a dense [S, S] document mask.
-FLOPs count only the allowed (query, key) pairs (causal, same document), forward 2 matmuls and
-backward 5 (the recomputation of the scores included); the floor is those FLOPs at the matmul rate.
+FLOPs count only the allowed (query, key) pairs (causal, same document): per pair 2 (qk + v) forward
+and 2 (3 qk + 2 v) backward (scores recomputed, dV, dP, dQ, dK); the floor is those at the matmul rate.
 
   python benchmarks/attention.py [--shape joyai]
 """
@@ -45,6 +45,7 @@ def main() -> None:
     for layout, pairs, ids in (("one document per row", s * (s + 1) // 2, None),
                                (f"{len(lengths)} packed documents", sum(n * (n + 1) // 2 for n in lengths), docs)):
         forward_flops = 2 * b * h * pairs * (dqk + dv)
+        backward_flops = 2 * b * h * pairs * (3 * dqk + 2 * dv)
         io = sum(t.numel() * t.element_size() for t in (q, k, v, dout))
 
         mask = prepare_document_mask(ids)  # built once per forward in the model, shared by every layer
@@ -55,13 +56,14 @@ def main() -> None:
         def base_fn():
             return attention(q, k, v, scale, ids if ids is not None else one_doc, None)
 
-        for label, factor, moved in (("forward", 1, io), ("forward + backward", 3.5, 3 * io)):
-            if factor == 1:
+        cases = (("forward", forward_flops, io), ("forward + backward", forward_flops + backward_flops, 3 * io))
+        for label, flops, moved in cases:
+            if label == "forward":
                 fast, base = time_op(fast_fn, args.device), time_op(base_fn, args.device)
             else:
                 fast = time_op(lambda: torch.autograd.grad(fast_fn(), (q, k, v), dout), args.device)
                 base = time_op(lambda: torch.autograd.grad(base_fn(), (q, k, v), dout), args.device)
-            rows.append(bench_row(f"{layout} [{b}, {s}, {h}] {label}", fast, factor * forward_flops, moved, floors, base))
+            rows.append(bench_row(f"{layout} [{b}, {s}, {h}] {label}", fast, flops, moved, floors, base))
         if ids is not None and mask is not None:
             build = time_op(lambda: prepare_document_mask(ids), args.device)
             rows.append(bench_row("building the block mask (once per forward)", build, 0, ids.numel() * 8, floors))

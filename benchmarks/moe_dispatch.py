@@ -107,7 +107,8 @@ def run(rank, world, args):
         seconds = time_call(fn, device, warmup=1, iters=args.iters)
         rows_moved = int(state["local_counts"].sum()) if "GEMM" in name else tokens * topk
         flops = 2 * 3 * hidden * inter * rows_moved if "GEMM" in name else 0
-        moved = 0 if flops else (rows_moved + (tokens if "permute" in name else 0)) * hidden * element
+        # permute / unpermute: T rows one way, T*K the other; the local reorderings read and write T*K rows
+        moved = 0 if flops else (rows_moved + (tokens if "permute" in name else rows_moved)) * hidden * element
         rows.append({"phase": name, "ms": seconds * 1e3, "TFLOP/s": flops / seconds / 1e12 if flops else None,
                      "x floor": seconds / floors.seconds(flops, moved)})
     if group is None:

@@ -21,7 +21,7 @@ SHAPES = {"small": (4096, 128, 16, 4), "joyai": (16384, 2048, 256, 8)}  # tokens
 
 def main() -> None:
     from megajoy.kernels import moe_permute as mp
-    from megajoy.kernels.backend import kernel_backend
+    from megajoy.kernels.backend import kernel_settings
 
     args = hot_path_args(__doc__, "moe_permute")
     floors = measure_floors(args.device, args.dtype)
@@ -34,7 +34,7 @@ def main() -> None:
     g_perm, g_out = torch.randn_like(y_perm), torch.randn_like(x)
 
     def reference_permute(x_):
-        with kernel_backend("torch"):
+        with kernel_settings(backend="torch"):
             return mp.permute(x_, ids, experts)[0]
 
     cases = {

@@ -30,14 +30,15 @@ def main() -> None:
     k = torch.randn(b, s, 1, r, device=args.device, dtype=args.dtype, requires_grad=True)
     rows = []
     for name, x, slice_ in (("queries", q, lambda t: t[..., nope:]), ("shared key", k, lambda t: t)):
-        elements = b * s * x.shape[2] * r
-        size = elements * x.element_size() + 2 * cos.numel() * 4
+        x_bytes = b * s * x.shape[2] * r * x.element_size()  # the rotary slice only
+        cos_sin_bytes = 2 * cos.numel() * 4
         dy = torch.randn(b, s, x.shape[2], r, device=args.device, dtype=args.dtype)
         for label, fn in (("forward", lambda f: f(slice_(x), cos, sin)),
                           ("forward + backward", lambda f: torch.autograd.grad(f(slice_(x), cos, sin), x, dy))):
             fast = time_op(lambda: fn(apply_rope), args.device)
             base = time_op(lambda: fn(apply_rope_reference), args.device)
-            moved = 2 * size if label == "forward" else 4 * size
+            # x read, y written (backward: dy read, dx written); cos and sin read once
+            moved = (2 if label == "forward" else 4) * x_bytes + cos_sin_bytes
             rows.append(bench_row(f"{name} [{b}, {s}, {x.shape[2]}, {r}] {label}", fast, 0, moved, floors, base))
     report("rope", "RoPE: megajoy vs torch reference", rows, args, floors)
 

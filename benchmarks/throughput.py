@@ -308,11 +308,13 @@ def layouts_main(args) -> None:
     for layout in args.layout:
         with tempfile.TemporaryDirectory() as out:
             row = run_layout(args, layout, out)
-        if not row:
-            return
+        if not row:  # a rank other than 0 under torchrun: on to the next layout with the others
+            continue
         row["mfu"] = flops_per_token * row["tokens_per_s_per_rank"] / peak
         rows.append(row)
         print(f"{row['layout']}: {row['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
+    if not rows:
+        return
     columns = ["layout", "ranks", "tokens_per_s", "tokens_per_s_per_rank", "mfu"]
     print_table(rows, columns)
     payload = {"environment": environment(device), "preset": args.preset, "batch": args.batch,

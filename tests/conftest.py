@@ -11,8 +11,11 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(autouse=True)
 def _deterministic():
+    from megajoy.kernels import backend
+
     torch.manual_seed(0)
-    yield
+    with backend.kernel_settings():  # a test (or a Trainer it runs) that changes them leaves no trace
+        yield
 
 
 @pytest.fixture(scope="session")

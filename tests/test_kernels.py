@@ -88,7 +88,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture
 def triton_backend():
-    with backend.kernel_backend("triton"):
+    with backend.kernel_settings(backend="triton"):
         yield
 
 
@@ -216,6 +216,20 @@ def test_chunked_linear_cross_entropy_under_bf16_autocast_equals_autocast_linear
     assert rel(got[1], want[1]) <= 1e-2 and rel(got[2], want[2]) <= 1e-2
 
 
+def test_chunked_linear_cross_entropy_ignores_negative_targets_as_cross_entropy_does():
+    from megajoy.kernels.cross_entropy import linear_cross_entropy
+
+    h = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(30, 8, requires_grad=True)
+    target = torch.tensor([3, -100, 7, -100, 0, 29, 5, -100, 1, 2])
+    grad = torch.randn(10)
+    got = _grads(lambda a, b: linear_cross_entropy(a, b, target, chunk=4), [h, w], grad)
+    want = _grads(lambda a, b: F.cross_entropy(a @ b.T, target, reduction="none"), [h, w], grad)
+    assert (got[0][target < 0] == 0).all() and (got[1][target < 0] == 0).all()
+    for g, r in zip(got, want):
+        assert rel(g, r) <= 1e-5
+
+
 def _chunked_ce_tp_worker(rank, world):
     import torch.distributed as dist
 
@@ -269,11 +283,8 @@ def test_model_loss_and_gradients_equal_with_the_chunked_head():
         return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain, plain_grads = run()
-    backend.configure(cross_entropy_chunk=7)
-    try:
+    with backend.kernel_settings(cross_entropy_chunk=7):
         chunked, chunked_grads = run()
-    finally:
-        backend.configure(cross_entropy_chunk=None)
     assert abs(chunked.lm_loss.item() - plain.lm_loss.item()) <= 1e-5 * plain.lm_loss.item()
     assert abs(chunked.mtp_loss.item() - plain.mtp_loss.item()) <= 1e-5 * plain.mtp_loss.item()
     assert rel(chunked.lm_token_loss, plain.lm_token_loss) <= 1e-6
@@ -294,28 +305,46 @@ def test_kernel_backend_settings_reject_bad_values():
 
 
 @pytest.mark.parametrize("lengths", [[100, 28, 300, 84], [512], [128, 128, 256], [5, 600, 40, 3]])
-def test_document_block_mask_equals_flex_own_and_attends_like_the_reference(lengths):
-    """The block mask built from per-block document ranges covers exactly the blocks that torch's
-    create_block_mask finds by evaluating every pair, and FlexAttention with it (eager on CPU) equals the
-    dense-mask SDPA reference in float64. Row 2 packs three near-equal documents; 648 tokens do not fill
-    the last 128-token block."""
+def test_document_block_mask_lists_exactly_the_blocks_that_attend(lengths):
+    """Per (query block, key block): listed iff some allowed pair lies in it, and marked full (no
+    per-element mask) only if every real pair in it is allowed. Row 2 packs three near-equal documents,
+    row 3 reuses document ids out of order; 648 tokens do not fill the last 128-token block. The listed
+    blocks equal those torch's create_block_mask finds by evaluating every pair, and FlexAttention with
+    the mask (eager on CPU) equals the dense-mask SDPA reference in float64."""
     import warnings
 
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from megajoy.kernels.attention import attention, document_block_mask
+    from megajoy.kernels.attention import FLEX_BLOCK, attention, document_block_mask
 
     seq = sum(lengths)
+    thirds = torch.tensor([seq // 3, seq // 3, seq - 2 * (seq // 3)])
     docs = torch.stack([torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)),
-                        torch.repeat_interleave(torch.arange(3), torch.tensor([seq // 3, seq // 3, seq - 2 * (seq // 3)]))])
-    ours = document_block_mask(docs)
-    theirs = create_block_mask(lambda b, h, q, k: (k <= q) & (docs[b, q] == docs[b, k]), 2, None, seq, seq, device="cpu")
-    assert torch.equal(ours.to_dense(), theirs.to_dense())
-    q, k = torch.randn(2, seq, 3, 24, dtype=torch.float64), torch.randn(2, seq, 3, 24, dtype=torch.float64)
-    v = torch.randn(2, seq, 3, 16, dtype=torch.float64)
+                        torch.repeat_interleave(torch.arange(3), thirds),
+                        torch.repeat_interleave(torch.tensor([2, 0, 2]), thirds)])
+    mask = document_block_mask(docs)
+    positions = torch.arange(seq)
+    allowed = (positions[None, :, None] >= positions[None, None, :]) & (docs[:, :, None] == docs[:, None, :])
+    blocks = -(-seq // FLEX_BLOCK)
+    padded = torch.zeros(3, blocks * FLEX_BLOCK, blocks * FLEX_BLOCK, dtype=torch.bool)
+    real = torch.zeros_like(padded)
+    padded[:, :seq, :seq], real[:, :seq, :seq] = allowed, True
+    as_blocks = lambda t: t.view(3, blocks, FLEX_BLOCK, blocks, FLEX_BLOCK)  # noqa: E731
+    any_allowed = as_blocks(padded).any(dim=(2, 4))
+    all_allowed = (as_blocks(padded) | ~as_blocks(real)).all(dim=(2, 4))
+    listed, full = mask.to_dense()[:, 0].bool(), torch.zeros(3, blocks, blocks, dtype=torch.bool)
+    for b in range(3):
+        for q in range(blocks):
+            full[b, q, mask.full_kv_indices[b, 0, q, :mask.full_kv_num_blocks[b, 0, q]].long()] = True
+    assert torch.equal(listed, any_allowed)
+    assert not (full & ~all_allowed).any() and full.any()
+    theirs = create_block_mask(lambda b, h, q, k: (k <= q) & (docs[b, q] == docs[b, k]), 3, None, seq, seq, device="cpu")
+    assert torch.equal(listed, theirs.to_dense()[:, 0].bool())
+    q, k = torch.randn(3, seq, 3, 24, dtype=torch.float64), torch.randn(3, seq, 3, 24, dtype=torch.float64)
+    v = torch.randn(3, seq, 3, 16, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # flex_attention warns that eager mode is slow
-        got = attention(q, k, v, 0.2, docs, ours)
+        got = attention(q, k, v, 0.2, docs, mask)
     assert rel(got, attention(q, k, v, 0.2, docs, None)) <= 1e-12
 
 
@@ -379,7 +408,7 @@ def test_model_fast_paths_equal_the_torch_reference_on_gpu():
 
     def run(kernels):
         model.zero_grad()
-        with backend.kernel_backend(kernels), torch.autocast("cuda", dtype=torch.bfloat16):
+        with backend.kernel_settings(backend=kernels), torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(ids, position_ids=positions, document_ids=docs, labels=ids.roll(-1, 1), compute_mtp=True)
             (out.lm_loss + out.mtp_loss).backward()
         return out, {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -8,9 +8,14 @@ Inductor fuses the same element-wise and reduction work itself). `configure(back
   torch   the torch reference everywhere
   triton  the Triton kernels everywhere; on CPU tensors this needs TRITON_INTERPRET=1 (Triton's
           interpreter), which is how the kernels are tested without a GPU
+
+The expert GEMMs' dtype casts under autocast (megajoy.kernels.grouped_gemm, megajoy.model.moe) are not
+a fast path: they are what autocast does to F.linear, applied where autocast cannot see, and hold under
+every back-end.
 """
 
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -48,14 +53,14 @@ def configure(backend: str | None = None, cross_entropy_chunk: int | None = -1) 
 
 
 @contextlib.contextmanager
-def kernel_backend(backend: str):
-    """Run a block with another back-end, then restore the previous one."""
-    previous = settings.backend
-    configure(backend=backend)
+def kernel_settings(backend: str | None = None, cross_entropy_chunk: int | None = -1):
+    """Run a block with other settings (arguments as `configure`), then restore all of them."""
+    previous = dataclasses.replace(settings)
+    configure(backend=backend, cross_entropy_chunk=cross_entropy_chunk)
     try:
         yield
     finally:
-        settings.backend = previous
+        settings.backend, settings.cross_entropy_chunk = previous.backend, previous.cross_entropy_chunk
 
 
 @functools.cache
@@ -76,7 +81,7 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 def use_fused_cuda_path(t: torch.Tensor) -> bool:
-    """Fast paths written in torch itself (FlexAttention, grouped GEMM casts): CUDA, unless 'torch'."""
+    """Fast paths written in torch itself (FlexAttention): CUDA, unless 'torch'."""
     return settings.backend != "torch" and t.is_cuda
 
 

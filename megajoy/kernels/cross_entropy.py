@@ -20,7 +20,8 @@ from megajoy.parallel.mappings import group_rank, group_size
 
 def linear_cross_entropy(h_NK: torch.Tensor, w_VK: torch.Tensor, target_N: torch.Tensor, group=None,
                          chunk: int = 4096) -> torch.Tensor:
-    """Per-token loss [N] in fp32. `w_VK` is the rank's vocabulary slice under `group`."""
+    """Per-token loss [N] in fp32. `w_VK` is the rank's vocabulary slice under `group`. Negative targets
+    (-100, as F.cross_entropy's ignore_index) give loss 0 and no gradient."""
     if chunk <= 0:
         raise ValueError(f"linear_cross_entropy: chunk={chunk} must be positive")
     compute_dtype = torch.get_autocast_dtype(h_NK.device.type) if torch.is_autocast_enabled(h_NK.device.type) else None
@@ -33,8 +34,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dtype = compute_dtype or torch.promote_types(h_NK.dtype, w_VK.dtype)
         w = w_VK.to(dtype)
         start = group_rank(group) * w_VK.shape[0] if group_size(group) > 1 else 0
+        ignored = target_N < 0
         local_target = target_N - start
-        inside = (local_target >= 0) & (local_target < w_VK.shape[0])
+        inside = (local_target >= 0) & (local_target < w_VK.shape[0]) & ~ignored
         local_target = local_target.masked_fill(~inside, 0)
         lse_N = torch.empty(h_NK.shape[0], device=h_NK.device, dtype=torch.float32)
         target_logit_N = torch.empty_like(lse_N)
@@ -44,14 +46,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits = (h_NK[lo:hi].to(dtype) @ w.T).float()
                 lse_N[lo:hi], target_logit_N[lo:hi] = _chunk_statistics(
                     logits, local_target[lo:hi], inside[lo:hi], group)
-        ctx.save_for_backward(h_NK, w_VK, local_target, inside, lse_N)
+        ctx.save_for_backward(h_NK, w_VK, local_target, inside, ignored, lse_N)
         ctx.group, ctx.chunk, ctx.dtype = group, chunk, dtype
-        return lse_N - target_logit_N
+        return (lse_N - target_logit_N).masked_fill_(ignored, 0.0)
 
     @staticmethod
     def backward(ctx, grad_N):
-        h_NK, w_VK, local_target, inside, lse_N = ctx.saved_tensors
+        h_NK, w_VK, local_target, inside, ignored, lse_N = ctx.saved_tensors
         dtype, chunk = ctx.dtype, ctx.chunk
+        grad_N = grad_N.masked_fill(ignored, 0.0)
         w = w_VK.to(dtype)
         grad_h = torch.empty_like(h_NK) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(w_VK.shape, device=w_VK.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None

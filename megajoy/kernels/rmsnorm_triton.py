@@ -41,7 +41,7 @@ def _backward_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, M, N, TILES: tl.constexpr, 
         g = dy * w
         dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=1)[:, None] / N))
         tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
-        dw += dy * x_hat
+        dw += dy * x_hat.to(X.dtype.element_ty).to(tl.float32)  # the weight multiplied the rounded x_hat
     tl.store(DW_PARTIAL + pid * N + cols, tl.sum(dw, axis=0)[None, :], mask=cols < N)
 
 

@@ -19,9 +19,10 @@ def _rope_kernel(X, COS, SIN, Y, S, H, sxb, sxs, sxh, scb, scs, HALF: tl.constex
     j = tl.arange(0, HALF)[None, :]
     d = tl.arange(0, 2 * HALF)[None, :]
     in_heads = heads < H
-    c = tl.load(COS + b * scb + s * scs + j).to(tl.float32)
-    sn = tl.load(SIN + b * scb + s * scs + j).to(tl.float32)
-    x_row = X + b * sxb + s * sxs + heads * sxh
+    b64, s64 = b.to(tl.int64), s.to(tl.int64)  # strided views of large tensors pass 2**31 elements
+    c = tl.load(COS + b64 * scb + s64 * scs + j).to(tl.float32)
+    sn = tl.load(SIN + b64 * scb + s64 * scs + j).to(tl.float32)
+    x_row = X + b64 * sxb + s64 * sxs + heads * sxh
     y_row = Y + (pid.to(tl.int64) * H + heads) * (2 * HALF)  # Y is contiguous [B, S, H, 2 * HALF]
     if INVERSE:
         g1 = tl.load(x_row + j, mask=in_heads, other=0.0).to(tl.float32)
