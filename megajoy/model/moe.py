@@ -105,10 +105,10 @@ class GroupedExperts(nn.Module):
         w1, w2 = self.gate_up_proj, self.down_proj
         if self.weight_quant is not None:
             w1, w2 = self.weight_quant(w1), self.weight_quant(w2)
-        gemm = self.matmul.grouped if self.matmul is not None else grouped_mm
-        # Autocast's cast, taken here on the contiguous weights: cast after the transposes below it is a
-        # strided copy (torch's slow element-wise path).
-        w1, w2 = _expert_input(w1), _expert_input(w2)
+        if self.matmul is not None:  # a low-precision back-end rounds the weights itself
+            gemm = self.matmul.grouped
+        else:  # autocast's cast, taken on the contiguous weights (after the transposes, a strided copy)
+            gemm, w1, w2 = grouped_mm, _expert_input(w1), _expert_input(w2)
         gate, up = gemm(x_NH, w1.transpose(1, 2), tokens_per_expert).chunk(2, dim=-1)
         return gemm(F.silu(gate) * up, w2.transpose(1, 2), tokens_per_expert)
 
