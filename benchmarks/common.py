@@ -80,7 +80,34 @@ def bench_row(case: str, seconds: float, flops: float, bytes_moved: float, floor
     return row | extra
 
 
-BENCH_COLUMNS = ["case", "ms", "TFLOP/s", "GB/s", "floor ms", "x floor", "baseline ms", "speed-up"]
+BENCH_COLUMNS = ["case", "ms", "TFLOP/s", "GB/s", "floor ms", "x floor", "baseline ms", "speed-up", "peak GB"]
+
+
+def present_columns(rows: list[dict]) -> list[str]:
+    """The hot-path columns some row has a value for."""
+    return [c for c in BENCH_COLUMNS if any(r.get(c) is not None for r in rows)]
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> list[str]:
+    """A markdown table's lines; floats to four significant digits, missing cells blank."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
+    return lines
+
+
+def print_profile(fn, device: torch.device) -> None:
+    """One more call of `fn` under torch.profiler: the ops that took the most device (or CPU) time."""
+    import sys
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), file=sys.stderr)
 
 
 def hot_path_args(description: str, name: str) -> argparse.Namespace:
@@ -102,7 +129,7 @@ def report(name: str, title: str, rows: list[dict], args, floors: Floors, **extr
     """Print the table (with the ceilings it is held against) and write the JSON."""
     print(f"{title} ({args.shape}, {floors.dtype}, {args.device}); ceilings measured in this run: matmul "
           f"{floors.matmul_flops_per_s / 1e12:.3g} TFLOP/s, copy {floors.copy_bytes_per_s / 1e9:.4g} GB/s")
-    print_table(rows, [c for c in BENCH_COLUMNS if any(r.get(c) is not None for r in rows)])
+    print_table(rows, present_columns(rows))
     write_json(args.out, {"benchmark": name, "shape": args.shape, "env": environment(args.device),
                           "floors": asdict(floors), "rows": rows, **extra})
 

@@ -20,9 +20,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import environment, measure_floors, print_table, time_call, time_op, write_json  # noqa: E402
+from benchmarks.common import (environment, measure_floors, print_profile, print_table, time_call,  # noqa: E402
+                               time_op, write_json)
 
-PROFILE = False
 SHAPES = {  # tokens per rank, hidden, expert intermediate, experts, top-k
     "small": (4096, 256, 128, 16, 4),
     "joyai": (8192, 2048, 768, 256, 8),
@@ -112,11 +112,11 @@ def run(rank, world, args):
         rows.append({"phase": name, "ms": seconds * 1e3, "TFLOP/s": flops / seconds / 1e12 if flops else None,
                      "x floor": seconds / floors.seconds(flops, moved)})
     if group is None:
-        rows.append(moe_layer_row(tokens, hidden, inter, experts, topk, device, floors))
+        rows.append(moe_layer_row(tokens, hidden, inter, experts, topk, device, floors, args.profile))
     return rows, environment(device) | {"matmul_tflops": floors.matmul_flops_per_s / 1e12}
 
 
-def moe_layer_row(tokens, hidden, inter, experts, topk, device, floors) -> dict:
+def moe_layer_row(tokens, hidden, inter, experts, topk, device, floors, profile: bool) -> dict:
     """megajoy's MoE block, forward + backward (one shared expert beside the routed ones)."""
     from megajoy.config import ModelConfig
     from megajoy.model.moe import MoE
@@ -135,10 +135,8 @@ def moe_layer_row(tokens, hidden, inter, experts, topk, device, floors) -> dict:
         torch.autograd.grad(y, [x] + list(layer.parameters()), dy)
 
     seconds = time_op(step, device)
-    if PROFILE:
-        from benchmarks.throughput import print_profile
-
-        print_profile(lambda *_: step(), None, device)
+    if profile:
+        print_profile(step, device)
     flops = 3 * 2 * tokens * (hidden * experts + 3 * hidden * inter * (topk + 1))  # router + routed + shared
     return {"phase": "whole MoE layer, forward + backward", "ms": seconds * 1e3,
             "TFLOP/s": flops / seconds / 1e12, "x floor": seconds / floors.seconds(flops, 0),
@@ -153,8 +151,6 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the MoE layer's most expensive ops")
     parser.add_argument("--out", default="benchmarks/results/moe_dispatch.json")
     args = parser.parse_args()
-    global PROFILE
-    PROFILE = args.profile
     if "RANK" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         rows, env = run(rank, world, args)

@@ -13,24 +13,19 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import markdown_table, present_columns  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 HOT_PATHS = ["moe_permute", "router", "rmsnorm", "rope", "attention", "cross_entropy"]
 
 
 def markdown(name: str, payload: dict) -> list[str]:
-    floors, env = payload["floors"], payload["env"]
-    rows = payload["rows"]
-    columns = [c for c in ("case", "ms", "TFLOP/s", "GB/s", "floor ms", "x floor", "baseline ms", "speed-up",
-                           "peak GB") if any(r.get(c) is not None for r in rows)]
-    lines = [f"### {name}", "", f"{env.get('gpu', env['cpu'])}, {floors['dtype']}, torch {env['torch']}, "
-             f"{env['date']}; ceilings in this run: matmul {floors['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s, "
-             f"copy {floors['copy_bytes_per_s'] / 1e9:.4g} GB/s", "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        cells = [r.get(c) for c in columns]
-        lines.append("| " + " | ".join("" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
-                                       for v in cells) + " |")
-    return lines + [""]
+    floors, env, rows = payload["floors"], payload["env"], payload["rows"]
+    return [f"### {name}", "", f"{env.get('gpu', env['cpu'])}, {floors['dtype']}, torch {env['torch']}, "
+            f"{env['date']}; ceilings in this run: matmul {floors['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s, "
+            f"copy {floors['copy_bytes_per_s'] / 1e9:.4g} GB/s", "", *markdown_table(rows, present_columns(rows)), ""]
 
 
 def main() -> None:

@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import environment, measure_floors, print_table, synchronize, write_json  # noqa: E402
+from benchmarks.common import (environment, markdown_table, measure_floors, print_profile, print_table,  # noqa: E402
+                               synchronize, write_json)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -154,23 +155,11 @@ def run_variant(name, cfg, state, args, hf_dir, flops_per_token, peak, queue):
         peak_gb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                    else (resident_kb("VmHWM") - start_kb) * 1024) / 1e9
         if args.profile:
-            print_profile(step, batches[0], device)
+            print_profile(lambda: step(batches[0][:, :-1], batches[0][:, 1:]), device)
         queue.put({"variant": name, "step_seconds": seconds, "tokens_per_s": tokens_per_s,
                    "mfu": flops_per_token * tokens_per_s / peak, "peak_memory_gb": peak_gb, **telemetry.summary()})
     except Exception as e:  # recorded, so one failing variant does not hide the others
         queue.put({"variant": name, "error": f"{type(e).__name__}: {e}"})
-
-
-def print_profile(step, batch, device) -> None:
-    """One more step under torch.profiler: the ops that took the most device (or CPU) time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        step(*((batch[:, :-1], batch[:, 1:]) if batch is not None else ()))
-        synchronize(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), file=sys.stderr)
 
 
 def main() -> None:
@@ -325,12 +314,10 @@ def layouts_main(args) -> None:
 
 def write_markdown(path: str, payload: dict, columns: list[str]) -> None:
     env = payload["environment"]
+    rows = [r if "tokens_per_s" in r else r | {"tokens_per_s": r.get("error")} for r in payload["results"]]
     lines = [f"{payload['preset']}, batch {payload['batch']} x {payload['seq_length']}, {payload['dtype']}, "
              f"{env['device']} ({env.get('gpu', env['cpu'])}, {env['threads']} threads), torch {env['torch']}, "
-             f"{env['date']}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in payload["results"]:
-        cells = [r.get(c, r.get("error", "")) if c == "tokens_per_s" else r.get(c, "") for c in columns]
-        lines.append("| " + " | ".join(f"{c:.4g}" if isinstance(c, float) else str(c) for c in cells) + " |")
+             f"{env['date']}", "", *markdown_table(rows, columns)]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 

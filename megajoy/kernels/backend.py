@@ -80,6 +80,19 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and triton_available()
 
 
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives matmuls on `t`'s device, or None when autocast is off there."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def cast_as_autocast(t: torch.Tensor) -> torch.Tensor:
+    """`t` in the dtype autocast would give a matmul operand (unchanged when autocast is off): for the
+    ops autocast does not know, such as torch._grouped_mm."""
+    dtype = autocast_dtype(t)
+    return t if dtype is None else t.to(dtype)
+
+
 def use_fused_cuda_path(t: torch.Tensor) -> bool:
     """Fast paths written in torch itself (FlexAttention): CUDA, unless 'torch'."""
     return settings.backend != "torch" and t.is_cuda

@@ -15,6 +15,7 @@ in fp32.
 import torch
 import torch.distributed as dist
 
+from megajoy.kernels.backend import autocast_dtype
 from megajoy.parallel.mappings import group_rank, group_size
 
 
@@ -24,8 +25,7 @@ def linear_cross_entropy(h_NK: torch.Tensor, w_VK: torch.Tensor, target_N: torch
     (-100, as F.cross_entropy's ignore_index) give loss 0 and no gradient."""
     if chunk <= 0:
         raise ValueError(f"linear_cross_entropy: chunk={chunk} must be positive")
-    compute_dtype = torch.get_autocast_dtype(h_NK.device.type) if torch.is_autocast_enabled(h_NK.device.type) else None
-    return _LinearCrossEntropy.apply(h_NK, w_VK, target_N, group, chunk, compute_dtype)
+    return _LinearCrossEntropy.apply(h_NK, w_VK, target_N, group, chunk, autocast_dtype(h_NK))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -55,7 +55,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h_NK, w_VK, local_target, inside, ignored, lse_N = ctx.saved_tensors
         dtype, chunk = ctx.dtype, ctx.chunk
         grad_N = grad_N.masked_fill(ignored, 0.0)
-        w = w_VK.to(dtype)
+        w = w_VK.to(dtype)  # cast again rather than keep a [V, K] copy alive through the whole backward
         grad_h = torch.empty_like(h_NK) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(w_VK.shape, device=w_VK.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         with torch.autocast(h_NK.device.type, enabled=False):

@@ -11,9 +11,11 @@ the experts take the grouped kernel, not the padded fallback.
 
 import torch
 
+from megajoy.kernels.backend import cast_as_autocast
+
 
 def grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    x_TK, w_EKN = _autocast_operands(x_TK, w_EKN)
+    x_TK, w_EKN = cast_as_autocast(x_TK), cast_as_autocast(w_EKN)
     if _native_grouped_mm_ok(x_TK, w_EKN):
         offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
         if x_TK.dtype != torch.bfloat16 and torch.compiler.is_compiling():
@@ -27,14 +29,6 @@ def _eager_grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, offsets: torch.Te
     """torch.compile's fake-tensor rule for _grouped_mm accepts bf16 only, while the CPU kernel also runs
     fp32: under compile, an fp32 grouped GEMM runs eagerly (a graph break around it)."""
     return torch._grouped_mm(x_TK, w_EKN, offs=offsets)
-
-
-def _autocast_operands(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    device = x.device.type
-    if not torch.is_autocast_enabled(device):
-        return x, w
-    dtype = torch.get_autocast_dtype(device)
-    return x.to(dtype), w.to(dtype)
 
 
 def _native_grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:

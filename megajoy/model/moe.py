@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megajoy.config import ModelConfig
+from megajoy.kernels.backend import cast_as_autocast
 from megajoy.kernels.grouped_gemm import grouped_mm
 from megajoy.kernels.moe_permute import permute, unpermute
 from megajoy.model.mlp import MLP
@@ -81,13 +82,6 @@ class Router(nn.Module):
         return self
 
 
-def _expert_input(t: torch.Tensor) -> torch.Tensor:
-    """Under autocast the experts' GEMMs take the autocast dtype: cast tokens once, before they are copied
-    K times and sent to other ranks (K times fewer bytes cast, half the all-to-all traffic)."""
-    device = t.device.type
-    return t.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else t
-
-
 class GroupedExperts(nn.Module):
     """This rank's routed experts' SwiGLU weights as stacked tensors (Hugging Face transformers 5
     layout): gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
@@ -108,7 +102,7 @@ class GroupedExperts(nn.Module):
         if self.matmul is not None:  # a low-precision back-end rounds the weights itself
             gemm = self.matmul.grouped
         else:  # autocast's cast, taken on the contiguous weights (after the transposes, a strided copy)
-            gemm, w1, w2 = grouped_mm, _expert_input(w1), _expert_input(w2)
+            gemm, w1, w2 = grouped_mm, cast_as_autocast(w1), cast_as_autocast(w2)
         gate, up = gemm(x_NH, w1.transpose(1, 2), tokens_per_expert).chunk(2, dim=-1)
         return gemm(F.silu(gate) * up, w2.transpose(1, 2), tokens_per_expert)
 
@@ -191,7 +185,9 @@ class MoE(nn.Module):
             x_BSH = split_along(x_BSH, self.tp, dim=1)
         x_TH = x_BSH.flatten(0, 1)
         routing = self.gate(x_TH)
-        x_perm, tokens_per_expert, meta = self.dispatcher.dispatch(_expert_input(x_TH), routing.expert_ids_TK)
+        # Under autocast, cast the tokens once, before they are copied K times and sent to other ranks (K
+        # times fewer bytes cast, half the all-to-all traffic); the experts' GEMMs take that dtype anyway.
+        x_perm, tokens_per_expert, meta = self.dispatcher.dispatch(cast_as_autocast(x_TH), routing.expert_ids_TK)
         y_perm = self.experts(x_perm, tokens_per_expert)
         y_TH = self.dispatcher.combine(y_perm, routing.weights_TK, meta)
         if self.shared_experts is not None:
