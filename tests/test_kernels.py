@@ -300,6 +300,19 @@ def test_kernel_backend_settings_reject_bad_values():
         backend.configure(backend="cuda")
     with pytest.raises(ValueError, match="kernels='cuda' must be auto, torch or triton"):
         TrainConfig(kernels="cuda")
+    with pytest.raises(ValueError, match="cross_entropy_chunk=-1 must be >= 0"):
+        TrainConfig(cross_entropy_chunk=-1)
+
+
+@needs_triton
+def test_triton_backend_on_cpu_without_the_interpreter_says_how(monkeypatch):
+    from megajoy.kernels.cross_entropy import linear_cross_entropy
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with backend.kernel_settings(backend="triton"), pytest.raises(RuntimeError, match="needs TRITON_INTERPRET=1"):
+        backend.use_triton(torch.zeros(1))
+    with pytest.raises(ValueError, match="chunk=0 must be positive"):
+        linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 2]), chunk=0)
     with pytest.raises(ValueError, match="cross_entropy_chunk=-3 must be >= 0"):
         backend.configure(cross_entropy_chunk=-3)
 
