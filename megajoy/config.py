@@ -253,6 +253,7 @@ class TrainConfig:
     router_bias_update_rate: float = 1e-3  # gamma of the aux-loss-free balancing
     freeze_router_bias: bool = False
     bf16: bool | None = None  # bf16 autocast; default: on for GPUs, off (fp32) on CPU
+    params_dtype: str = "fp32"  # bf16: bf16 weights over fp32 master weights (megajoy.optim.master_weights)
     log_interval: int = 10
     eval_interval: int = 80
     eval_iters: int = 8  # validation batches (each global_batch_size rows) per evaluation, as Megatron counts
@@ -262,6 +263,9 @@ class TrainConfig:
     cross_entropy_chunk: int | None = None  # fused head + loss in token chunks; None: 4096 on GPUs, off on CPU; 0 off
 
     def __post_init__(self):
+        _require(self.params_dtype in ("fp32", "bf16"), f"params_dtype={self.params_dtype!r} must be fp32 or bf16")
+        _require(self.params_dtype == "fp32" or self.bf16 is not False,
+                 "params_dtype=bf16 computes under bf16 autocast: it cannot be combined with bf16=false (--fp32)")
         _require(self.kernels in ("auto", "torch", "triton"), f"kernels={self.kernels!r} must be auto, torch or triton")
         _require(self.cross_entropy_chunk is None or self.cross_entropy_chunk >= 0,
                  f"cross_entropy_chunk={self.cross_entropy_chunk} must be >= 0 (0: off)")

@@ -36,7 +36,7 @@ PINNED_FLAGS = {
         "-h", "--help", "--preset", "--config", "--set", "--train-iters", "--global-batch-size", "--micro-batch-size",
         "--rampup-batch-size", "--seed", "--mtp-start-iter", "--mtp-loss-scaling-factor", "--mtp-loss-weight",
         "--moe-router-bias-update-rate", "--router-bias-update-rate", "--freeze-router-bias", "--bf16", "--fp32",
-        "--kernels", "--cross-entropy-chunk",
+        "--params-dtype", "--kernels", "--cross-entropy-chunk",
         "--log-interval", "--eval-interval", "--eval-iters", "--exit-interval", "--plot", "--seq-length",
         "--data-path", "--split", "--tokenizer", "--tokenizer-model", "--data-cache-path", "--eod-mask-loss",
         "--no-eod-mask-loss", "--optimizer", "--lr", "--min-lr", "--lr-warmup-iters", "--lr-decay-style",

@@ -19,7 +19,7 @@ def _job(flags: dict):
     return dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, **flags))
 
 
-def _measure_rank(rank, world, flags):
+def _measure_rank(rank, world, flags, params_dtype="fp32"):
     """Real tensors of one rank after a forward / backward and an optimizer step."""
     from megajoy.launch import setup_parallel
     from megajoy.model import create_model
@@ -31,6 +31,11 @@ def _measure_rank(rank, world, flags):
     pc = setup_parallel(job)
     model = create_model(job.model, pc=pc).train()
     optimizer = build_parallel_optimizer(model, pc, job.optimizer, pc.distributed_optimizer)
+    masters = list(model.parameters())
+    if params_dtype == "bf16":
+        from megajoy.optim.master_weights import MasterWeights
+
+        weights = MasterWeights(model)
     ids = torch.randint(0, job.model.vocab_size, (MICRO * pc.size("pp"), SEQ), generator=torch.Generator().manual_seed(0))
     from megajoy.data.packing import document_positions, Batch
 
@@ -43,8 +48,11 @@ def _measure_rank(rank, world, flags):
     else:
         for b in batches:
             objective(model(b.input_ids, b.position_ids, b.document_ids, b.labels, b.loss_mask, compute_mtp=True))[0].backward()
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    if params_dtype == "bf16":
+        weights.flush_grads()
+    held = masters + [p for p in model.parameters() if p.dtype != torch.float32]
+    params = sum(p.numel() * p.element_size() for p in held)
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in held if p.grad is not None)
     optimizer.reduce_gradients()
     optimizer.step()
     optim = sum(t.numel() * t.element_size() for state in optimizer.inner.state.values()
@@ -64,14 +72,16 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
-def test_state_bytes_are_exact(name):
+@pytest.mark.parametrize("name, params_dtype", [(n, "fp32") for n in LAYOUTS] + [("ep2_dp2_zero", "bf16"),
+                                                                                   ("tp2_pp2", "bf16")])
+def test_state_bytes_are_exact(name, params_dtype):
     world, flags = LAYOUTS[name]
-    measured = run_workers(world, _measure_rank, flags)
+    measured = run_workers(world, _measure_rank, flags, params_dtype)
     job = _job(flags)
     for rank, real in enumerate(measured):
         model, pc = rank_model(job.model, ParallelConfig(**flags), world, rank, SEQ)
-        assert state_bytes(model, pc) == real, (rank, state_bytes(model, pc), real)
+        planned = state_bytes(model, pc, params_dtype)
+        assert planned == real, (rank, planned, real)
 
 
 def _saved_bytes(model, ids, **kwargs) -> int:

@@ -24,6 +24,8 @@ def add_arguments(parser) -> None:
     plan.add_argument("--global-batch-size", type=int, help="default: one micro-batch per pipeline stage and DP rank")
     plan.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU to check the plan against")
     plan.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="activation precision")
+    plan.add_argument("--params-dtype", choices=["fp32", "bf16"], default="fp32",
+                      help="bf16: bf16 weights over fp32 master weights, as `--params-dtype bf16` trains")
 
 
 def run(args) -> int:
@@ -74,7 +76,7 @@ def _memory_plan(args, job):
                               use_distributed_optimizer=args.use_distributed_optimizer)
     per_step = (args.global_batch_size // (args.micro_batch_size * dp)) if args.global_batch_size else pp
     return plan_memory(job.model, parallel, tp * pp * dp, args.micro_batch_size, args.seq_length, per_step,
-                       bytes_per_element=2 if args.precision == "bf16" else 4)
+                       bytes_per_element=2 if args.precision == "bf16" else 4, params_dtype=args.params_dtype)
 
 
 def _b(n: float) -> str:

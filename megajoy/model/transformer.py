@@ -90,13 +90,17 @@ class JoyAIForCausalLM(nn.Module):
             {str(i): DecoderLayer(cfg, cfg.is_moe_layer(i), pc) for s in self.stages for i in s.layers})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if last else None
         self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, pc.tp) if last else None
-        if cfg.tie_word_embeddings and last:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
         self.mtp = nn.ModuleList(
             MTPLayer(cfg, DecoderLayer(cfg, moe=False, pc=pc)) for _ in range(cfg.num_nextn_predict_layers if last else 0))
         # Kept off the module's buffers so dtype casts and meta construction never touch it.
         self._inv_freq, self.rope_amplitude = rope_frequencies(
             cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    def tie_weights(self) -> None:
+        """With tie_word_embeddings the head is the embedding (again after `to_empty`, which unties)."""
+        if self.cfg.tie_word_embeddings and self.lm_head is not None:
+            self.lm_head.weight = self.embed_tokens.weight
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
@@ -257,6 +261,7 @@ def create_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int
     with torch.device("meta"):
         model = JoyAIForCausalLM(cfg, pc)
     model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()
     if seed is not None:
         model.init_weights(seed)
     else:

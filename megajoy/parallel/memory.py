@@ -2,7 +2,8 @@
 
 Parameters, gradients and optimizer state are read off this rank's real modules, built on the meta
 device with placeholder groups (fp32 master parameters and gradients, AdamW's two moments; with ZeRO-1
-the rank's slice of fp32 master copies and moments, sliced as the distributed optimizer slices).
+the rank's slice of fp32 master copies and moments, sliced as the distributed optimizer slices; with
+bf16 parameters, their bf16 copies on top).
 Activations are the tensors autograd keeps for backward, counted per micro-batch from the shapes this
 implementation saves (see `layer_activation_elements`), times the micro-batches the schedule keeps in
 flight on the rank. Attention is counted as a fused kernel keeps it (q, k, v, output, log-sum-exp), or,
@@ -48,24 +49,28 @@ def rank_model(model_cfg: ModelConfig, parallel_cfg, world: int, rank: int, seq_
         return JoyAIForCausalLM(model_cfg, pc), pc
 
 
-def state_bytes(model, pc) -> tuple[int, int, int]:
-    """(parameter, gradient, optimizer) bytes of this rank, as the trainer allocates them."""
+def state_bytes(model, pc, params_dtype: str = "fp32") -> tuple[int, int, int]:
+    """(parameter, gradient, optimizer) bytes of this rank, as the trainer allocates them. With
+    params_dtype bf16 the parameters are the fp32 masters plus the model's bf16 copies (gradients stay
+    fp32, on the masters)."""
     from megajoy.parallel.mappings import group_rank
 
     params = [(n, p) for n, p in model.named_parameters()]
     numel = sum(p.numel() for _, p in params)
+    param_bytes = (6 if params_dtype == "bf16" else 4) * numel
     if not pc.distributed_optimizer:
-        return 4 * numel, 4 * numel, 8 * numel
+        return param_bytes, 4 * numel, 8 * numel
     specs = parameter_specs(model, pc)
     owned = 0
     for expert, group in ((False, "dp_cp"), (True, "edp")):
         sizes = [p.numel() for n, p in params if specs[n].expert == expert]
         owned += owned_elements(sizes, pc.size(group), group_rank(pc.groups[group]))
-    return 4 * numel, 4 * numel, 12 * owned  # fp32 master slice + two moments
+    return param_bytes, 4 * numel, 12 * owned  # fp32 master slice + two moments
 
 
 def plan_memory(model_cfg: ModelConfig, parallel_cfg, world: int, micro_batch_size: int, seq_length: int,
-                micro_batches_per_step: int, attention: str = "flash", bytes_per_element: int = 4) -> list[RankMemory]:
+                micro_batches_per_step: int, attention: str = "flash", bytes_per_element: int = 4,
+                params_dtype: str = "fp32") -> list[RankMemory]:
     """One entry per pipeline stage, for the stage's first rank: TP and EP ranks hold equal shares, and
     with ZeRO-1 the first data-parallel rank owns the largest slice (the last may own padding)."""
     plan = []
@@ -73,7 +78,7 @@ def plan_memory(model_cfg: ModelConfig, parallel_cfg, world: int, micro_batch_si
     for stage in range(probe.size("pp")):
         rank = stage * probe.layout.stage
         model, pc = rank_model(model_cfg, parallel_cfg, world, rank, seq_length)
-        params, grads, optim = state_bytes(model, pc)
+        params, grads, optim = state_bytes(model, pc, params_dtype)
         in_flight = micro_batches_in_flight(pc, micro_batches_per_step)
         per_micro = stage_activation_elements(model, pc, micro_batch_size, seq_length, attention, bytes_per_element)
         layers = tuple(i for s in model.stages for i in s.layers)

@@ -113,7 +113,7 @@ class StageModule(nn.Module):
 
 
 def build_schedule(stage_modules: list[StageModule], pc, schedule: str, n_microbatches: int,
-                   micro_shape: tuple[int, int], hidden: int, device: torch.device):
+                   micro_shape: tuple[int, int], hidden: int, device: torch.device, dtype: torch.dtype):
     """A schedule over this rank's stages. Shapes are given up front (static mode): without them the
     stages would run an extra forward on the first call to infer them, and the last stage's objective
     and the routers' load counters would see that call as a real micro-batch."""
@@ -125,7 +125,7 @@ def build_schedule(stage_modules: list[StageModule], pc, schedule: str, n_microb
     batch, seq = micro_shape
     local_seq = seq // pc.tp_size if pc.sequence_parallel else seq
     # requires_grad marks the activations whose gradients travel back between stages.
-    hidden_states = torch.empty(batch, local_seq, hidden, device=device, requires_grad=True)
+    hidden_states = torch.empty(batch, local_seq, hidden, device=device, dtype=dtype, requires_grad=True)
     tokens = torch.empty(batch, seq, dtype=torch.long, device=device)
     loss = torch.empty(1, device=device)
     stages = [PipelineStage(m, m.spec.index, n_stages, device, group=group,
@@ -152,7 +152,8 @@ class PipelineRunner:
         key = (n_microbatches, micro_shape)
         if key not in self.schedules:
             self.schedules[key] = build_schedule(self.modules, self.pc, self.pc.pipeline_schedule, n_microbatches,
-                                                 micro_shape, self.model.cfg.hidden_size, self.pc.device)
+                                                 micro_shape, self.model.cfg.hidden_size, self.pc.device,
+                                                 self._residual_dtype())
         return self.schedules[key]
 
     def run(self, batches: list, objective, compute_mtp: bool, backward: bool) -> dict[str, torch.Tensor]:
@@ -206,7 +207,13 @@ class PipelineRunner:
     def _hidden_buffer(self, input_ids: torch.Tensor) -> torch.Tensor:
         batch, seq = input_ids.shape
         local_seq = seq // self.pc.tp_size if self.pc.sequence_parallel else seq
-        return torch.empty(batch, local_seq, self.model.cfg.hidden_size, device=self.pc.device)
+        return torch.empty(batch, local_seq, self.model.cfg.hidden_size, device=self.pc.device,
+                           dtype=self._residual_dtype())
+
+    def _residual_dtype(self) -> torch.dtype:
+        """What travels between stages: the weights' dtype (bf16 under --params-dtype bf16, where the
+        embedding's output is bf16; fp32 otherwise, autocast or not)."""
+        return next(self.model.parameters()).dtype
 
     def _from_last_stage(self, metrics: dict) -> dict:
         import torch.distributed as dist

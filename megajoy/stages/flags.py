@@ -14,6 +14,7 @@ TRAINING_FLAGS = [
     (["--freeze-router-bias"], "train.freeze_router_bias", dict(action="store_const", const=True)),
     (["--bf16"], "train.bf16", dict(action="store_const", const=True)),
     (["--fp32"], "train.bf16", dict(action="store_const", const=False)),
+    (["--params-dtype"], "train.params_dtype", dict(choices=["fp32", "bf16"])),
     (["--kernels"], "train.kernels", dict(choices=["auto", "torch", "triton"])),
     (["--cross-entropy-chunk"], "train.cross_entropy_chunk", dict(type=int, metavar="TOKENS")),
     (["--log-interval"], "train.log_interval", dict(type=int)),

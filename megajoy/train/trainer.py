@@ -15,6 +15,7 @@ from tqdm import tqdm
 from megajoy.kernels import backend as kernels
 from megajoy.model import create_model
 from megajoy.model.moe import MoE, Router
+from megajoy.optim.master_weights import MasterWeights
 from megajoy.optim.qk_clip import apply_qk_clip, track_max_logits
 from megajoy.quant.qat import set_qat
 from megajoy.optim.schedules import global_batch_size, learning_rate
@@ -99,7 +100,8 @@ class Trainer:
         self.device = self.pc.device
         self._check_batch_layout()
         self.out = job.checkpoint.out
-        self.bf16 = job.train.bf16 if job.train.bf16 is not None else self.device.type == "cuda"
+        self.bf16 = job.train.bf16 if job.train.bf16 is not None else (
+            self.device.type == "cuda" or job.train.params_dtype == "bf16")
         kernels.configure(backend=job.train.kernels, cross_entropy_chunk=job.train.cross_entropy_chunk)
         torch.manual_seed(job.train.seed)
         self.model = create_model(job.model, device=self.device, seed=job.train.seed, pc=self.pc).train()
@@ -119,6 +121,8 @@ class Trainer:
         self.stop_requested = False
         self.routers = [m for m in self.model.modules() if isinstance(m, Router)]
         stage.setup(self)
+        # Last, so everything above (optimizer, stage's reference models) saw the fp32 weights.
+        self.master_weights = MasterWeights(self.model, torch.bfloat16) if job.train.params_dtype == "bf16" else None
 
     def _setup_quantisation(self):
         """FP8 GEMMs from the start; the QAT format, whose groups are checked now and which is switched on
@@ -229,10 +233,14 @@ class Trainer:
         counts = self._step_token_counts(micro_batches)
         self._set_aux_loss_scale(1.0 / (len(micro_batches) * self.pc.size("dp_cp")))
         totals = self._accumulate(micro_batches, counts, backward=True)
+        if self.master_weights is not None:
+            self.master_weights.flush_grads()
         self.optimizer.reduce_gradients()
         grad_norm = self.optimizer.clip_gradients(self.job.optimizer.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad()
+        if self.master_weights is not None:
+            self.master_weights.copy_to_model()
         clip = self._qk_clip()
         load = self._update_router_biases()
         self.step += 1
@@ -245,9 +253,14 @@ class Trainer:
         tau = self.job.optimizer.qk_clip_tau
         if not tau:
             return {}
-        stats = apply_qk_clip(self.model, tau, self.pc.group("dp_cp"))
-        self.optimizer.refresh_from_params()  # ZeRO keeps master copies of what it just rescaled
+        with self.full_precision():
+            stats = apply_qk_clip(self.model, tau, self.pc.group("dp_cp"))
+            self.optimizer.refresh_from_params()  # ZeRO keeps master copies of what it just rescaled
         return stats
+
+    def full_precision(self):
+        """The fp32 weights in the model for the block (see MasterWeights); a no-op in an fp32 run."""
+        return self.master_weights.full_precision() if self.master_weights is not None else contextlib.nullcontext()
 
     def _accumulate(self, micro_batches: list, counts: dict, backward: bool) -> dict[str, float]:
         """Forward (and backward) over the step's micro-batches; return the objective's metrics summed
@@ -360,8 +373,9 @@ class Trainer:
 
     def _save(self) -> None:
         """Every rank stages its shards and writes them (in the background with async saves)."""
-        self.checkpoints.save(self.step, self.model, self.optimizer, self.specs, self.job, self.trainer_state(),
-                              self.tokenizer_file)
+        with self.full_precision():
+            self.checkpoints.save(self.step, self.model, self.optimizer, self.specs, self.job, self.trainer_state(),
+                                  self.tokenizer_file)
 
     def _maybe_resume(self) -> int | None:
         if self.is_logging_rank:
@@ -376,8 +390,9 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.out)
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.checkpoints_dir(self.out)}")
-        state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.specs, self.pc)
-        self.optimizer.refresh_from_params()
+        with self.full_precision():
+            state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.specs, self.pc)
+            self.optimizer.refresh_from_params()
         self.step, self.consumed = state["step"], state["consumed_samples"]
         if self.is_logging_rank:
             print(f"megajoy: resumed from {path} (step {self.step})", file=sys.stderr)
@@ -412,7 +427,8 @@ class _Window:
         last = records[-1]
         out = {"step": step, "tokens_per_s": tokens / max(seconds, 1e-9), "lr": last["lr"],
                "grad_norm": sum(r["grad_norm"] for r in records) / len(records)}
-        for key in last:
+        for key in dict.fromkeys(k for r in records for k in r):  # MTP may switch on inside the window
             if key not in ("tokens", "seconds", "lr", "grad_norm"):
-                out[key] = sum(r[key] for r in records) / len(records)
+                having = [r[key] for r in records if key in r]
+                out[key] = sum(having) / len(having)
         return out

@@ -1,0 +1,74 @@
+"""Low-precision model weights over fp32 master weights (Megatron's `--bf16` layout).
+
+The module's parameters are swapped for bf16 copies, which the forward and backward use directly: no
+per-micro-batch cast of fp32 weights, no cast of the gradients back. The fp32 tensors the model was
+built with stay the source of truth: the optimizer is built on them before the swap, and every
+reduction, norm, clip and step runs on them as in an fp32 run. Each bf16 gradient is added into its
+master's fp32 `.grad` as soon as autograd has accumulated it (and freed), so micro-batches accumulate
+in fp32. After the step the masters are copied into the bf16 weights.
+
+Code that reads or writes weights outside a training step (checkpoints, QK-clip) runs inside
+`full_precision()`, which puts the masters back into the modules meanwhile: checkpoints hold the fp32
+weights and resume exactly, at any layout and in either mode.
+"""
+
+import contextlib
+
+import torch
+from torch import nn
+
+class MasterWeights:
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
+        self.model, self.dtype = model, dtype
+        self.slots: list[tuple[nn.Module, str, nn.Parameter]] = []  # (module, attribute, master) for every use
+        self.compute_of: dict[nn.Parameter, nn.Parameter] = {}  # master -> its low-precision copy
+        for module in model.modules():
+            for name, master in module._parameters.items():
+                if master is None:
+                    continue
+                if master not in self.compute_of:  # tied weights share one copy
+                    self.compute_of[master] = self._make_compute(master)
+                self.slots.append((module, name, master))
+        self._install(compute=True)
+
+    def _make_compute(self, master: nn.Parameter) -> nn.Parameter:
+        compute = nn.Parameter(master.detach().to(self.dtype), requires_grad=master.requires_grad)
+        if compute.requires_grad:
+            compute.register_post_accumulate_grad_hook(lambda p: _move_grad(p, master))
+        return compute
+
+    def _install(self, compute: bool) -> None:
+        for module, name, master in self.slots:
+            module._parameters[name] = self.compute_of[master] if compute else master
+
+    def flush_grads(self) -> None:
+        """Gradients written straight into `.grad` (not through autograd's accumulation, as a zero-bubble
+        pipeline's weight pass does) join the masters' here; call before reducing gradients."""
+        for master, compute in self.compute_of.items():
+            if compute.grad is not None:
+                _move_grad(compute, master)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        """After an optimizer step (or any change to the masters): refresh the low-precision weights."""
+        masters = list(self.compute_of)
+        torch._foreach_copy_([self.compute_of[m] for m in masters], masters)
+
+    @contextlib.contextmanager
+    def full_precision(self):
+        """The fp32 masters in the modules for the block's duration; the copies refreshed afterwards."""
+        self._install(compute=False)
+        try:
+            yield
+        finally:
+            self._install(compute=True)
+            self.copy_to_model()
+
+
+@torch.no_grad()
+def _move_grad(compute: nn.Parameter, master: nn.Parameter) -> None:
+    if master.grad is None:
+        master.grad = compute.grad.to(master.dtype, copy=True)
+    else:
+        master.grad.add_(compute.grad)
+    compute.grad = None

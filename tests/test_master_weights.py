@@ -1,0 +1,189 @@
+"""bf16 weights over fp32 master weights (`--params-dtype bf16`): gradients accumulate in fp32 on the
+masters, torch's AdamW steps the masters, checkpoints hold the masters and resume exactly, the run trains
+as the fp32-weights autocast run does, and parallel layouts match the single process."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from helpers import TINY_MODEL_OVERRIDES, small_config
+from megajoy.ckpt.native import load_model_dir
+from megajoy.cli import main
+from megajoy.model import create_model
+from megajoy.optim.master_weights import MasterWeights
+from megajoy.parallel.spawn import cli_worker, run_workers
+from megajoy.train.checkpoint import latest_checkpoint
+
+
+def _batch(seed: int, cfg, rows=2, seq=16):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (rows, seq + 1), generator=g)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def _loss(model, batch):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch[0], labels=batch[1], compute_mtp=True)
+    return out.lm_loss + out.mtp_loss
+
+
+def test_fp32_grad_accumulation_and_adamw_step_on_the_masters():
+    """Two micro-batches: each master's gradient is the fp32 sum of the two bf16 gradients (not their bf16
+    sum), torch's AdamW on the masters gives what it gives on an fp32 copy fed those sums, and the
+    bf16 weights are the rounded masters afterwards."""
+    cfg = small_config(num_nextn_predict_layers=1, tie_word_embeddings=True)
+    model = create_model(cfg, seed=3).train()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reference_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    masters = dict(model.named_parameters())
+    weights = MasterWeights(model)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.lm_head.weight is model.embed_tokens.weight  # tied weights keep one copy
+    optimizer = torch.optim.AdamW(masters.values(), lr=1e-2, weight_decay=0.1)
+
+    batches = [_batch(1, cfg), _batch(2, cfg)]
+    for batch in batches:
+        _loss(model, batch).backward()
+    weights.flush_grads()
+    assert all(p.grad is None for p in model.parameters())
+
+    ref_params = dict(reference_bf16.named_parameters())
+    per_batch = [torch.autograd.grad(_loss(reference_bf16, b), list(ref_params.values()), allow_unused=True)
+                 for b in batches]
+    fp32_sums, bf16_sums = {}, {}
+    for i, name in enumerate(ref_params):
+        g1, g2 = per_batch[0][i], per_batch[1][i]
+        fp32_sums[name] = g1.float() + g2.float()
+        bf16_sums[name] = (g1 + g2).float()
+    for name, master in masters.items():
+        assert master.dtype == torch.float32 and master.grad.dtype == torch.float32
+        assert torch.equal(master.grad, fp32_sums[name]), name
+    assert any(not torch.equal(fp32_sums[n], bf16_sums[n]) for n in masters)  # the two sums do differ
+
+    optimizer.step()
+    reference = {n: torch.nn.Parameter(t.clone()) for n, t in initial.items()}
+    for name, p in reference.items():
+        p.grad = fp32_sums[name]
+    torch.optim.AdamW(reference.values(), lr=1e-2, weight_decay=0.1).step()
+    weights.copy_to_model()
+    compute = dict(model.named_parameters())
+    for name, master in masters.items():
+        assert torch.equal(master, reference[name]), name
+        assert torch.equal(compute[name], master.detach().to(torch.bfloat16)), name
+
+
+def test_full_precision_puts_the_masters_back_for_the_block():
+    cfg = small_config()
+    model = create_model(cfg, seed=0)
+    masters = dict(model.named_parameters())
+    weights = MasterWeights(model)
+    with weights.full_precision():
+        assert {n: p for n, p in model.named_parameters()} == masters
+        with torch.no_grad():  # a change made meanwhile (a checkpoint load, QK-clip) reaches the bf16 copy
+            model.layers["0"].self_attn.o_proj.weight.mul_(0.5)
+    halved = masters["layers.0.self_attn.o_proj.weight"]
+    assert torch.equal(model.layers["0"].self_attn.o_proj.weight, halved.detach().to(torch.bfloat16))
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_params_dtype_needs_autocast():
+    from megajoy.config import load_job_config
+
+    with pytest.raises(ValueError, match="params_dtype=bf16 computes under bf16 autocast"):
+        load_job_config("tiny", None, ["train.params_dtype=bf16", "train.bf16=false"])
+    with pytest.raises(ValueError, match="params_dtype='fp16' must be fp32 or bf16"):
+        load_job_config("tiny", None, ["train.params_dtype=fp16"])
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def pretrain_args(out, data_prefix, tokenizer_file, *extra, iters=4):
+    base = ["pretrain", "--data-path", data_prefix, "--tokenizer", tokenizer_file, "--seq-length", "32",
+            "--global-batch-size", "8", "--micro-batch-size", "2", "--train-iters", str(iters), "--log-interval",
+            "1", "--eval-interval", "100", "--eval-iters", "1", "--lr-warmup-iters", "1", "--mtp-start-iter", "0",
+            "--lr", "3e-3", "--out", str(out)]
+    return base + [a for o in TINY_MODEL_OVERRIDES for a in ("--set", o)] + list(extra)
+
+
+def run(out, data_prefix, tokenizer_file, *extra, world=1, iters=4):
+    argv = pretrain_args(out, data_prefix, tokenizer_file, *extra, iters=iters)
+    if world == 1:
+        assert main(argv) == 0
+    else:
+        run_workers(world, cli_worker, argv)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = {r["step"]: r for r in map(json.loads, f) if "loss" in r}
+    return records, load_model_dir(latest_checkpoint(str(out)))[1]
+
+
+def relative_error(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+@pytest.fixture(scope="module")
+def bf16_reference(tmp_path_factory, data_prefix, tokenizer_file):
+    return run(tmp_path_factory.mktemp("bf16_params"), data_prefix, tokenizer_file, "--params-dtype", "bf16")
+
+
+@pytest.fixture(scope="module")
+def bf16_noise(tmp_path_factory, data_prefix, tokenizer_file):
+    """The fp32-weights run under bf16 autocast, and how far its weights land from a plain fp32 run's:
+    bf16 round-off as Adam's sign-like steps amplify it, the scale differences are judged against."""
+    autocast = run(tmp_path_factory.mktemp("autocast"), data_prefix, tokenizer_file, "--bf16")
+    _, fp32 = run(tmp_path_factory.mktemp("fp32"), data_prefix, tokenizer_file)
+    return autocast, distance(autocast[1], fp32)
+
+
+def distance(weights: dict, reference: dict) -> float:
+    """Relative error of all weights together (the router bias, moved by sign steps, aside)."""
+    names = [n for n in reference if not n.endswith("e_score_correction_bias")]
+    return relative_error(torch.cat([weights[n].flatten() for n in names]),
+                          torch.cat([reference[n].flatten() for n in names]))
+
+
+def test_trains_as_fp32_weights_under_autocast(bf16_reference, bf16_noise):
+    """The same steps with fp32 weights under bf16 autocast: losses agree to bf16 round-off, the weights
+    differ from that run's no more than bf16 noise does, and the checkpoints hold fp32 masters."""
+    (records, weights), ((autocast_records, autocast), noise) = bf16_reference, bf16_noise
+    assert sorted(records) == sorted(autocast_records) == [1, 2, 3, 4]
+    for step in records:
+        for key in ("loss", "mtp_loss"):
+            want = autocast_records[step][key]
+            assert abs(records[step][key] - want) <= 2e-3 * want, (step, key)
+    assert records[4]["loss"] < records[1]["loss"] - 0.2  # it learns
+    assert 1e-4 < noise < 3e-2
+    assert distance(weights, autocast) <= 2 * noise
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    matrix = weights["layers.0.self_attn.o_proj.weight"]
+    assert not torch.equal(matrix, matrix.to(torch.bfloat16).float())  # the masters, not the bf16 copies
+
+
+def test_resume_is_bit_exact(tmp_path, data_prefix, tokenizer_file, bf16_reference):
+    out = tmp_path / "resumed"
+    run(out, data_prefix, tokenizer_file, "--params-dtype", "bf16", "--exit-interval", "2")
+    records, weights = run(out, data_prefix, tokenizer_file, "--params-dtype", "bf16", "--resume")
+    ref_records, ref_weights = bf16_reference
+    for step in (3, 4):
+        assert records[step]["loss"] == ref_records[step]["loss"], step
+        assert records[step]["grad_norm"] == ref_records[step]["grad_norm"], step
+    for name, tensor in ref_weights.items():
+        assert torch.equal(weights[name], tensor), name
+
+
+LAYOUTS = {
+    "dp2_zero": (2, ["--dp", "2", "--use-distributed-optimizer"]),
+    "tp2_ep2_sp": (2, ["--tp", "2", "--ep", "2", "--sequence-parallel"]),
+    "pp2_zero_bubble": (2, ["--pp", "2", "--pp-schedule", "zero-bubble", "--pp-layout", "1", "0", "1", "0"]),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_equals_single_process(name, tmp_path, data_prefix, tokenizer_file, bf16_reference, bf16_noise):
+    """To bf16 round-off: a layout sums in another order, and bf16 activations carry that difference."""
+    world, flags = LAYOUTS[name]
+    records, weights = run(tmp_path / name, data_prefix, tokenizer_file, "--params-dtype", "bf16", *flags, world=world)
+    ref_records, ref_weights = bf16_reference
+    for step in ref_records:
+        assert abs(records[step]["loss"] - ref_records[step]["loss"]) <= 2e-3 * ref_records[step]["loss"], step
+    assert distance(weights, ref_weights) <= 2 * bf16_noise[1]
