@@ -12,7 +12,8 @@ memory is its own.
 
 MFU counts model FLOPs as `megajoy info` does (3 x forward, causal attention, no MTP) over the peak
 matmul rate measured in the same run (fp32 on a CPU, bf16 on a GPU, where the step runs under bf16
-autocast with fp32 weights as training does).
+autocast with fp32 weights as training does; `--params-dtype bf16` adds megajoy with bf16 weights over
+fp32 master weights).
 Writes benchmarks/results/throughput.json, .md and .png.
 """
 
@@ -99,20 +100,29 @@ def build_variant(name: str, cfg, state: dict, device, dtype, hf_dir: str, autoc
             model = create_model(cfg, device=device, seed=None, dtype=dtype)
             model.load_state_dict(state)
         model.train()
-        core = torch.compile(model) if name == "megajoy --compile" else model
+        core = torch.compile(model) if "--compile" in name else model
 
         def forward(inputs, labels):
             out = core(inputs, labels=labels, compute_mtp=False, return_logits=False)
             return out.lm_loss_sum / out.lm_tokens
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+    weights = None
+    if "--params-dtype bf16" in name:  # the optimizer above holds the fp32 masters; the model gets bf16 copies
+        from megajoy.optim.master_weights import MasterWeights
+
+        weights, autocast = MasterWeights(model), True
 
     def step(inputs, labels):
         for _ in range(accumulate):  # micro-batches per optimizer step
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = forward(inputs, labels)
             loss.backward()
+        if weights is not None:
+            weights.flush_grads()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if weights is not None:
+            weights.copy_to_model()
 
     return model, step
 
@@ -181,6 +191,9 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 weights and compute")
     parser.add_argument("--fp32", action="store_true", help="fp32 on a GPU too (default there: fp32 weights "
                         "under bf16 autocast, as training runs; on a CPU: fp32)")
+    parser.add_argument("--params-dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: also run megajoy with bf16 weights over fp32 master weights (as `megajoy "
+                        "pretrain --params-dtype bf16` trains); with --layout, the layouts' runs use it")
     parser.add_argument("--accumulate", type=int, default=1, metavar="N",
                         help="micro-batches (forward + backward) per optimizer step")
     parser.add_argument("--kernels", choices=["auto", "torch", "triton"], default="auto")
@@ -208,7 +221,10 @@ def main() -> None:
     device = torch.device(args.device)
     low_precision = args.bf16 or autocast_on(args)
     peak = measure_floors(device, torch.bfloat16 if low_precision else torch.float32).matmul_flops_per_s
-    variants = ["megajoy"] + (["megajoy --compile"] if args.compile else []) + ([] if args.no_hf else ["transformers"])
+    variants = ["megajoy"] + (["megajoy --compile"] if args.compile else [])
+    if args.params_dtype == "bf16":
+        variants += [v + " --params-dtype bf16" for v in variants]
+    variants += [] if args.no_hf else ["transformers"]
     rows = []
     with tempfile.TemporaryDirectory() as hf_dir:
         if not args.no_hf:
@@ -263,7 +279,8 @@ def run_layout(args, layout: str, out: str) -> dict:
     argv = ["pretrain", "--preset", args.preset, "--seq-length", str(args.seq_length),
             "--micro-batch-size", str(args.batch), "--global-batch-size", str(args.batch * args.accumulate * dp),
             "--train-iters", str(iters), "--log-interval", "1", "--eval-interval", str(iters + 1), "--eval-iters", "0",
-            "--mtp-start-iter", str(iters + 1), "--kernels", args.kernels, "--out", out, *flags]
+            "--mtp-start-iter", str(iters + 1), "--kernels", args.kernels, "--params-dtype", args.params_dtype,
+            "--out", out, *flags]
     if args.cross_entropy_chunk is not None:
         argv += ["--cross-entropy-chunk", str(args.cross_entropy_chunk)]
     if "RANK" in os.environ:  # under torchrun: every rank runs the trainer here

@@ -39,3 +39,20 @@ def test_throughput_times_pretrain_at_a_layout(tmp_path):
     for row in layouts:
         assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1
         assert math.isclose(row["tokens_per_s_per_rank"] * row["ranks"], row["tokens_per_s"])
+
+
+def test_throughput_variants_beside_transformers(tmp_path):
+    """One-process variants in the same run: megajoy, megajoy with bf16 weights over fp32 masters, and
+    transformers' DeepseekV3ForCausalLM with the same weights; ratios against transformers."""
+    out = tmp_path / "throughput"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--params-dtype", "bf16",
+                           "--steps", "1", "--warmup", "1", "--batch", "2", "--seq-length", "32", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "throughput.json").read_text())["results"]}
+    assert list(rows) == ["megajoy", "megajoy --params-dtype bf16", "transformers"]
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_memory_gb"] >= 0
+        assert math.isclose(row["ratio_to_transformers"], row["tokens_per_s"] / rows["transformers"]["tokens_per_s"])
+    assert (tmp_path / "throughput.md").exists() and (tmp_path / "throughput.png").exists()
