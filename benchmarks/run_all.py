@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import markdown_table, present_columns  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-HOT_PATHS = ["moe_permute", "router", "rmsnorm", "rope", "attention", "cross_entropy"]
+HOT_PATHS = ["moe_permute", "router", "rmsnorm", "rope", "swiglu", "attention", "cross_entropy"]
 
 
 def markdown(name: str, payload: dict) -> list[str]:

@@ -113,6 +113,22 @@ def _compare(fast, reference, inputs, dtype, grad_dtype=None):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [16, 96, 1536])
+def test_triton_swiglu_matches_reference(triton_backend, dtype, n):
+    """Separate gate / up (one a strided view) and the experts' packed [.., 2I] layout, whose gradient is
+    one tensor; widths below, at and above one tile, rows not a multiple of a tile."""
+    from megajoy.kernels.swiglu import swiglu, swiglu_packed, swiglu_reference
+
+    wide = torch.randn(3, 37, 2 * n, device=DEVICE, dtype=dtype)
+    gate = wide[..., :n].requires_grad_()  # a row-strided view
+    up = torch.randn(3, 37, n, device=DEVICE, dtype=dtype, requires_grad=True)
+    _compare(swiglu, swiglu_reference, [gate, up], dtype)
+    packed = (3 * torch.randn(111, 2 * n, device=DEVICE)).to(dtype).requires_grad_()  # silu's curved range too
+    _compare(swiglu_packed, lambda x: swiglu_reference(*x.chunk(2, dim=-1)), [packed], dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [64, 96, 1536])
 def test_triton_rmsnorm_matches_reference(triton_backend, dtype, n):
     from megajoy.kernels.rmsnorm import rms_norm, rms_norm_reference

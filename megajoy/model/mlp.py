@@ -3,9 +3,9 @@
 (replicated: built without a group)."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from megajoy.kernels.swiglu import swiglu
 from megajoy.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megajoy.parallel.mappings import enter_tp
 
@@ -20,4 +20,4 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = enter_tp(x, self.group, self.sp)
-        return self.down_proj.forward_exit(F.silu(self.gate_proj(x)) * self.up_proj(x), self.sp)
+        return self.down_proj.forward_exit(swiglu(self.gate_proj(x), self.up_proj(x)), self.sp)

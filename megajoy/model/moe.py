@@ -17,6 +17,7 @@ from megajoy.config import ModelConfig
 from megajoy.kernels.backend import cast_as_autocast
 from megajoy.kernels.grouped_gemm import grouped_mm
 from megajoy.kernels.moe_permute import permute, unpermute
+from megajoy.kernels.swiglu import swiglu_packed
 from megajoy.model.mlp import MLP
 from megajoy.parallel.context import ParallelContext
 from megajoy.parallel.mappings import all_reduce_no_grad, gather_along, group_size, reduce_from_region, split_along
@@ -103,8 +104,8 @@ class GroupedExperts(nn.Module):
             gemm = self.matmul.grouped
         else:  # autocast's cast, taken on the contiguous weights (after the transposes, a strided copy)
             gemm, w1, w2 = grouped_mm, cast_as_autocast(w1), cast_as_autocast(w2)
-        gate, up = gemm(x_NH, w1.transpose(1, 2), tokens_per_expert).chunk(2, dim=-1)
-        return gemm(F.silu(gate) * up, w2.transpose(1, 2), tokens_per_expert)
+        hidden = swiglu_packed(gemm(x_NH, w1.transpose(1, 2), tokens_per_expert))
+        return gemm(hidden, w2.transpose(1, 2), tokens_per_expert)
 
 
 @dataclass
