@@ -3,7 +3,8 @@ all-to-all back, weighted un-permute; beside it, in the same run, the per-expert
 GEMM replaces. Each phase is held against its floor (GEMM FLOPs at the dense matmul rate, bytes at the
 copy bandwidth, both measured in the same run). On one rank it also times the whole MoE layer (router,
 dispatch, experts, shared expert, combine) forward + backward under bf16 autocast on a GPU, as training
-runs it, and reports its rate against the dense matmul rate.
+runs it (fp32 weights; on a GPU also bf16 weights over fp32 masters, `--params-dtype bf16`), and
+reports its rate against the dense matmul rate.
 
   python benchmarks/moe_dispatch.py                 # CPU, 1 rank (no all-to-all)
   python benchmarks/moe_dispatch.py --ep 4          # CPU, 4 forked ranks on gloo
@@ -113,13 +114,20 @@ def run(rank, world, args):
                      "x floor": seconds / floors.seconds(flops, moved)})
     if group is None:
         rows.append(moe_layer_row(tokens, hidden, inter, experts, topk, device, floors, args.profile))
+        if device.type == "cuda":  # bf16 is ~30x slower on a CPU without bf16 units
+            rows.append(moe_layer_row(tokens, hidden, inter, experts, topk, device, floors, args.profile,
+                                      bf16_weights=True))
     return rows, environment(device) | {"matmul_tflops": floors.matmul_flops_per_s / 1e12}
 
 
-def moe_layer_row(tokens, hidden, inter, experts, topk, device, floors, profile: bool) -> dict:
-    """megajoy's MoE block, forward + backward (one shared expert beside the routed ones)."""
+def moe_layer_row(tokens, hidden, inter, experts, topk, device, floors, profile: bool,
+                  bf16_weights: bool = False) -> dict:
+    """megajoy's MoE block, forward + backward (one shared expert beside the routed ones). Default: fp32
+    weights under bf16 autocast (on a GPU). `bf16_weights`: as `--params-dtype bf16` trains, bf16 weights
+    and a bf16 residual stream, each weight gradient added into its fp32 master's gradient."""
     from megajoy.config import ModelConfig
     from megajoy.model.moe import MoE
+    from megajoy.optim.master_weights import MasterWeights
 
     cfg = ModelConfig(hidden_size=hidden, moe_intermediate_size=inter, n_routed_experts=experts,
                       num_experts_per_tok=topk, vocab_size=256, num_hidden_layers=2)
@@ -128,17 +136,24 @@ def moe_layer_row(tokens, hidden, inter, experts, topk, device, floors, profile:
         torch.nn.init.normal_(p, std=0.02)
     x = torch.randn(1, tokens, hidden, device=device, requires_grad=True)
     dy = torch.randn_like(x)
+    if bf16_weights:
+        MasterWeights(layer)
+        x, dy = x.detach().bfloat16().requires_grad_(), dy.bfloat16()
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             y = layer(x)
-        torch.autograd.grad(y, [x] + list(layer.parameters()), dy)
+        if bf16_weights:
+            y.backward(dy)  # the hooks add each weight's gradient into its master's
+        else:
+            torch.autograd.grad(y, [x] + list(layer.parameters()), dy)
 
     seconds = time_op(step, device)
     if profile:
         print_profile(step, device)
     flops = 3 * 2 * tokens * (hidden * experts + 3 * hidden * inter * (topk + 1))  # router + routed + shared
-    return {"phase": "whole MoE layer, forward + backward", "ms": seconds * 1e3,
+    label = "whole MoE layer, forward + backward" + (", bf16 weights over fp32 masters" if bf16_weights else "")
+    return {"phase": label, "ms": seconds * 1e3,
             "TFLOP/s": flops / seconds / 1e12, "x floor": seconds / floors.seconds(flops, 0),
             "of matmul rate": floors.seconds(flops, 0) / seconds}
 
