@@ -19,16 +19,48 @@ def grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, tokens_per_expert: torch
     if _native_grouped_mm_ok(x_TK, w_EKN):
         offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
         if x_TK.dtype != torch.bfloat16 and torch.compiler.is_compiling():
-            return _eager_grouped_mm(x_TK, w_EKN, offsets)
+            return _opaque_grouped_mm(x_TK, w_EKN, offsets)
         return torch._grouped_mm(x_TK, w_EKN, offs=offsets)
     return padded_grouped_mm(x_TK, w_EKN, tokens_per_expert)
 
 
-@torch.compiler.disable
-def _eager_grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """torch.compile's fake-tensor rule for _grouped_mm accepts bf16 only, while the CPU kernel also runs
-    fp32: under compile, an fp32 grouped GEMM runs eagerly (a graph break around it)."""
+# torch.compile's fake-tensor rule for _grouped_mm accepts bf16 only, while the CPU kernel also runs fp32.
+# Under compile an fp32 grouped GEMM goes through these two custom ops instead: opaque to the compiler
+# (each with its own shape rule and autograd formula), so the graph does not break at every MoE layer.
+@torch.library.custom_op("megajoy::grouped_mm", mutates_args=())
+def _opaque_grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return torch._grouped_mm(x_TK, w_EKN, offs=offsets)
+
+
+@_opaque_grouped_mm.register_fake
+def _(x_TK, w_EKN, offsets):
+    return x_TK.new_empty(x_TK.shape[0], w_EKN.shape[-1])
+
+
+@torch.library.custom_op("megajoy::grouped_mm_weight_grad", mutates_args=())
+def _opaque_weight_grad(x_TK: torch.Tensor, dy_TN: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """[E, K, N]: each expert's x rows transposed times its dy rows."""
+    return torch._grouped_mm(x_TK.t(), dy_TN, offs=offsets)
+
+
+@_opaque_weight_grad.register_fake
+def _(x_TK, dy_TN, offsets):
+    return x_TK.new_empty(offsets.shape[0], x_TK.shape[1], dy_TN.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dy_TN):
+    x_TK, w_EKN, offsets = ctx.saved_tensors
+    dy_TN = dy_TN.contiguous()
+    dx = _opaque_grouped_mm(dy_TN, w_EKN.transpose(-2, -1), offsets) if ctx.needs_input_grad[0] else None
+    dw = _opaque_weight_grad(x_TK, dy_TN, offsets) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+_opaque_grouped_mm.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _native_grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -21,11 +21,20 @@ def permute(x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, num_experts: int):
     """
     flat = expert_ids_TK.reshape(-1)
     source = torch.argsort(flat, stable=True)
-    tokens_per_expert = torch.bincount(flat, minlength=num_experts)
+    tokens_per_expert = count_per_expert(flat, num_experts)
     if use_triton(x_TH):
         return _TritonPermute.apply(x_TH, source, expert_ids_TK.shape[1]), tokens_per_expert, source
     x_perm = x_TH.index_select(0, source // expert_ids_TK.shape[1])
     return x_perm, tokens_per_expert, source
+
+
+def count_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64 counts of the ids. Under torch.compile a scatter-add: bincount's output length depends
+    on the data (at least minlength), which would break the graph at every MoE layer."""
+    if torch.compiler.is_compiling():
+        counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_ids.device)
+        return counts.scatter_add_(0, expert_ids.reshape(-1), torch.ones_like(expert_ids.reshape(-1)))
+    return torch.bincount(expert_ids.reshape(-1), minlength=num_experts)
 
 
 def unpermute(y_perm: torch.Tensor, source: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 from megajoy.config import ModelConfig
 from megajoy.kernels.backend import cast_as_autocast
 from megajoy.kernels.grouped_gemm import grouped_mm
-from megajoy.kernels.moe_permute import permute, unpermute
+from megajoy.kernels.moe_permute import count_per_expert, permute, unpermute
 from megajoy.kernels.swiglu import swiglu_packed
 from megajoy.model.mlp import MLP
 from megajoy.parallel.context import ParallelContext
@@ -65,7 +65,7 @@ class Router(nn.Module):
         weights_TK = weights_TK * self.cfg.routed_scaling_factor
         if self.training:
             with torch.no_grad():
-                self.expert_load += torch.bincount(expert_ids_TK.flatten(), minlength=self.expert_load.numel())
+                self.expert_load += count_per_expert(expert_ids_TK, self.expert_load.numel())
         return Routing(expert_ids_TK, weights_TK, scores_TE)
 
     @torch.no_grad()
