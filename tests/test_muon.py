@@ -1,7 +1,6 @@
 """Muon against torch.optim.Muon (bf16 Newton-Schulz) and a float64 computation of the same algorithm
 (fp32); batched experts and heads; the tensor-parallel Gram scheme; QK-clip."""
 
-import copy
 import dataclasses
 
 import pytest

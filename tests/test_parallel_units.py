@@ -1,7 +1,5 @@
 """Parallel building blocks against their single-process references, the rank grid and the launcher."""
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,7 +8,7 @@ import torch.nn.functional as F
 from megajoy.parallel.spawn import run_workers, slurm_env
 from megajoy.config import ParallelConfig
 from megajoy.launch import first_host, launch_env
-from megajoy.parallel.context import Layout, build_context, resolve_layout
+from megajoy.parallel.context import Layout, resolve_layout
 
 
 def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-6) -> bool:
@@ -29,7 +27,7 @@ def _init(rank, world):
 def _tp_layers_worker(rank, world, sp):
     from megajoy.parallel.cross_entropy import vocab_parallel_cross_entropy
     from megajoy.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-    from megajoy.parallel.mappings import enter_tp, exit_tp, gather_along, split_along
+    from megajoy.parallel.mappings import enter_tp, gather_along, split_along
 
     _init(rank, world)
     group = dist.group.WORLD

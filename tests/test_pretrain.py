@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 from helpers import TINY_MODEL_OVERRIDES, load_tool
 from megajoy.ckpt.distributed import read_full_tensors

@@ -1,9 +1,7 @@
 """Quantisation against references nobody here wrote: gguf's own quantize / dequantize (bit for bit),
 compressed-tensors' int4 fake-quant, packing and config parsing, torch._scaled_mm on CPU."""
 
-import dataclasses
 import json
-import os
 
 import numpy as np
 import pytest
