@@ -193,7 +193,8 @@ def main() -> None:
                         "under bf16 autocast, as training runs; on a CPU: fp32)")
     parser.add_argument("--params-dtype", choices=["fp32", "bf16"], default="fp32",
                         help="bf16: also run megajoy with bf16 weights over fp32 master weights (as `megajoy "
-                        "pretrain --params-dtype bf16` trains); with --layout, the layouts' runs use it")
+                        "pretrain --params-dtype bf16` trains; its MFU is over the bf16 matmul rate only on a GPU "
+                        "without --fp32); with --layout, the layouts' runs use it")
     parser.add_argument("--accumulate", type=int, default=1, metavar="N",
                         help="micro-batches (forward + backward) per optimizer step")
     parser.add_argument("--kernels", choices=["auto", "torch", "triton"], default="auto")
@@ -206,6 +207,8 @@ def main() -> None:
                         "(its flags in one string, e.g. \"--tp 2 --ep 2\"; \"\" is one process); repeatable")
     parser.add_argument("--out", default=os.path.join(RESULTS, "throughput"))
     args = parser.parse_args()
+    if args.bf16 and args.params_dtype == "bf16":
+        parser.error("--params-dtype bf16 keeps fp32 master weights beside the bf16 ones; --bf16 has no fp32 weights")
     if args.layout is not None:
         return layouts_main(args)
 

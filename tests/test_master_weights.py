@@ -88,6 +88,69 @@ def test_full_precision_puts_the_masters_back_for_the_block():
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
+@pytest.mark.parametrize("fmt", ["int4", "q4_0", "q8_0"])
+def test_fake_quant_reads_the_fp32_master(fmt):
+    """QAT on bf16 copies quantises the fp32 masters (the checkpoint's weights), not their bf16 rounding,
+    and its straight-through gradient reaches the master."""
+    from megajoy.quant.formats import WeightFormat
+    from megajoy.quant.qat import set_qat
+
+    cfg = small_config(moe_intermediate_size=64)
+    model = create_model(cfg, seed=1).train()
+    master = model.layers["1"].mlp.experts.gate_up_proj
+    MasterWeights(model)
+    format_ = WeightFormat.of(fmt, 32)
+    assert set_qat(model, format_, "routed-experts") > 0
+    experts = model.layers["1"].mlp.experts
+    fake = experts.weight_quant(experts.gate_up_proj)
+    assert fake.dtype == torch.bfloat16
+    assert torch.equal(fake, format_.fake_quant(master.detach()).to(torch.bfloat16))
+    assert not torch.equal(fake, format_.fake_quant(master.detach().to(torch.bfloat16)))  # rounding first differs
+    batch = _batch(4, cfg)
+    _loss(model, batch).backward()
+    assert master.grad is not None and master.grad.abs().sum() > 0
+
+
+def _zero_bubble_worker(rank, world):
+    """A PP 2 zero-bubble step over bf16 copies: returns (weight passes seen, most copies holding a gradient
+    at one pass's end, copies still holding one after the step)."""
+    import dataclasses
+
+    from megajoy.config import load_job_config
+    from megajoy.data.packing import Batch
+    from megajoy.launch import setup_parallel
+    from megajoy.parallel.pipeline import PipelineRunner
+
+    job = load_job_config("tiny", None, TINY_MODEL_OVERRIDES + ["model.num_hidden_layers=4"])
+    job = dataclasses.replace(job, parallel=dataclasses.replace(
+        job.parallel, pipeline_model_parallel_size=2, pipeline_schedule="zero-bubble"))
+    pc = setup_parallel(job)
+    model = create_model(job.model, pc=pc).train()
+    weights = MasterWeights(model)
+    runner, holding = PipelineRunner(model, pc), []
+
+    def after_weight_pass():
+        holding.append(sum(p.grad is not None for p in model.parameters()))
+        weights.flush_grads()
+
+    runner.on_weight_grads = after_weight_pass
+    ids = torch.randint(0, job.model.vocab_size, (8, 33), generator=torch.Generator().manual_seed(0))
+    positions, documents = torch.arange(32).expand(2, -1), torch.zeros(2, 32, dtype=torch.long)
+    batches = [Batch(ids[i:i + 2, :-1], ids[i:i + 2, 1:], torch.ones(2, 32), positions, documents)
+               for i in range(0, 8, 2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        runner.run(batches, lambda out, batch: (out.lm_loss_sum / 100, {}), False, backward=True)
+    return len(holding), max(holding, default=0), [n for n, p in model.named_parameters() if p.grad is not None]
+
+
+def test_zero_bubble_weight_passes_move_each_gradient_to_the_masters():
+    """torch's zero-bubble weight pass adds into `.grad` itself (no accumulation hook): the pipeline runner
+    hands each pass's gradients to the fp32 masters at once, so none sums over micro-batches in bf16."""
+    for passes, most_holding, left in run_workers(2, _zero_bubble_worker):
+        assert passes > 0 and most_holding > 0
+        assert left == []
+
+
 def test_params_dtype_needs_autocast():
     from megajoy.config import load_job_config
 
@@ -187,3 +250,22 @@ def test_layout_equals_single_process(name, tmp_path, data_prefix, tokenizer_fil
     for step in ref_records:
         assert abs(records[step]["loss"] - ref_records[step]["loss"]) <= 2e-3 * ref_records[step]["loss"], step
     assert distance(weights, ref_weights) <= 2 * bf16_noise[1]
+
+
+@pytest.mark.parametrize("reference", ["cached", "model"])
+def test_dpo_reference_is_the_bf16_policy(reference, tmp_path, tokenizer_file):
+    """The reference log-probabilities come from the same bf16 weights the policy computes with: at the
+    first step policy and reference agree exactly (rewards 0, loss log 2), whichever way they are made."""
+    import math
+
+    from helpers import init_tiny_checkpoint
+    from test_dpo import dpo_args
+
+    init_tiny_checkpoint(tmp_path / "init", tokenizer_file)
+    args = dpo_args(tmp_path / "init", tmp_path / "dpo", "--params-dtype", "bf16", "--reference", reference)
+    args[args.index("--train-iters") + 1] = "1"
+    assert main(args) == 0
+    with open(tmp_path / "dpo" / "metrics.jsonl") as f:
+        first = next(r for r in map(json.loads, f) if "loss" in r)
+    assert first["chosen_reward"] == 0 and first["rejected_reward"] == 0 and first["reward_accuracy"] == 0
+    assert abs(first["loss"] - math.log(2)) < 1e-6

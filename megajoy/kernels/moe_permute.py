@@ -33,7 +33,8 @@ def count_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor
     on the data (at least minlength), which would break the graph at every MoE layer."""
     if torch.compiler.is_compiling():
         counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_ids.device)
-        return counts.scatter_add_(0, expert_ids.reshape(-1), torch.ones_like(expert_ids.reshape(-1)))
+        ids = expert_ids.reshape(-1).long()
+        return counts.scatter_add_(0, ids, torch.ones_like(ids))
     return torch.bincount(expert_ids.reshape(-1), minlength=num_experts)
 
 

@@ -32,7 +32,10 @@ class MasterWeights:
         self._install(compute=True)
 
     def _make_compute(self, master: nn.Parameter) -> nn.Parameter:
+        if master.dtype == self.dtype:
+            raise ValueError(f"master weights must be fp32, got {master.dtype} (a model built in {self.dtype})")
         compute = nn.Parameter(master.detach().to(self.dtype), requires_grad=master.requires_grad)
+        compute.fp32_master = master  # what fake quantisation reads (megajoy.quant.formats)
         if compute.requires_grad:
             compute.register_post_accumulate_grad_hook(lambda p: _move_grad(p, master))
         return compute

@@ -113,7 +113,8 @@ class StageModule(nn.Module):
 
 
 def build_schedule(stage_modules: list[StageModule], pc, schedule: str, n_microbatches: int,
-                   micro_shape: tuple[int, int], hidden: int, device: torch.device, dtype: torch.dtype):
+                   micro_shape: tuple[int, int], hidden: int, device: torch.device, dtype: torch.dtype,
+                   on_weight_grads=None):
     """A schedule over this rank's stages. Shapes are given up front (static mode): without them the
     stages would run an extra forward on the first call to infer them, and the last stage's objective
     and the routers' load counters would see that call as a real micro-batch."""
@@ -131,10 +132,25 @@ def build_schedule(stage_modules: list[StageModule], pc, schedule: str, n_microb
     stages = [PipelineStage(m, m.spec.index, n_stages, device, group=group,
                             input_args=tokens if m.spec.is_first else hidden_states,
                             output_args=loss if m.spec.is_last else hidden_states) for m in stage_modules]
+    if on_weight_grads is not None:
+        for stage in stages:
+            _call_after_weight_passes(stage, on_weight_grads)
     cls = {"1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B, "zero-bubble": ScheduleZBVZeroBubble}[schedule]
     # The last stage's output already is the loss term, normalised by the whole step's token count.
     kwargs = dict(n_microbatches=n_microbatches, loss_fn=lambda output, target: output.sum(), scale_grads=False)
     return cls(stages[0], **kwargs) if schedule == "1f1b" else cls(stages, **kwargs)
+
+
+def _call_after_weight_passes(stage, callback) -> None:
+    """Zero-bubble schedules compute weight gradients in a separate pass that adds them into `.grad`
+    itself, outside autograd's accumulation (and its hooks): `callback` runs after each such pass."""
+    weight_pass = stage.backward_weight_one_chunk
+
+    def backward_weight_one_chunk(*args, **kwargs):
+        weight_pass(*args, **kwargs)
+        callback()
+
+    stage.backward_weight_one_chunk = backward_weight_one_chunk
 
 
 class PipelineRunner:
@@ -147,13 +163,14 @@ class PipelineRunner:
         self.holds_first = any(m.spec.is_first for m in self.modules)
         self.last_rank = self._global(pc.plan[-1].pp_rank)
         self.schedules: dict[int, object] = {}
+        self.on_weight_grads = None  # called after each separate weight-gradient pass (zero-bubble)
 
     def _schedule(self, n_microbatches: int, micro_shape: tuple[int, int]):
         key = (n_microbatches, micro_shape)
         if key not in self.schedules:
             self.schedules[key] = build_schedule(self.modules, self.pc, self.pc.pipeline_schedule, n_microbatches,
                                                  micro_shape, self.model.cfg.hidden_size, self.pc.device,
-                                                 self._residual_dtype())
+                                                 self._residual_dtype(), self.on_weight_grads)
         return self.schedules[key]
 
     def run(self, batches: list, objective, compute_mtp: bool, backward: bool) -> dict[str, torch.Tensor]:

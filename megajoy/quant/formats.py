@@ -82,7 +82,9 @@ def _q4_0(blocks):
 class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, fmt: WeightFormat):
-        codes, scales = fmt.quantize(w)
+        # A bf16 copy over an fp32 master (megajoy.optim.master_weights) is quantised from its master: the
+        # grid values trained against are those the checkpoint's weights give.
+        codes, scales = fmt.quantize(getattr(w, "fp32_master", w))
         return fmt.dequantize(codes, scales).to(w.dtype)
 
     @staticmethod

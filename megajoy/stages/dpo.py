@@ -58,7 +58,8 @@ class DpoStage(Stage):
         from megajoy.model import create_model
         from megajoy.parallel.pipeline import PipelineRunner
 
-        self.reference = create_model(trainer.job.model, device=trainer.device, seed=None, pc=trainer.pc)
+        dtype = next(trainer.model.parameters()).dtype  # bf16 under --params-dtype bf16, as the policy
+        self.reference = create_model(trainer.job.model, device=trainer.device, seed=None, dtype=dtype, pc=trainer.pc)
         self.reference.load_state_dict(trainer.model.state_dict())
         self.reference.requires_grad_(False).eval()
         # The same GEMMs as the policy at step 0 (FP8 if on); QAT, switched on later, is not copied: the

@@ -120,9 +120,12 @@ class Trainer:
         self._qat_on = False
         self.stop_requested = False
         self.routers = [m for m in self.model.modules() if isinstance(m, Router)]
-        stage.setup(self)
-        # Last, so everything above (optimizer, stage's reference models) saw the fp32 weights.
+        # After the optimizer (which holds the fp32 weights), before the stage (whose reference log-probs
+        # must come from the weights the policy computes with).
         self.master_weights = MasterWeights(self.model, torch.bfloat16) if job.train.params_dtype == "bf16" else None
+        if self.master_weights is not None and self.pipeline is not None:
+            self.pipeline.on_weight_grads = self.master_weights.flush_grads
+        stage.setup(self)
 
     def _setup_quantisation(self):
         """FP8 GEMMs from the start; the QAT format, whose groups are checked now and which is switched on
