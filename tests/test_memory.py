@@ -148,3 +148,21 @@ def test_plan_cli_reports_fit(capsys):
     assert "fits in 80 GiB" in capsys.readouterr().out
     assert main(argv[:-3] + ["--gpu-memory", "40"]) == 0
     assert "does NOT fit in 40 GiB" in capsys.readouterr().out
+
+
+def test_plan_cli_counts_bf16_copies(capsys):
+    """`--params-dtype bf16`: 2 more bytes per parameter than the fp32 layout, the rest unchanged."""
+    import json
+
+    from megajoy.cli import main
+
+    argv = ["info", "--preset", "joyai-flash", "--pp", "2", "--ep", "64", "--dp", "64", "--use-distributed-optimizer",
+            "--json"]
+    plans = {}
+    for dtype in ("fp32", "bf16"):
+        assert main(argv + ["--params-dtype", dtype]) == 0
+        plans[dtype] = json.loads(capsys.readouterr().out)["memory_plan"]
+    for fp32, bf16 in zip(plans["fp32"], plans["bf16"]):
+        assert bf16["parameters"] == fp32["parameters"] * 6 // 4
+        assert (bf16["gradients"], bf16["optimizer"], bf16["activations"]) == (
+            fp32["gradients"], fp32["optimizer"], fp32["activations"])
