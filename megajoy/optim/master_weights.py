@@ -17,6 +17,7 @@ import contextlib
 import torch
 from torch import nn
 
+
 class MasterWeights:
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
         self.model, self.dtype = model, dtype
