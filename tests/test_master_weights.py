@@ -269,3 +269,31 @@ def test_dpo_reference_is_the_bf16_policy(reference, tmp_path, tokenizer_file):
         first = next(r for r in map(json.loads, f) if "loss" in r)
     assert first["chosen_reward"] == 0 and first["rejected_reward"] == 0 and first["reward_accuracy"] == 0
     assert abs(first["loss"] - math.log(2)) < 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_weights_on_gpu_track_fp32_weights_under_autocast():
+    """On a GPU, with the fast paths (Triton SwiGLU, RMSNorm, RoPE, grouped GEMM): three AdamW steps over
+    bf16 copies give the losses of fp32 weights under autocast, to bf16 round-off."""
+    cfg = small_config(num_nextn_predict_layers=1)
+    batches = [tuple(t.cuda() for t in _batch(seed, cfg, rows=4, seq=64)) for seed in range(3)]
+
+    def losses(bf16_weights: bool) -> list[float]:
+        model = create_model(cfg, device="cuda", seed=5).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        weights = MasterWeights(model) if bf16_weights else None
+        out = []
+        for batch in batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                result = model(batch[0], labels=batch[1], compute_mtp=True)
+                loss = result.lm_loss + result.mtp_loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if weights is not None:
+                weights.copy_to_model()
+            out.append(loss.item())
+        return out
+
+    for got, want in zip(losses(True), losses(False)):
+        assert abs(got - want) <= 1e-2 * want, (got, want)
