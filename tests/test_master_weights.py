@@ -234,6 +234,23 @@ def test_resume_is_bit_exact(tmp_path, data_prefix, tokenizer_file, bf16_referen
         assert torch.equal(weights[name], tensor), name
 
 
+def test_zero_shards_are_the_only_masters_and_resume_exactly(tmp_path, data_prefix, tokenizer_file, bf16_reference):
+    """DP 2 with ZeRO-1: the fp32 shards are the only masters (whole fp32 tensors gathered only for
+    checkpoints and QK-clip, which rescales heads in this run); a resumed run equals an unbroken one bit
+    for bit, and the checkpoints hold fp32 weights."""
+    flags = ("--params-dtype", "bf16", "--dp", "2", "--use-distributed-optimizer", "--qk-clip-tau", "0.03")
+    records, weights = run(tmp_path / "one", data_prefix, tokenizer_file, *flags, world=2)
+    assert sum(r["qk_clip_heads"] > 0 for r in records.values()) >= 2  # logits 0.03 to 0.06 in this run
+    run(tmp_path / "two", data_prefix, tokenizer_file, *flags, "--exit-interval", "2", world=2)
+    resumed, resumed_weights = run(tmp_path / "two", data_prefix, tokenizer_file, *flags, "--resume", world=2)
+    for step in (3, 4):
+        assert resumed[step]["loss"] == records[step]["loss"] and resumed[step]["grad_norm"] == records[step]["grad_norm"]
+    for name, tensor in weights.items():
+        assert torch.equal(resumed_weights[name], tensor), name
+    matrix = weights["layers.0.self_attn.o_proj.weight"]
+    assert not torch.equal(matrix, matrix.to(torch.bfloat16).float())  # fp32, gathered from the shards
+
+
 LAYOUTS = {
     "dp2_zero": (2, ["--dp", "2", "--use-distributed-optimizer"]),
     "tp2_ep2_sp": (2, ["--tp", "2", "--ep", "2", "--sequence-parallel"]),

@@ -19,8 +19,12 @@ from torch import nn
 
 
 class MasterWeights:
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
-        self.model, self.dtype = model, dtype
+    """`sharded`: a ZeRO-1 optimizer with `release_full_weights` / `materialize_full_weights` (AdamW's
+    DistributedOptimizer), whose fp32 shards then are the only masters; the whole fp32 tensors keep only
+    their gradients, and are gathered back inside `full_precision()`."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, sharded=None):
+        self.model, self.dtype, self.sharded = model, dtype, sharded
         self.slots: list[tuple[nn.Module, str, nn.Parameter]] = []  # (module, attribute, master) for every use
         self.compute_of: dict[nn.Parameter, nn.Parameter] = {}  # master -> its low-precision copy
         for module in model.modules():
@@ -31,6 +35,8 @@ class MasterWeights:
                     self.compute_of[master] = self._make_compute(master)
                 self.slots.append((module, name, master))
         self._install(compute=True)
+        if sharded is not None:
+            sharded.release_full_weights(self.compute_of)
 
     def _make_compute(self, master: nn.Parameter) -> nn.Parameter:
         if master.dtype == self.dtype:
@@ -54,19 +60,27 @@ class MasterWeights:
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
-        """After an optimizer step (or any change to the masters): refresh the low-precision weights."""
-        masters = list(self.compute_of)
-        torch._foreach_copy_([self.compute_of[m] for m in masters], masters)
+        """After an optimizer step (or any change to the masters): refresh the low-precision weights. A
+        sharded optimizer's step has written them already."""
+        if self.sharded is None:
+            masters = list(self.compute_of)
+            torch._foreach_copy_([self.compute_of[m] for m in masters], masters)
 
     @contextlib.contextmanager
     def full_precision(self):
-        """The fp32 masters in the modules for the block's duration; the copies refreshed afterwards."""
+        """The fp32 masters in the modules for the block's duration; the copies refreshed afterwards (with
+        a sharded optimizer: from its shards, which the block must have refreshed if it changed weights)."""
+        if self.sharded is not None:
+            self.sharded.materialize_full_weights()
         self._install(compute=False)
         try:
             yield
         finally:
             self._install(compute=True)
-            self.copy_to_model()
+            if self.sharded is not None:
+                self.sharded.release_full_weights(self.compute_of)
+            else:
+                self.copy_to_model()
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@
 Parameters, gradients and optimizer state are read off this rank's real modules, built on the meta
 device with placeholder groups (fp32 master parameters and gradients, AdamW's two moments; with ZeRO-1
 the rank's slice of fp32 master copies and moments, sliced as the distributed optimizer slices; with
-bf16 parameters, their bf16 copies on top).
+bf16 parameters, their bf16 copies, beside whole fp32 masters unless ZeRO-1 holds the only ones).
 Activations are the tensors autograd keeps for backward, counted per micro-batch from the shapes this
 implementation saves (see `layer_activation_elements`), times the micro-batches the schedule keeps in
 flight on the rank. Attention is counted as a fused kernel keeps it (q, k, v, output, log-sum-exp), or,
@@ -50,16 +50,17 @@ def rank_model(model_cfg: ModelConfig, parallel_cfg, world: int, rank: int, seq_
 
 
 def state_bytes(model, pc, params_dtype: str = "fp32") -> tuple[int, int, int]:
-    """(parameter, gradient, optimizer) bytes of this rank, as the trainer allocates them. With
-    params_dtype bf16 the parameters are the fp32 masters plus the model's bf16 copies (gradients stay
-    fp32, on the masters)."""
+    """(parameter, gradient, optimizer) bytes of this rank, as the trainer allocates them for AdamW. With
+    params_dtype bf16 the parameters are the model's bf16 copies plus whole fp32 masters, or, under ZeRO-1,
+    the bf16 copies only (the fp32 shards are counted as optimizer state); gradients stay fp32."""
     from megajoy.parallel.mappings import group_rank
 
     params = [(n, p) for n, p in model.named_parameters()]
     numel = sum(p.numel() for _, p in params)
-    param_bytes = (6 if params_dtype == "bf16" else 4) * numel
     if not pc.distributed_optimizer:
-        return param_bytes, 4 * numel, 8 * numel
+        return (6 if params_dtype == "bf16" else 4) * numel, 4 * numel, 8 * numel
+    # ZeRO-1 with bf16 weights: the rank's fp32 shards are the only masters (AdamW's distributed optimizer)
+    param_bytes = (2 if params_dtype == "bf16" else 4) * numel
     specs = parameter_specs(model, pc)
     owned = 0
     for expert, group in ((False, "dp_cp"), (True, "edp")):

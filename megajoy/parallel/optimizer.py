@@ -166,6 +166,26 @@ class DistributedOptimizer(ParallelOptimizer):
         for buffer in self.buffers:
             buffer.gather_params()
 
+    # ------------------------------------------------------------------ bf16 weights over the shards
+    def release_full_weights(self, copies: dict) -> None:
+        """Under bf16 weights (megajoy.optim.master_weights): this rank's fp32 shards become the only
+        masters (Megatron's layout). The whole fp32 tensors keep their shapes and gradients but give up
+        their storage; `step` writes the gathered weights into their low-precision `copies` instead."""
+        for buffer in self.buffers:
+            buffer.targets = [copies[p] for _, p in buffer.named]
+            buffer.gather_params()
+            for _, p in buffer.named:
+                p.data = torch.empty((), dtype=p.dtype, device=p.device).expand(p.shape)
+
+    def materialize_full_weights(self) -> None:
+        """Whole fp32 tensors again, gathered from the shards (for checkpoints and QK-clip)."""
+        for buffer in self.buffers:
+            if not buffer.named:
+                continue
+            full = buffer._all_gather_flat(buffer._shard_of([x.master.detach() for x in buffer.pieces]))
+            for (_, p), start in zip(buffer.named, buffer.offsets):
+                p.data = full[start:start + p.numel()].view(p.shape).clone()
+
     def local_state(self) -> dict[str, dict]:
         out = {}
         for buffer in self.buffers:
@@ -225,6 +245,7 @@ class _ShardedBuffer:
             self.offsets.append(total)
             total += p.numel()
         self.shard, self.total_padded = shard_size(total, self.n), shard_size(total, self.n) * self.n
+        self.targets = [p for _, p in named]  # where gathered weights are written
         lo, hi = self.rank * self.shard, (self.rank + 1) * self.shard
         self.pieces = []
         for (name, p), start in zip(named, self.offsets):
@@ -274,8 +295,8 @@ class _ShardedBuffer:
             return
         full = self._all_gather_flat(self._shard_of([x.master.detach() for x in self.pieces]))
         with torch.no_grad():
-            for (_, p), start in zip(self.named, self.offsets):
-                p.copy_(full[start:start + p.numel()].view_as(p))
+            for target, start in zip(self.targets, self.offsets):
+                target.copy_(full[start:start + target.numel()].view_as(target))
 
     def gather_state(self, optimizer, key: str) -> dict[str, torch.Tensor]:
         """This rank's local (TP/EP-sharded) view of one optimizer-state tensor for each parameter."""

@@ -21,7 +21,7 @@ from megajoy.quant.qat import set_qat
 from megajoy.optim.schedules import global_batch_size, learning_rate
 from megajoy.parallel.context import ParallelContext
 from megajoy.parallel.mappings import all_reduce_no_grad
-from megajoy.parallel.optimizer import build_parallel_optimizer
+from megajoy.parallel.optimizer import DistributedOptimizer, build_parallel_optimizer
 from megajoy.parallel.params import parameter_specs
 from megajoy.parallel.pipeline import PipelineRunner
 from megajoy.parallel.state import load_full_model_state
@@ -122,7 +122,10 @@ class Trainer:
         self.routers = [m for m in self.model.modules() if isinstance(m, Router)]
         # After the optimizer (which holds the fp32 weights), before the stage (whose reference log-probs
         # must come from the weights the policy computes with).
-        self.master_weights = MasterWeights(self.model, torch.bfloat16) if job.train.params_dtype == "bf16" else None
+        self.master_weights = None
+        if job.train.params_dtype == "bf16":
+            sharded = self.optimizer if type(self.optimizer) is DistributedOptimizer else None  # AdamW's ZeRO-1
+            self.master_weights = MasterWeights(self.model, torch.bfloat16, sharded)
         if self.master_weights is not None and self.pipeline is not None:
             self.pipeline.on_weight_grads = self.master_weights.flush_grads
         stage.setup(self)
