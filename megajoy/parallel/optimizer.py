@@ -183,8 +183,8 @@ class DistributedOptimizer(ParallelOptimizer):
             if not buffer.named:
                 continue
             full = buffer._all_gather_flat(buffer._shard_of([x.master.detach() for x in buffer.pieces]))
-            for (_, p), start in zip(buffer.named, buffer.offsets):
-                p.data = full[start:start + p.numel()].view(p.shape).clone()
+            for (_, p), start in zip(buffer.named, buffer.offsets):  # views of one gathered buffer
+                p.data = full[start:start + p.numel()].view(p.shape)
 
     def local_state(self) -> dict[str, dict]:
         out = {}
