@@ -16,18 +16,25 @@ def track_max_logits(model: torch.nn.Module, enabled: bool) -> None:
 
 
 @torch.no_grad()
-def apply_qk_clip(model: torch.nn.Module, tau: float, replica_group=None) -> dict:
+def apply_qk_clip(model: torch.nn.Module, tau: float, replica_group=None, weights_context=None) -> dict:
     """Clip every MLA's over-threshold heads; reset the trackers. The largest logit is taken over the
-    data-parallel replicas (`replica_group`) first, so every replica makes the same change."""
+    data-parallel replicas (`replica_group`) first, so every replica makes the same change. The weights
+    are rescaled inside `weights_context()` (e.g. fp32 masters put back for it), entered only when some
+    head is over the threshold."""
+    import contextlib
+
     import torch.distributed as dist
 
-    clipped, peak = 0, 0.0
-    for mla in (m for m in model.modules() if isinstance(m, MLA)):
-        logits = all_reduce_no_grad(mla.max_logit.float().clone(), replica_group, dist.ReduceOp.MAX)
-        peak = max(peak, float(logits.max()))
-        for head in torch.nonzero(logits > tau).flatten().tolist():
-            _rescale_head(mla, head, tau / float(logits[head]))
-            clipped += 1
+    layers = [m for m in model.modules() if isinstance(m, MLA)]
+    logits = [all_reduce_no_grad(m.max_logit.float().clone(), replica_group, dist.ReduceOp.MAX) for m in layers]
+    peak = max((float(x.max()) for x in logits), default=0.0)
+    clipped = sum(int((x > tau).sum()) for x in logits)
+    if clipped:
+        with (weights_context or contextlib.nullcontext)():
+            for mla, layer_logits in zip(layers, logits):
+                for head in torch.nonzero(layer_logits > tau).flatten().tolist():
+                    _rescale_head(mla, head, tau / float(layer_logits[head]))
+    for mla in layers:
         mla.max_logit.zero_()
     return {"qk_clip_heads": clipped, "max_attention_logit": peak}
 

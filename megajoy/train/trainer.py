@@ -259,10 +259,13 @@ class Trainer:
         tau = self.job.optimizer.qk_clip_tau
         if not tau:
             return {}
+        return apply_qk_clip(self.model, tau, self.pc.group("dp_cp"), self._weights_for_qk_clip)
+
+    @contextlib.contextmanager
+    def _weights_for_qk_clip(self):
         with self.full_precision():
-            stats = apply_qk_clip(self.model, tau, self.pc.group("dp_cp"))
-            self.optimizer.refresh_from_params()  # ZeRO keeps master copies of what it just rescaled
-        return stats
+            yield
+            self.optimizer.refresh_from_params()  # ZeRO keeps master copies of what was just rescaled
 
     def full_precision(self):
         """The fp32 weights in the model for the block (see MasterWeights); a no-op in an fp32 run."""
