@@ -182,7 +182,7 @@ class DistributedOptimizer(ParallelOptimizer):
         for buffer in self.buffers:
             if not buffer.named:
                 continue
-            full = buffer._all_gather_flat(buffer._shard_of([x.master.detach() for x in buffer.pieces]))
+            full = buffer.gathered_masters()
             for (_, p), start in zip(buffer.named, buffer.offsets):  # views of one gathered buffer
                 p.data = full[start:start + p.numel()].view(p.shape)
 
@@ -290,10 +290,14 @@ class _ShardedBuffer:
             shard[piece.shard_start:piece.shard_start + t.numel()] = t
         return shard
 
+    def gathered_masters(self) -> torch.Tensor:
+        """Every rank's fp32 master pieces laid end to end (all parameters, padded), on every rank."""
+        return self._all_gather_flat(self._shard_of([x.master.detach() for x in self.pieces]))
+
     def gather_params(self) -> None:
         if not self.named:
             return
-        full = self._all_gather_flat(self._shard_of([x.master.detach() for x in self.pieces]))
+        full = self.gathered_masters()
         with torch.no_grad():
             for target, start in zip(self.targets, self.offsets):
                 target.copy_(full[start:start + target.numel()].view_as(target))
