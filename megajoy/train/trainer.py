@@ -126,8 +126,8 @@ class Trainer:
         if job.train.params_dtype == "bf16":
             sharded = self.optimizer if type(self.optimizer) is DistributedOptimizer else None  # AdamW's ZeRO-1
             self.master_weights = MasterWeights(self.model, torch.bfloat16, sharded)
-        if self.master_weights is not None and self.pipeline is not None:
-            self.pipeline.on_weight_grads = self.master_weights.flush_grads
+            if self.pipeline is not None:
+                self.pipeline.on_weight_grads = self.master_weights.flush_grads
         stage.setup(self)
 
     def _setup_quantisation(self):
