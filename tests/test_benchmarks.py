@@ -56,3 +56,10 @@ def test_throughput_variants_beside_transformers(tmp_path):
         assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_memory_gb"] >= 0
         assert math.isclose(row["ratio_to_transformers"], row["tokens_per_s"] / rows["transformers"]["tokens_per_s"])
     assert (tmp_path / "throughput.md").exists() and (tmp_path / "throughput.png").exists()
+
+
+def test_throughput_refuses_bf16_weights_without_fp32_masters(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--bf16",
+                           "--params-dtype", "bf16"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2
+    assert "--params-dtype bf16 keeps fp32 master weights beside the bf16 ones; --bf16 has no fp32 weights" in done.stderr

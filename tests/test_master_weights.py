@@ -151,6 +151,12 @@ def test_zero_bubble_weight_passes_move_each_gradient_to_the_masters():
         assert left == []
 
 
+def test_master_weights_refuse_a_model_already_in_bf16():
+    model = create_model(small_config(), seed=0, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"master weights must be fp32, got torch.bfloat16"):
+        MasterWeights(model)
+
+
 def test_params_dtype_needs_autocast():
     from megajoy.config import load_job_config
 
