@@ -275,6 +275,66 @@ def test_layout_equals_single_process(name, tmp_path, data_prefix, tokenizer_fil
     assert distance(weights, ref_weights) <= 2 * bf16_noise[1]
 
 
+def test_qat_keeps_whole_masters_under_zero(tmp_path, data_prefix, tokenizer_file, bf16_noise):
+    """Fake quantisation reads whole fp32 masters, so with QAT, ZeRO-1 does not release them (its shards
+    still hold the optimizer state): DP 2 trains as one process does. (Quantising released masters made
+    the experts' weights 0.4 away from the one-process run's, relative.)"""
+    flags = ("--params-dtype", "bf16", "--qat", "int4", "--qat-group", "32", "--set", "model.moe_intermediate_size=32")
+    ref_records, ref_weights = run(tmp_path / "one", data_prefix, tokenizer_file, *flags)
+    records, weights = run(tmp_path / "dp2", data_prefix, tokenizer_file, *flags, "--dp", "2",
+                           "--use-distributed-optimizer", world=2)
+    for step in ref_records:
+        assert abs(records[step]["loss"] - ref_records[step]["loss"]) <= 2e-3 * ref_records[step]["loss"], step
+    experts = [n for n in ref_weights if ".experts." in n]
+    assert experts and distance({n: weights[n] for n in experts}, {n: ref_weights[n] for n in experts}) <= 2 * bf16_noise[1]
+
+
+def _released_masters_refuse_fake_quant(rank, world):
+    import dataclasses
+
+    from megajoy.config import load_job_config
+    from megajoy.launch import setup_parallel
+    from megajoy.parallel.optimizer import build_parallel_optimizer
+    from megajoy.quant.formats import WeightFormat
+    from megajoy.quant.qat import set_qat
+
+    job = load_job_config("tiny", None, TINY_MODEL_OVERRIDES + ["model.moe_intermediate_size=32"])
+    job = dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, use_distributed_optimizer=True))
+    pc = setup_parallel(job)
+    model = create_model(job.model, pc=pc).train()
+    weights = MasterWeights(model, sharded=build_parallel_optimizer(model, pc, job.optimizer, True))
+    set_qat(model, WeightFormat.of("int4", 32), "routed-experts")
+    batch = _batch(5, job.model)
+    with pytest.raises(RuntimeError, match="needs its whole fp32 master, which ZeRO-1 keeps only in shards"):
+        _loss(model, batch)
+    with weights.full_precision():  # whole masters again: quantised from them (and in fp32)
+        return float(_loss(model, batch))
+
+
+def test_fake_quant_refuses_released_masters():
+    assert run_workers(1, _released_masters_refuse_fake_quant)[0] > 0
+
+
+def test_muon_zero_owners_hold_the_only_masters(tmp_path, data_prefix, tokenizer_file, bf16_noise):
+    """Muon with ZeRO-1: each matrix's fp32 master lives on the rank that orthogonalises it, which
+    broadcasts the new bf16 weights; QK-clip (rescaling heads here) and checkpoints see whole fp32 tensors.
+    DP 2 trains as one process does, and a resumed run equals an unbroken one bit for bit."""
+    flags = ("--params-dtype", "bf16", "--optimizer", "muon", "--qk-clip-tau", "0.03")
+    ref_records, ref_weights = run(tmp_path / "one", data_prefix, tokenizer_file, *flags)
+    zero = flags + ("--dp", "2", "--use-distributed-optimizer")
+    records, weights = run(tmp_path / "dp2", data_prefix, tokenizer_file, *zero, world=2)
+    assert sum(r["qk_clip_heads"] > 0 for r in records.values()) >= 2
+    for step in ref_records:
+        assert abs(records[step]["loss"] - ref_records[step]["loss"]) <= 2e-3 * ref_records[step]["loss"], step
+    assert distance(weights, ref_weights) <= 2 * bf16_noise[1]
+    run(tmp_path / "resumed", data_prefix, tokenizer_file, *zero, "--exit-interval", "2", world=2)
+    resumed, resumed_weights = run(tmp_path / "resumed", data_prefix, tokenizer_file, *zero, "--resume", world=2)
+    for step in (3, 4):
+        assert resumed[step]["loss"] == records[step]["loss"] and resumed[step]["grad_norm"] == records[step]["grad_norm"]
+    for name, tensor in weights.items():
+        assert torch.equal(resumed_weights[name], tensor), name
+
+
 @pytest.mark.parametrize("reference", ["cached", "model"])
 def test_dpo_reference_is_the_bf16_policy(reference, tmp_path, tokenizer_file):
     """The reference log-probabilities come from the same bf16 weights the policy computes with: at the

@@ -19,9 +19,10 @@ from torch import nn
 
 
 class MasterWeights:
-    """`sharded`: a ZeRO-1 optimizer with `release_full_weights` / `materialize_full_weights` (AdamW's
-    DistributedOptimizer), whose fp32 shards then are the only masters; the whole fp32 tensors keep only
-    their gradients, and are gathered back inside `full_precision()`."""
+    """`sharded`: a ZeRO-1 optimizer with `release_full_weights` / `materialize_full_weights`
+    (DistributedOptimizer, MuonOptimizer), whose shards then are the only masters; the whole fp32 tensors
+    keep only their gradients, and are gathered back inside `full_precision()`. Fake quantisation, which
+    reads whole masters, is refused meanwhile (the trainer keeps whole masters when it quantises)."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, sharded=None):
         self.model, self.dtype, self.sharded = model, dtype, sharded
@@ -36,7 +37,12 @@ class MasterWeights:
                 self.slots.append((module, name, master))
         self._install(compute=True)
         if sharded is not None:
-            sharded.release_full_weights(self.compute_of)
+            self._release()
+
+    def _release(self) -> None:
+        self.sharded.release_full_weights(self.compute_of)
+        for compute in self.compute_of.values():
+            compute.fp32_master = None  # no whole fp32 tensor to fake-quantise from (megajoy.quant.formats)
 
     def _make_compute(self, master: nn.Parameter) -> nn.Parameter:
         if master.dtype == self.dtype:
@@ -72,13 +78,15 @@ class MasterWeights:
         a sharded optimizer: from its shards, which the block must have refreshed if it changed weights)."""
         if self.sharded is not None:
             self.sharded.materialize_full_weights()
+            for master, compute in self.compute_of.items():
+                compute.fp32_master = master
         self._install(compute=False)
         try:
             yield
         finally:
             self._install(compute=True)
             if self.sharded is not None:
-                self.sharded.release_full_weights(self.compute_of)
+                self._release()
             else:
                 self.copy_to_model()
 

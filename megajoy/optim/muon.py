@@ -107,7 +107,10 @@ def assign_owners(entries: list[MuonEntry]) -> None:
 
 class MuonMatrices:
     """The Muon half of an optimizer: momentum and Newton-Schulz on the owning rank of each matrix, the
-    orthogonalised update broadcast to the other replicas, the same parameter update everywhere."""
+    orthogonalised update broadcast to the other replicas, the same parameter update everywhere.
+
+    Under bf16 weights with ZeRO-1 (`release`), a matrix's fp32 master lives on its owner only: the owner
+    applies the update and broadcasts the new bf16 weights (half the bytes of an fp32 update)."""
 
     def __init__(self, entries: list[MuonEntry], cfg, rank: int, ns_dtype: torch.dtype):
         self.entries, self.cfg, self.rank, self.ns_dtype = entries, cfg, rank, ns_dtype
@@ -115,6 +118,8 @@ class MuonMatrices:
         self.group = {"params": [e.param for e in entries], "lr": cfg.lr, "lr_mult": 1.0, "optimizer": "muon"}
         self.momentum: dict[str, torch.Tensor] = {}
         self.orthogonalised: list[str] = []  # matrices this rank ran Newton-Schulz on in the last step
+        self.copies: dict[str, torch.Tensor] | None = None  # name -> bf16 weight, once the masters are released
+        self.copies_dtype = torch.bfloat16
 
     def owns(self, e: MuonEntry) -> bool:
         return e.dp_ranks[e.owner] == self.rank
@@ -124,12 +129,19 @@ class MuonMatrices:
         active = [e for e in self.entries if e.param.grad is not None]
         updates = {e.name: self._orthogonalised_update(e) for e in active if self.owns(e)}
         self.orthogonalised = sorted(updates)
-        self._share(active, updates)
-        lr, wd = self.group["lr"], self.cfg.weight_decay
+        if self.copies is None:
+            updates = self._broadcast_from_owners(active, lambda e: updates[e.name], torch.float32)
         for e in active:
-            m, n = e.layout.global_shape
-            e.param.mul_(1 - lr * wd)
-            e.param.add_(updates[e.name].to(e.param.dtype), alpha=-lr * update_scale(m, n, self.cfg.muon_scale))
+            if e.name in updates:
+                self._apply(e, updates[e.name])
+        if self.copies is not None:
+            self._write_copies(self._broadcast_from_owners(active, lambda e: e.param, self.copies_dtype))
+
+    def _apply(self, e: MuonEntry, update: torch.Tensor) -> None:
+        lr, wd = self.group["lr"], self.cfg.weight_decay
+        m, n = e.layout.global_shape
+        e.param.mul_(1 - lr * wd)
+        e.param.add_(update.to(e.param.dtype), alpha=-lr * update_scale(m, n, self.cfg.muon_scale))
 
     def _orthogonalised_update(self, e: MuonEntry) -> torch.Tensor:
         mu, g = self.cfg.muon_momentum, e.param.grad
@@ -140,18 +152,45 @@ class MuonMatrices:
                           dtype=self.ns_dtype, sharded=e.layout.sharded, group=e.tp_group)
         return e.layout.from_matrices(o.float(), g)
 
-    def _share(self, active: list[MuonEntry], updates: dict) -> None:
-        """Every replica receives each update from its owner: one broadcast per owner and group."""
-        by_owner: dict[tuple, list[MuonEntry]] = {}
-        for e in active:
-            if len(e.dp_ranks) > 1:
+    def _broadcast_from_owners(self, entries: list[MuonEntry], value, dtype: torch.dtype) -> dict:
+        """{name: value(entry)} on every replica, `value` called on each matrix's owner only: one
+        broadcast per owner and group, in the same order on every rank."""
+        out, by_owner = {}, {}
+        for e in entries:
+            if len(e.dp_ranks) == 1:
+                out[e.name] = value(e)
+            else:
                 by_owner.setdefault((tuple(e.dp_ranks), e.owner), []).append(e)
         for (ranks, owner), members in sorted(by_owner.items()):
             sizes = [e.param.numel() for e in members]
             if ranks[owner] == self.rank:
-                flat = torch.cat([updates[e.name].reshape(-1) for e in members])
+                flat = torch.cat([value(e).reshape(-1).to(dtype) for e in members])
             else:
-                flat = torch.empty(sum(sizes), device=members[0].param.device)
+                flat = torch.empty(sum(sizes), dtype=dtype, device=members[0].param.device)
             dist.broadcast(flat, src=ranks[owner], group=members[0].dp_group)
             for e, piece in zip(members, flat.split(sizes)):
-                updates[e.name] = piece.view_as(e.param)
+                out[e.name] = piece.view(e.param.shape)
+        return out
+
+    # ------------------------------------------------------------------ bf16 weights over owned masters
+    def release(self, copies: dict) -> None:
+        """Make the owners' fp32 tensors the only masters: every rank refreshes its low-precision `copies`
+        ({master: copy}) from the whole fp32 weights it holds now, then non-owners give up that storage."""
+        self.copies = {e.name: copies[e.param] for e in self.entries}
+        self.copies_dtype = next((c.dtype for c in self.copies.values()), self.copies_dtype)
+        self._write_copies({e.name: e.param for e in self.entries})
+        for e in self.entries:
+            if not self.owns(e):
+                e.param.data = torch.empty((), dtype=e.param.dtype, device=e.param.device).expand(e.param.shape)
+
+    def materialize(self) -> None:
+        """Whole fp32 matrices on every replica again, broadcast by their owners."""
+        received = self._broadcast_from_owners(self.entries, lambda e: e.param.detach(), torch.float32)
+        for e in self.entries:
+            if not self.owns(e):
+                e.param.data = received[e.name]
+
+    @torch.no_grad()
+    def _write_copies(self, weights: dict) -> None:
+        for name, w in weights.items():
+            self.copies[name].copy_(w)

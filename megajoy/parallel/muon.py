@@ -10,7 +10,6 @@ group (expert-data-parallel for experts), which alone keeps its momentum.
 """
 
 import torch
-import torch.distributed as dist
 
 from megajoy.optim.muon import MatrixLayout, MuonEntry, MuonMatrices, ns_flops
 from megajoy.parallel.optimizer import DistributedOptimizer, ParallelOptimizer, _bucketed_all_reduce
@@ -45,8 +44,21 @@ def matrix_layout(name: str, spec, pc, cfg, num_heads: int) -> MatrixLayout:
     return MatrixLayout("matrix", sharded=sharded, global_shape=tuple(spec.global_shape))
 
 
-def _group_ranks(group, pc) -> list[int]:
-    return dist.get_process_group_ranks(group) if group is not None else [pc.rank]
+def muon_entries(named_params: list, specs: dict, pc, cfg, num_heads: int) -> list[MuonEntry]:
+    """The Muon matrices among `named_params`, with their replica groups (owners not yet assigned); on a
+    planning context too, where the memory planner assigns owners from them."""
+    entries = []
+    for name, p in named_params:
+        if not is_muon_matrix(name, p, cfg):
+            continue
+        spec = specs[name]
+        layout = matrix_layout(name, spec, pc, cfg, num_heads)
+        kind = "edp" if spec.expert else "dp_cp"
+        ranks = next(r for r in pc.layout.group_ranks(kind) if pc.rank in r)
+        local = layout.to_matrices(torch.empty(p.shape, device="meta"))
+        entries.append(MuonEntry(name, p, layout, pc.group(kind), ranks, pc.group("tp") if layout.sharded else None,
+                                 flops=local.shape[0] * ns_flops(local.shape[1], local.shape[2], cfg.muon_ns_steps)))
+    return entries
 
 
 class MuonOptimizer(ParallelOptimizer):
@@ -61,20 +73,12 @@ class MuonOptimizer(ParallelOptimizer):
         adam_cls = DistributedOptimizer if self.distributed else ParallelOptimizer
         self.adam = adam_cls(self.model, pc, cfg, self.bucket_bytes / 2**20, named_params=others)
         self.matrix_params = matrices
-        entries = [self._entry(n, p) for n, p in matrices]
+        entries = muon_entries(matrices, self.specs, pc, cfg, self.model.cfg.num_attention_heads)
         dtype = cfg.muon_ns_dtype
         ns_dtype = (torch.bfloat16 if pc.device.type == "cuda" else torch.float32) if dtype == "auto" else (
             torch.bfloat16 if dtype == "bf16" else torch.float32)
         self.muon = MuonMatrices(entries, cfg, pc.rank, ns_dtype)
         return None
-
-    def _entry(self, name: str, p: torch.Tensor) -> MuonEntry:
-        spec, pc = self.specs[name], self.pc
-        layout = matrix_layout(name, spec, pc, self.cfg, self.model.cfg.num_attention_heads)
-        group = pc.group("edp") if spec.expert else pc.group("dp_cp")
-        local = layout.to_matrices(torch.empty(p.shape, device="meta"))
-        return MuonEntry(name, p, layout, group, _group_ranks(group, pc), pc.group("tp") if layout.sharded else None,
-                         flops=local.shape[0] * ns_flops(local.shape[1], local.shape[2], self.cfg.muon_ns_steps))
 
     @property
     def param_groups(self):
@@ -106,6 +110,21 @@ class MuonOptimizer(ParallelOptimizer):
 
     def refresh_from_params(self) -> None:
         self.adam.refresh_from_params()
+
+    # ------------------------------------------------------------------ bf16 weights (ZeRO-1)
+    @property
+    def shards_master_weights(self) -> bool:
+        return self.distributed
+
+    def release_full_weights(self, copies: dict) -> None:
+        """AdamW's tensors keep their fp32 shards (DistributedOptimizer), each Muon matrix its owner's
+        whole fp32 tensor, as the only masters (see megajoy.optim.master_weights)."""
+        self.adam.release_full_weights(copies)
+        self.muon.release(copies)
+
+    def materialize_full_weights(self) -> None:
+        self.adam.materialize_full_weights()
+        self.muon.materialize()
 
     def holds_state(self, name: str) -> bool:
         entry = next((e for e in self.muon.entries if e.name == name), None)

@@ -22,6 +22,8 @@ STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 class ParallelOptimizer:
+    shards_master_weights = False  # whether bf16 weights may keep their fp32 masters only in this optimizer's shards
+
     def __init__(self, model, pc, cfg, bucket_mb: float = 25.0, named_params: list | None = None):
         self.model, self.pc, self.cfg = model, pc, cfg
         self.specs = parameter_specs(model, pc)
@@ -132,6 +134,8 @@ class ParallelOptimizer:
 
 class DistributedOptimizer(ParallelOptimizer):
     """ZeRO-1 over the data-parallel group (dense tensors) and the expert-data-parallel group (experts)."""
+
+    shards_master_weights = True
 
     def _build_inner(self):
         self.buffers = [_ShardedBuffer([(n, p) for n, p in self.named_params if self.specs[n].expert == expert],

@@ -84,7 +84,11 @@ class _StraightThrough(torch.autograd.Function):
     def forward(ctx, w, fmt: WeightFormat):
         # A bf16 copy over an fp32 master (megajoy.optim.master_weights) is quantised from its master: the
         # grid values trained against are those the checkpoint's weights give.
-        codes, scales = fmt.quantize(getattr(w, "fp32_master", w))
+        master = getattr(w, "fp32_master", w)
+        if master is None:
+            raise RuntimeError(f"fake quantisation of a {tuple(w.shape)} bf16 weight needs its whole fp32 master, "
+                               "which ZeRO-1 keeps only in shards (build MasterWeights without `sharded`)")
+        codes, scales = fmt.quantize(master)
         return fmt.dequantize(codes, scales).to(w.dtype)
 
     @staticmethod

@@ -21,7 +21,7 @@ from megajoy.quant.qat import set_qat
 from megajoy.optim.schedules import global_batch_size, learning_rate
 from megajoy.parallel.context import ParallelContext
 from megajoy.parallel.mappings import all_reduce_no_grad
-from megajoy.parallel.optimizer import DistributedOptimizer, build_parallel_optimizer
+from megajoy.parallel.optimizer import build_parallel_optimizer
 from megajoy.parallel.params import parameter_specs
 from megajoy.parallel.pipeline import PipelineRunner
 from megajoy.parallel.state import load_full_model_state
@@ -48,6 +48,10 @@ class Stage:
         raise NotImplementedError
 
     def compute_mtp(self, trainer: "Trainer") -> bool:
+        return False
+
+    def fake_quantises_weights(self) -> bool:
+        """Whether the stage fake-quantises weights beyond the trainer's QAT (RL's quantised rollouts)."""
         return False
 
     def step_metrics(self, trainer: "Trainer") -> dict[str, float]:
@@ -124,7 +128,9 @@ class Trainer:
         # must come from the weights the policy computes with).
         self.master_weights = None
         if job.train.params_dtype == "bf16":
-            sharded = self.optimizer if type(self.optimizer) is DistributedOptimizer else None  # AdamW's ZeRO-1
+            # Fake quantisation reads whole fp32 masters, so a run that quantises keeps them whole.
+            quantises = self.qat_format is not None or stage.fake_quantises_weights()
+            sharded = self.optimizer if self.optimizer.shards_master_weights and not quantises else None
             self.master_weights = MasterWeights(self.model, torch.bfloat16, sharded)
             if self.pipeline is not None:
                 self.pipeline.on_weight_grads = self.master_weights.flush_grads

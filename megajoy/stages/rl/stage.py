@@ -37,6 +37,9 @@ class RlStage(Stage):
         self.args = args
         self.rows, self.rollout_stats = None, {}
 
+    def fake_quantises_weights(self) -> bool:
+        return bool(self.args.rollout_qat)
+
     # ------------------------------------------------------------------ data and rollouts
     def setup(self, trainer: Trainer) -> None:
         from megajoy.data.prompts import load_prompts
