@@ -30,7 +30,7 @@ PINNED_FLAGS = {
              "--tensor-model-parallel-size", "--pp", "--pipeline-model-parallel-size", "--ep",
              "--expert-model-parallel-size", "--dp", "--data-parallel-size", "--virtual-pipeline-stages", "--schedule",
              "--pp-schedule", "--pp-layout", "--sequence-parallel", "--use-distributed-optimizer", "--micro-batch-size",
-             "--global-batch-size", "--gpu-memory", "--precision", "--params-dtype"},
+             "--global-batch-size", "--gpu-memory", "--precision", "--params-dtype", "--optimizer"},
     "init": {"-h", "--help", "--preset", "--config", "--set", "--out", "--seed", "--tokenizer", "--dtype"},
     "pretrain": {
         "-h", "--help", "--preset", "--config", "--set", "--train-iters", "--global-batch-size", "--micro-batch-size",

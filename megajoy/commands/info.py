@@ -1,6 +1,7 @@
 """`megajoy info`: parameters, FLOPs and KV cache, counted from the real modules on the meta device;
 with layout flags, the memory each pipeline stage's ranks need."""
 
+import dataclasses
 import json
 
 from megajoy.cli import add_config_arguments, job_config_from_args
@@ -26,6 +27,7 @@ def add_arguments(parser) -> None:
     plan.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="activation precision")
     plan.add_argument("--params-dtype", choices=["fp32", "bf16"], default="fp32",
                       help="bf16: bf16 weights over fp32 master weights, as `--params-dtype bf16` trains")
+    plan.add_argument("--optimizer", choices=["adamw", "muon"], help="default: the configuration's (AdamW)")
 
 
 def run(args) -> int:
@@ -60,6 +62,8 @@ def _layout_text(args) -> str:
         parts.append("SP")
     if args.use_distributed_optimizer:
         parts.append("ZeRO-1")
+    if args.optimizer == "muon":
+        parts.append("Muon")
     return " x ".join(parts[:4]) + "".join(", " + p for p in parts[4:])
 
 
@@ -75,8 +79,10 @@ def _memory_plan(args, job):
                               pipeline_layout=args.pp_layout, sequence_parallel=args.sequence_parallel,
                               use_distributed_optimizer=args.use_distributed_optimizer)
     per_step = (args.global_batch_size // (args.micro_batch_size * dp)) if args.global_batch_size else pp
+    optimizer = dataclasses.replace(job.optimizer, optimizer=args.optimizer or job.optimizer.optimizer)
     return plan_memory(job.model, parallel, tp * pp * dp, args.micro_batch_size, args.seq_length, per_step,
-                       bytes_per_element=2 if args.precision == "bf16" else 4, params_dtype=args.params_dtype)
+                       bytes_per_element=2 if args.precision == "bf16" else 4, params_dtype=args.params_dtype,
+                       optimizer=optimizer)
 
 
 def _b(n: float) -> str:

@@ -2,8 +2,9 @@
 
 Parameters, gradients and optimizer state are read off this rank's real modules, built on the meta
 device with placeholder groups (fp32 master parameters and gradients, AdamW's two moments; with ZeRO-1
-the rank's slice of fp32 master copies and moments, sliced as the distributed optimizer slices; with
-bf16 parameters, their bf16 copies, beside whole fp32 masters unless ZeRO-1 holds the only ones).
+the rank's slice of fp32 master copies and moments, sliced as the distributed optimizer slices; Muon's
+momentum on the rank that owns each matrix, assigned as the optimizer assigns it; with bf16 parameters,
+their bf16 copies, beside whole fp32 masters unless ZeRO-1 holds the only ones).
 Activations are the tensors autograd keeps for backward, counted per micro-batch from the shapes this
 implementation saves (see `layer_activation_elements`), times the micro-batches the schedule keeps in
 flight on the rank. Attention is counted as a fused kernel keeps it (q, k, v, output, log-sum-exp), or,
@@ -49,29 +50,39 @@ def rank_model(model_cfg: ModelConfig, parallel_cfg, world: int, rank: int, seq_
         return JoyAIForCausalLM(model_cfg, pc), pc
 
 
-def state_bytes(model, pc, params_dtype: str = "fp32") -> tuple[int, int, int]:
-    """(parameter, gradient, optimizer) bytes of this rank, as the trainer allocates them for AdamW. With
-    params_dtype bf16 the parameters are the model's bf16 copies plus whole fp32 masters, or, under ZeRO-1,
-    the bf16 copies only (the fp32 shards are counted as optimizer state); gradients stay fp32."""
+def state_bytes(model, pc, params_dtype: str = "fp32", optimizer=None) -> tuple[int, int, int]:
+    """(parameter, gradient, optimizer) bytes of this rank, as the trainer allocates them. `optimizer`: the
+    OptimizerConfig (default AdamW). Gradients are fp32. AdamW keeps two moments, and under ZeRO-1 the
+    rank's fp32 slice of the weights; Muon's matrices keep one momentum on the rank that orthogonalises
+    them. With params_dtype bf16 the parameters are the bf16 copies plus whole fp32 masters, or, under
+    ZeRO-1, plus only the Muon matrices this rank owns (AdamW's fp32 slices count as optimizer state)."""
+    from megajoy.optim.muon import assign_owners
     from megajoy.parallel.mappings import group_rank
+    from megajoy.parallel.muon import muon_entries
 
-    params = [(n, p) for n, p in model.named_parameters()]
-    numel = sum(p.numel() for _, p in params)
-    if not pc.distributed_optimizer:
-        return (6 if params_dtype == "bf16" else 4) * numel, 4 * numel, 8 * numel
-    # ZeRO-1 with bf16 weights: the rank's fp32 shards are the only masters (AdamW's distributed optimizer)
-    param_bytes = (2 if params_dtype == "bf16" else 4) * numel
+    params = list(model.named_parameters())
     specs = parameter_specs(model, pc)
-    owned = 0
+    matrices = []
+    if optimizer is not None and optimizer.optimizer == "muon":
+        matrices = muon_entries(params, specs, pc, optimizer, model.cfg.num_attention_heads)
+        assign_owners(matrices)
+    owned_matrices = sum(e.param.numel() for e in matrices if e.dp_ranks[e.owner] == pc.rank)
+    adam = [(n, p) for n, p in params if n not in {e.name for e in matrices}]
+    numel = sum(p.numel() for _, p in params)
+    bf16 = params_dtype == "bf16"
+    if not pc.distributed_optimizer:
+        return (6 if bf16 else 4) * numel, 4 * numel, 8 * sum(p.numel() for _, p in adam) + 4 * owned_matrices
+    adam_owned = 0
     for expert, group in ((False, "dp_cp"), (True, "edp")):
-        sizes = [p.numel() for n, p in params if specs[n].expert == expert]
-        owned += owned_elements(sizes, pc.size(group), group_rank(pc.groups[group]))
-    return param_bytes, 4 * numel, 12 * owned  # fp32 master slice + two moments
+        sizes = [p.numel() for n, p in adam if specs[n].expert == expert]
+        adam_owned += owned_elements(sizes, pc.size(group), group_rank(pc.groups[group]))
+    param_bytes = 2 * numel + 4 * owned_matrices if bf16 else 4 * numel
+    return param_bytes, 4 * numel, 12 * adam_owned + 4 * owned_matrices
 
 
 def plan_memory(model_cfg: ModelConfig, parallel_cfg, world: int, micro_batch_size: int, seq_length: int,
                 micro_batches_per_step: int, attention: str = "flash", bytes_per_element: int = 4,
-                params_dtype: str = "fp32") -> list[RankMemory]:
+                params_dtype: str = "fp32", optimizer=None) -> list[RankMemory]:
     """One entry per pipeline stage, for the stage's first rank: TP and EP ranks hold equal shares, and
     with ZeRO-1 the first data-parallel rank owns the largest slice (the last may own padding)."""
     plan = []
@@ -79,7 +90,7 @@ def plan_memory(model_cfg: ModelConfig, parallel_cfg, world: int, micro_batch_si
     for stage in range(probe.size("pp")):
         rank = stage * probe.layout.stage
         model, pc = rank_model(model_cfg, parallel_cfg, world, rank, seq_length)
-        params, grads, optim = state_bytes(model, pc, params_dtype)
+        params, grads, optim = state_bytes(model, pc, params_dtype, optimizer)
         in_flight = micro_batches_in_flight(pc, micro_batches_per_step)
         per_micro = stage_activation_elements(model, pc, micro_batch_size, seq_length, attention, bytes_per_element)
         layers = tuple(i for s in model.stages for i in s.layers)
