@@ -78,7 +78,7 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("name, params_dtype, optimizer", [(n, "fp32", "adamw") for n in LAYOUTS] + [
-    ("ep2_dp2_zero", "bf16", "adamw"), ("tp2_pp2", "bf16", "adamw"), ("tp2_pp2", "fp32", "muon"),
+    ("ep2_dp2_zero", "bf16", "adamw"), ("tp2_pp2", "bf16", "adamw"), ("tp2_pp2", "bf16", "muon"),
     ("ep2_dp2_zero", "bf16", "muon"), ("pp2_v2_dp2_zero", "bf16", "muon")])
 def test_state_bytes_are_exact(name, params_dtype, optimizer):
     world, flags = LAYOUTS[name]
@@ -158,27 +158,31 @@ def test_plan_cli_reports_fit(capsys):
 
 def test_plan_cli_counts_bf16_copies(capsys):
     """`--params-dtype bf16` under ZeRO-1: the bf16 copies (2 bytes per parameter) instead of whole fp32
-    weights (4), the rest unchanged."""
+    weights (4), the rest unchanged; with QAT, whole fp32 masters beside the copies (6)."""
     import json
 
     from megajoy.cli import main
 
     argv = ["info", "--preset", "joyai-flash", "--pp", "2", "--ep", "64", "--dp", "64", "--use-distributed-optimizer",
-            "--json"]
+            "--optimizer", "adamw", "--json"]
     plans = {}
     for dtype in ("fp32", "bf16"):
         assert main(argv + ["--params-dtype", dtype]) == 0
         plans[dtype] = json.loads(capsys.readouterr().out)["memory_plan"]
-    for fp32, bf16 in zip(plans["fp32"], plans["bf16"]):
+    assert main(argv + ["--params-dtype", "bf16", "--set", "quant.qat=int4"]) == 0
+    qat = json.loads(capsys.readouterr().out)["memory_plan"]
+    for fp32, bf16, bf16_qat in zip(plans["fp32"], plans["bf16"], qat):
         assert bf16["parameters"] == fp32["parameters"] // 2  # ZeRO-1's fp32 shards are the only masters
         assert (bf16["gradients"], bf16["optimizer"], bf16["activations"]) == (
             fp32["gradients"], fp32["optimizer"], fp32["activations"])
+        assert bf16_qat["parameters"] == 3 * bf16["parameters"]  # QAT keeps whole fp32 masters beside the copies
 
 
 def test_plan_cli_counts_muon_state(capsys):
     """`--optimizer muon`: one momentum per matrix on the rank that orthogonalises it instead of AdamW's
     two moments everywhere (the embedding, head and norms keep AdamW): on joyai-slice at DP 8 without
-    ZeRO-1 the optimizer column is 55% of AdamW's on the first stage, 49% on the last."""
+    ZeRO-1 the optimizer column is 55% of AdamW's on the first stage, 49% on the last. Muon is what
+    `megajoy pretrain` uses for the JoyAI presets, so the plan's default."""
     import json
 
     from megajoy.cli import main
@@ -192,5 +196,7 @@ def test_plan_cli_counts_muon_state(capsys):
         assert adamw["optimizer"] == 2 * adamw["parameters"]  # two fp32 moments per fp32 weight
         assert 0.4 * adamw["optimizer"] < muon["optimizer"] < 0.6 * adamw["optimizer"]
         assert (muon["parameters"], muon["gradients"]) == (adamw["parameters"], adamw["gradients"])
-    assert main(argv[:-1] + ["--optimizer", "muon"]) == 0
-    assert "DP 8, Muon" in capsys.readouterr().out
+    assert main(argv) == 0  # the preset's pretraining recipe: Muon
+    assert json.loads(capsys.readouterr().out)["memory_plan"] == plans["muon"]
+    assert main(argv[:-1]) == 0
+    assert "DP 8, Muon, fp32 weights" in capsys.readouterr().out

@@ -4,7 +4,7 @@ with layout flags, the memory each pipeline stage's ranks need."""
 import dataclasses
 import json
 
-from megajoy.cli import add_config_arguments, job_config_from_args
+from megajoy.cli import add_config_arguments
 
 
 def add_arguments(parser) -> None:
@@ -27,13 +27,19 @@ def add_arguments(parser) -> None:
     plan.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="activation precision")
     plan.add_argument("--params-dtype", choices=["fp32", "bf16"], default="fp32",
                       help="bf16: bf16 weights over fp32 master weights, as `--params-dtype bf16` trains")
-    plan.add_argument("--optimizer", choices=["adamw", "muon"], help="default: the configuration's (AdamW)")
+    plan.add_argument("--optimizer", choices=["adamw", "muon"],
+                      help="default: what `megajoy pretrain` uses for the preset (Muon for the JoyAI presets)")
 
 
 def run(args) -> int:
+    from megajoy.config import load_job_config
     from megajoy.model.stats import measure, meta_model
+    from megajoy.stages.pretrain import RECIPES
 
-    job = job_config_from_args(args)
+    # On the preset's pretraining recipe (its optimizer: Muon for the JoyAI presets), as `megajoy pretrain` runs.
+    job = load_job_config(args.preset, args.config, args.overrides, defaults=RECIPES.get(args.preset or "tiny"))
+    if args.optimizer:
+        job = dataclasses.replace(job, optimizer=dataclasses.replace(job.optimizer, optimizer=args.optimizer))
     stats = measure(meta_model(job.model), seq_length=args.seq_length)
     plan = _memory_plan(args, job) if _wants_plan(args) else None
     if args.json:
@@ -46,10 +52,13 @@ def run(args) -> int:
     if plan is not None:
         from megajoy.parallel.memory import format_plan
 
-        print(f"memory per GPU ({_layout_text(args)}, micro-batch {args.micro_batch_size} x {args.seq_length}, "
-              f"{args.precision} activations):")
+        print(f"memory per GPU ({_layout_text(args)}, {_OPTIMIZERS[job.optimizer.optimizer]}, {args.params_dtype} "
+              f"weights, micro-batch {args.micro_batch_size} x {args.seq_length}, {args.precision} activations):")
         print(format_plan(plan, args.gpu_memory))
     return 0
+
+
+_OPTIMIZERS = {"adamw": "AdamW", "muon": "Muon"}
 
 
 def _wants_plan(args) -> bool:
@@ -62,8 +71,6 @@ def _layout_text(args) -> str:
         parts.append("SP")
     if args.use_distributed_optimizer:
         parts.append("ZeRO-1")
-    if args.optimizer == "muon":
-        parts.append("Muon")
     return " x ".join(parts[:4]) + "".join(", " + p for p in parts[4:])
 
 
@@ -79,10 +86,9 @@ def _memory_plan(args, job):
                               pipeline_layout=args.pp_layout, sequence_parallel=args.sequence_parallel,
                               use_distributed_optimizer=args.use_distributed_optimizer)
     per_step = (args.global_batch_size // (args.micro_batch_size * dp)) if args.global_batch_size else pp
-    optimizer = dataclasses.replace(job.optimizer, optimizer=args.optimizer or job.optimizer.optimizer)
     return plan_memory(job.model, parallel, tp * pp * dp, args.micro_batch_size, args.seq_length, per_step,
                        bytes_per_element=2 if args.precision == "bf16" else 4, params_dtype=args.params_dtype,
-                       optimizer=optimizer)
+                       optimizer=job.optimizer, whole_masters=job.quant.qat is not None)
 
 
 def _b(n: float) -> str:

@@ -50,12 +50,14 @@ def rank_model(model_cfg: ModelConfig, parallel_cfg, world: int, rank: int, seq_
         return JoyAIForCausalLM(model_cfg, pc), pc
 
 
-def state_bytes(model, pc, params_dtype: str = "fp32", optimizer=None) -> tuple[int, int, int]:
+def state_bytes(model, pc, params_dtype: str = "fp32", optimizer=None, whole_masters: bool = False
+                ) -> tuple[int, int, int]:
     """(parameter, gradient, optimizer) bytes of this rank, as the trainer allocates them. `optimizer`: the
     OptimizerConfig (default AdamW). Gradients are fp32. AdamW keeps two moments, and under ZeRO-1 the
     rank's fp32 slice of the weights; Muon's matrices keep one momentum on the rank that orthogonalises
     them. With params_dtype bf16 the parameters are the bf16 copies plus whole fp32 masters, or, under
-    ZeRO-1, plus only the Muon matrices this rank owns (AdamW's fp32 slices count as optimizer state)."""
+    ZeRO-1, plus only the Muon matrices this rank owns (AdamW's fp32 slices count as optimizer state),
+    unless `whole_masters` (QAT's fake quantisation reads them: the trainer then keeps them all)."""
     from megajoy.optim.muon import assign_owners
     from megajoy.parallel.mappings import group_rank
     from megajoy.parallel.muon import muon_entries
@@ -76,13 +78,13 @@ def state_bytes(model, pc, params_dtype: str = "fp32", optimizer=None) -> tuple[
     for expert, group in ((False, "dp_cp"), (True, "edp")):
         sizes = [p.numel() for n, p in adam if specs[n].expert == expert]
         adam_owned += owned_elements(sizes, pc.size(group), group_rank(pc.groups[group]))
-    param_bytes = 2 * numel + 4 * owned_matrices if bf16 else 4 * numel
+    param_bytes = 2 * numel + 4 * (numel if whole_masters else owned_matrices) if bf16 else 4 * numel
     return param_bytes, 4 * numel, 12 * adam_owned + 4 * owned_matrices
 
 
 def plan_memory(model_cfg: ModelConfig, parallel_cfg, world: int, micro_batch_size: int, seq_length: int,
                 micro_batches_per_step: int, attention: str = "flash", bytes_per_element: int = 4,
-                params_dtype: str = "fp32", optimizer=None) -> list[RankMemory]:
+                params_dtype: str = "fp32", optimizer=None, whole_masters: bool = False) -> list[RankMemory]:
     """One entry per pipeline stage, for the stage's first rank: TP and EP ranks hold equal shares, and
     with ZeRO-1 the first data-parallel rank owns the largest slice (the last may own padding)."""
     plan = []
@@ -90,7 +92,7 @@ def plan_memory(model_cfg: ModelConfig, parallel_cfg, world: int, micro_batch_si
     for stage in range(probe.size("pp")):
         rank = stage * probe.layout.stage
         model, pc = rank_model(model_cfg, parallel_cfg, world, rank, seq_length)
-        params, grads, optim = state_bytes(model, pc, params_dtype, optimizer)
+        params, grads, optim = state_bytes(model, pc, params_dtype, optimizer, whole_masters)
         in_flight = micro_batches_in_flight(pc, micro_batches_per_step)
         per_micro = stage_activation_elements(model, pc, micro_batch_size, seq_length, attention, bytes_per_element)
         layers = tuple(i for s in model.stages for i in s.layers)
