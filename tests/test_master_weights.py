@@ -302,7 +302,10 @@ def _released_masters_refuse_fake_quant(rank, world):
     job = dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, use_distributed_optimizer=True))
     pc = setup_parallel(job)
     model = create_model(job.model, pc=pc).train()
-    weights = MasterWeights(model, sharded=build_parallel_optimizer(model, pc, job.optimizer, True))
+    optimizer = build_parallel_optimizer(model, pc, job.optimizer, True)
+    weights, gathers = MasterWeights(model, sharded=optimizer), []
+    whole = optimizer.materialize_full_weights
+    optimizer.materialize_full_weights = lambda: (gathers.append(1), whole())  # counts, then gathers
     set_qat(model, WeightFormat.of("int4", 32), "routed-experts")
     batch = _batch(5, job.model)
     with pytest.raises(RuntimeError, match="needs its whole fp32 master, which ZeRO-1 keeps only in shards"):
@@ -313,6 +316,50 @@ def _released_masters_refuse_fake_quant(rank, world):
 
 def test_fake_quant_refuses_released_masters():
     assert run_workers(1, _released_masters_refuse_fake_quant)[0] > 0
+
+
+def _qk_clip_on_the_shards(rank, world, optimizer_name):
+    """DP 2, ZeRO-1, bf16 weights: QK-clip scales the fp32 masters where they live. Returns (whole-weight
+    gathers during QK-clip plus released tensors left whole, copies equal to bf16 of a whole-fp32 reference
+    clipped in place, masters equal to that reference, released tensors before)."""
+    import dataclasses
+
+    from megajoy.config import load_job_config
+    from megajoy.launch import setup_parallel
+    from megajoy.model.mla import MLA
+    from megajoy.optim.qk_clip import apply_qk_clip
+    from megajoy.parallel.optimizer import build_parallel_optimizer
+
+    job = load_job_config("tiny", None, TINY_MODEL_OVERRIDES + [f"optimizer.optimizer={optimizer_name}"])
+    job = dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, use_distributed_optimizer=True))
+    pc = setup_parallel(job)
+    model, reference = (create_model(job.model, pc=pc, seed=4).train() for _ in range(2))
+    optimizer = build_parallel_optimizer(model, pc, job.optimizer, True)
+    weights, gathers = MasterWeights(model, sharded=optimizer), []
+    whole = optimizer.materialize_full_weights
+    optimizer.materialize_full_weights = lambda: (gathers.append(1), whole())  # counts, then gathers
+    tau, layers = 10.0, 0
+    for net in (model, reference):
+        for layers, mla in enumerate((m for m in net.modules() if isinstance(m, MLA)), 1):
+            mla.max_logit.copy_(torch.tensor([tau * (1 + layers / 2), tau / 2]))  # head 0 over tau in each layer
+    placeholder = lambda p: p.numel() > 1 and p.stride() == (0,) * p.ndim  # noqa: E731
+    released = {n for n, p in weights.compute_of.items() if placeholder(n)}
+    assert apply_qk_clip(model, tau, pc.group("dp_cp"), weights.scale_rows)["qk_clip_heads"] == layers == 3
+    apply_qk_clip(reference, tau)
+    materialised = len(gathers) + sum(not placeholder(p) for p in released)
+    copies = all(torch.equal(c, r.detach().to(torch.bfloat16)) for c, r in zip(model.parameters(), reference.parameters()))
+    with weights.full_precision():
+        masters = all(torch.equal(m, r) for m, r in zip(model.parameters(), reference.parameters()))
+    return materialised, copies, masters, len(released)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_qk_clip_scales_the_shards_in_place(optimizer):
+    """No whole fp32 weight is gathered for QK-clip under ZeRO-1: the rescaling lands on AdamW's fp32
+    slices or on the Muon matrix's owner, and the bf16 copies and the masters then equal those of a whole
+    fp32 model clipped in place, exactly."""
+    for materialised, copies, masters, released in run_workers(2, _qk_clip_on_the_shards, optimizer):
+        assert (materialised, copies, masters) == (0, True, True) and released > 0
 
 
 def test_muon_zero_owners_hold_the_only_masters(tmp_path, data_prefix, tokenizer_file, bf16_noise):

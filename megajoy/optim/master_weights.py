@@ -7,9 +7,10 @@ reduction, norm, clip and step runs on them as in an fp32 run. Each bf16 gradien
 master's fp32 `.grad` as soon as autograd has accumulated it (and freed), so micro-batches accumulate
 in fp32. After the step the masters are copied into the bf16 weights.
 
-Code that reads or writes weights outside a training step (checkpoints, QK-clip) runs inside
-`full_precision()`, which puts the masters back into the modules meanwhile: checkpoints hold the fp32
-weights and resume exactly, at any layout and in either mode.
+Code that reads or writes weights outside a training step (checkpoints) runs inside `full_precision()`,
+which puts the masters back into the modules meanwhile: checkpoints hold the fp32 weights and resume
+exactly, at any layout and in either mode. QK-clip's row rescaling goes to the masters through
+`scale_rows`, which under ZeRO-1 scales the shards where they are.
 """
 
 import contextlib
@@ -71,6 +72,20 @@ class MasterWeights:
         if self.sharded is None:
             masters = list(self.compute_of)
             torch._foreach_copy_([self.compute_of[m] for m in masters], masters)
+
+    @torch.no_grad()
+    def scale_rows(self, rows: list) -> None:
+        """Multiply rows of weights ((weight, row slice, factor), each weight as the model holds it) on
+        their fp32 masters, wherever those live (with a sharded optimizer, its shards), and refresh the
+        low-precision copies: QK-clip without gathering whole fp32 weights."""
+        master_of = {compute: master for master, compute in self.compute_of.items()}
+        on_masters = [(master_of.get(w, w), span, factor) for w, span, factor in rows]
+        if self.sharded is not None:
+            self.sharded.scale_master_rows(on_masters)
+            return
+        for master, span, factor in on_masters:
+            master[span].mul_(factor)
+        self.copy_to_model()
 
     @contextlib.contextmanager
     def full_precision(self):

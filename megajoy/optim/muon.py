@@ -183,6 +183,16 @@ class MuonMatrices:
             if not self.owns(e):
                 e.param.data = torch.empty((), dtype=e.param.dtype, device=e.param.device).expand(e.param.shape)
 
+    @torch.no_grad()
+    def scale_rows(self, rows: list) -> None:
+        """Multiply rows ((master, row slice, factor)) of owned matrices' masters, then broadcast the touched
+        matrices' new low-precision weights from their owners."""
+        touched = [e for e in self.entries if any(w is e.param for w, _, _ in rows)]
+        for weight, span, factor in rows:
+            if any(e.param is weight and self.owns(e) for e in touched):
+                weight[span].mul_(factor)
+        self._write_copies(self._broadcast_from_owners(touched, lambda e: e.param, self.copies_dtype))
+
     def materialize(self) -> None:
         """Whole fp32 matrices on every replica again, broadcast by their owners."""
         received = self._broadcast_from_owners(self.entries, lambda e: e.param.detach(), torch.float32)

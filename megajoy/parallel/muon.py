@@ -126,6 +126,11 @@ class MuonOptimizer(ParallelOptimizer):
         self.adam.materialize_full_weights()
         self.muon.materialize()
 
+    def scale_master_rows(self, rows: list) -> None:
+        matrices = {e.param for e in self.muon.entries}
+        self.adam.scale_master_rows([r for r in rows if r[0] not in matrices])
+        self.muon.scale_rows([r for r in rows if r[0] in matrices])
+
     def holds_state(self, name: str) -> bool:
         entry = next((e for e in self.muon.entries if e.name == name), None)
         return self.muon.owns(entry) if entry is not None else self.adam.holds_state(name)

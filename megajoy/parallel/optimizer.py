@@ -181,8 +181,23 @@ class DistributedOptimizer(ParallelOptimizer):
             for _, p in buffer.named:
                 p.data = torch.empty((), dtype=p.dtype, device=p.device).expand(p.shape)
 
+    @torch.no_grad()
+    def scale_master_rows(self, rows: list) -> None:
+        """Multiply rows ((whole fp32 tensor, row slice, factor)) of the weights in this rank's shards,
+        then gather the touched buffers' weights into their copies (as a step does)."""
+        touched = [b for b in self.buffers if any(w in b.params for w, _, _ in rows)]
+        for weight, span, factor in rows:
+            width = weight[0].numel()
+            lo, hi = span.start * width, span.stop * width
+            for x in (x for b in touched for x in b.pieces if x.param is weight):
+                a, b = max(lo, x.param_start), min(hi, x.param_end)
+                if a < b:
+                    x.master.data[a - x.param_start:b - x.param_start].mul_(factor)
+        for buffer in touched:
+            buffer.gather_params()
+
     def materialize_full_weights(self) -> None:
-        """Whole fp32 tensors again, gathered from the shards (for checkpoints and QK-clip)."""
+        """Whole fp32 tensors again, gathered from the shards (for checkpoints)."""
         for buffer in self.buffers:
             if not buffer.named:
                 continue
@@ -250,6 +265,7 @@ class _ShardedBuffer:
             total += p.numel()
         self.shard, self.total_padded = shard_size(total, self.n), shard_size(total, self.n) * self.n
         self.targets = [p for _, p in named]  # where gathered weights are written
+        self.params = {p for _, p in named}
         lo, hi = self.rank * self.shard, (self.rank + 1) * self.shard
         self.pieces = []
         for (name, p), start in zip(named, self.offsets):

@@ -16,7 +16,7 @@ from megajoy.kernels import backend as kernels
 from megajoy.model import create_model
 from megajoy.model.moe import MoE, Router
 from megajoy.optim.master_weights import MasterWeights
-from megajoy.optim.qk_clip import apply_qk_clip, track_max_logits
+from megajoy.optim.qk_clip import apply_qk_clip, scale_rows_in_place, track_max_logits
 from megajoy.quant.qat import set_qat
 from megajoy.optim.schedules import global_batch_size, learning_rate
 from megajoy.parallel.context import ParallelContext
@@ -265,13 +265,16 @@ class Trainer:
         tau = self.job.optimizer.qk_clip_tau
         if not tau:
             return {}
-        return apply_qk_clip(self.model, tau, self.pc.group("dp_cp"), self._weights_for_qk_clip)
+        return apply_qk_clip(self.model, tau, self.pc.group("dp_cp"), self._scale_weight_rows)
 
-    @contextlib.contextmanager
-    def _weights_for_qk_clip(self):
-        with self.full_precision():
-            yield
-            self.optimizer.refresh_from_params()  # ZeRO keeps master copies of what was just rescaled
+    def _scale_weight_rows(self, rows: list) -> None:
+        """QK-clip's rescaling, on the fp32 weights wherever they are."""
+        if self.master_weights is not None:
+            self.master_weights.scale_rows(rows)
+        else:
+            scale_rows_in_place(rows)
+        if self.master_weights is None or self.master_weights.sharded is None:
+            self.optimizer.refresh_from_params()  # ZeRO's fp32 slices of what was just rescaled
 
     def full_precision(self):
         """The fp32 weights in the model for the block (see MasterWeights); a no-op in an fp32 run."""
