@@ -66,7 +66,9 @@ def reference_aux(tmp_path_factory, data_prefix, tokenizer_file):
 
 def assert_equivalent(run, reference, rtol=1e-5):
     (records, weights), (ref_records, ref_weights) = run, reference
-    keys = ("loss", "mtp_loss", "val_loss", "val_mtp_loss", "grad_norm")
+    # and the statistics every stage and TP rank contributes to (routers on some stages, heads on each TP rank)
+    keys = ("loss", "mtp_loss", "val_loss", "val_mtp_loss", "grad_norm", "expert_load_max_mean",
+            "expert_load_max_mean_worst", "qk_clip_heads", "max_attention_logit")
     losses = [(r["step"], *(r.get(k) for k in keys)) for r in records]
     ref_losses = [(r["step"], *(r.get(k) for k in keys)) for r in ref_records]
     assert len(losses) == len(ref_losses)
@@ -238,7 +240,7 @@ def test_hf_export_from_a_tp2_pp2_checkpoint(tmp_path, data_prefix, tokenizer_fi
 
 # Muon: every layout's update equals the single process's (Gram all-reduce for TP shards, one owner per
 # matrix in each data-parallel group, broadcast results).
-MUON = ["--optimizer", "muon", "--lr", "1e-3"]
+MUON = ["--optimizer", "muon", "--lr", "1e-3", "--qk-clip-tau", "0.03"]  # MuonClip: clips 3, 1, 0 heads in the 3 steps
 MUON_LAYOUTS = {
     "tp2": (2, ["--tp", "2"], []),
     "tp2_sp_per_head": (2, ["--tp", "2", "--sequence-parallel"], ["--muon-per-head"]),

@@ -265,7 +265,19 @@ class Trainer:
         tau = self.job.optimizer.qk_clip_tau
         if not tau:
             return {}
-        return apply_qk_clip(self.model, tau, self.pc.group("dp_cp"), self._scale_weight_rows)
+        stats = apply_qk_clip(self.model, tau, self.pc.group("dp_cp"), self._scale_weight_rows)
+        # Each TP rank holds some heads and each stage some layers: the step's totals cover them all.
+        heads = self._reduce_statistic(stats["qk_clip_heads"], ("tp", "pp"))
+        peak = self._reduce_statistic(stats["max_attention_logit"], ("tp", "pp"), dist.ReduceOp.MAX)
+        return {"qk_clip_heads": int(heads), "max_attention_logit": peak}
+
+    def _reduce_statistic(self, value: float, groups: tuple, op=dist.ReduceOp.SUM) -> float:
+        """One per-rank number reduced over the kinds of ranks whose layers or heads differ (`groups`, e.g.
+        tensor- and pipeline-parallel); replicas, which hold the same number, are not counted twice."""
+        x = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        for name in groups:
+            all_reduce_no_grad(x, self.pc.group(name), op)
+        return x.item()
 
     def _scale_weight_rows(self, rows: list) -> None:
         """QK-clip's rescaling, on the fp32 weights wherever they are."""
@@ -355,9 +367,8 @@ class Trainer:
                 module.aux_loss_scale = scale
 
     def _update_router_biases(self) -> dict:
-        """Bias update from the step's load (every micro-batch), then reset the counters."""
-        if not self.routers:
-            return {}
+        """Bias update from the step's load (every micro-batch), then reset the counters. The metrics cover
+        every stage's routers (a stage may have none)."""
         ratios = []
         for router in self.routers:
             load = all_reduce_no_grad(router.expert_load.float(), self.pc.group("stage"))
@@ -365,7 +376,12 @@ class Trainer:
             if not self.job.train.freeze_router_bias:
                 router.update_bias(load, self.job.train.router_bias_update_rate)
             router.expert_load.zero_()
-        return {"expert_load_max_mean": sum(ratios) / len(ratios), "expert_load_max_mean_worst": max(ratios)}
+        count = self._reduce_statistic(len(ratios), ("pp",))  # a stage's ranks hold the same loads
+        if not count:
+            return {}
+        return {"expert_load_max_mean": self._reduce_statistic(sum(ratios), ("pp",)) / count,
+                "expert_load_max_mean_worst": self._reduce_statistic(max(ratios, default=0.0), ("pp",),
+                                                                     dist.ReduceOp.MAX)}
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
