@@ -362,13 +362,20 @@ def test_qk_clip_scales_the_shards_in_place(optimizer):
         assert (materialised, copies, masters) == (0, True, True) and released > 0
 
 
-def test_muon_zero_owners_hold_the_only_masters(tmp_path, data_prefix, tokenizer_file, bf16_noise):
+MUON_CLIP = ("--params-dtype", "bf16", "--optimizer", "muon", "--qk-clip-tau", "0.03")
+
+
+@pytest.fixture(scope="module")
+def muon_reference(tmp_path_factory, data_prefix, tokenizer_file):
+    return run(tmp_path_factory.mktemp("muon_bf16"), data_prefix, tokenizer_file, *MUON_CLIP)
+
+
+def test_muon_zero_owners_hold_the_only_masters(tmp_path, data_prefix, tokenizer_file, bf16_noise, muon_reference):
     """Muon with ZeRO-1: each matrix's fp32 master lives on the rank that orthogonalises it, which
-    broadcasts the new bf16 weights; QK-clip (rescaling heads here) and checkpoints see whole fp32 tensors.
-    DP 2 trains as one process does, and a resumed run equals an unbroken one bit for bit."""
-    flags = ("--params-dtype", "bf16", "--optimizer", "muon", "--qk-clip-tau", "0.03")
-    ref_records, ref_weights = run(tmp_path / "one", data_prefix, tokenizer_file, *flags)
-    zero = flags + ("--dp", "2", "--use-distributed-optimizer")
+    broadcasts the new bf16 weights; QK-clip (rescaling heads here) scales the owner's rows, checkpoints see
+    whole fp32 tensors. DP 2 trains as one process does, and a resumed run equals an unbroken one bit for bit."""
+    ref_records, ref_weights = muon_reference
+    zero = MUON_CLIP + ("--dp", "2", "--use-distributed-optimizer")
     records, weights = run(tmp_path / "dp2", data_prefix, tokenizer_file, *zero, world=2)
     assert sum(r["qk_clip_heads"] > 0 for r in records.values()) >= 2
     for step in ref_records:
@@ -380,6 +387,19 @@ def test_muon_zero_owners_hold_the_only_masters(tmp_path, data_prefix, tokenizer
         assert resumed[step]["loss"] == records[step]["loss"] and resumed[step]["grad_norm"] == records[step]["grad_norm"]
     for name, tensor in weights.items():
         assert torch.equal(resumed_weights[name], tensor), name
+
+
+def test_muon_zero_resumes_under_pipeline_parallelism(tmp_path, data_prefix, tokenizer_file, bf16_noise,
+                                                      muon_reference):
+    """PP 2 x DP 2, Muon, ZeRO-1, bf16 weights, stopped after step 2 and resumed (each stage loads only its
+    own tensors' state): the same losses and weights as one uninterrupted process, to bf16 round-off."""
+    flags = MUON_CLIP + ("--pp", "2", "--dp", "2", "--use-distributed-optimizer")
+    run(tmp_path / "pp2", data_prefix, tokenizer_file, *flags, "--exit-interval", "2", world=4)
+    records, weights = run(tmp_path / "pp2", data_prefix, tokenizer_file, *flags, "--resume", world=4)
+    ref_records, ref_weights = muon_reference
+    for step in ref_records:
+        assert abs(records[step]["loss"] - ref_records[step]["loss"]) <= 2e-3 * ref_records[step]["loss"], step
+    assert distance(weights, ref_weights) <= 2 * bf16_noise[1]
 
 
 @pytest.mark.parametrize("reference", ["cached", "model"])

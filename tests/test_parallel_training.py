@@ -202,18 +202,21 @@ def test_async_save_is_not_changed_by_later_steps(tmp_path, data_prefix, tokeniz
 
 
 def test_saved_at_tp2_pp2_resumes_at_ep2_and_single(tmp_path, data_prefix, tokenizer_file, deep_reference):
-    """Saved at TP 2 x PP 2, loaded at TP 1 x PP 1 x EP 2 (so DP 2) and in one process: the next step's
-    loss is the same, and equals the uninterrupted run's."""
+    """Saved at TP 2 x PP 2, loaded at TP 1 x PP 1 x EP 2 (so DP 2), in one process and at PP 2 x DP 2 with
+    ZeRO-1 (each stage skipping the other's optimizer state): the next step's loss is the same, and equals
+    the uninterrupted run's."""
     saved = tmp_path / "tp2_pp2"
     run_layout(saved, data_prefix, tokenizer_file, 4, ["--tp", "2", "--pp", "2", "--exit-interval", "2"] + DEEP)
     losses = {}
-    for name, world, flags in (("ep2", 2, ["--ep", "2"]), ("single", 1, [])):
+    for name, world, flags in (("ep2", 2, ["--ep", "2"]), ("single", 1, []),
+                               ("pp2_dp2_zero", 4, ["--pp", "2", "--use-distributed-optimizer"])):
         out = tmp_path / name
         shutil.copytree(saved, out)
         records, _ = run_layout(out, data_prefix, tokenizer_file, world, flags + ["--resume"] + DEEP)
         losses[name] = {r["step"]: r["loss"] for r in records if "loss" in r}
     reference = {r["step"]: r["loss"] for r in deep_reference[0] if "loss" in r}
     assert losses["ep2"][3] == pytest.approx(losses["single"][3], rel=1e-6)
+    assert losses["pp2_dp2_zero"][3] == pytest.approx(losses["single"][3], rel=1e-6)
     assert losses["single"][3] == pytest.approx(reference[3], rel=1e-5)
 
 

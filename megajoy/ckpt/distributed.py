@@ -143,11 +143,11 @@ def load_into(model, optimizer, specs: dict[str, ParamSpec], pc, path: str) -> N
     fields = _optimizer_fields(keys)
     if optimizer is not None:
         for name in fields:
-            if name not in params:
+            if f"model.{name}" not in keys:
                 raise ValueError(f"{path}: optimizer state for unknown tensor {name!r}")
         for name, names in fields.items():
-            if not optimizer.holds_state(name):
-                continue
+            if name not in params or not optimizer.holds_state(name):
+                continue  # another pipeline stage's tensor, or state another rank keeps
             for field in names:
                 key = f"optim.{name}.{field}"
                 if shapes[key]:  # a tensor shaped like the parameter
