@@ -80,8 +80,10 @@ def test_full_precision_puts_the_masters_back_for_the_block():
     masters = dict(model.named_parameters())
     weights = MasterWeights(model)
     with weights.full_precision():
+        with weights.full_precision():  # nested: a no-op, the outer block keeps the masters in place
+            pass
         assert {n: p for n, p in model.named_parameters()} == masters
-        with torch.no_grad():  # a change made meanwhile (a checkpoint load, QK-clip) reaches the bf16 copy
+        with torch.no_grad():  # a change made meanwhile (a checkpoint load) reaches the bf16 copy
             model.layers["0"].self_attn.o_proj.weight.mul_(0.5)
     halved = masters["layers.0.self_attn.o_proj.weight"]
     assert torch.equal(model.layers["0"].self_attn.o_proj.weight, halved.detach().to(torch.bfloat16))

@@ -169,6 +169,10 @@ def test_plan_cli_counts_bf16_copies(capsys):
     for dtype in ("fp32", "bf16"):
         assert main(argv + ["--params-dtype", dtype]) == 0
         plans[dtype] = json.loads(capsys.readouterr().out)["memory_plan"]
+    configured = [a for a in argv if a != "--use-distributed-optimizer"] + [
+        "--set", "parallel.use_distributed_optimizer=true", "--set", "train.params_dtype=bf16"]
+    assert main(configured) == 0  # the same plan from the configuration's fields
+    assert json.loads(capsys.readouterr().out)["memory_plan"] == plans["bf16"]
     assert main(argv + ["--params-dtype", "bf16", "--set", "quant.qat=int4"]) == 0
     qat = json.loads(capsys.readouterr().out)["memory_plan"]
     for fp32, bf16, bf16_qat in zip(plans["fp32"], plans["bf16"], qat):
@@ -200,3 +204,20 @@ def test_plan_cli_counts_muon_state(capsys):
     assert json.loads(capsys.readouterr().out)["memory_plan"] == plans["muon"]
     assert main(argv[:-1]) == 0
     assert "DP 8, Muon, fp32 weights" in capsys.readouterr().out
+
+
+def test_plan_reports_the_stage_rank_that_holds_the_most():
+    """Muon spreads matrices over the data-parallel ranks by Newton-Schulz cost, not by bytes, so under
+    ZeRO-1 rank 0 is not the fullest: the plan's row is the stage's largest rank."""
+    from megajoy.parallel.memory import plan_memory
+
+    job = _job({}, "muon")
+    parallel = ParallelConfig(use_distributed_optimizer=True)
+    shares = {}
+    for rank in range(4):
+        model, pc = rank_model(job.model, parallel, 4, rank, SEQ)
+        shares[rank] = state_bytes(model, pc, "bf16", job.optimizer)
+    fullest = max(shares, key=lambda r: sum(shares[r]))
+    assert fullest != 0 and sum(shares[fullest]) > sum(shares[0])
+    [row] = plan_memory(job.model, parallel, 4, MICRO, SEQ, 1, params_dtype="bf16", optimizer=job.optimizer)
+    assert row.rank == fullest and (row.parameters, row.gradients, row.optimizer) == shares[fullest]

@@ -25,8 +25,9 @@ def add_arguments(parser) -> None:
     plan.add_argument("--global-batch-size", type=int, help="default: one micro-batch per pipeline stage and DP rank")
     plan.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU to check the plan against")
     plan.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="activation precision")
-    plan.add_argument("--params-dtype", choices=["fp32", "bf16"], default="fp32",
-                      help="bf16: bf16 weights over fp32 master weights, as `--params-dtype bf16` trains")
+    plan.add_argument("--params-dtype", choices=["fp32", "bf16"],
+                      help="bf16: bf16 weights over fp32 master weights, as `--params-dtype bf16` trains "
+                           "(default: the configuration's train.params_dtype)")
     plan.add_argument("--optimizer", choices=["adamw", "muon"],
                       help="default: what `megajoy pretrain` uses for the preset (Muon for the JoyAI presets)")
 
@@ -38,8 +39,12 @@ def run(args) -> int:
 
     # On the preset's pretraining recipe (its optimizer: Muon for the JoyAI presets), as `megajoy pretrain` runs.
     job = load_job_config(args.preset, args.config, args.overrides, defaults=RECIPES.get(args.preset or "tiny"))
-    if args.optimizer:
-        job = dataclasses.replace(job, optimizer=dataclasses.replace(job.optimizer, optimizer=args.optimizer))
+    # Plan flags over the configuration's fields (a YAML file or --set may have set them).
+    job = dataclasses.replace(
+        job, optimizer=dataclasses.replace(job.optimizer, optimizer=args.optimizer or job.optimizer.optimizer),
+        train=dataclasses.replace(job.train, params_dtype=args.params_dtype or job.train.params_dtype),
+        parallel=dataclasses.replace(job.parallel, use_distributed_optimizer=args.use_distributed_optimizer or
+                                     job.parallel.use_distributed_optimizer))
     stats = measure(meta_model(job.model), seq_length=args.seq_length)
     plan = _memory_plan(args, job) if _wants_plan(args) else None
     if args.json:
@@ -52,8 +57,9 @@ def run(args) -> int:
     if plan is not None:
         from megajoy.parallel.memory import format_plan
 
-        print(f"memory per GPU ({_layout_text(args)}, {_OPTIMIZERS[job.optimizer.optimizer]}, {args.params_dtype} "
-              f"weights, micro-batch {args.micro_batch_size} x {args.seq_length}, {args.precision} activations):")
+        print(f"memory per GPU ({_layout_text(args, job)}, {_OPTIMIZERS[job.optimizer.optimizer]}, "
+              f"{job.train.params_dtype} weights, micro-batch {args.micro_batch_size} x {args.seq_length}, "
+              f"{args.precision} activations):")
         print(format_plan(plan, args.gpu_memory))
     return 0
 
@@ -65,11 +71,11 @@ def _wants_plan(args) -> bool:
     return any(getattr(args, k) is not None for k in ("tp", "pp", "ep", "dp", "virtual", "schedule", "pp_layout"))
 
 
-def _layout_text(args) -> str:
+def _layout_text(args, job) -> str:
     parts = [f"{k.upper()} {getattr(args, k) or 1}" for k in ("tp", "pp", "ep", "dp")]
     if args.sequence_parallel:
         parts.append("SP")
-    if args.use_distributed_optimizer:
+    if job.parallel.use_distributed_optimizer:
         parts.append("ZeRO-1")
     return " x ".join(parts[:4]) + "".join(", " + p for p in parts[4:])
 
@@ -84,10 +90,10 @@ def _memory_plan(args, job):
                               virtual_pipeline_model_parallel_size=args.virtual,
                               pipeline_schedule=args.schedule or ("1f1b" if not args.virtual else "interleaved"),
                               pipeline_layout=args.pp_layout, sequence_parallel=args.sequence_parallel,
-                              use_distributed_optimizer=args.use_distributed_optimizer)
+                              use_distributed_optimizer=job.parallel.use_distributed_optimizer)
     per_step = (args.global_batch_size // (args.micro_batch_size * dp)) if args.global_batch_size else pp
     return plan_memory(job.model, parallel, tp * pp * dp, args.micro_batch_size, args.seq_length, per_step,
-                       bytes_per_element=2 if args.precision == "bf16" else 4, params_dtype=args.params_dtype,
+                       bytes_per_element=2 if args.precision == "bf16" else 4, params_dtype=job.train.params_dtype,
                        optimizer=job.optimizer, whole_masters=job.quant.qat is not None)
 
 

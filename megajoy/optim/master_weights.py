@@ -27,6 +27,7 @@ class MasterWeights:
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, sharded=None):
         self.model, self.dtype, self.sharded = model, dtype, sharded
+        self.whole = False  # inside full_precision()
         self.slots: list[tuple[nn.Module, str, nn.Parameter]] = []  # (module, attribute, master) for every use
         self.compute_of: dict[nn.Parameter, nn.Parameter] = {}  # master -> its low-precision copy
         for module in model.modules():
@@ -91,6 +92,10 @@ class MasterWeights:
     def full_precision(self):
         """The fp32 masters in the modules for the block's duration; the copies refreshed afterwards (with
         a sharded optimizer: from its shards, which the block must have refreshed if it changed weights)."""
+        if self.whole:  # nested: the outer block restores the copies
+            yield
+            return
+        self.whole = True
         if self.sharded is not None:
             self.sharded.materialize_full_weights()
             for master, compute in self.compute_of.items():
@@ -104,6 +109,7 @@ class MasterWeights:
                 self._release()
             else:
                 self.copy_to_model()
+            self.whole = False
 
 
 @torch.no_grad()

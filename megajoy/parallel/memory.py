@@ -50,26 +50,28 @@ def rank_model(model_cfg: ModelConfig, parallel_cfg, world: int, rank: int, seq_
         return JoyAIForCausalLM(model_cfg, pc), pc
 
 
-def state_bytes(model, pc, params_dtype: str = "fp32", optimizer=None, whole_masters: bool = False
-                ) -> tuple[int, int, int]:
+def state_bytes(model, pc, params_dtype: str = "fp32", optimizer=None, whole_masters: bool = False,
+                specs: dict | None = None) -> tuple[int, int, int]:
     """(parameter, gradient, optimizer) bytes of this rank, as the trainer allocates them. `optimizer`: the
     OptimizerConfig (default AdamW). Gradients are fp32. AdamW keeps two moments, and under ZeRO-1 the
     rank's fp32 slice of the weights; Muon's matrices keep one momentum on the rank that orthogonalises
     them. With params_dtype bf16 the parameters are the bf16 copies plus whole fp32 masters, or, under
     ZeRO-1, plus only the Muon matrices this rank owns (AdamW's fp32 slices count as optimizer state),
-    unless `whole_masters` (QAT's fake quantisation reads them: the trainer then keeps them all)."""
+    unless `whole_masters` (QAT's fake quantisation reads them: the trainer then keeps them all). `specs`:
+    the modules' parameter_specs, when already at hand."""
     from megajoy.optim.muon import assign_owners
     from megajoy.parallel.mappings import group_rank
     from megajoy.parallel.muon import muon_entries
 
     params = list(model.named_parameters())
-    specs = parameter_specs(model, pc)
+    specs = specs or parameter_specs(model, pc)
     matrices = []
     if optimizer is not None and optimizer.optimizer == "muon":
         matrices = muon_entries(params, specs, pc, optimizer, model.cfg.num_attention_heads)
         assign_owners(matrices)
     owned_matrices = sum(e.param.numel() for e in matrices if e.dp_ranks[e.owner] == pc.rank)
-    adam = [(n, p) for n, p in params if n not in {e.name for e in matrices}]
+    matrix_names = {e.name for e in matrices}
+    adam = [(n, p) for n, p in params if n not in matrix_names]
     numel = sum(p.numel() for _, p in params)
     bf16 = params_dtype == "bf16"
     if not pc.distributed_optimizer:
@@ -85,14 +87,19 @@ def state_bytes(model, pc, params_dtype: str = "fp32", optimizer=None, whole_mas
 def plan_memory(model_cfg: ModelConfig, parallel_cfg, world: int, micro_batch_size: int, seq_length: int,
                 micro_batches_per_step: int, attention: str = "flash", bytes_per_element: int = 4,
                 params_dtype: str = "fp32", optimizer=None, whole_masters: bool = False) -> list[RankMemory]:
-    """One entry per pipeline stage, for the stage's first rank: TP and EP ranks hold equal shares, and
-    with ZeRO-1 the first data-parallel rank owns the largest slice (the last may own padding)."""
+    """One entry per pipeline stage, for the stage's rank that holds the most: the stage's modules are
+    built once, and each of its ranks' share counted from its own place (ZeRO-1 slices, Muon's owners)."""
     plan = []
     probe = planning_context(parallel_cfg, world, 0, model_cfg, seq_length)
     for stage in range(probe.size("pp")):
-        rank = stage * probe.layout.stage
-        model, pc = rank_model(model_cfg, parallel_cfg, world, rank, seq_length)
-        params, grads, optim = state_bytes(model, pc, params_dtype, optimizer, whole_masters)
+        model, pc = rank_model(model_cfg, parallel_cfg, world, stage * probe.layout.stage, seq_length)
+        shares, specs = {}, parameter_specs(model, pc)  # the same for every rank of the stage
+        for rank in range(world):
+            place = planning_context(parallel_cfg, world, rank, model_cfg, seq_length)
+            if place.coords["pp"] == stage:
+                shares[rank] = state_bytes(model, place, params_dtype, optimizer, whole_masters, specs)
+        rank = max(shares, key=lambda r: (sum(shares[r]), -r))
+        params, grads, optim = shares[rank]
         in_flight = micro_batches_in_flight(pc, micro_batches_per_step)
         per_micro = stage_activation_elements(model, pc, micro_batch_size, seq_length, attention, bytes_per_element)
         layers = tuple(i for s in model.stages for i in s.layers)

@@ -48,13 +48,14 @@ def muon_entries(named_params: list, specs: dict, pc, cfg, num_heads: int) -> li
     """The Muon matrices among `named_params`, with their replica groups (owners not yet assigned); on a
     planning context too, where the memory planner assigns owners from them."""
     entries = []
+    replicas = {kind: next(r for r in pc.layout.group_ranks(kind) if pc.rank in r) for kind in ("edp", "dp_cp")}
     for name, p in named_params:
         if not is_muon_matrix(name, p, cfg):
             continue
         spec = specs[name]
         layout = matrix_layout(name, spec, pc, cfg, num_heads)
         kind = "edp" if spec.expert else "dp_cp"
-        ranks = next(r for r in pc.layout.group_ranks(kind) if pc.rank in r)
+        ranks = replicas[kind]
         local = layout.to_matrices(torch.empty(p.shape, device="meta"))
         entries.append(MuonEntry(name, p, layout, pc.group(kind), ranks, pc.group("tp") if layout.sharded else None,
                                  flops=local.shape[0] * ns_flops(local.shape[1], local.shape[2], cfg.muon_ns_steps)))
