@@ -257,7 +257,7 @@ class _ShardedBuffer:
     slice, held as fp32 master pieces."""
 
     def __init__(self, named, group, device):
-        self.named, self.group = named, group
+        self.named, self.group, self.device = named, group, device
         self.n, self.rank = group_size(group), (dist.get_rank(group) if group is not None else 0)
         self.offsets, total = [], 0
         for _, p in named:
@@ -305,7 +305,7 @@ class _ShardedBuffer:
         return full
 
     def _shard_of(self, tensors_by_piece) -> torch.Tensor:
-        shard = torch.zeros(self.shard, device=self.pieces[0].master.device if self.pieces else "cpu")
+        shard = torch.zeros(self.shard, device=self.device)  # also on a rank that owns only padding
         for piece, t in zip(self.pieces, tensors_by_piece):
             shard[piece.shard_start:piece.shard_start + t.numel()] = t
         return shard
