@@ -1,6 +1,7 @@
 """Quantisation against references nobody here wrote: gguf's own quantize / dequantize (bit for bit),
 compressed-tensors' int4 fake-quant, packing and config parsing, torch._scaled_mm on CPU."""
 
+import contextlib
 import json
 
 import numpy as np
@@ -86,6 +87,64 @@ def test_qat_forward_uses_exactly_the_gguf_weights():
     assert set_qat(model, WeightFormat.of("q4_0")) == cfg.num_hidden_layers - cfg.first_k_dense_replace
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_reused_fake_quant_trains_identically_and_quantises_once(autocast, monkeypatch):
+    """Inside reuse_fake_quant() (a step's micro-batches), each weight is quantised once, and three
+    micro-batches give bit for bit the losses and gradients of quantising in every forward: in fp32, and
+    under bf16 autocast, where the kept weight is the bf16 tensor the GEMMs use."""
+    from megajoy.quant.formats import reuse_fake_quant
+
+    cfg = small_config(hidden_size=64, moe_intermediate_size=32)
+    batches = [torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    calls = []  # the names of the weights quantised
+    quantize = WeightFormat.quantize
+    monkeypatch.setattr(WeightFormat, "quantize", lambda self, w: (calls.append(names[id(w)]), quantize(self, w))[1])
+
+    def train(reuse: bool):
+        model = random_model(cfg)
+        set_qat(model, WeightFormat.of("int4", 32), "linear")
+        names.update({id(p): n for n, p in model.named_parameters()})
+        calls.clear()
+        losses = []
+        with reuse_fake_quant() if reuse else contextlib.nullcontext(), torch.autocast("cpu", enabled=autocast):
+            for ids in batches:
+                loss = model(ids, labels=torch.roll(ids, -1, 1)).lm_loss
+                loss.backward()
+                losses.append(loss.item())
+        return losses, {n: p.grad for n, p in model.named_parameters()}, list(calls)
+
+    names = {}
+    losses, grads, every_forward = train(reuse=False)
+    reused_losses, reused_grads, reused = train(reuse=True)
+    assert reused_losses == losses
+    assert all(torch.equal(reused_grads[n], g) for n, g in grads.items() if g is not None)
+    assert sorted(every_forward) == sorted(3 * reused) and len(reused) == len(set(reused)) > 10  # each weight once
+
+
+def test_quantised_rollouts_quantise_each_weight_once(monkeypatch):
+    """Generation under QAT (RL's --rollout-qat) inside reuse_fake_quant(): the same tokens as quantising
+    in every decoding step's forward, with one quantisation per weight for the whole rollout."""
+    from megajoy.model.generate import SamplingParams, generate
+    from megajoy.quant.formats import reuse_fake_quant
+
+    cfg = small_config(hidden_size=64, moe_intermediate_size=32)
+    model = random_model(cfg).eval()
+    targets = set_qat(model, WeightFormat.of("int4", 32), "linear")
+    prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9)]
+    params = SamplingParams(12, 1.0, seed=3)
+    calls = []  # the ids of the weights quantised
+    quantize = WeightFormat.quantize
+    monkeypatch.setattr(WeightFormat, "quantize", lambda self, w: (calls.append(id(w)), quantize(self, w))[1])
+    every_step = generate(model, prompts, params)
+    per_step = list(calls)
+    calls.clear()
+    with reuse_fake_quant():
+        reused = generate(model, prompts, params)
+    assert reused == every_step
+    assert len(calls) == len(set(calls)) == len(set(per_step)) and set(calls) == set(per_step)  # each once
+    assert len(per_step) >= 12 * len(calls)  # at least one forward per generated token
 
 
 def test_groups_never_straddle_tensor_parallel_shards():

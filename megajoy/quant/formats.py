@@ -12,9 +12,12 @@ Quantisation runs in fp32 in the same order of operations as ggml (gguf-py's num
 gradient straight through (the straight-through estimator).
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+
+from megajoy.kernels.backend import cast_as_autocast
 
 FORMATS = ("int4", "q4_0", "q8_0")
 
@@ -79,18 +82,51 @@ def _q4_0(blocks):
     return codes.to(torch.int8), d.half()
 
 
+_reused: dict | None = None  # inside reuse_fake_quant(): (id(weight), format) -> (weight, its fake-quant)
+_reuse_cast = True
+
+
+@contextlib.contextmanager
+def reuse_fake_quant(cast: bool = True):
+    """For a block in which the weights do not change (one step's micro-batches, a rollout): each weight is
+    fake-quantised once and reused. With `cast`, the kept tensor is in the dtype autocast gives a matmul
+    operand, so it is the very tensor the GEMMs save for backward: no memory beyond what one micro-batch
+    holds anyway (and less under pipeline parallelism, whose micro-batches in flight share it). Without
+    `cast` (a low-precision GEMM back-end rounds the weight itself) it stays in the weight's dtype."""
+    global _reused, _reuse_cast
+    if _reused is not None:  # nested: the outer block owns the cache
+        yield
+        return
+    _reused, _reuse_cast = {}, cast
+    try:
+        yield
+    finally:
+        _reused = None
+
+
 class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, fmt: WeightFormat):
-        # A bf16 copy over an fp32 master (megajoy.optim.master_weights) is quantised from its master: the
-        # grid values trained against are those the checkpoint's weights give.
-        master = getattr(w, "fp32_master", w)
-        if master is None:
-            raise RuntimeError(f"fake quantisation of a {tuple(w.shape)} bf16 weight needs its whole fp32 master, "
-                               "which ZeRO-1 keeps only in shards (build MasterWeights without `sharded`)")
-        codes, scales = fmt.quantize(master)
-        return fmt.dequantize(codes, scales).to(w.dtype)
+        if _reused is None:
+            return _fake_quantised(w, fmt)
+        key = (id(w), fmt)
+        if key not in _reused:  # the weight itself is kept too, so that its id is not reused meanwhile
+            q = _fake_quantised(w, fmt)
+            _reused[key] = (w, cast_as_autocast(q) if _reuse_cast else q)
+        kept = _reused[key][1]
+        return kept.view_as(kept)
 
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
+
+def _fake_quantised(w: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
+    # A bf16 copy over an fp32 master (megajoy.optim.master_weights) is quantised from its master: the
+    # grid values trained against are those the checkpoint's weights give.
+    master = getattr(w, "fp32_master", w)
+    if master is None:
+        raise RuntimeError(f"fake quantisation of a {tuple(w.shape)} bf16 weight needs its whole fp32 master, "
+                           "which ZeRO-1 keeps only in shards (build MasterWeights without `sharded`)")
+    codes, scales = fmt.quantize(master)
+    return fmt.dequantize(codes, scales).to(w.dtype)

@@ -17,6 +17,7 @@ from megajoy.model import create_model
 from megajoy.model.moe import MoE, Router
 from megajoy.optim.master_weights import MasterWeights
 from megajoy.optim.qk_clip import apply_qk_clip, scale_rows_in_place, track_max_logits
+from megajoy.quant.formats import reuse_fake_quant
 from megajoy.quant.qat import set_qat
 from megajoy.optim.schedules import global_batch_size, learning_rate
 from megajoy.parallel.context import ParallelContext
@@ -297,7 +298,8 @@ class Trainer:
         over micro-batches and data-parallel ranks."""
         objective = lambda out, batch: self.stage.objective(self, out, counts, batch)  # noqa: E731
         compute_mtp = self.stage.compute_mtp(self)
-        with self._autocast():
+        # The weights are fixed for the block: QAT quantises each once (an FP8 back-end takes it uncast).
+        with self._autocast(), reuse_fake_quant(cast=self.job.quant.fp8 == "off"):
             if self.pipeline is not None:
                 parts_sum = self.pipeline.run(micro_batches, objective, compute_mtp, backward)
             else:

@@ -110,7 +110,7 @@ class RlStage(Stage):
 
         if not self.args.rollout_qat:
             return contextlib.nullcontext()
-        from megajoy.quant.formats import WeightFormat
+        from megajoy.quant.formats import WeightFormat, reuse_fake_quant
         from megajoy.quant.qat import qat_targets, set_qat
 
         @contextlib.contextmanager
@@ -120,7 +120,8 @@ class RlStage(Stage):
             set_qat(trainer.model, WeightFormat.of(self.args.rollout_qat, trainer.job.quant.qat_group),
                     self.args.rollout_qat_modules)
             try:
-                yield
+                with reuse_fake_quant(cast=trainer.job.quant.fp8 == "off"):  # once per rollout, not per token
+                    yield
             finally:
                 for (_, m), quant in zip(targets, before):
                     m.weight_quant = quant
