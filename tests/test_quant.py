@@ -147,6 +147,24 @@ def test_quantised_rollouts_quantise_each_weight_once(monkeypatch):
     assert len(per_step) >= 12 * len(calls)  # at least one forward per generated token
 
 
+def test_reuse_steps_aside_under_torch_compile():
+    """A compiled graph cannot keep a tensor between calls: inside reuse_fake_quant() a compiled QAT
+    expert block quantises in its graph and computes what the eager block computes."""
+    from megajoy.model.moe import GroupedExperts
+    from megajoy.quant.formats import reuse_fake_quant
+
+    experts = GroupedExperts(4, 32, 32)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.1)
+    torch.nn.init.normal_(experts.down_proj, std=0.1)
+    experts.weight_quant = WeightFormat.of("int4", 32).fake_quant
+    x, tokens = torch.randn(10, 32), torch.tensor([3, 0, 5, 2])
+    with reuse_fake_quant():
+        compiled = torch.compile(experts)(x, tokens)
+        compiled.sum().backward()
+        eager = experts(x, tokens)
+    assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-6) and experts.gate_up_proj.grad.abs().sum() > 0
+
+
 def test_groups_never_straddle_tensor_parallel_shards():
     from megajoy.config import ParallelConfig
     from megajoy.parallel.memory import rank_model

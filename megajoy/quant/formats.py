@@ -107,7 +107,7 @@ def reuse_fake_quant(cast: bool = True):
 class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, fmt: WeightFormat):
-        if _reused is None:
+        if _reused is None or torch.compiler.is_compiling():  # a compiled graph cannot keep tensors across calls
             return _fake_quantised(w, fmt)
         key = (id(w), fmt)
         if key not in _reused:  # the weight itself is kept too, so that its id is not reused meanwhile
