@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megajoy.kernels.backend import cast_as_autocast
+from megajoy.kernels.backend import autocast_dtype, cast_as_autocast
 
 FORMATS = ("int4", "q4_0", "q8_0")
 
@@ -82,7 +82,7 @@ def _q4_0(blocks):
     return codes.to(torch.int8), d.half()
 
 
-_reused: dict | None = None  # inside reuse_fake_quant(): (id(weight), format) -> (weight, its fake-quant)
+_reused: dict | None = None  # inside reuse_fake_quant(): (id(weight), format, dtype) -> (weight, fake-quant)
 _reuse_cast = True
 
 
@@ -109,7 +109,7 @@ class _StraightThrough(torch.autograd.Function):
     def forward(ctx, w, fmt: WeightFormat):
         if _reused is None or torch.compiler.is_compiling():  # a compiled graph cannot keep tensors across calls
             return _fake_quantised(w, fmt)
-        key = (id(w), fmt)
+        key = (id(w), fmt, autocast_dtype(w) if _reuse_cast else None)
         if key not in _reused:  # the weight itself is kept too, so that its id is not reused meanwhile
             q = _fake_quantised(w, fmt)
             _reused[key] = (w, cast_as_autocast(q) if _reuse_cast else q)
