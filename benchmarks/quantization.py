@@ -1,7 +1,8 @@
 """Quantisation throughput: megajoy's fake-quant (quantise + dequantise) for int4 / q4_0 / q8_0 and its
 FP8 rounding, each beside a baseline measured in the same run (gguf's own numpy code for the ggml grids,
-compressed-tensors for int4), in GB/s of weights processed. On a GPU it also times a `joyai-slice`
-training step with FP8 (tensorwise) against bf16.
+compressed-tensors for int4), in GB/s of weights processed; INT4 QAT sampling (RL's quantised rollouts)
+with each weight quantised once per rollout against quantising in every decoding step. On a GPU it also
+times a `joyai-slice` training step with FP8 (tensorwise) against bf16.
 
   python benchmarks/quantization.py [--rows 4096 --cols 2048]
 """
@@ -96,10 +97,45 @@ def fp8_step_speedup(device: torch.device) -> dict | None:
     return {"bf16 step s": bf16, "fp8 tensorwise step s": fp8, "speed-up": bf16 / fp8}
 
 
+def qat_rollout(device: torch.device, prompts: int, new_tokens: int, modules: str = "linear") -> dict:
+    """Sampling from the tiny preset under INT4 QAT (RL's --rollout-qat): quantising in every decoding
+    step's forward (the baseline) against once per rollout (megajoy.quant.formats.reuse_fake_quant), and
+    without QAT, in one run; the sampled tokens must agree."""
+    import contextlib
+
+    from megajoy.config import tiny
+    from megajoy.model import create_model
+    from megajoy.model.generate import SamplingParams, generate
+    from megajoy.quant.formats import WeightFormat, reuse_fake_quant
+    from megajoy.quant.qat import set_qat
+
+    cfg = tiny()
+    model = create_model(cfg, device=device, seed=0).eval()
+    ids = torch.randint(3, cfg.vocab_size, (prompts, 20), generator=torch.Generator().manual_seed(0)).tolist()
+    params = SamplingParams(new_tokens, 1.0, seed=0)
+    tokens = {}
+
+    def sample(label, context):
+        def run():
+            with context():
+                tokens[label] = generate(model, ids, params)
+        return time_call(run, device, warmup=1, iters=3)
+
+    plain = sample("no qat", contextlib.nullcontext)
+    set_qat(model, WeightFormat.of("int4", 32), modules)
+    every = sample("every step", contextlib.nullcontext)
+    reused = sample("reused", reuse_fake_quant)
+    return {"modules": modules, "prompts": prompts, "new tokens": new_tokens, "no qat s": plain,
+            "quantised every step s": every, "reused s": reused, "speed-up": every / reused,
+            "same tokens": tokens["every step"] == tokens["reused"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--cols", type=int, default=2048)
+    parser.add_argument("--rollout-prompts", type=int, default=16, help="QAT sampling: prompts (tiny preset)")
+    parser.add_argument("--rollout-tokens", type=int, default=48, help="QAT sampling: new tokens per prompt")
     parser.add_argument("--out", default="benchmarks/results/quantization.json")
     args = parser.parse_args()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -108,8 +144,12 @@ def main() -> None:
     print_table(table, ["format", "megajoy GB/s", "x floor", "baseline", "baseline GB/s", "speed-up"])
     step = fp8_step_speedup(device)
     print("FP8 training step: " + (str(step) if step else "no GPU here; run on a Hopper GPU for FP8 vs bf16"))
+    rollout = qat_rollout(device, args.rollout_prompts, args.rollout_tokens)
+    print(f"INT4 QAT sampling ({rollout['prompts']} prompts x {rollout['new tokens']} tokens, every projection): "
+          f"quantised every step {rollout['quantised every step s']:.3f} s, once per rollout "
+          f"{rollout['reused s']:.3f} s ({rollout['speed-up']:.2f}x), without QAT {rollout['no qat s']:.3f} s")
     write_json(args.out, {"benchmark": "quantization", "env": environment(device), "fake_quant": table,
-                          "fp8_step": step})
+                          "fp8_step": step, "qat_rollout": rollout})
 
 
 if __name__ == "__main__":

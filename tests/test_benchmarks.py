@@ -63,3 +63,17 @@ def test_throughput_refuses_bf16_weights_without_fp32_masters(tmp_path):
                            "--params-dtype", "bf16"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 2
     assert "--params-dtype bf16 keeps fp32 master weights beside the bf16 ones; --bf16 has no fp32 weights" in done.stderr
+
+
+def test_quantization_script_times_qat_rollouts_beside_per_step_quantisation(tmp_path):
+    out = tmp_path / "quantization.json"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "quantization.py"), "--rows", "256",
+                           "--cols", "256", "--rollout-prompts", "2", "--rollout-tokens", "6", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    payload = json.loads(out.read_text())
+    rollout = payload["qat_rollout"]
+    assert rollout["same tokens"] is True and rollout["new tokens"] == 6
+    assert min(rollout["no qat s"], rollout["reused s"], rollout["quantised every step s"]) > 0
+    assert math.isclose(rollout["speed-up"], rollout["quantised every step s"] / rollout["reused s"], rel_tol=1e-9)
+    assert [row["format"] for row in payload["fake_quant"]][:3] == ["int4", "q4_0", "q8_0"]
