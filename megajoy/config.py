@@ -261,9 +261,18 @@ class TrainConfig:
     plot: bool = False
     kernels: str = "auto"  # auto: fast paths on GPUs; torch: reference ops everywhere; triton (see megajoy.kernels)
     cross_entropy_chunk: int | None = None  # fused head + loss in token chunks; None: 4096 on GPUs, off on CPU; 0 off
+    # Activation recomputation, as Megatron's flags (megajoy.model.recompute): granularity full | None
+    recompute_granularity: str | None = None
+    recompute_method: str = "uniform"  # uniform: chunks of recompute_num_layers; block: the first N of each stage
+    recompute_num_layers: int = 1
 
     def __post_init__(self):
         _require(self.params_dtype in ("fp32", "bf16"), f"params_dtype={self.params_dtype!r} must be fp32 or bf16")
+        _require(self.recompute_granularity in (None, "full"),
+                 f"recompute_granularity={self.recompute_granularity!r} must be full or null (selective: not built)")
+        _require(self.recompute_method in ("uniform", "block"),
+                 f"recompute_method={self.recompute_method!r} must be uniform or block")
+        _require(self.recompute_num_layers >= 1, f"recompute_num_layers={self.recompute_num_layers} must be >= 1")
         _require(self.params_dtype == "fp32" or self.bf16 is not False,
                  "params_dtype=bf16 computes under bf16 autocast: it cannot be combined with bf16=false (--fp32)")
         _require(self.kernels in ("auto", "torch", "triton"), f"kernels={self.kernels!r} must be auto, torch or triton")
@@ -362,6 +371,12 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+
+    def __post_init__(self):
+        _require(not (self.train.recompute_granularity and self.parallel.pipeline_model_parallel_size > 1
+                      and self.parallel.pipeline_schedule == "zero-bubble"),
+                 "recompute_granularity with pipeline_schedule=zero-bubble is not supported: its split input and "
+                 "weight backward passes would each recompute; use 1f1b or interleaved")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -123,6 +123,25 @@ def test_activations_within_20_percent_of_autograd(overrides, micro, seq):
     assert abs(planned / measured - 1) <= 0.2, (planned, measured)
 
 
+@pytest.mark.parametrize("method, layers", [("uniform", 1), ("uniform", 2), ("block", 1), ("block", 3)])
+def test_activations_with_recomputation_match_autograd(method, layers):
+    """With checkpointed chunks (megajoy.model.recompute) autograd keeps the rest and the chunks' inputs:
+    the plan within 5% of what it keeps at the end of the forward, and well below the plan without."""
+    from megajoy.data.packing import document_positions
+    from megajoy.model import create_model
+    from megajoy.model.recompute import Recompute
+
+    model = create_model(tiny()).train()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    positions, documents = document_positions(ids, eod=1)
+    model.recompute = Recompute(method, layers)
+    measured = _saved_bytes(model, ids, position_ids=positions, document_ids=documents)
+    planned = stage_activation_elements(model, model.pc, 2, 64, "math", 4, model.recompute)
+    without = stage_activation_elements(model, model.pc, 2, 64, "math", 4)
+    assert abs(planned / measured - 1) <= 0.05, (planned, measured)
+    assert planned < (0.9 if method == "block" and layers == 1 else 0.6) * without
+
+
 def _tp_activation_worker(rank, world):
     from megajoy.launch import setup_parallel
     from megajoy.model import create_model

@@ -99,6 +99,10 @@ LAYOUTS = {
     "tp2_ep2_dp2_sp_zero": (4, ["--tp", "2", "--ep", "2", "--sequence-parallel", "--use-distributed-optimizer"]),
     "tp2_ep4_dp2": (4, ["--tp", "2", "--ep", "4"]),
     "tp2_ep4_dp4_sp": (8, ["--tp", "2", "--ep", "4", "--sequence-parallel"]),
+    # activation recomputation: the layers' forward again in backward (all-to-alls and TP collectives too)
+    "recompute_block": (1, ["--recompute-granularity", "full", "--recompute-method", "block"]),
+    "tp2_ep2_dp2_sp_zero_recompute": (4, ["--tp", "2", "--ep", "2", "--sequence-parallel",
+                                          "--use-distributed-optimizer", "--recompute-granularity", "full"]),
 }
 
 
@@ -123,6 +127,8 @@ PIPELINE_LAYOUTS = {
     "pp2_tp2_ep2_dp2_sp_zero": (8, ["--pp", "2", "--tp", "2", "--ep", "2", "--sequence-parallel",
                                     "--use-distributed-optimizer"]),
     "pp4_v2_tp2_zero_bubble": (8, ["--pp", "4", "--tp", "2", "--pp-schedule", "zero-bubble"]),
+    "pp2_v2_interleaved_recompute": (2, ["--pp", "2", "--pp-schedule", "interleaved", "--virtual-pipeline-stages",
+                                         "2", "--recompute-granularity", "full", "--recompute-num-layers", "2"]),
 }
 
 

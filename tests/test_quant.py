@@ -131,7 +131,7 @@ def test_quantised_rollouts_quantise_each_weight_once(monkeypatch):
 
     cfg = small_config(hidden_size=64, moe_intermediate_size=32)
     model = random_model(cfg).eval()
-    targets = set_qat(model, WeightFormat.of("int4", 32), "linear")
+    assert set_qat(model, WeightFormat.of("int4", 32), "linear") > 10
     prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9)]
     params = SamplingParams(12, 1.0, seed=3)
     calls = []  # the ids of the weights quantised

@@ -28,6 +28,9 @@ def add_arguments(parser) -> None:
     plan.add_argument("--params-dtype", choices=["fp32", "bf16"],
                       help="bf16: bf16 weights over fp32 master weights, as `--params-dtype bf16` trains "
                            "(default: the configuration's train.params_dtype)")
+    plan.add_argument("--recompute-granularity", choices=["full"], help="activation recomputation, as training takes it")
+    plan.add_argument("--recompute-method", choices=["uniform", "block"])
+    plan.add_argument("--recompute-num-layers", type=int)
     plan.add_argument("--optimizer", choices=["adamw", "muon"],
                       help="default: what `megajoy pretrain` uses for the preset (Muon for the JoyAI presets)")
 
@@ -42,7 +45,10 @@ def run(args) -> int:
     # Plan flags over the configuration's fields (a YAML file or --set may have set them).
     job = dataclasses.replace(
         job, optimizer=dataclasses.replace(job.optimizer, optimizer=args.optimizer or job.optimizer.optimizer),
-        train=dataclasses.replace(job.train, params_dtype=args.params_dtype or job.train.params_dtype),
+        train=dataclasses.replace(job.train, params_dtype=args.params_dtype or job.train.params_dtype,
+                                  recompute_granularity=args.recompute_granularity or job.train.recompute_granularity,
+                                  recompute_method=args.recompute_method or job.train.recompute_method,
+                                  recompute_num_layers=args.recompute_num_layers or job.train.recompute_num_layers),
         parallel=dataclasses.replace(job.parallel, use_distributed_optimizer=args.use_distributed_optimizer or
                                      job.parallel.use_distributed_optimizer))
     stats = measure(meta_model(job.model), seq_length=args.seq_length)
@@ -77,6 +83,8 @@ def _layout_text(args, job) -> str:
         parts.append("SP")
     if job.parallel.use_distributed_optimizer:
         parts.append("ZeRO-1")
+    if job.train.recompute_granularity:
+        parts.append(f"recompute {job.train.recompute_method} {job.train.recompute_num_layers}")
     return " x ".join(parts[:4]) + "".join(", " + p for p in parts[4:])
 
 
@@ -94,7 +102,14 @@ def _memory_plan(args, job):
     per_step = (args.global_batch_size // (args.micro_batch_size * dp)) if args.global_batch_size else pp
     return plan_memory(job.model, parallel, tp * pp * dp, args.micro_batch_size, args.seq_length, per_step,
                        bytes_per_element=2 if args.precision == "bf16" else 4, params_dtype=job.train.params_dtype,
-                       optimizer=job.optimizer, whole_masters=job.quant.qat is not None)
+                       optimizer=job.optimizer, whole_masters=job.quant.qat is not None,
+                       recompute=_recompute(job.train))
+
+
+def _recompute(train):
+    from megajoy.model.recompute import Recompute
+
+    return Recompute(train.recompute_method, train.recompute_num_layers) if train.recompute_granularity else None
 
 
 def _b(n: float) -> str:

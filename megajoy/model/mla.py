@@ -16,6 +16,7 @@ from megajoy.config import ModelConfig
 from megajoy.kernels.attention import attention
 from megajoy.kernels.rope import apply_rope
 from megajoy.model.norm import RMSNorm
+from megajoy.model.recompute import is_recomputing
 from megajoy.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megajoy.parallel.context import ParallelContext
 from megajoy.parallel.mappings import enter_tp
@@ -75,7 +76,7 @@ class MLA(nn.Module):
         q_BSHQ = torch.cat((q_BSHN, q_rope_BSHR), dim=-1)
         k_BSHQ = torch.cat((k_BSHN, k_rope_BS1R.expand(-1, -1, self.num_heads, -1)), dim=-1)
 
-        if self.track_max_logit and self.training:
+        if self.track_max_logit and self.training and not is_recomputing():
             self._record_max_logit(q_BSHQ, k_BSHQ, seq.document_ids)
         out_BSHV = attention(q_BSHQ, k_BSHQ, v_BSHV, self.softmax_scale, seq.document_ids, seq.document_mask)
         return self.o_proj.forward_exit(out_BSHV.flatten(2), self.sp)

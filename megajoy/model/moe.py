@@ -19,6 +19,7 @@ from megajoy.kernels.grouped_gemm import grouped_mm
 from megajoy.kernels.moe_permute import count_per_expert, permute, unpermute
 from megajoy.kernels.swiglu import swiglu_packed
 from megajoy.model.mlp import MLP
+from megajoy.model.recompute import is_recomputing
 from megajoy.parallel.context import ParallelContext
 from megajoy.parallel.mappings import all_reduce_no_grad, gather_along, group_size, reduce_from_region, split_along
 
@@ -63,7 +64,7 @@ class Router(nn.Module):
         if self.cfg.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
         weights_TK = weights_TK * self.cfg.routed_scaling_factor
-        if self.training:
+        if self.training and not is_recomputing():  # counted once, not again in backward's recomputation
             with torch.no_grad():
                 self.expert_load += count_per_expert(expert_ids_TK, self.expert_load.numel())
         return Routing(expert_ids_TK, weights_TK, scores_TE)

@@ -22,6 +22,7 @@ from megajoy.model.mlp import MLP
 from megajoy.model.moe import MoE, Router
 from megajoy.model.mtp import MTPLayer, mtp_loss_mask, shift_left
 from megajoy.model.norm import RMSNorm
+from megajoy.model.recompute import Recompute, run_decoder_layers
 from megajoy.parallel.context import ParallelContext
 from megajoy.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megajoy.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
@@ -93,6 +94,7 @@ class JoyAIForCausalLM(nn.Module):
         self.tie_weights()
         self.mtp = nn.ModuleList(
             MTPLayer(cfg, DecoderLayer(cfg, moe=False, pc=pc)) for _ in range(cfg.num_nextn_predict_layers if last else 0))
+        self.recompute: Recompute | None = None  # activation recomputation (set by the trainer)
         # Kept off the module's buffers so dtype casts and meta construction never touch it.
         self._inv_freq, self.rope_amplitude = rope_frequencies(
             cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -151,9 +153,7 @@ class JoyAIForCausalLM(nn.Module):
         return SequenceInfo(cos, sin, document_ids_BS, prepare_document_mask(document_ids_BS))
 
     def run_layers(self, h_BSD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
-        for layer in self.layers.values():
-            h_BSD = layer(h_BSD, seq)
-        return h_BSD
+        return run_decoder_layers(list(self.layers.values()), h_BSD, seq, self.recompute)
 
     def embed(self, ids_BS: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(ids_BS, self.pc.sequence_parallel)

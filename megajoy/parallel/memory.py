@@ -86,7 +86,8 @@ def state_bytes(model, pc, params_dtype: str = "fp32", optimizer=None, whole_mas
 
 def plan_memory(model_cfg: ModelConfig, parallel_cfg, world: int, micro_batch_size: int, seq_length: int,
                 micro_batches_per_step: int, attention: str = "flash", bytes_per_element: int = 4,
-                params_dtype: str = "fp32", optimizer=None, whole_masters: bool = False) -> list[RankMemory]:
+                params_dtype: str = "fp32", optimizer=None, whole_masters: bool = False,
+                recompute=None) -> list[RankMemory]:
     """One entry per pipeline stage, for the stage's rank that holds the most: the stage's modules are
     built once, and each of its ranks' share counted from its own place (ZeRO-1 slices, Muon's owners)."""
     plan = []
@@ -101,9 +102,12 @@ def plan_memory(model_cfg: ModelConfig, parallel_cfg, world: int, micro_batch_si
         rank = max(shares, key=lambda r: (sum(shares[r]), -r))
         params, grads, optim = shares[rank]
         in_flight = micro_batches_in_flight(pc, micro_batches_per_step)
-        per_micro = stage_activation_elements(model, pc, micro_batch_size, seq_length, attention, bytes_per_element)
+        per_micro = stage_activation_elements(model, pc, micro_batch_size, seq_length, attention, bytes_per_element,
+                                              recompute)
+        rebuilt = recomputed_chunk_bytes(model, pc, micro_batch_size, seq_length, attention, bytes_per_element,
+                                         recompute)
         layers = tuple(i for s in model.stages for i in s.layers)
-        plan.append(RankMemory(rank, stage, layers, params, grads, optim, int(per_micro * in_flight), in_flight))
+        plan.append(RankMemory(rank, stage, layers, params, grads, optim, int(per_micro * in_flight + rebuilt), in_flight))
     return plan
 
 
@@ -125,8 +129,10 @@ def micro_batches_in_flight(pc, micro_batches_per_step: int) -> float:
 # ------------------------------------------------------------------------------------------ activations
 
 def stage_activation_elements(model, pc, micro_batch_size: int, seq_length: int, attention: str,
-                              bytes_per_element: int) -> float:
-    """Bytes autograd keeps for one micro-batch through this rank's stages."""
+                              bytes_per_element: int, recompute=None) -> float:
+    """Bytes autograd keeps for one micro-batch through this rank's stages. With activation recomputation
+    (megajoy.model.recompute), a checkpointed chunk keeps only its input; backward rebuilds one chunk's
+    activations at a time (`recomputed_chunk_bytes`, which the plan adds once)."""
     cfg = model.cfg
     tokens = micro_batch_size * seq_length
     local = tokens // pc.tp_size if pc.sequence_parallel else tokens
@@ -134,9 +140,14 @@ def stage_activation_elements(model, pc, micro_batch_size: int, seq_length: int,
     last = any(s.is_last for s in model.stages)
     elements = tokens * cfg.qk_rope_head_dim  # cos and sin, shared by the layers
     index_bytes = 8 * tokens if first else 0  # the embedding's token ids
-    for i in (int(k) for k in model.layers):
-        elements += layer_activation_elements(cfg, pc, micro_batch_size, seq_length, cfg.is_moe_layer(i), attention)
-        index_bytes += _moe_index_bytes(cfg, pc, tokens) if cfg.is_moe_layer(i) else 0
+
+    for stage in model.stages:
+        for chunk, checkpointed in recompute.chunks(list(stage.layers)) if recompute else [(stage.layers, False)]:
+            if checkpointed:
+                elements += local * cfg.hidden_size  # the chunk's input
+                continue
+            for e, b in (_layer_bytes(cfg, pc, micro_batch_size, seq_length, i, attention) for i in chunk):
+                elements, index_bytes = elements + e, index_bytes + b
     if last:
         vocab = cfg.vocab_size // pc.tp_size
         elements += _norm(local, cfg.hidden_size) + tokens * cfg.hidden_size + tokens * vocab  # norm, head, softmax
@@ -147,6 +158,24 @@ def stage_activation_elements(model, pc, micro_batch_size: int, seq_length: int,
             elements += _norm(local, h) + tokens * h + tokens * vocab
             index_bytes += 8 * tokens
     return elements * bytes_per_element + index_bytes
+
+
+def recomputed_chunk_bytes(model, pc, micro_batch_size: int, seq_length: int, attention: str,
+                           bytes_per_element: int, recompute) -> float:
+    """The largest checkpointed chunk's activations, which backward rebuilds (one at a time)."""
+    if recompute is None:
+        return 0.0
+    sizes = [sum(e * bytes_per_element + b for e, b in
+                 (_layer_bytes(model.cfg, pc, micro_batch_size, seq_length, i, attention) for i in chunk))
+             for stage in model.stages for chunk, checkpointed in recompute.chunks(list(stage.layers)) if checkpointed]
+    return float(max(sizes, default=0))
+
+
+def _layer_bytes(cfg, pc, micro_batch_size: int, seq_length: int, i: int, attention: str) -> tuple[int, int]:
+    """(float elements, index bytes) a decoder layer keeps for backward."""
+    moe = cfg.is_moe_layer(i)
+    return (layer_activation_elements(cfg, pc, micro_batch_size, seq_length, moe, attention),
+            _moe_index_bytes(cfg, pc, micro_batch_size * seq_length) if moe else 0)
 
 
 def _norm(rows: int, width: int) -> int:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from megajoy.data.packing import Batch, stack
+from megajoy.model.recompute import run_decoder_layers
 
 SCHEDULES = ("1f1b", "interleaved", "zero-bubble")
 
@@ -103,8 +104,7 @@ class StageModule(nn.Module):
         model, batch = self.model, Batch(**fields)
         seq = model.sequence_info(batch.position_ids, batch.document_ids)
         h = model.embed(x) if self.spec.is_first else x
-        for i in self.spec.layers:
-            h = model.layers[str(i)](h, seq)
+        h = run_decoder_layers([model.layers[str(i)] for i in self.spec.layers], h, seq, model.recompute)
         if not self.spec.is_last:
             return h
         out = model.finish(h, batch.input_ids, batch.labels, batch.loss_mask, seq, compute_mtp=self.compute_mtp,

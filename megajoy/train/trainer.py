@@ -15,6 +15,7 @@ from tqdm import tqdm
 from megajoy.kernels import backend as kernels
 from megajoy.model import create_model
 from megajoy.model.moe import MoE, Router
+from megajoy.model.recompute import Recompute
 from megajoy.optim.master_weights import MasterWeights
 from megajoy.optim.qk_clip import apply_qk_clip, scale_rows_in_place, track_max_logits
 from megajoy.quant.formats import reuse_fake_quant
@@ -110,6 +111,7 @@ class Trainer:
         kernels.configure(backend=job.train.kernels, cross_entropy_chunk=job.train.cross_entropy_chunk)
         torch.manual_seed(job.train.seed)
         self.model = create_model(job.model, device=self.device, seed=job.train.seed, pc=self.pc).train()
+        self.model.recompute = self._recompute()
         self.specs = parameter_specs(self.model, self.pc)
         if job.checkpoint.init:
             self._load_init_weights(job.checkpoint.init)
@@ -152,6 +154,10 @@ class Trainer:
         fmt = WeightFormat.of(q.qat, q.qat_group)
         check_groups(self.model, fmt, q.qat_modules)
         return fmt
+
+    def _recompute(self) -> Recompute | None:
+        cfg = self.job.train
+        return Recompute(cfg.recompute_method, cfg.recompute_num_layers) if cfg.recompute_granularity else None
 
     def _check_batch_layout(self) -> None:
         cfg, dp, pp = self.job.train, self.pc.size("dp_cp"), self.pc.size("pp")

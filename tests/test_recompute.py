@@ -1,0 +1,57 @@
+"""Activation recomputation (`--recompute-granularity full`): the same gradients as keeping every
+activation, and what a forward counts (the router's expert load, QK-clip's largest logits) counted once.
+The parallel layouts with recomputation are in test_parallel_training.py."""
+
+import pytest
+import torch
+from helpers import random_model, small_config
+from megajoy.model.recompute import Recompute
+from megajoy.optim.qk_clip import track_max_logits
+from megajoy.model.moe import Router
+from megajoy.model.mla import MLA
+
+
+def _forward_backward(recompute):
+    cfg = small_config(num_hidden_layers=4, first_k_dense_replace=1)
+    model = random_model(cfg, seed=5).train()
+    model.recompute = recompute
+    track_max_logits(model, True)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    out = model(ids, labels=torch.roll(ids, -1, 1), compute_mtp=True)
+    (out.lm_loss + out.mtp_loss).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    loads = [m.expert_load.clone() for m in model.modules() if isinstance(m, Router)]
+    logits = [m.max_logit.clone() for m in model.modules() if isinstance(m, MLA)]
+    return out.lm_loss.item(), grads, loads, logits
+
+
+@pytest.mark.parametrize("recompute", [Recompute("uniform", 1), Recompute("uniform", 3), Recompute("block", 2)])
+def test_recomputation_changes_nothing_but_memory(recompute):
+    loss, grads, loads, logits = _forward_backward(None)
+    r_loss, r_grads, r_loads, r_logits = _forward_backward(recompute)
+    assert r_loss == loss and r_grads.keys() == grads.keys()
+    assert all(torch.equal(r_grads[n], g) for n, g in grads.items())
+    assert len(loads) == 3 and all(torch.equal(a, b) for a, b in zip(r_loads, loads))  # not counted twice
+    assert sum(int(x.sum()) for x in loads) == 3 * 2 * 24 * 2  # layers x tokens x top-k
+    assert all(torch.equal(a, b) for a, b in zip(r_logits, logits))
+
+
+def test_recomputation_chunks():
+    layers = list(range(5))
+    assert Recompute("uniform", 2).chunks(layers) == [([0, 1], True), ([2, 3], True), ([4], True)]
+    assert Recompute("block", 2).chunks(layers) == [([0], True), ([1], True), ([2, 3, 4], False)]
+    assert Recompute("block", 7).chunks(layers) == [([i], True) for i in layers]
+
+
+def test_recompute_flags_are_checked():
+    from megajoy.config import load_job_config
+
+    with pytest.raises(ValueError, match="recompute_granularity='selective' must be full or null"):
+        load_job_config("tiny", None, ["train.recompute_granularity=selective"])
+    with pytest.raises(ValueError, match="recompute_num_layers=0 must be >= 1"):
+        load_job_config("tiny", None, ["train.recompute_num_layers=0"])
+    zero_bubble = ["train.recompute_granularity=full", "parallel.pipeline_model_parallel_size=2",
+                   "parallel.pipeline_schedule=zero-bubble"]
+    with pytest.raises(ValueError, match="recompute_granularity with pipeline_schedule=zero-bubble is not supported"):
+        load_job_config("tiny", None, zero_bubble)
+    assert load_job_config("tiny", None, zero_bubble[:2]).train.recompute_granularity == "full"
