@@ -107,7 +107,8 @@ def plan_memory(model_cfg: ModelConfig, parallel_cfg, world: int, micro_batch_si
         rebuilt = recomputed_chunk_bytes(model, pc, micro_batch_size, seq_length, attention, bytes_per_element,
                                          recompute)
         layers = tuple(i for s in model.stages for i in s.layers)
-        plan.append(RankMemory(rank, stage, layers, params, grads, optim, int(per_micro * in_flight + rebuilt), in_flight))
+        activations = int(per_micro * in_flight + rebuilt)
+        plan.append(RankMemory(rank, stage, layers, params, grads, optim, activations, in_flight))
     return plan
 
 
@@ -140,7 +141,6 @@ def stage_activation_elements(model, pc, micro_batch_size: int, seq_length: int,
     last = any(s.is_last for s in model.stages)
     elements = tokens * cfg.qk_rope_head_dim  # cos and sin, shared by the layers
     index_bytes = 8 * tokens if first else 0  # the embedding's token ids
-
     for stage in model.stages:
         for chunk, checkpointed in recompute.chunks(list(stage.layers)) if recompute else [(stage.layers, False)]:
             if checkpointed:
