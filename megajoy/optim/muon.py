@@ -129,13 +129,14 @@ class MuonMatrices:
         active = [e for e in self.entries if e.param.grad is not None]
         updates = {e.name: self._orthogonalised_update(e) for e in active if self.owns(e)}
         self.orthogonalised = sorted(updates)
-        if self.copies is None:
-            updates = self._broadcast_from_owners(active, lambda e: updates[e.name], torch.float32)
-        for e in active:
+        if self.copies is None:  # every replica applies the owner's update to its whole fp32 weight
+            for e, update in self._from_owners(active, lambda e: updates[e.name], torch.float32):
+                self._apply(e, update)
+            return
+        for e in active:  # the owners step their fp32 masters and send the new bf16 weights
             if e.name in updates:
                 self._apply(e, updates[e.name])
-        if self.copies is not None:
-            self._write_copies(self._broadcast_from_owners(active, lambda e: e.param, self.copies_dtype))
+        self._refresh_copies(active)
 
     def _apply(self, e: MuonEntry, update: torch.Tensor) -> None:
         lr, wd = self.group["lr"], self.cfg.weight_decay
@@ -152,13 +153,14 @@ class MuonMatrices:
                           dtype=self.ns_dtype, sharded=e.layout.sharded, group=e.tp_group)
         return e.layout.from_matrices(o.float(), g)
 
-    def _broadcast_from_owners(self, entries: list[MuonEntry], value, dtype: torch.dtype) -> dict:
-        """{name: value(entry)} on every replica, `value` called on each matrix's owner only: one
-        broadcast per owner and group, in the same order on every rank."""
-        out, by_owner = {}, {}
+    def _from_owners(self, entries: list[MuonEntry], value, dtype: torch.dtype):
+        """Yield (entry, value(entry)) on every replica, `value` called on each matrix's owner only: one
+        broadcast per owner and group, in the same order on every rank. Consume each pair before the
+        next: a group's buffer lives only until then."""
+        by_owner = {}
         for e in entries:
             if len(e.dp_ranks) == 1:
-                out[e.name] = value(e)
+                yield e, value(e)
             else:
                 by_owner.setdefault((tuple(e.dp_ranks), e.owner), []).append(e)
         for (ranks, owner), members in sorted(by_owner.items()):
@@ -169,8 +171,7 @@ class MuonMatrices:
                 flat = torch.empty(sum(sizes), dtype=dtype, device=members[0].param.device)
             dist.broadcast(flat, src=ranks[owner], group=members[0].dp_group)
             for e, piece in zip(members, flat.split(sizes)):
-                out[e.name] = piece.view(e.param.shape)
-        return out
+                yield e, piece.view(e.param.shape)
 
     # ------------------------------------------------------------------ bf16 weights over owned masters
     def release(self, copies: dict) -> None:
@@ -178,7 +179,9 @@ class MuonMatrices:
         ({master: copy}) from the whole fp32 weights it holds now, then non-owners give up that storage."""
         self.copies = {e.name: copies[e.param] for e in self.entries}
         self.copies_dtype = next((c.dtype for c in self.copies.values()), self.copies_dtype)
-        self._write_copies({e.name: e.param for e in self.entries})
+        with torch.no_grad():
+            for e in self.entries:
+                self.copies[e.name].copy_(e.param)
         for e in self.entries:
             if not self.owns(e):
                 e.param.data = torch.empty((), dtype=e.param.dtype, device=e.param.device).expand(e.param.shape)
@@ -191,16 +194,16 @@ class MuonMatrices:
         for weight, span, factor in rows:
             if any(e.param is weight and self.owns(e) for e in touched):
                 weight[span].mul_(factor)
-        self._write_copies(self._broadcast_from_owners(touched, lambda e: e.param, self.copies_dtype))
+        self._refresh_copies(touched)
 
     def materialize(self) -> None:
         """Whole fp32 matrices on every replica again, broadcast by their owners."""
-        received = self._broadcast_from_owners(self.entries, lambda e: e.param.detach(), torch.float32)
-        for e in self.entries:
+        for e, full in self._from_owners(self.entries, lambda e: e.param.detach(), torch.float32):
             if not self.owns(e):
-                e.param.data = received[e.name]
+                e.param.data = full
 
     @torch.no_grad()
-    def _write_copies(self, weights: dict) -> None:
-        for name, w in weights.items():
-            self.copies[name].copy_(w)
+    def _refresh_copies(self, entries: list[MuonEntry]) -> None:
+        """Each matrix's low-precision copy from its owner's fp32 master."""
+        for e, weight in self._from_owners(entries, lambda e: e.param, self.copies_dtype):
+            self.copies[e.name].copy_(weight)
