@@ -188,6 +188,19 @@ def run(out, data_prefix, tokenizer_file, *extra, world=1, iters=4):
     return records, load_model_dir(latest_checkpoint(str(out)))[1]
 
 
+def assert_resumes_exactly(out, data_prefix, tokenizer_file, flags, unbroken, world=1):
+    """Stopped after step 2 and resumed in `out`: steps 3 and 4 and the final weights equal the unbroken
+    run's (records, weights) bit for bit."""
+    run(out, data_prefix, tokenizer_file, *flags, "--exit-interval", "2", world=world)
+    records, weights = run(out, data_prefix, tokenizer_file, *flags, "--resume", world=world)
+    ref_records, ref_weights = unbroken
+    for step in (3, 4):
+        assert records[step]["loss"] == ref_records[step]["loss"], step
+        assert records[step]["grad_norm"] == ref_records[step]["grad_norm"], step
+    for name, tensor in ref_weights.items():
+        assert torch.equal(weights[name], tensor), name
+
+
 def relative_error(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
@@ -231,30 +244,18 @@ def test_trains_as_fp32_weights_under_autocast(bf16_reference, bf16_noise):
 
 
 def test_resume_is_bit_exact(tmp_path, data_prefix, tokenizer_file, bf16_reference):
-    out = tmp_path / "resumed"
-    run(out, data_prefix, tokenizer_file, "--params-dtype", "bf16", "--exit-interval", "2")
-    records, weights = run(out, data_prefix, tokenizer_file, "--params-dtype", "bf16", "--resume")
-    ref_records, ref_weights = bf16_reference
-    for step in (3, 4):
-        assert records[step]["loss"] == ref_records[step]["loss"], step
-        assert records[step]["grad_norm"] == ref_records[step]["grad_norm"], step
-    for name, tensor in ref_weights.items():
-        assert torch.equal(weights[name], tensor), name
+    assert_resumes_exactly(tmp_path / "resumed", data_prefix, tokenizer_file, ("--params-dtype", "bf16"),
+                           bf16_reference)
 
 
 def test_zero_shards_are_the_only_masters_and_resume_exactly(tmp_path, data_prefix, tokenizer_file, bf16_reference):
     """DP 2 with ZeRO-1: the fp32 shards are the only masters (whole fp32 tensors gathered only for
-    checkpoints and QK-clip, which rescales heads in this run); a resumed run equals an unbroken one bit
-    for bit, and the checkpoints hold fp32 weights."""
+    checkpoints; QK-clip, which rescales heads in this run, scales the shards); a resumed run equals an
+    unbroken one bit for bit, and the checkpoints hold fp32 weights."""
     flags = ("--params-dtype", "bf16", "--dp", "2", "--use-distributed-optimizer", "--qk-clip-tau", "0.03")
     records, weights = run(tmp_path / "one", data_prefix, tokenizer_file, *flags, world=2)
     assert sum(r["qk_clip_heads"] > 0 for r in records.values()) >= 2  # logits 0.03 to 0.06 in this run
-    run(tmp_path / "two", data_prefix, tokenizer_file, *flags, "--exit-interval", "2", world=2)
-    resumed, resumed_weights = run(tmp_path / "two", data_prefix, tokenizer_file, *flags, "--resume", world=2)
-    for step in (3, 4):
-        assert resumed[step]["loss"] == records[step]["loss"] and resumed[step]["grad_norm"] == records[step]["grad_norm"]
-    for name, tensor in weights.items():
-        assert torch.equal(resumed_weights[name], tensor), name
+    assert_resumes_exactly(tmp_path / "two", data_prefix, tokenizer_file, flags, (records, weights), world=2)
     matrix = weights["layers.0.self_attn.o_proj.weight"]
     assert not torch.equal(matrix, matrix.to(torch.bfloat16).float())  # fp32, gathered from the shards
 
@@ -383,12 +384,7 @@ def test_muon_zero_owners_hold_the_only_masters(tmp_path, data_prefix, tokenizer
     for step in ref_records:
         assert abs(records[step]["loss"] - ref_records[step]["loss"]) <= 2e-3 * ref_records[step]["loss"], step
     assert distance(weights, ref_weights) <= 2 * bf16_noise[1]
-    run(tmp_path / "resumed", data_prefix, tokenizer_file, *zero, "--exit-interval", "2", world=2)
-    resumed, resumed_weights = run(tmp_path / "resumed", data_prefix, tokenizer_file, *zero, "--resume", world=2)
-    for step in (3, 4):
-        assert resumed[step]["loss"] == records[step]["loss"] and resumed[step]["grad_norm"] == records[step]["grad_norm"]
-    for name, tensor in weights.items():
-        assert torch.equal(resumed_weights[name], tensor), name
+    assert_resumes_exactly(tmp_path / "resumed", data_prefix, tokenizer_file, zero, (records, weights), world=2)
 
 
 def test_muon_zero_resumes_under_pipeline_parallelism(tmp_path, data_prefix, tokenizer_file, bf16_noise,
