@@ -90,6 +90,7 @@ def _layout_text(args, job) -> str:
 
 def _memory_plan(args, job):
     from megajoy.config import ParallelConfig
+    from megajoy.model.recompute import Recompute
     from megajoy.parallel.memory import plan_memory
 
     tp, pp, dp = args.tp or 1, args.pp or 1, args.dp or 1
@@ -103,13 +104,7 @@ def _memory_plan(args, job):
     return plan_memory(job.model, parallel, tp * pp * dp, args.micro_batch_size, args.seq_length, per_step,
                        bytes_per_element=2 if args.precision == "bf16" else 4, params_dtype=job.train.params_dtype,
                        optimizer=job.optimizer, whole_masters=job.quant.qat is not None,
-                       recompute=_recompute(job.train))
-
-
-def _recompute(train):
-    from megajoy.model.recompute import Recompute
-
-    return Recompute(train.recompute_method, train.recompute_num_layers) if train.recompute_granularity else None
+                       recompute=Recompute.of(job.train))
 
 
 def _b(n: float) -> str:

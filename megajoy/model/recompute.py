@@ -38,6 +38,11 @@ class Recompute:
     method: str = "uniform"  # uniform | block
     num_layers: int = 1
 
+    @classmethod
+    def of(cls, train) -> "Recompute | None":
+        """From a TrainConfig's recompute_* fields; None when recomputation is off."""
+        return cls(train.recompute_method, train.recompute_num_layers) if train.recompute_granularity else None
+
     def chunks(self, layers: list) -> list[tuple[list, bool]]:
         """The stage's layers in order, as (layers, checkpointed) runs."""
         if self.method == "uniform":
@@ -50,12 +55,16 @@ class Recompute:
 def run_decoder_layers(layers: list, h_BSD: torch.Tensor, seq, recompute: Recompute | None) -> torch.Tensor:
     """One stage's decoder layers on h, checkpointed as `recompute` says (None: none are)."""
     if recompute is None or not torch.is_grad_enabled():
-        for layer in layers:
-            h_BSD = layer(h_BSD, seq)
-        return h_BSD
+        return _run(layers, h_BSD, seq)
     for chunk, checkpointed in recompute.chunks(layers):
         h_BSD = checkpoint(_chunk_forward(chunk, seq), h_BSD, use_reentrant=False) if checkpointed else (
-            _chunk_forward(chunk, seq)(h_BSD))
+            _run(chunk, h_BSD, seq))
+    return h_BSD
+
+
+def _run(layers: list, h_BSD: torch.Tensor, seq) -> torch.Tensor:
+    for layer in layers:
+        h_BSD = layer(h_BSD, seq)
     return h_BSD
 
 
@@ -65,8 +74,6 @@ def _chunk_forward(layers: list, seq):
     def forward(h_BSD: torch.Tensor) -> torch.Tensor:
         with _recomputing_block(bool(calls)):  # every call after the first is backward's recomputation
             calls.append(1)
-            for layer in layers:
-                h_BSD = layer(h_BSD, seq)
-        return h_BSD
+            return _run(layers, h_BSD, seq)
 
     return forward

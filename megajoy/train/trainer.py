@@ -111,7 +111,7 @@ class Trainer:
         kernels.configure(backend=job.train.kernels, cross_entropy_chunk=job.train.cross_entropy_chunk)
         torch.manual_seed(job.train.seed)
         self.model = create_model(job.model, device=self.device, seed=job.train.seed, pc=self.pc).train()
-        self.model.recompute = self._recompute()
+        self.model.recompute = Recompute.of(job.train)
         self.specs = parameter_specs(self.model, self.pc)
         if job.checkpoint.init:
             self._load_init_weights(job.checkpoint.init)
@@ -154,10 +154,6 @@ class Trainer:
         fmt = WeightFormat.of(q.qat, q.qat_group)
         check_groups(self.model, fmt, q.qat_modules)
         return fmt
-
-    def _recompute(self) -> Recompute | None:
-        cfg = self.job.train
-        return Recompute(cfg.recompute_method, cfg.recompute_num_layers) if cfg.recompute_granularity else None
 
     def _check_batch_layout(self) -> None:
         cfg, dp, pp = self.job.train, self.pc.size("dp_cp"), self.pc.size("pp")
@@ -295,6 +291,11 @@ class Trainer:
         if self.master_weights is None or self.master_weights.sharded is None:
             self.optimizer.refresh_from_params()  # ZeRO's fp32 slices of what was just rescaled
 
+    def reusing_fake_quant(self):
+        """For a block whose weights are fixed (micro-batches, a rollout): QAT quantises each weight once
+        (kept uncast when an FP8 back-end rounds the weight itself)."""
+        return reuse_fake_quant(cast=self.job.quant.fp8 == "off")
+
     def full_precision(self):
         """The fp32 weights in the model for the block (see MasterWeights); a no-op in an fp32 run."""
         return self.master_weights.full_precision() if self.master_weights is not None else contextlib.nullcontext()
@@ -304,8 +305,7 @@ class Trainer:
         over micro-batches and data-parallel ranks."""
         objective = lambda out, batch: self.stage.objective(self, out, counts, batch)  # noqa: E731
         compute_mtp = self.stage.compute_mtp(self)
-        # The weights are fixed for the block: QAT quantises each once (an FP8 back-end takes it uncast).
-        with self._autocast(), reuse_fake_quant(cast=self.job.quant.fp8 == "off"):
+        with self._autocast(), self.reusing_fake_quant():
             if self.pipeline is not None:
                 parts_sum = self.pipeline.run(micro_batches, objective, compute_mtp, backward)
             else:
