@@ -347,7 +347,8 @@ def _qk_clip_on_the_shards(rank, world, optimizer_name):
             mla.max_logit.copy_(torch.tensor([tau * (1 + layers / 2), tau / 2]))  # head 0 over tau in each layer
     placeholder = lambda p: p.numel() > 1 and p.stride() == (0,) * p.ndim  # noqa: E731
     released = {n for n, p in weights.compute_of.items() if placeholder(n)}
-    assert apply_qk_clip(model, tau, pc.group("dp_cp"), weights.scale_rows)["qk_clip_heads"] == layers == 3
+    clip = apply_qk_clip(model, tau, pc.group("dp_cp"), lambda rows: weights.scale_rows(rows, optimizer))
+    assert clip["qk_clip_heads"] == layers == 3
     apply_qk_clip(reference, tau)
     materialised = len(gathers) + sum(not placeholder(p) for p in released)
     copies = all(torch.equal(c, r.detach().to(torch.bfloat16)) for c, r in zip(model.parameters(), reference.parameters()))

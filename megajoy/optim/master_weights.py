@@ -74,18 +74,12 @@ class MasterWeights:
             masters = list(self.compute_of)
             torch._foreach_copy_([self.compute_of[m] for m in masters], masters)
 
-    @torch.no_grad()
-    def scale_rows(self, rows: list) -> None:
+    def scale_rows(self, rows: list, optimizer) -> None:
         """Multiply rows of weights ((weight, row slice, factor), each weight as the model holds it) on
-        their fp32 masters, wherever those live (with a sharded optimizer, its shards), and refresh the
-        low-precision copies: QK-clip without gathering whole fp32 weights."""
+        their fp32 masters, through the optimizer that keeps them (a sharded one scales its shards), and
+        refresh the low-precision copies: QK-clip without gathering whole fp32 weights."""
         master_of = {compute: master for master, compute in self.compute_of.items()}
-        on_masters = [(master_of.get(w, w), span, factor) for w, span, factor in rows]
-        if self.sharded is not None:
-            self.sharded.scale_master_rows(on_masters)
-            return
-        for master, span, factor in on_masters:
-            master[span].mul_(factor)
+        optimizer.scale_master_rows([(master_of.get(w, w), span, factor) for w, span, factor in rows])
         self.copy_to_model()
 
     @contextlib.contextmanager

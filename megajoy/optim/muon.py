@@ -188,13 +188,14 @@ class MuonMatrices:
 
     @torch.no_grad()
     def scale_rows(self, rows: list) -> None:
-        """Multiply rows ((master, row slice, factor)) of owned matrices' masters, then broadcast the touched
-        matrices' new low-precision weights from their owners."""
+        """Multiply rows ((master, row slice, factor)) of the matrices' fp32 weights: on every replica, or,
+        once the owners hold the only masters, on the owners, which then broadcast the new copies."""
         touched = [e for e in self.entries if any(w is e.param for w, _, _ in rows)]
         for weight, span, factor in rows:
-            if any(e.param is weight and self.owns(e) for e in touched):
+            if self.copies is None or any(e.param is weight and self.owns(e) for e in touched):
                 weight[span].mul_(factor)
-        self._refresh_copies(touched)
+        if self.copies is not None:
+            self._refresh_copies(touched)
 
     def materialize(self) -> None:
         """Whole fp32 matrices on every replica again, broadcast by their owners."""

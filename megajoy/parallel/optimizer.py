@@ -102,6 +102,13 @@ class ParallelOptimizer:
     def refresh_from_params(self) -> None:
         """Re-read the parameters after they were overwritten (a checkpoint load)."""
 
+    def scale_master_rows(self, rows: list) -> None:
+        """Multiply rows ((fp32 weight, row slice, factor), QK-clip's rescaling) of the weights this
+        optimizer steps, wherever it keeps them: here, the whole tensors every rank holds."""
+        from megajoy.optim.qk_clip import scale_rows_in_place
+
+        scale_rows_in_place(rows)
+
     def zero_grad(self) -> None:
         for _, p in self.named_params:
             p.grad = None
@@ -136,6 +143,7 @@ class DistributedOptimizer(ParallelOptimizer):
     """ZeRO-1 over the data-parallel group (dense tensors) and the expert-data-parallel group (experts)."""
 
     shards_master_weights = True
+    released = False  # whether the fp32 shards are the only masters (release_full_weights)
 
     def _build_inner(self):
         self.buffers = [_ShardedBuffer([(n, p) for n, p in self.named_params if self.specs[n].expert == expert],
@@ -175,6 +183,7 @@ class DistributedOptimizer(ParallelOptimizer):
         """Under bf16 weights (megajoy.optim.master_weights): this rank's fp32 shards become the only
         masters (Megatron's layout). The whole fp32 tensors keep their shapes and gradients but give up
         their storage; `step` writes the gathered weights into their low-precision `copies` instead."""
+        self.released = True
         for buffer in self.buffers:
             buffer.targets = [copies[p] for _, p in buffer.named]
             buffer.gather_params()
@@ -183,8 +192,8 @@ class DistributedOptimizer(ParallelOptimizer):
 
     @torch.no_grad()
     def scale_master_rows(self, rows: list) -> None:
-        """Multiply rows ((whole fp32 tensor, row slice, factor)) of the weights in this rank's shards,
-        then gather the touched buffers' weights into their copies (as a step does)."""
+        """The rows scaled in this rank's shards too; once the shards are the only masters, the touched
+        buffers' weights are then gathered into their copies (as a step does)."""
         touched = [b for b in self.buffers if any(w in b.params for w, _, _ in rows)]
         for weight, span, factor in rows:
             width = weight[0].numel()
@@ -193,6 +202,9 @@ class DistributedOptimizer(ParallelOptimizer):
                 a, b = max(lo, x.param_start), min(hi, x.param_end)
                 if a < b:
                     x.master.data[a - x.param_start:b - x.param_start].mul_(factor)
+        if not self.released:
+            super().scale_master_rows(rows)  # every rank's whole fp32 tensors as well
+            return
         for buffer in touched:
             buffer.gather_params()
 

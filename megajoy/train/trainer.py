@@ -17,7 +17,7 @@ from megajoy.model import create_model
 from megajoy.model.moe import MoE, Router
 from megajoy.model.recompute import Recompute
 from megajoy.optim.master_weights import MasterWeights
-from megajoy.optim.qk_clip import apply_qk_clip, scale_rows_in_place, track_max_logits
+from megajoy.optim.qk_clip import apply_qk_clip, track_max_logits
 from megajoy.quant.formats import reuse_fake_quant
 from megajoy.quant.qat import set_qat
 from megajoy.optim.schedules import global_batch_size, learning_rate
@@ -283,13 +283,11 @@ class Trainer:
         return x.item()
 
     def _scale_weight_rows(self, rows: list) -> None:
-        """QK-clip's rescaling, on the fp32 weights wherever they are."""
+        """QK-clip's rescaling, on the fp32 weights wherever the optimizer keeps them."""
         if self.master_weights is not None:
-            self.master_weights.scale_rows(rows)
+            self.master_weights.scale_rows(rows, self.optimizer)
         else:
-            scale_rows_in_place(rows)
-        if self.master_weights is None or self.master_weights.sharded is None:
-            self.optimizer.refresh_from_params()  # ZeRO's fp32 slices of what was just rescaled
+            self.optimizer.scale_master_rows(rows)
 
     def reusing_fake_quant(self):
         """For a block whose weights are fixed (micro-batches, a rollout): QAT quantises each weight once
