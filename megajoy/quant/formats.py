@@ -104,6 +104,11 @@ def reuse_fake_quant(cast: bool = True):
         _reused = None
 
 
+def reuse_fake_quant_for(quant) -> contextlib.AbstractContextManager:
+    """reuse_fake_quant() for a job's QuantConfig: uncast when an FP8 back-end rounds the weight itself."""
+    return reuse_fake_quant(cast=quant.fp8 == "off")
+
+
 class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, fmt: WeightFormat):

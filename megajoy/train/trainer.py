@@ -18,7 +18,7 @@ from megajoy.model.moe import MoE, Router
 from megajoy.model.recompute import Recompute
 from megajoy.optim.master_weights import MasterWeights
 from megajoy.optim.qk_clip import apply_qk_clip, track_max_logits
-from megajoy.quant.formats import reuse_fake_quant
+from megajoy.quant.formats import reuse_fake_quant_for
 from megajoy.quant.qat import set_qat
 from megajoy.optim.schedules import global_batch_size, learning_rate
 from megajoy.parallel.context import ParallelContext
@@ -289,11 +289,6 @@ class Trainer:
         else:
             self.optimizer.scale_master_rows(rows)
 
-    def reusing_fake_quant(self):
-        """For a block whose weights are fixed (micro-batches, a rollout): QAT quantises each weight once
-        (kept uncast when an FP8 back-end rounds the weight itself)."""
-        return reuse_fake_quant(cast=self.job.quant.fp8 == "off")
-
     def full_precision(self):
         """The fp32 weights in the model for the block (see MasterWeights); a no-op in an fp32 run."""
         return self.master_weights.full_precision() if self.master_weights is not None else contextlib.nullcontext()
@@ -303,7 +298,7 @@ class Trainer:
         over micro-batches and data-parallel ranks."""
         objective = lambda out, batch: self.stage.objective(self, out, counts, batch)  # noqa: E731
         compute_mtp = self.stage.compute_mtp(self)
-        with self._autocast(), self.reusing_fake_quant():
+        with self._autocast(), reuse_fake_quant_for(self.job.quant):  # the weights are fixed for the block
             if self.pipeline is not None:
                 parts_sum = self.pipeline.run(micro_batches, objective, compute_mtp, backward)
             else:

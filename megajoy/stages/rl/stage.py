@@ -110,7 +110,7 @@ class RlStage(Stage):
 
         if not self.args.rollout_qat:
             return contextlib.nullcontext()
-        from megajoy.quant.formats import WeightFormat
+        from megajoy.quant.formats import WeightFormat, reuse_fake_quant_for
         from megajoy.quant.qat import qat_targets, set_qat
 
         @contextlib.contextmanager
@@ -120,7 +120,7 @@ class RlStage(Stage):
             set_qat(trainer.model, WeightFormat.of(self.args.rollout_qat, trainer.job.quant.qat_group),
                     self.args.rollout_qat_modules)
             try:
-                with trainer.reusing_fake_quant():  # once per rollout, not per decoding step
+                with reuse_fake_quant_for(trainer.job.quant):  # once per rollout, not per decoding step
                     yield
             finally:
                 for (_, m), quant in zip(targets, before):
