@@ -114,3 +114,19 @@ def test_sequence_balance_loss_reaches_router_gradient():
     cfg.aux_loss_alpha = 0.0
     moe(x).sum().backward()
     assert (with_aux - moe.gate.weight.grad).abs().max() > 1e-6
+
+
+def test_router_scores_stay_fp32_under_autocast():
+    """The scores are sigmoid(w . x) in fp32 even inside bf16 autocast (which casts F.linear's operands):
+    the same scores, weights and experts as outside it."""
+    cfg = small_config()
+    router = Router(cfg).eval()
+    with torch.no_grad():
+        router.weight.normal_(0, 0.3)
+    x = torch.randn(64, cfg.hidden_size)
+    want = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = router(x)
+    assert got.scores_TE.dtype == torch.float32 and got.weights_TK.dtype == torch.float32
+    assert torch.equal(got.scores_TE, want.scores_TE) and torch.equal(got.expert_ids_TK, want.expert_ids_TK)
+    assert torch.equal(got.weights_TK, want.weights_TK)

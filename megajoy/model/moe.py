@@ -58,7 +58,8 @@ class Router(nn.Module):
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts, dtype=torch.int64), persistent=False)
 
     def forward(self, x_TH: torch.Tensor) -> Routing:
-        scores_TE = F.linear(x_TH.float(), self.weight.float()).sigmoid()
+        with torch.autocast(x_TH.device.type, enabled=False):  # autocast would run the GEMM in bf16
+            scores_TE = F.linear(x_TH.float(), self.weight.float()).sigmoid()
         expert_ids_TK = select_experts(scores_TE, self.e_score_correction_bias, self.cfg)
         weights_TK = scores_TE.gather(1, expert_ids_TK)
         if self.cfg.norm_topk_prob:
