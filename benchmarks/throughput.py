@@ -299,8 +299,9 @@ def run_layout(args, layout: str, out: str) -> dict:
     with open(os.path.join(out, "metrics.jsonl")) as f:
         records = [r for r in map(json.loads, f) if "tokens_per_s" in r and r["step"] > args.warmup]
     tokens_per_s = sum(r["tokens_per_s"] for r in records) / len(records)
+    peaks = [r["max_memory_allocated_gib"] for r in records if "max_memory_allocated_gib" in r]  # GPUs only
     return {"layout": layout or "(one process)", "ranks": world, "tokens_per_s": tokens_per_s,
-            "tokens_per_s_per_rank": tokens_per_s / world}
+            "tokens_per_s_per_rank": tokens_per_s / world, **({"peak_memory_gib": max(peaks)} if peaks else {})}
 
 
 def layouts_main(args) -> None:
@@ -325,6 +326,7 @@ def layouts_main(args) -> None:
     if not rows:
         return
     columns = ["layout", "ranks", "tokens_per_s", "tokens_per_s_per_rank", "mfu"]
+    columns += ["peak_memory_gib"] if all("peak_memory_gib" in r for r in rows) else []
     print_table(rows, columns)
     payload = {"environment": environment(device), "preset": args.preset, "batch": args.batch,
                "seq_length": args.seq_length, "micro_batches_per_step": args.accumulate,

@@ -204,13 +204,21 @@ class Trainer:
     def _after_step(self, window: "_Window", bar) -> dict | None:
         cfg, record = self.job.train, None
         if self.step % cfg.log_interval == 0 or self.step == cfg.train_iters:
-            record = window.flush(self.step)
+            record = {**window.flush(self.step), **self._peak_memory()}
             self.log.write(record)
             if self.is_logging_rank:
                 tqdm.write(format_line(record, cfg.train_iters), file=sys.stderr)
         if self.step % cfg.eval_interval == 0 or self.step == cfg.train_iters:
             record = {**(record or {}), **self._evaluate()}
         return record
+
+    def _peak_memory(self) -> dict:
+        """On GPUs, the most memory any rank's allocator has held since the start (Megatron logs the same)."""
+        if self.device.type != "cuda":
+            return {}
+        peak = torch.tensor(float(torch.cuda.max_memory_allocated(self.device)), device=self.device)
+        peak = all_reduce_no_grad(peak, self.pc.group("world"), dist.ReduceOp.MAX)
+        return {"max_memory_allocated_gib": peak.item() / 2 ** 30}
 
     def _maybe_save(self, saved_at: int | None) -> int | None:
         interval = self.job.checkpoint.save_interval
