@@ -241,6 +241,10 @@ class OptimizerConfig:
         _require(self.clip_grad >= 0, f"clip_grad={self.clip_grad} must be >= 0")
 
 
+# Megatron's --recompute-modules (megajoy.model.recompute)
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
+
+
 @dataclass
 class TrainConfig:
     # The defaults are the tiny preset's CPU recipe: `megajoy pretrain` with no arguments (README).
@@ -261,15 +265,20 @@ class TrainConfig:
     plot: bool = False
     kernels: str = "auto"  # auto: fast paths on GPUs; torch: reference ops everywhere; triton (see megajoy.kernels)
     cross_entropy_chunk: int | None = None  # fused head + loss in token chunks; None: 4096 on GPUs, off on CPU; 0 off
-    # Activation recomputation, as Megatron's flags (megajoy.model.recompute): granularity full | None
+    # Activation recomputation, as Megatron's flags (megajoy.model.recompute): granularity full | selective | None
     recompute_granularity: str | None = None
-    recompute_method: str = "uniform"  # uniform: chunks of recompute_num_layers; block: the first N of each stage
+    recompute_method: str = "uniform"  # full: uniform (chunks of recompute_num_layers) | block (first N per stage)
     recompute_num_layers: int = 1
+    recompute_modules: list[str] | None = None  # selective: parts of every layer; None: ["core_attn"]
 
     def __post_init__(self):
         _require(self.params_dtype in ("fp32", "bf16"), f"params_dtype={self.params_dtype!r} must be fp32 or bf16")
-        _require(self.recompute_granularity in (None, "full"),
-                 f"recompute_granularity={self.recompute_granularity!r} must be full or null (selective: not built)")
+        _require(self.recompute_granularity in (None, "full", "selective"),
+                 f"recompute_granularity={self.recompute_granularity!r} must be full, selective or null")
+        unknown = sorted(set(self.recompute_modules or ()) - set(RECOMPUTE_MODULES))
+        _require(not unknown, f"recompute_modules: {unknown} unknown; choose from {list(RECOMPUTE_MODULES)}")
+        _require(not self.recompute_modules or self.recompute_granularity == "selective",
+                 "recompute_modules needs recompute_granularity=selective")
         _require(self.recompute_method in ("uniform", "block"),
                  f"recompute_method={self.recompute_method!r} must be uniform or block")
         _require(self.recompute_num_layers >= 1, f"recompute_num_layers={self.recompute_num_layers} must be >= 1")

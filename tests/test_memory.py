@@ -1,5 +1,6 @@
 """The memory planner against real ranks: parameter, gradient and optimizer bytes exactly, activations
-within 20% of what autograd keeps for backward (fp32, the CPU's math attention)."""
+within 5% of what the forward leaves allocated for backward (fp32, the CPU's math attention; 20% under
+TP 2 with sequence parallelism)."""
 
 import dataclasses
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from helpers import TINY_MODEL_OVERRIDES
-from megajoy.config import ParallelConfig, load_job_config, tiny
+from megajoy.config import RECOMPUTE_MODULES, ParallelConfig, load_job_config, tiny
 from megajoy.parallel.memory import rank_model, stage_activation_elements, state_bytes
 from megajoy.parallel.spawn import run_workers
 
@@ -90,27 +91,22 @@ def test_state_bytes_are_exact(name, params_dtype, optimizer):
         assert planned == real, (rank, planned, real)
 
 
-def _saved_bytes(model, ids, **kwargs) -> int:
-    """Bytes of the distinct storages autograd keeps for backward (parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
+def _kept_bytes(model, ids, **kwargs) -> int:
+    """Bytes the forward leaves allocated (what backward will read, and the loss): the allocator's own
+    count of allocations minus frees during the forward, from torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
 
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids, labels=torch.roll(ids, -1, 1), **kwargs)
-    return sum(seen.values())
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = model(ids, labels=torch.roll(ids, -1, 1), **kwargs)
+    del out
+    return sum(event.self_cpu_memory_usage for event in prof.events())
 
 
 @pytest.mark.parametrize("overrides, micro, seq", [
     ({}, 2, 64), ({}, 1, 128), (dict(q_lora_rank=None, n_shared_experts=2), 2, 64),
     (dict(num_nextn_predict_layers=0, first_k_dense_replace=2), 4, 32),
 ])
-def test_activations_within_20_percent_of_autograd(overrides, micro, seq):
+def test_activations_within_5_percent_of_the_allocator(overrides, micro, seq):
     from megajoy.model import create_model
     from megajoy.data.packing import document_positions
 
@@ -118,13 +114,13 @@ def test_activations_within_20_percent_of_autograd(overrides, micro, seq):
     model = create_model(cfg).train()
     ids = torch.randint(0, cfg.vocab_size, (micro, seq))
     positions, documents = document_positions(ids, eod=1)
-    measured = _saved_bytes(model, ids, position_ids=positions, document_ids=documents)
+    measured = _kept_bytes(model, ids, position_ids=positions, document_ids=documents)
     planned = stage_activation_elements(model, model.pc, micro, seq, attention="math", bytes_per_element=4)
-    assert abs(planned / measured - 1) <= 0.2, (planned, measured)
+    assert abs(planned / measured - 1) <= 0.05, (planned, measured)
 
 
 @pytest.mark.parametrize("method, layers", [("uniform", 1), ("uniform", 2), ("block", 1), ("block", 3)])
-def test_activations_with_recomputation_match_autograd(method, layers):
+def test_activations_with_recomputation_match_the_allocator(method, layers):
     """With checkpointed chunks (megajoy.model.recompute) autograd keeps the rest and the chunks' inputs:
     the plan within 5% of what it keeps at the end of the forward, and well below the plan without."""
     from megajoy.data.packing import document_positions
@@ -135,11 +131,31 @@ def test_activations_with_recomputation_match_autograd(method, layers):
     ids = torch.randint(0, model.cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     positions, documents = document_positions(ids, eod=1)
     model.recompute = Recompute(method, layers)
-    measured = _saved_bytes(model, ids, position_ids=positions, document_ids=documents)
+    measured = _kept_bytes(model, ids, position_ids=positions, document_ids=documents)
     planned = stage_activation_elements(model, model.pc, 2, 64, "math", 4, model.recompute)
     without = stage_activation_elements(model, model.pc, 2, 64, "math", 4)
     assert abs(planned / measured - 1) <= 0.05, (planned, measured)
     assert planned < (0.9 if method == "block" and layers == 1 else 0.6) * without
+
+
+@pytest.mark.parametrize("modules", [("core_attn",), ("moe_act", "layernorm"), ("core_attn", "mla_up_proj"),
+                                     ("mlp", "moe", "shared_experts"), RECOMPUTE_MODULES], ids="+".join)
+def test_activations_with_selective_recomputation_match_the_allocator(modules):
+    """Selective recomputation (megajoy.model.recompute): checkpointed parts keep their inputs, released
+    outputs nothing; the plan within 3% of what the forward leaves allocated, below the plan without."""
+    from megajoy.data.packing import document_positions
+    from megajoy.model import create_model
+    from megajoy.model.recompute import Recompute
+
+    model = create_model(tiny()).train()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    positions, documents = document_positions(ids, eod=1)
+    model.recompute = Recompute(modules=modules)
+    measured = _kept_bytes(model, ids, position_ids=positions, document_ids=documents)
+    planned = stage_activation_elements(model, model.pc, 2, 64, "math", 4, model.recompute)
+    without = stage_activation_elements(model, model.pc, 2, 64, "math", 4)
+    assert abs(planned / measured - 1) <= 0.03, (planned, measured)
+    assert planned < (0.6 if len(modules) == len(RECOMPUTE_MODULES) else 0.99) * without
 
 
 def _tp_activation_worker(rank, world):
@@ -154,12 +170,13 @@ def _tp_activation_worker(rank, world):
     model = create_model(job.model, pc=pc).train()
     ids = torch.randint(0, job.model.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     positions, documents = document_positions(ids, eod=1)
-    measured = _saved_bytes(model, ids, position_ids=positions, document_ids=documents)
+    measured = _kept_bytes(model, ids, position_ids=positions, document_ids=documents)
     planned = stage_activation_elements(model, pc, 2, 64, attention="math", bytes_per_element=4)
     return planned, measured
 
 
 def test_activations_under_tp2_sequence_parallel():
+    # 12% under the allocator's count on this tiny model (what is missing is not pinned down yet)
     for planned, measured in run_workers(2, _tp_activation_worker):
         assert abs(planned / measured - 1) <= 0.2, (planned, measured)
 
@@ -240,3 +257,24 @@ def test_plan_reports_the_stage_rank_that_holds_the_most():
     assert fullest != 0 and sum(shares[fullest]) > sum(shares[0])
     [row] = plan_memory(job.model, parallel, 4, MICRO, SEQ, 1, params_dtype="bf16", optimizer=job.optimizer)
     assert row.rank == fullest and (row.parameters, row.gradients, row.optimizer) == shares[fullest]
+
+
+def test_plan_cli_counts_selective_recomputation(capsys):
+    """`--recompute-granularity selective --recompute-modules ...` as training takes it: on joyai-flash at
+    PP 2 x EP 8 x DP 16, releasing the norms', SwiGLU's and MLA's up-projection outputs takes a quarter off
+    the activations; checkpointing the MoE blocks more than half; the rest of the plan unchanged."""
+    import json
+
+    from megajoy.cli import main
+
+    argv = ["info", "--preset", "joyai-flash", "--pp", "2", "--ep", "8", "--dp", "16", "--json"]
+    plans = {}
+    for name, flags in (("none", []), ("light", ["moe_act", "layernorm", "mla_up_proj"]), ("moe", ["moe"])):
+        assert main(argv + (["--recompute-granularity", "selective", "--recompute-modules", *flags] if flags else [])) == 0
+        plans[name] = json.loads(capsys.readouterr().out)["memory_plan"]
+    for none, light, moe in zip(plans["none"], plans["light"], plans["moe"]):
+        assert 0.65 < light["activations"] / none["activations"] < 0.85
+        assert moe["activations"] < 0.5 * none["activations"]
+        assert all(light[k] == none[k] for k in ("parameters", "gradients", "optimizer"))
+    assert main(argv[:-1] + ["--recompute-granularity", "selective", "--recompute-modules", "moe_act", "layernorm"]) == 0
+    assert "recompute moe_act layernorm" in capsys.readouterr().out

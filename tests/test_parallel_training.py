@@ -18,6 +18,7 @@ from megajoy.parallel.spawn import cli_worker, run_workers, slurm_env, torchrun_
 from helpers import TINY_MODEL_OVERRIDES
 from megajoy.ckpt.native import load_model_dir
 from megajoy.cli import main
+from megajoy.config import RECOMPUTE_MODULES
 from megajoy.train.checkpoint import latest_checkpoint
 
 
@@ -103,6 +104,8 @@ LAYOUTS = {
     "recompute_block": (1, ["--recompute-granularity", "full", "--recompute-method", "block"]),
     "tp2_ep2_dp2_sp_zero_recompute": (4, ["--tp", "2", "--ep", "2", "--sequence-parallel",
                                           "--use-distributed-optimizer", "--recompute-granularity", "full"]),
+    "tp2_ep2_dp2_sp_selective": (4, ["--tp", "2", "--ep", "2", "--sequence-parallel", "--recompute-granularity",
+                                     "selective", "--recompute-modules", *RECOMPUTE_MODULES]),
 }
 
 
@@ -129,6 +132,8 @@ PIPELINE_LAYOUTS = {
     "pp4_v2_tp2_zero_bubble": (8, ["--pp", "4", "--tp", "2", "--pp-schedule", "zero-bubble"]),
     "pp2_v2_interleaved_recompute": (2, ["--pp", "2", "--pp-schedule", "interleaved", "--virtual-pipeline-stages",
                                          "2", "--recompute-granularity", "full", "--recompute-num-layers", "2"]),
+    "pp2_selective": (2, ["--pp", "2", "--recompute-granularity", "selective", "--recompute-modules", "layernorm",
+                          "moe_act", "mla_up_proj", "core_attn", "moe"]),
 }
 
 

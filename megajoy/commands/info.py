@@ -5,6 +5,7 @@ import dataclasses
 import json
 
 from megajoy.cli import add_config_arguments
+from megajoy.config import RECOMPUTE_MODULES
 
 
 def add_arguments(parser) -> None:
@@ -28,9 +29,11 @@ def add_arguments(parser) -> None:
     plan.add_argument("--params-dtype", choices=["fp32", "bf16"],
                       help="bf16: bf16 weights over fp32 master weights, as `--params-dtype bf16` trains "
                            "(default: the configuration's train.params_dtype)")
-    plan.add_argument("--recompute-granularity", choices=["full"], help="activation recomputation, as training takes it")
+    plan.add_argument("--recompute-granularity", choices=["full", "selective"],
+                      help="activation recomputation, as training takes it")
     plan.add_argument("--recompute-method", choices=["uniform", "block"])
     plan.add_argument("--recompute-num-layers", type=int)
+    plan.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES)
     plan.add_argument("--optimizer", choices=["adamw", "muon"],
                       help="default: what `megajoy pretrain` uses for the preset (Muon for the JoyAI presets)")
 
@@ -48,7 +51,8 @@ def run(args) -> int:
         train=dataclasses.replace(job.train, params_dtype=args.params_dtype or job.train.params_dtype,
                                   recompute_granularity=args.recompute_granularity or job.train.recompute_granularity,
                                   recompute_method=args.recompute_method or job.train.recompute_method,
-                                  recompute_num_layers=args.recompute_num_layers or job.train.recompute_num_layers),
+                                  recompute_num_layers=args.recompute_num_layers or job.train.recompute_num_layers,
+                                  recompute_modules=args.recompute_modules or job.train.recompute_modules),
         parallel=dataclasses.replace(job.parallel, use_distributed_optimizer=args.use_distributed_optimizer or
                                      job.parallel.use_distributed_optimizer))
     stats = measure(meta_model(job.model), seq_length=args.seq_length)
@@ -78,12 +82,16 @@ def _wants_plan(args) -> bool:
 
 
 def _layout_text(args, job) -> str:
+    from megajoy.model.recompute import Recompute
+
     parts = [f"{k.upper()} {getattr(args, k) or 1}" for k in ("tp", "pp", "ep", "dp")]
     if args.sequence_parallel:
         parts.append("SP")
     if job.parallel.use_distributed_optimizer:
         parts.append("ZeRO-1")
-    if job.train.recompute_granularity:
+    if job.train.recompute_granularity == "selective":
+        parts.append("recompute " + " ".join(Recompute.of(job.train).modules))
+    elif job.train.recompute_granularity:
         parts.append(f"recompute {job.train.recompute_method} {job.train.recompute_num_layers}")
     return " x ".join(parts[:4]) + "".join(", " + p for p in parts[4:])
 

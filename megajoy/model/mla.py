@@ -16,7 +16,7 @@ from megajoy.config import ModelConfig
 from megajoy.kernels.attention import attention
 from megajoy.kernels.rope import apply_rope
 from megajoy.model.norm import RMSNorm
-from megajoy.model.recompute import is_recomputing
+from megajoy.model.recompute import checkpointed_call, is_recomputing, run_discarding
 from megajoy.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megajoy.parallel.context import ParallelContext
 from megajoy.parallel.mappings import enter_tp
@@ -26,6 +26,8 @@ LATENT_NORM_EPS = 1e-6
 
 
 class MLA(nn.Module):
+    recompute_modules: frozenset = frozenset()  # selective recomputation: core_attn, mla_up_proj
+
     def __init__(self, cfg: ModelConfig, pc=None):
         super().__init__()
         pc = pc or ParallelContext.single()
@@ -51,13 +53,20 @@ class MLA(nn.Module):
         self.track_max_logit = False
         self.register_buffer("max_logit", torch.zeros(self.num_heads), persistent=False)
 
+    def query_latent(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        """The query up projection's input for the full sequence: the normalised q latent (x itself
+        without q_lora_rank)."""
+        if hasattr(self, "q_proj"):
+            return enter_tp(x_BSD, self.tp, self.sp)
+        return enter_tp(self.q_a_layernorm(self.q_a_proj(x_BSD)), self.tp, self.sp)
+
     def project_q(self, x_BSD: torch.Tensor) -> torch.Tensor:
         """Local heads' queries [B,S,H,N+R] for the full sequence."""
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(enter_tp(x_BSD, self.tp, self.sp))
-        else:
-            q = self.q_b_proj(enter_tp(self.q_a_layernorm(self.q_a_proj(x_BSD)), self.tp, self.sp))
-        return q.unflatten(-1, (self.num_heads, self.nope_dim + self.rope_dim))
+        return self._up_project_q(self.query_latent(x_BSD))
+
+    def _up_project_q(self, q_latent: torch.Tensor) -> torch.Tensor:
+        up = self.q_proj if hasattr(self, "q_proj") else self.q_b_proj
+        return up(q_latent).unflatten(-1, (self.num_heads, self.nope_dim + self.rope_dim))
 
     def project_latent(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalised latent c_kv [B,S,C] and the un-rotated shared rope key [B,S,R], full sequence."""
@@ -65,21 +74,36 @@ class MLA(nn.Module):
         latent = enter_tp(torch.cat((self.kv_a_layernorm(c_kv), k_rope), dim=-1), self.tp, self.sp)
         return latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
 
-    def forward(self, x_BSD: torch.Tensor, seq) -> torch.Tensor:
-        q_BSHN, q_rope_BSHR = self.project_q(x_BSD).split([self.nope_dim, self.rope_dim], dim=-1)
-        c_kv_BSC, k_rope_BSR = self.project_latent(x_BSD)
+    def up_project(self, q_latent, c_kv_BSC, k_rope_BSR, cos, sin) -> tuple[torch.Tensor, ...]:
+        """The up projections (`mla_up_proj`): rotated queries and keys [B,S,H,N+R], and kv_b's output
+        [B,S,H,N+V] (the values are a view of it)."""
+        q_BSHN, q_rope_BSHR = self._up_project_q(q_latent).split([self.nope_dim, self.rope_dim], dim=-1)
         kv_BSHX = self.kv_b_proj(c_kv_BSC).unflatten(-1, (self.num_heads, self.nope_dim + self.v_dim))
-        k_BSHN, v_BSHV = kv_BSHX.split([self.nope_dim, self.v_dim], dim=-1)
-
-        q_rope_BSHR = apply_rope(q_rope_BSHR, seq.cos, seq.sin)
-        k_rope_BS1R = apply_rope(k_rope_BSR.unsqueeze(2), seq.cos, seq.sin)
+        q_rope_BSHR = apply_rope(q_rope_BSHR, cos, sin)
+        k_rope_BS1R = apply_rope(k_rope_BSR.unsqueeze(2), cos, sin)
         q_BSHQ = torch.cat((q_BSHN, q_rope_BSHR), dim=-1)
-        k_BSHQ = torch.cat((k_BSHN, k_rope_BS1R.expand(-1, -1, self.num_heads, -1)), dim=-1)
+        k_BSHQ = torch.cat((kv_BSHX[..., :self.nope_dim], k_rope_BS1R.expand(-1, -1, self.num_heads, -1)), dim=-1)
+        return q_BSHQ, k_BSHQ, kv_BSHX
 
+    def forward(self, x_BSD: torch.Tensor, seq) -> torch.Tensor:
+        latents = (self.query_latent(x_BSD), *self.project_latent(x_BSD), seq.cos, seq.sin)
+        if "mla_up_proj" in self.recompute_modules:
+            out_BSHV = run_discarding(self.up_project, lambda qkv: self._attend(*qkv, seq), *latents)
+        else:
+            out_BSHV = self._attend(*self.up_project(*latents), seq)
+        return self.o_proj.forward_exit(out_BSHV.flatten(2), self.sp)
+
+    def _attend(self, q_BSHQ: torch.Tensor, k_BSHQ: torch.Tensor, kv_BSHX: torch.Tensor, seq) -> torch.Tensor:
+        """Core attention of the local heads (`core_attn`), [B,S,H,V]."""
+        v_BSHV = kv_BSHX[..., self.nope_dim:]
         if self.track_max_logit and self.training and not is_recomputing():
             self._record_max_logit(q_BSHQ, k_BSHQ, seq.document_ids)
-        out_BSHV = attention(q_BSHQ, k_BSHQ, v_BSHV, self.softmax_scale, seq.document_ids, seq.document_mask)
-        return self.o_proj.forward_exit(out_BSHV.flatten(2), self.sp)
+
+        def core(q, k, v):
+            return attention(q, k, v, self.softmax_scale, seq.document_ids, seq.document_mask)
+
+        return checkpointed_call(core, q_BSHQ, k_BSHQ, v_BSHV) if "core_attn" in self.recompute_modules else (
+            core(q_BSHQ, k_BSHQ, v_BSHV))
 
     @torch.no_grad()
     def _record_max_logit(self, q_BSHQ: torch.Tensor, k_BSHQ: torch.Tensor, document_ids_BS) -> None:

@@ -19,7 +19,7 @@ from megajoy.kernels.grouped_gemm import grouped_mm
 from megajoy.kernels.moe_permute import count_per_expert, permute, unpermute
 from megajoy.kernels.swiglu import swiglu_packed
 from megajoy.model.mlp import MLP
-from megajoy.model.recompute import is_recomputing
+from megajoy.model.recompute import checkpointed_call, is_recomputing, run_discarding
 from megajoy.parallel.context import ParallelContext
 from megajoy.parallel.mappings import all_reduce_no_grad, gather_along, group_size, reduce_from_region, split_along
 
@@ -96,6 +96,7 @@ class GroupedExperts(nn.Module):
 
     weight_quant = None  # quantisation-aware training's fake-quant (see megajoy.quant.qat)
     matmul = None  # a low-precision grouped-GEMM back-end (see megajoy.quant.fp8)
+    recompute_modules: frozenset = frozenset()  # selective recomputation: moe_act
 
     def forward(self, x_NH: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x_NH: rows sorted by expert, tokens_per_expert[e] rows for expert e."""
@@ -106,8 +107,14 @@ class GroupedExperts(nn.Module):
             gemm = self.matmul.grouped
         else:  # autocast's cast, taken on the contiguous weights (after the transposes, a strided copy)
             gemm, w1, w2 = grouped_mm, cast_as_autocast(w1), cast_as_autocast(w2)
-        hidden = swiglu_packed(gemm(x_NH, w1.transpose(1, 2), tokens_per_expert))
-        return gemm(hidden, w2.transpose(1, 2), tokens_per_expert)
+        gate_up = gemm(x_NH, w1.transpose(1, 2), tokens_per_expert)
+
+        def down(hidden):
+            return gemm(hidden, w2.transpose(1, 2), tokens_per_expert)
+
+        if "moe_act" in self.recompute_modules:  # the down GEMM keeps SwiGLU's output: released and rebuilt
+            return run_discarding(swiglu_packed, down, gate_up)
+        return down(swiglu_packed(gate_up))
 
 
 @dataclass
@@ -165,6 +172,8 @@ def sequence_balance_loss(routing: Routing, batch: int, cfg: ModelConfig, tp_gro
 
 
 class MoE(nn.Module):
+    recompute_modules: frozenset = frozenset()  # selective recomputation: shared_experts
+
     def __init__(self, cfg: ModelConfig, pc=None):
         super().__init__()
         pc = pc or ParallelContext.single()
@@ -194,7 +203,8 @@ class MoE(nn.Module):
         y_perm = self.experts(x_perm, tokens_per_expert)
         y_TH = self.dispatcher.combine(y_perm, routing.weights_TK, meta)
         if self.shared_experts is not None:
-            y_TH = y_TH + self.shared_experts(x_TH)
+            shared = self.shared_experts
+            y_TH = y_TH + (checkpointed_call(shared, x_TH) if "shared_experts" in self.recompute_modules else shared(x_TH))
         y_BSH = y_TH.view_as(x_BSH)
         if self.training and self.cfg.aux_loss_alpha > 0:
             aux = sequence_balance_loss(routing, x_BSH.shape[0], self.cfg, self.tp) * self.aux_loss_scale

@@ -14,15 +14,15 @@ from torch import nn
 
 from megajoy.config import ModelConfig
 from megajoy.kernels.attention import prepare_document_mask
-from megajoy.kernels.backend import cross_entropy_chunk
+from megajoy.kernels.backend import cast_as_autocast, cross_entropy_chunk
 from megajoy.kernels.cross_entropy import linear_cross_entropy
 from megajoy.kernels.rope import rope_cos_sin, rope_frequencies
 from megajoy.model.mla import MLA
 from megajoy.model.mlp import MLP
-from megajoy.model.moe import MoE, Router
+from megajoy.model.moe import GroupedExperts, MoE, Router
 from megajoy.model.mtp import MTPLayer, mtp_loss_mask, shift_left
 from megajoy.model.norm import RMSNorm
-from megajoy.model.recompute import Recompute, run_decoder_layers
+from megajoy.model.recompute import Recompute, checkpointed_call, run_decoder_layers, run_discarding
 from megajoy.parallel.context import ParallelContext
 from megajoy.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megajoy.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
@@ -62,6 +62,8 @@ class CausalLMOutput:
 
 
 class DecoderLayer(nn.Module):
+    recompute_modules: frozenset = frozenset()  # selective recomputation: layernorm, mlp, moe
+
     def __init__(self, cfg: ModelConfig, moe: bool, pc):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -70,8 +72,22 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(cfg, pc) if moe else MLP(cfg.hidden_size, cfg.intermediate_size, pc.tp, pc.sequence_parallel)
 
     def forward(self, h_BSD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
-        h_BSD = h_BSD + self.self_attn(self.input_layernorm(h_BSD), seq)
-        return h_BSD + self.mlp(self.post_attention_layernorm(h_BSD))
+        h_BSD = h_BSD + self._normed(self.input_layernorm, lambda x: self.self_attn(x, seq), h_BSD, cast=True)
+        return h_BSD + self._normed(self.post_attention_layernorm, self._feed_forward, h_BSD,
+                                    cast=isinstance(self.mlp, MLP))
+
+    def _normed(self, norm: RMSNorm, block, h_BSD: torch.Tensor, cast: bool) -> torch.Tensor:
+        """block(norm(h)). With `layernorm` recomputation the norm's output, which the block's first GEMMs
+        keep, is released after the block and rebuilt in backward. Where only GEMMs read it (attention,
+        the dense MLP; not the MoE, whose router reads fp32) it is cast to autocast's dtype first, so the
+        one bf16 copy the GEMMs share is what gets released (their gradients then add in bf16)."""
+        if "layernorm" not in self.recompute_modules:
+            return block(norm(h_BSD))
+        return run_discarding((lambda x: cast_as_autocast(norm(x))) if cast else norm, block, h_BSD)
+
+    def _feed_forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        kind = "moe" if isinstance(self.mlp, MoE) else "mlp"
+        return checkpointed_call(self.mlp, x_BSD) if kind in self.recompute_modules else self.mlp(x_BSD)
 
 
 class JoyAIForCausalLM(nn.Module):
@@ -94,10 +110,24 @@ class JoyAIForCausalLM(nn.Module):
         self.tie_weights()
         self.mtp = nn.ModuleList(
             MTPLayer(cfg, DecoderLayer(cfg, moe=False, pc=pc)) for _ in range(cfg.num_nextn_predict_layers if last else 0))
-        self.recompute: Recompute | None = None  # activation recomputation (set by the trainer)
+        self.recompute = None  # activation recomputation (set by the trainer)
         # Kept off the module's buffers so dtype casts and meta construction never touch it.
         self._inv_freq, self.rope_amplitude = rope_frequencies(
             cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    @property
+    def recompute(self) -> Recompute | None:
+        return self._recompute
+
+    @recompute.setter
+    def recompute(self, recompute: Recompute | None) -> None:
+        """Full recomputation checkpoints whole layers (run_decoder_layers); selective tells each layer's
+        parts (`recompute_modules`) which of them to recompute."""
+        self._recompute = recompute
+        selected = frozenset(recompute.modules) if recompute else frozenset()
+        for module in self.modules():
+            if isinstance(module, (DecoderLayer, MLA, MoE, GroupedExperts)):
+                module.recompute_modules = selected
 
     def tie_weights(self) -> None:
         """With tie_word_embeddings the head is the embedding (again after `to_empty`, which unties)."""

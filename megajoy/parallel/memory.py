@@ -131,10 +131,12 @@ def micro_batches_in_flight(pc, micro_batches_per_step: int) -> float:
 
 def stage_activation_elements(model, pc, micro_batch_size: int, seq_length: int, attention: str,
                               bytes_per_element: int, recompute=None) -> float:
-    """Bytes autograd keeps for one micro-batch through this rank's stages. With activation recomputation
-    (megajoy.model.recompute), a checkpointed chunk keeps only its input; backward rebuilds one chunk's
-    activations at a time (`recomputed_chunk_bytes`, which the plan adds once)."""
+    """Bytes autograd keeps for one micro-batch through this rank's stages. With full recomputation
+    (megajoy.model.recompute), a checkpointed chunk keeps only its input; with selective recomputation each
+    layer keeps less; backward rebuilds one chunk's (one layer's) activations at a time
+    (`recomputed_chunk_bytes`, which the plan adds once)."""
     cfg = model.cfg
+    modules = _selected(recompute)
     tokens = micro_batch_size * seq_length
     local = tokens // pc.tp_size if pc.sequence_parallel else tokens
     first = any(s.is_first for s in model.stages)
@@ -146,7 +148,7 @@ def stage_activation_elements(model, pc, micro_batch_size: int, seq_length: int,
             if checkpointed:
                 elements += local * cfg.hidden_size  # the chunk's input
                 continue
-            for e, b in (_layer_bytes(cfg, pc, micro_batch_size, seq_length, i, attention) for i in chunk):
+            for e, b in (_layer_bytes(cfg, pc, micro_batch_size, seq_length, i, attention, modules) for i in chunk):
                 elements, index_bytes = elements + e, index_bytes + b
     if last:
         vocab = cfg.vocab_size // pc.tp_size
@@ -154,7 +156,7 @@ def stage_activation_elements(model, pc, micro_batch_size: int, seq_length: int,
         for _ in range(len(model.mtp)):
             h = cfg.hidden_size
             elements += _norm(local, h) + local * h + local + 2 * local * h  # enorm, hnorm on saved input, cat
-            elements += layer_activation_elements(cfg, pc, micro_batch_size, seq_length, False, attention)
+            elements += layer_activation_elements(cfg, pc, micro_batch_size, seq_length, False, attention, modules)
             elements += _norm(local, h) + tokens * h + tokens * vocab
             index_bytes += 8 * tokens
     return elements * bytes_per_element + index_bytes
@@ -162,20 +164,33 @@ def stage_activation_elements(model, pc, micro_batch_size: int, seq_length: int,
 
 def recomputed_chunk_bytes(model, pc, micro_batch_size: int, seq_length: int, attention: str,
                            bytes_per_element: int, recompute) -> float:
-    """The largest checkpointed chunk's activations, which backward rebuilds (one at a time)."""
+    """What backward rebuilds at once: the largest checkpointed chunk's activations (full), or the most
+    one layer gets back (selective: its recomputed parts, then its released outputs)."""
     if recompute is None:
         return 0.0
-    sizes = [sum(e * bytes_per_element + b for e, b in
-                 (_layer_bytes(model.cfg, pc, micro_batch_size, seq_length, i, attention) for i in chunk))
+
+    def layer_bytes(i, modules=frozenset()):
+        elements, index_bytes = _layer_bytes(model.cfg, pc, micro_batch_size, seq_length, i, attention, modules)
+        return elements * bytes_per_element + index_bytes
+
+    if not recompute.full:
+        layers = [i for stage in model.stages for i in stage.layers]
+        return float(max((layer_bytes(i) - layer_bytes(i, _selected(recompute)) for i in layers), default=0))
+    sizes = [sum(layer_bytes(i) for i in chunk)
              for stage in model.stages for chunk, checkpointed in recompute.chunks(list(stage.layers)) if checkpointed]
     return float(max(sizes, default=0))
 
 
-def _layer_bytes(cfg, pc, micro_batch_size: int, seq_length: int, i: int, attention: str) -> tuple[int, int]:
+def _selected(recompute) -> frozenset:
+    return frozenset(recompute.modules) if recompute is not None else frozenset()
+
+
+def _layer_bytes(cfg, pc, micro_batch_size: int, seq_length: int, i: int, attention: str,
+                 modules: frozenset = frozenset()) -> tuple[int, int]:
     """(float elements, index bytes) a decoder layer keeps for backward."""
     moe = cfg.is_moe_layer(i)
-    return (layer_activation_elements(cfg, pc, micro_batch_size, seq_length, moe, attention),
-            _moe_index_bytes(cfg, pc, micro_batch_size * seq_length) if moe else 0)
+    index_bytes = _moe_index_bytes(cfg, pc, micro_batch_size * seq_length) if moe and "moe" not in modules else 0
+    return layer_activation_elements(cfg, pc, micro_batch_size, seq_length, moe, attention, modules), index_bytes
 
 
 def _norm(rows: int, width: int) -> int:
@@ -184,42 +199,63 @@ def _norm(rows: int, width: int) -> int:
 
 
 def layer_activation_elements(cfg: ModelConfig, pc, micro_batch_size: int, seq_length: int, moe: bool,
-                              attention: str) -> int:
+                              attention: str, modules: frozenset = frozenset()) -> int:
+    """Float elements a decoder layer keeps; `modules`: those selectively recomputed (Megatron's names)."""
     tokens = micro_batch_size * seq_length
     local = tokens // pc.tp_size if pc.sequence_parallel else tokens
     d = cfg.hidden_size
-    return 2 * _norm(local, d) + _mla(cfg, pc, micro_batch_size, seq_length, attention) + (
-        _moe(cfg, pc, tokens) if moe else tokens * d + 4 * tokens * (cfg.intermediate_size // pc.tp_size))
+    feed_forward = _moe(cfg, pc, tokens, modules) if moe else _dense_mlp(cfg, pc, tokens, local, modules)
+    return 2 * _norm(local, d) + _mla(cfg, pc, micro_batch_size, seq_length, attention, modules) + feed_forward
 
 
-def _mla(cfg: ModelConfig, pc, micro_batch_size: int, seq_length: int, attention: str) -> int:
+def _mla(cfg: ModelConfig, pc, micro_batch_size: int, seq_length: int, attention: str,
+         modules: frozenset = frozenset()) -> int:
     tokens = micro_batch_size * seq_length
     sp = pc.sequence_parallel and pc.tp_size > 1
     local = tokens // pc.tp_size if sp else tokens
     heads = cfg.num_attention_heads // pc.tp_size
     q, c, r = cfg.q_lora_rank or 0, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     qk, v, nope = cfg.qk_head_dim, cfg.v_head_dim, cfg.qk_nope_head_dim
-    n = local * cfg.hidden_size  # the norm's output, input of both down projections
+    n = 0 if "layernorm" in modules else local * cfg.hidden_size  # the norm's output, both down projections' input
     if q:  # q_a output, its norm's statistics and output; the up projection's (gathered) input
         n += 2 * local * q + local + (tokens * q if sp else local * q)
     else:
         n += tokens * cfg.hidden_size if sp else 0
     n += local * (c + r) + local * c + local + tokens * (c + r)  # kv_a output, its norm, kv_b's input
-    if attention == "math":  # scaled q and k copies, the score matrix, a v copy
-        n += 2 * tokens * heads * qk + micro_batch_size * heads * seq_length ** 2 + tokens * heads * v
-    else:  # q, k, the kv_b output v is a view of, the log-sum-exp
-        n += 2 * tokens * heads * qk + tokens * heads * (nope + v) + micro_batch_size * heads * seq_length
-    return n + tokens * heads * v  # attention output, o_proj's input
+    up_outputs = 2 * tokens * heads * qk + tokens * heads * (nope + v)  # q, k, the kv_b output v is a view of
+    if "core_attn" in modules:  # its inputs kept for the rerun, nothing of its own
+        internals, inputs_kept = 0, up_outputs
+    elif attention == "math":  # scaled q and k copies, the score matrix, a v copy (not q, k, v themselves)
+        internals, inputs_kept = 2 * tokens * heads * qk + micro_batch_size * heads * seq_length ** 2 + tokens * heads * v, 0
+    else:  # q, k, v and the log-sum-exp
+        internals, inputs_kept = micro_batch_size * heads * seq_length, up_outputs
+    if "mla_up_proj" in modules:  # q, k, kv released after attention, rebuilt from the latents
+        inputs_kept = 0
+    return n + internals + inputs_kept + tokens * heads * v  # + the attention output, o_proj's input
 
 
-def _moe(cfg: ModelConfig, pc, tokens: int) -> int:
+def _dense_mlp(cfg: ModelConfig, pc, tokens: int, local: int, modules: frozenset = frozenset()) -> int:
+    released = "layernorm" in modules  # the norm's output (not the sequence-parallel gather of it)
+    if "mlp" in modules:  # only its input kept
+        return 0 if released else local * cfg.hidden_size
+    gathered = pc.sequence_parallel and pc.tp_size > 1
+    return (0 if released and not gathered else tokens * cfg.hidden_size) + 4 * tokens * (
+        cfg.intermediate_size // pc.tp_size)
+
+
+def _moe(cfg: ModelConfig, pc, tokens: int, modules: frozenset = frozenset()) -> int:
     """Float elements of an MoE block on this rank's tokens, assuming balanced routing."""
     local = tokens // pc.tp_size  # the block always works on the rank's token shard
+    own_input = pc.tp_size == 1 or pc.sequence_parallel  # else the block splits the replicated sequence (a copy)
+    released = "layernorm" in modules and own_input
+    if "moe" in modules:  # only its input kept
+        return 0 if released else (local if own_input else tokens) * cfg.hidden_size
     d, k, inter = cfg.hidden_size, cfg.num_experts_per_tok, cfg.moe_intermediate_size
     routed = local * k
-    router = local * d + local * cfg.n_routed_experts + local + 2 * routed  # input, scores, sums, weights
-    experts = 3 * routed * d + 2 * routed * inter + 2 * routed * inter  # permuted in / out, gate-up, silu, product
-    shared = 4 * local * inter * cfg.n_shared_experts
+    router = (0 if released else local * d) + local * cfg.n_routed_experts + local + 2 * routed  # input, scores, sums, weights
+    swiglu_out = 0 if "moe_act" in modules else routed * inter
+    experts = 3 * routed * d + 2 * routed * inter + routed * inter + swiglu_out  # permuted in / out, gate-up, silu, product
+    shared = 0 if "shared_experts" in modules else 4 * local * inter * cfg.n_shared_experts
     return router + experts + shared
 
 

@@ -1,6 +1,8 @@
 """Training flags with Megatron-LM's names, each mapped onto a config field. Values given on the
 command line become `section.field` overrides (applied before `--set`)."""
 
+from megajoy.config import RECOMPUTE_MODULES
+
 # (flags, config path, argparse keyword arguments)
 TRAINING_FLAGS = [
     (["--train-iters"], "train.train_iters", dict(type=int)),
@@ -17,7 +19,8 @@ TRAINING_FLAGS = [
     (["--params-dtype"], "train.params_dtype", dict(choices=["fp32", "bf16"])),
     (["--kernels"], "train.kernels", dict(choices=["auto", "torch", "triton"])),
     (["--cross-entropy-chunk"], "train.cross_entropy_chunk", dict(type=int, metavar="TOKENS")),
-    (["--recompute-granularity"], "train.recompute_granularity", dict(choices=["full"])),
+    (["--recompute-granularity"], "train.recompute_granularity", dict(choices=["full", "selective"])),
+    (["--recompute-modules"], "train.recompute_modules", dict(nargs="+", choices=RECOMPUTE_MODULES)),
     (["--recompute-method"], "train.recompute_method", dict(choices=["uniform", "block"])),
     (["--recompute-num-layers"], "train.recompute_num_layers", dict(type=int)),
     (["--log-interval"], "train.log_interval", dict(type=int)),
