@@ -242,7 +242,7 @@ class JoyAIForCausalLM(nn.Module):
         tokens = labels if labels is not None else shift_left(input_ids, 1, 0)
         for depth, layer in enumerate(self.mtp, start=1):
             next_ids = shift_left(tokens, depth - 1, 0)
-            h_BSD = layer(h_BSD, self.embed(next_ids), seq)
+            h_BSD = self._mtp_layer(layer, h_BSD, self.embed(next_ids), seq)
             logits_BSV = self.head(h_BSD) if keep_logits else None
             if keep_logits:
                 logits.append(self.full_logits(logits_BSV))
@@ -258,6 +258,12 @@ class JoyAIForCausalLM(nn.Module):
             out.mtp_loss_sum = torch.stack(sums).mean()
             out.mtp_tokens = torch.stack(counts).mean()
         out.mtp_logits = logits or None
+
+    def _mtp_layer(self, layer: MTPLayer, h_BSD: torch.Tensor, next_embeds_BSD: torch.Tensor, seq) -> torch.Tensor:
+        """One MTP depth; under full recomputation checkpointed whatever the method (as Megatron does)."""
+        if self.recompute is not None and self.recompute.full:
+            return checkpointed_call(lambda h, e: layer(h, e, seq), h_BSD, next_embeds_BSD)
+        return layer(h_BSD, next_embeds_BSD, seq)
 
     def head_cross_entropy(self, h_BSD: torch.Tensor, labels_BS: torch.Tensor,
                            logits_BSV: torch.Tensor | None = None) -> torch.Tensor:

@@ -154,18 +154,28 @@ def stage_activation_elements(model, pc, micro_batch_size: int, seq_length: int,
         vocab = cfg.vocab_size // pc.tp_size
         elements += _norm(local, cfg.hidden_size) + tokens * cfg.hidden_size + tokens * vocab  # norm, head, softmax
         for _ in range(len(model.mtp)):
-            h = cfg.hidden_size
-            elements += _norm(local, h) + local * h + local + 2 * local * h  # enorm, hnorm on saved input, cat
-            elements += layer_activation_elements(cfg, pc, micro_batch_size, seq_length, False, attention, modules)
-            elements += _norm(local, h) + tokens * h + tokens * vocab
+            elements += _mtp_layer_elements(cfg, pc, micro_batch_size, seq_length, attention, recompute)
+            elements += tokens * cfg.hidden_size + tokens * vocab  # its head and softmax
             index_bytes += 8 * tokens
     return elements * bytes_per_element + index_bytes
 
 
+def _mtp_layer_elements(cfg, pc, micro_batch_size: int, seq_length: int, attention: str, recompute) -> int:
+    """An MTP depth: enorm, hnorm (on the head's saved input), the concatenation, its decoder layer and final
+    norm; under full recomputation only the next tokens' embedding (its other input is the head's)."""
+    h = cfg.hidden_size
+    tokens = micro_batch_size * seq_length
+    local = tokens // pc.tp_size if pc.sequence_parallel else tokens
+    if recompute is not None and recompute.full:
+        return local * h
+    layer = layer_activation_elements(cfg, pc, micro_batch_size, seq_length, False, attention, _selected(recompute))
+    return _norm(local, h) + local * h + local + 2 * local * h + layer + _norm(local, h)
+
+
 def recomputed_chunk_bytes(model, pc, micro_batch_size: int, seq_length: int, attention: str,
                            bytes_per_element: int, recompute) -> float:
-    """What backward rebuilds at once: the largest checkpointed chunk's activations (full), or the most
-    one layer gets back (selective: its recomputed parts, then its released outputs)."""
+    """What backward rebuilds at once: the largest checkpointed chunk's (or MTP layer's) activations (full),
+    or the most one layer gets back (selective: its recomputed parts, then its released outputs)."""
     if recompute is None:
         return 0.0
 
@@ -178,6 +188,8 @@ def recomputed_chunk_bytes(model, pc, micro_batch_size: int, seq_length: int, at
         return float(max((layer_bytes(i) - layer_bytes(i, _selected(recompute)) for i in layers), default=0))
     sizes = [sum(layer_bytes(i) for i in chunk)
              for stage in model.stages for chunk, checkpointed in recompute.chunks(list(stage.layers)) if checkpointed]
+    if len(model.mtp):
+        sizes.append(_mtp_layer_elements(model.cfg, pc, micro_batch_size, seq_length, attention, None) * bytes_per_element)
     return float(max(sizes, default=0))
 
 
