@@ -1,6 +1,5 @@
 """The memory planner against real ranks: parameter, gradient and optimizer bytes exactly, activations
-within 5% of what the forward leaves allocated for backward (fp32, the CPU's math attention; 20% under
-TP 2 with sequence parallelism)."""
+within 5% of what the forward leaves allocated for backward (fp32, the CPU's math attention)."""
 
 import dataclasses
 
@@ -91,6 +90,23 @@ def test_state_bytes_are_exact(name, params_dtype, optimizer):
         assert planned == real, (rank, planned, real)
 
 
+def _saved_bytes(model, ids, **kwargs) -> int:
+    """Bytes of the distinct storages autograd saves for backward (parameters excluded): for ranks that
+    run collectives, whose buffers gloo's threads free where the profiler does not see it."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, labels=torch.roll(ids, -1, 1), **kwargs)
+    return sum(seen.values())
+
+
 def _kept_bytes(model, ids, **kwargs) -> int:
     """Bytes the forward leaves allocated (what backward will read, and the loss): the allocator's own
     count of allocations minus frees during the forward, from torch's profiler."""
@@ -170,15 +186,16 @@ def _tp_activation_worker(rank, world):
     model = create_model(job.model, pc=pc).train()
     ids = torch.randint(0, job.model.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     positions, documents = document_positions(ids, eod=1)
-    measured = _kept_bytes(model, ids, position_ids=positions, document_ids=documents)
+    measured = _saved_bytes(model, ids, position_ids=positions, document_ids=documents)
     planned = stage_activation_elements(model, pc, 2, 64, attention="math", bytes_per_element=4)
     return planned, measured
 
 
 def test_activations_under_tp2_sequence_parallel():
-    # 12% under the allocator's count on this tiny model (what is missing is not pinned down yet)
+    """Within 2%: each GEMM after a sequence-parallel gather or reduce-scatter keeping its own contiguous
+    copy of the input (3% more here) would show."""
     for planned, measured in run_workers(2, _tp_activation_worker):
-        assert abs(planned / measured - 1) <= 0.2, (planned, measured)
+        assert abs(planned / measured - 1) <= 0.02, (planned, measured)
 
 
 def test_plan_cli_reports_fit(capsys):

@@ -39,7 +39,9 @@ def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     out = moved.new_empty((n * moved.shape[0], *moved.shape[1:]))
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(out, moved, group=group)
-    return out.movedim(0, dim)
+    # Contiguous once here (free when the leading dims are 1), not once per consuming GEMM, each of which
+    # would copy a strided input and keep its own copy for backward (the same for _reduce_scatter's).
+    return out.movedim(0, dim).contiguous()
 
 
 def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
@@ -50,7 +52,7 @@ def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     out = moved.new_empty((moved.shape[0] // n, *moved.shape[1:]))
     scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     scatter(out, moved, group=group)
-    return out.movedim(0, dim)
+    return out.movedim(0, dim).contiguous()  # the residual stream: every norm and GEMM after it reads it
 
 
 def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
