@@ -81,3 +81,26 @@ def test_recompute_flags_are_checked():
     with pytest.raises(ValueError, match="recompute_granularity with pipeline_schedule=zero-bubble is not supported"):
         load_job_config("tiny", None, zero_bubble)
     assert load_job_config("tiny", None, zero_bubble[:2]).train.recompute_granularity == "full"
+
+
+def test_selective_recomputation_leaves_fp8_numerics_alone():
+    """FP8 GEMMs keep their own rounded copy of the input, so `layernorm` and `moe_act` release nothing
+    there, and the norm's output is not pre-cast to bf16 (which would round it twice): the same loss and
+    gradients under bf16 autocast as without recomputation."""
+    from megajoy.quant.fp8 import Fp8Matmul
+    from megajoy.quant.qat import set_fp8
+
+    def run(recompute):
+        cfg = small_config(num_hidden_layers=3, first_k_dense_replace=1)
+        model = random_model(cfg, seed=5).train()
+        set_fp8(model, Fp8Matmul("tensorwise", "emulate"))
+        model.recompute = recompute
+        ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, labels=torch.roll(ids, -1, 1), compute_mtp=True)
+        (out.lm_loss + out.mtp_loss).backward()
+        return out.lm_loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = run(None)
+    r_loss, r_grads = run(Recompute(modules=("layernorm", "moe_act", "mla_up_proj")))
+    assert r_loss == loss and all(torch.equal(r_grads[n], g) for n, g in grads.items())

@@ -112,7 +112,8 @@ class GroupedExperts(nn.Module):
         def down(hidden):
             return gemm(hidden, w2.transpose(1, 2), tokens_per_expert)
 
-        if "moe_act" in self.recompute_modules:  # the down GEMM keeps SwiGLU's output: released and rebuilt
+        # The down GEMM keeps SwiGLU's output: released and rebuilt (an FP8 GEMM keeps its own rounded copy)
+        if "moe_act" in self.recompute_modules and self.matmul is None:
             return run_discarding(swiglu_packed, down, gate_up)
         return down(swiglu_packed(gate_up))
 

@@ -122,9 +122,9 @@ def run_discarding(producer: Callable, consumer: Callable, *inputs: torch.Tensor
     if _checkpointed or not (torch.is_grad_enabled() and isinstance(result, torch.Tensor) and result.requires_grad):
         return result
     tensors = produced if isinstance(produced, tuple) else (produced,)
-    kept = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+    kept = {t.untyped_storage().data_ptr() for t in (*inputs, result) if isinstance(t, torch.Tensor)}
     released = {}  # storage address -> (storage, its bytes, indices of the produced tensors on it)
-    for i, t in enumerate(tensors):  # never an input the producer passed through (a view, an identity cast)
+    for i, t in enumerate(tensors):  # never an input passed through (a view, an identity cast), nor the result
         address = t.untyped_storage().data_ptr()
         if address not in kept:
             released.setdefault(address, (t.untyped_storage(), t.untyped_storage().nbytes(), []))[2].append(i)

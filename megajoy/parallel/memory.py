@@ -185,7 +185,12 @@ def recomputed_chunk_bytes(model, pc, micro_batch_size: int, seq_length: int, at
 
     if not recompute.full:
         layers = [i for stage in model.stages for i in stage.layers]
-        return float(max((layer_bytes(i) - layer_bytes(i, _selected(recompute)) for i in layers), default=0))
+        sizes = [layer_bytes(i) - layer_bytes(i, _selected(recompute)) for i in layers]
+        if len(model.mtp):  # its dense decoder layer
+            dense = [layer_activation_elements(model.cfg, pc, micro_batch_size, seq_length, False, attention, m)
+                     for m in (frozenset(), _selected(recompute))]
+            sizes.append((dense[0] - dense[1]) * bytes_per_element)
+        return float(max(sizes, default=0))
     sizes = [sum(layer_bytes(i) for i in chunk)
              for stage in model.stages for chunk, checkpointed in recompute.chunks(list(stage.layers)) if checkpointed]
     if len(model.mtp):
