@@ -204,8 +204,8 @@ class MoE(nn.Module):
         y_perm = self.experts(x_perm, tokens_per_expert)
         y_TH = self.dispatcher.combine(y_perm, routing.weights_TK, meta)
         if self.shared_experts is not None:
-            shared = self.shared_experts
-            y_TH = y_TH + (checkpointed_call(shared, x_TH) if "shared_experts" in self.recompute_modules else shared(x_TH))
+            recomputed = "shared_experts" in self.recompute_modules
+            y_TH = y_TH + (checkpointed_call(self.shared_experts, x_TH) if recomputed else self.shared_experts(x_TH))
         y_BSH = y_TH.view_as(x_BSH)
         if self.training and self.cfg.aux_loss_alpha > 0:
             aux = sequence_balance_loss(routing, x_BSH.shape[0], self.cfg, self.tp) * self.aux_loss_scale

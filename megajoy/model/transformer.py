@@ -72,25 +72,20 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(cfg, pc) if moe else MLP(cfg.hidden_size, cfg.intermediate_size, pc.tp, pc.sequence_parallel)
 
     def forward(self, h_BSD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
-        attention_gemm = self.self_attn.kv_a_proj_with_mqa
         h_BSD = h_BSD + self._normed(self.input_layernorm, lambda x: self.self_attn(x, seq), h_BSD,
-                                     only_gemms=attention_gemm)
+                                     reader=self.self_attn.kv_a_proj_with_mqa)
         return h_BSD + self._normed(self.post_attention_layernorm, self._feed_forward, h_BSD,
-                                    only_gemms=self.mlp.gate_proj if isinstance(self.mlp, MLP) else None)
+                                    reader=self.mlp.gate_proj if isinstance(self.mlp, MLP) else None)
 
-    def _normed(self, norm: RMSNorm, block, h_BSD: torch.Tensor, only_gemms) -> torch.Tensor:
+    def _normed(self, norm: RMSNorm, block, h_BSD: torch.Tensor, reader) -> torch.Tensor:
         """block(norm(h)). With `layernorm` recomputation the norm's output, which the block's first GEMMs
-        keep, is released after the block and rebuilt in backward. Where only GEMMs read it (`only_gemms`,
-        one of them: attention, the dense MLP; not the MoE, whose router reads fp32) it is cast to
+        keep, is released after the block and rebuilt in backward. Where only GEMMs read it (`reader` is
+        one of them: attention, the dense MLP; None for the MoE, whose router reads fp32) it is cast to
         autocast's dtype first, so the one bf16 copy the GEMMs share is what gets released (their
         gradients then add in bf16). FP8 GEMMs keep their own rounded copy: nothing to release there."""
-        if "layernorm" not in self.recompute_modules:
+        if "layernorm" not in self.recompute_modules or (reader is not None and reader.matmul is not None):
             return block(norm(h_BSD))
-        if only_gemms is None:
-            return run_discarding(norm, block, h_BSD)
-        if only_gemms.matmul is not None:
-            return block(norm(h_BSD))
-        return run_discarding(lambda x: cast_as_autocast(norm(x)), block, h_BSD)
+        return run_discarding(norm if reader is None else (lambda x: cast_as_autocast(norm(x))), block, h_BSD)
 
     def _feed_forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         kind = "moe" if isinstance(self.mlp, MoE) else "mlp"

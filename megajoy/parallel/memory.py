@@ -183,18 +183,14 @@ def recomputed_chunk_bytes(model, pc, micro_batch_size: int, seq_length: int, at
         elements, index_bytes = _layer_bytes(model.cfg, pc, micro_batch_size, seq_length, i, attention, modules)
         return elements * bytes_per_element + index_bytes
 
-    if not recompute.full:
-        layers = [i for stage in model.stages for i in stage.layers]
-        sizes = [layer_bytes(i) - layer_bytes(i, _selected(recompute)) for i in layers]
-        if len(model.mtp):  # its dense decoder layer
-            dense = [layer_activation_elements(model.cfg, pc, micro_batch_size, seq_length, False, attention, m)
-                     for m in (frozenset(), _selected(recompute))]
-            sizes.append((dense[0] - dense[1]) * bytes_per_element)
-        return float(max(sizes, default=0))
-    sizes = [sum(layer_bytes(i) for i in chunk)
-             for stage in model.stages for chunk, checkpointed in recompute.chunks(list(stage.layers)) if checkpointed]
-    if len(model.mtp):
-        sizes.append(_mtp_layer_elements(model.cfg, pc, micro_batch_size, seq_length, attention, None) * bytes_per_element)
+    if recompute.full:
+        sizes = [sum(layer_bytes(i) for i in chunk) for stage in model.stages
+                 for chunk, checkpointed in recompute.chunks(list(stage.layers)) if checkpointed]
+    else:
+        sizes = [layer_bytes(i) - layer_bytes(i, _selected(recompute)) for stage in model.stages for i in stage.layers]
+    if len(model.mtp):  # an MTP layer gets back what recomputation took from it
+        mtp = [_mtp_layer_elements(model.cfg, pc, micro_batch_size, seq_length, attention, r) for r in (None, recompute)]
+        sizes.append((mtp[0] - mtp[1]) * bytes_per_element)
     return float(max(sizes, default=0))
 
 
@@ -243,7 +239,8 @@ def _mla(cfg: ModelConfig, pc, micro_batch_size: int, seq_length: int, attention
     if "core_attn" in modules:  # its inputs kept for the rerun, nothing of its own
         internals, inputs_kept = 0, up_outputs
     elif attention == "math":  # scaled q and k copies, the score matrix, a v copy (not q, k, v themselves)
-        internals, inputs_kept = 2 * tokens * heads * qk + micro_batch_size * heads * seq_length ** 2 + tokens * heads * v, 0
+        scores = micro_batch_size * heads * seq_length ** 2
+        internals, inputs_kept = 2 * tokens * heads * qk + scores + tokens * heads * v, 0
     else:  # q, k, v and the log-sum-exp
         internals, inputs_kept = micro_batch_size * heads * seq_length, up_outputs
     if "mla_up_proj" in modules:  # q, k, kv released after attention, rebuilt from the latents
@@ -269,9 +266,10 @@ def _moe(cfg: ModelConfig, pc, tokens: int, modules: frozenset = frozenset()) ->
         return 0 if released else (local if own_input else tokens) * cfg.hidden_size
     d, k, inter = cfg.hidden_size, cfg.num_experts_per_tok, cfg.moe_intermediate_size
     routed = local * k
-    router = (0 if released else local * d) + local * cfg.n_routed_experts + local + 2 * routed  # input, scores, sums, weights
-    swiglu_out = 0 if "moe_act" in modules else routed * inter
-    experts = 3 * routed * d + 2 * routed * inter + routed * inter + swiglu_out  # permuted in / out, gate-up, silu, product
+    # input, scores, sums, weights
+    router = (0 if released else local * d) + local * cfg.n_routed_experts + local + 2 * routed
+    # permuted in / out, gate-up, silu, product
+    experts = 3 * routed * d + 2 * routed * inter + routed * inter + (0 if "moe_act" in modules else routed * inter)
     shared = 0 if "shared_experts" in modules else 4 * local * inter * cfg.n_shared_experts
     return router + experts + shared
 
