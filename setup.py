@@ -29,7 +29,9 @@ setup(
         "test": ["pytest", "transformers>=5.0", "gguf>=0.17", "matplotlib", "compressed-tensors", "trl==1.16.0",
                  # Triton's interpreter runs the GPU kernels on CPU in the tests (the version torch 2.11's
                  # CUDA wheels pin)
-                 "triton==3.6.0"],
+                 "triton==3.6.0",
+                 # TorchTitan's DeepSeek-V3, a training-step baseline (benchmarks/torchtitan_baseline.py)
+                 "torchtitan==0.2.2"],
     },
     entry_points={"console_scripts": ["megajoy=megajoy.cli:main"]},
 )

@@ -1,8 +1,8 @@
 """End-to-end training step (forward, backward, AdamW step) of a preset, one process: tokens/s, MFU, peak
 memory and, on a GPU, NVML telemetry (memory, power, SM clock, utilisation). Beside it, in the same run
 and with the same weights and batch, Hugging Face transformers' DeepseekV3ForCausalLM (the baseline),
-and megajoy under torch.compile (`--compile`). Every variant runs in its own fresh process, so its peak
-memory is its own.
+TorchTitan's DeepSeek-V3 (`--torchtitan`, benchmarks/torchtitan_baseline.py) and megajoy under
+torch.compile (`--compile`). Every variant runs in its own fresh process, so its peak memory is its own.
 
   python benchmarks/throughput.py                              # tiny preset (2.75M), batch 8 x 256, fp32
   python benchmarks/throughput.py --preset joyai-slice --batch 1 --seq-length 4096 --no-hf    # a GPU
@@ -80,10 +80,17 @@ class Telemetry:
             f"{k}_max": max(s[k] for s in self.samples) for k in keys}
 
 
-def build_variant(name: str, cfg, state: dict, device, dtype, hf_dir: str, autocast: bool, accumulate: int = 1):
+def build_variant(name: str, cfg, state: dict, device, dtype, hf_dir: str, autocast: bool, accumulate: int = 1,
+                  seq_length: int = 0):
     """(model, step function taking (inputs, labels)) for one variant. With `autocast`, fp32 weights
     and bf16 autocast, as megajoy's trainer runs on a GPU."""
-    if name == "transformers":
+    if name.startswith("torchtitan"):
+        from benchmarks.torchtitan_baseline import build_torchtitan, compile_as_torchtitan
+
+        model, forward = build_torchtitan(cfg, hf_dir, seq_length, device, dtype)
+        if "--compile" in name:
+            compile_as_torchtitan(model)
+    elif name == "transformers":
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).train()
@@ -144,7 +151,8 @@ def run_variant(name, cfg, state, args, hf_dir, flops_per_token, peak, queue):
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     start_kb = resident_kb() if device.type == "cpu" else 0
     try:
-        model, step = build_variant(name, cfg, state, device, dtype, hf_dir, autocast_on(args), args.accumulate)
+        model, step = build_variant(name, cfg, state, device, dtype, hf_dir, autocast_on(args), args.accumulate,
+                                    args.seq_length)
         g = torch.Generator().manual_seed(0)
         batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq_length + 1), generator=g).to(device)
                    for _ in range(2)]
@@ -188,6 +196,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also run megajoy under torch.compile")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    parser.add_argument("--torchtitan", action="store_true",
+                        help="also run TorchTitan's DeepSeek-V3 (release 0.2.2) with the same weights; with "
+                             "--compile also compiled as TorchTitan compiles it")
     parser.add_argument("--bf16", action="store_true", help="bf16 weights and compute")
     parser.add_argument("--fp32", action="store_true", help="fp32 on a GPU too (default there: fp32 weights "
                         "under bf16 autocast, as training runs; on a CPU: fp32)")
@@ -218,8 +229,17 @@ def main() -> None:
     job = load_job_config(args.preset, None, [])
     cfg = dataclasses.replace(job.model, num_nextn_predict_layers=0)
     flops_per_token = measure(meta_model(cfg), args.seq_length).training_flops_per_token(with_mtp=False)
-    # The weights travel to the variants only when transformers must start from the same ones.
-    model = None if args.no_hf else create_model(cfg, seed=0)
+    # The weights travel to the variants only when a baseline must start from the same ones.
+    baselines = ([] if args.no_hf else ["transformers"]) + (
+        ["torchtitan"] + (["torchtitan --compile"] if args.compile else []) if args.torchtitan else [])
+    if args.torchtitan:  # refused here, before any variant runs, if it is missing or cannot build this config
+        from benchmarks.torchtitan_baseline import torchtitan_args
+
+        try:
+            torchtitan_args(cfg, args.seq_length, torch.device(args.device))
+        except (RuntimeError, ValueError) as e:
+            parser.error(str(e))
+    model = create_model(cfg, seed=0) if baselines else None
     state = None if model is None else {k: v.detach().clone() for k, v in model.state_dict().items()}
     device = torch.device(args.device)
     low_precision = args.bf16 or autocast_on(args)
@@ -227,10 +247,10 @@ def main() -> None:
     variants = ["megajoy"] + (["megajoy --compile"] if args.compile else [])
     if args.params_dtype == "bf16":
         variants += [v + " --params-dtype bf16" for v in variants]
-    variants += [] if args.no_hf else ["transformers"]
+    variants += baselines
     rows = []
     with tempfile.TemporaryDirectory() as hf_dir:
-        if not args.no_hf:
+        if baselines:
             save_hf_dir(hf_dir, state_view(cfg, model_state(model)), dtype=torch.float32)
         del model
         ctx = multiprocessing.get_context("spawn")  # a fork after torch's thread pool started can hang
@@ -242,11 +262,16 @@ def main() -> None:
             process.join()
             print(f"{name}: " + (f"{rows[-1]['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in rows[-1]
                                  else rows[-1]["error"]), file=sys.stderr)
-    base = next((r for r in rows if r["variant"] == "transformers" and "tokens_per_s" in r), None)
-    for r in rows:
-        if base is not None and "tokens_per_s" in r:
-            r["ratio_to_transformers"] = r["tokens_per_s"] / base["tokens_per_s"]
-    columns = ["variant", "tokens_per_s", "ratio_to_transformers", "mfu", "peak_memory_gb", "step_seconds"]
+    columns = ["variant", "tokens_per_s"]
+    for baseline in ("transformers", "torchtitan"):
+        base = next((r for r in rows if r["variant"] == baseline and "tokens_per_s" in r), None)
+        if base is None:
+            continue
+        columns.append(f"ratio_to_{baseline}")
+        for r in rows:
+            if "tokens_per_s" in r:
+                r[f"ratio_to_{baseline}"] = r["tokens_per_s"] / base["tokens_per_s"]
+    columns += ["mfu", "peak_memory_gb", "step_seconds"]
     print_table(rows, columns)
     payload = {"environment": environment(device), "preset": args.preset, "batch": args.batch,
                "micro_batches_per_step": args.accumulate,

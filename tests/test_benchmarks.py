@@ -7,6 +7,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -42,20 +45,49 @@ def test_throughput_times_pretrain_at_a_layout(tmp_path):
 
 
 def test_throughput_variants_beside_transformers(tmp_path):
-    """One-process variants in the same run: megajoy, megajoy with bf16 weights over fp32 masters, and
-    transformers' DeepseekV3ForCausalLM with the same weights; ratios against transformers."""
+    """One-process variants in the same run: megajoy, megajoy with bf16 weights over fp32 masters,
+    transformers' DeepseekV3ForCausalLM and TorchTitan's DeepSeek-V3 with the same weights; ratios against
+    both baselines."""
     out = tmp_path / "throughput"
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--params-dtype", "bf16",
-                           "--steps", "1", "--warmup", "1", "--batch", "2", "--seq-length", "32", "--out", str(out)],
+                           "--torchtitan", "--steps", "1", "--warmup", "1", "--batch", "2", "--seq-length", "32",
+                           "--out", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {r["variant"]: r for r in json.loads((tmp_path / "throughput.json").read_text())["results"]}
-    assert list(rows) == ["megajoy", "megajoy --params-dtype bf16", "transformers"]
+    assert list(rows) == ["megajoy", "megajoy --params-dtype bf16", "transformers", "torchtitan"]
     for row in rows.values():
         assert "error" not in row, row
         assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_memory_gb"] >= 0
-        assert math.isclose(row["ratio_to_transformers"], row["tokens_per_s"] / rows["transformers"]["tokens_per_s"])
+        for base in ("transformers", "torchtitan"):
+            assert math.isclose(row[f"ratio_to_{base}"], row["tokens_per_s"] / rows[base]["tokens_per_s"])
     assert (tmp_path / "throughput.md").exists() and (tmp_path / "throughput.png").exists()
+
+
+def test_torchtitan_baseline_computes_megajoys_model(tmp_path):
+    """TorchTitan's DeepSeek-V3, built from a megajoy config and loaded through TorchTitan's own Hugging Face
+    adapter, gives megajoy's logits (random router bias, so routing is exercised), once its final norm has
+    megajoy's epsilon (TorchTitan leaves torch's default there; 1.5e-3 relative on this model)."""
+    from helpers import random_model, rel_err, small_config
+    from megajoy.ckpt.hf import save_hf_dir
+    from megajoy.ckpt.native import model_state
+    from megajoy.ckpt.view import state_view
+
+    from benchmarks.torchtitan_baseline import build_torchtitan, torchtitan_args
+
+    cfg = small_config(num_nextn_predict_layers=0)
+    model = random_model(cfg)
+    save_hf_dir(str(tmp_path), state_view(cfg, model_state(model)), dtype=torch.float32)
+    titan, forward = build_torchtitan(cfg, str(tmp_path), 48, torch.device("cpu"), torch.float32)
+    titan.norm.eps = cfg.rms_norm_eps
+    ids = torch.randint(0, cfg.vocab_size, (2, 49), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model(ids[:, :-1]).logits
+        assert rel_err(titan(ids[:, :-1]), ours) <= 1e-5
+        loss = forward(ids[:, :-1], ids[:, 1:])
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(ours.flatten(0, 1), ids[:, 1:].flatten()), rtol=1e-5)
+    with pytest.raises(ValueError, match="no equal of this config's tie_word_embeddings, aux_loss_alpha$"):
+        torchtitan_args(small_config(tie_word_embeddings=True, aux_loss_alpha=1e-4), 48, torch.device("cpu"))
 
 
 def test_throughput_refuses_bf16_weights_without_fp32_masters(tmp_path):
