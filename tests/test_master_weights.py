@@ -252,7 +252,8 @@ def test_zero_shards_are_the_only_masters_and_resume_exactly(tmp_path, data_pref
     """DP 2 with ZeRO-1: the fp32 shards are the only masters (whole fp32 tensors gathered only for
     checkpoints; QK-clip, which rescales heads in this run, scales the shards); a resumed run equals an
     unbroken one bit for bit, and the checkpoints hold fp32 weights."""
-    flags = ("--params-dtype", "bf16", "--dp", "2", "--use-distributed-optimizer", "--qk-clip-tau", "0.03")
+    flags = ("--params-dtype", "bf16", "--dp", "2", "--use-distributed-optimizer", "--qk-clip-tau", "0.03",
+             "--ddp-bucket-size-mb", "0.1")  # several buckets, gathered in bf16
     records, weights = run(tmp_path / "one", data_prefix, tokenizer_file, *flags, world=2)
     assert sum(r["qk_clip_heads"] > 0 for r in records.values()) >= 2  # logits 0.03 to 0.06 in this run
     assert_resumes_exactly(tmp_path / "two", data_prefix, tokenizer_file, flags, (records, weights), world=2)
@@ -261,7 +262,7 @@ def test_zero_shards_are_the_only_masters_and_resume_exactly(tmp_path, data_pref
 
 
 LAYOUTS = {
-    "dp2_zero": (2, ["--dp", "2", "--use-distributed-optimizer"]),
+    "dp2_zero": (2, ["--dp", "2", "--use-distributed-optimizer", "--ddp-bucket-size-mb", "0.1"]),  # several buckets
     "tp2_ep2_sp": (2, ["--tp", "2", "--ep", "2", "--sequence-parallel"]),
     "pp2_zero_bubble": (2, ["--pp", "2", "--pp-schedule", "zero-bubble", "--pp-layout", "1", "0", "1", "0"]),
 }

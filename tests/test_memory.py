@@ -31,7 +31,8 @@ def _measure_rank(rank, world, flags, params_dtype="fp32", optimizer="adamw"):
     job = dataclasses.replace(job, data=dataclasses.replace(job.data, seq_length=SEQ))
     pc = setup_parallel(job)
     model = create_model(job.model, pc=pc).train()
-    optimizer = build_parallel_optimizer(model, pc, job.optimizer, pc.distributed_optimizer)
+    optimizer = build_parallel_optimizer(model, pc, job.optimizer, pc.distributed_optimizer,
+                                         job.parallel.ddp_bucket_size_mb)
     masters = list(model.parameters())
     if params_dtype == "bf16":
         from megajoy.optim.master_weights import MasterWeights
@@ -69,11 +70,12 @@ def _measure_rank(rank, world, flags, params_dtype="fp32", optimizer="adamw"):
 
 LAYOUTS = {
     "tp2_pp2": (4, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)),
-    "ep2_dp2_zero": (2, dict(expert_model_parallel_size=2, use_distributed_optimizer=True)),
+    # ZeRO-1 in several buckets, each sharded on its own
+    "ep2_dp2_zero": (2, dict(expert_model_parallel_size=2, use_distributed_optimizer=True, ddp_bucket_size_mb=0.1)),
     "pp2_v2_dp2_zero": (4, dict(pipeline_model_parallel_size=2, pipeline_schedule="interleaved",
                                 use_distributed_optimizer=True)),
     "tp2_ep2_dp2_sp_zero": (4, dict(tensor_model_parallel_size=2, expert_model_parallel_size=2,
-                                    sequence_parallel=True, use_distributed_optimizer=True)),
+                                    sequence_parallel=True, use_distributed_optimizer=True, ddp_bucket_size_mb=0.1)),
 }
 
 
@@ -86,7 +88,7 @@ def test_state_bytes_are_exact(name, params_dtype, optimizer):
     job = _job(flags, optimizer)
     for rank, real in enumerate(measured):
         model, pc = rank_model(job.model, ParallelConfig(**flags), world, rank, SEQ)
-        planned = state_bytes(model, pc, params_dtype, job.optimizer)
+        planned = state_bytes(model, pc, params_dtype, job.optimizer, bucket_mb=job.parallel.ddp_bucket_size_mb)
         assert planned == real, (rank, planned, real)
 
 
@@ -295,3 +297,52 @@ def test_plan_cli_counts_selective_recomputation(capsys):
         assert all(light[k] == none[k] for k in ("parameters", "gradients", "optimizer"))
     assert main(argv[:-1] + ["--recompute-granularity", "selective", "--recompute-modules", "moe_act", "layernorm"]) == 0
     assert "recompute moe_act layernorm" in capsys.readouterr().out
+
+
+def _transient_bytes(fn) -> int:
+    """How far the allocator's count rose while `fn` ran above where it ended (torch's profiler memory
+    events in time order; blocks allocated before, such as gradients `fn` frees, are not seen)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak - live
+
+
+def _zero_peaks(rank, world, bf16):
+    """(fp32 bytes of all parameters, of the largest bucket, transient bytes while reducing gradients and
+    while gathering weights) for ZeRO-1 on the tiny preset in 1 MB buckets."""
+    from megajoy.launch import setup_parallel
+    from megajoy.model import create_model
+    from megajoy.optim.master_weights import MasterWeights
+    from megajoy.parallel.optimizer import DistributedOptimizer
+
+    job = load_job_config("tiny", None, ["parallel.use_distributed_optimizer=true"])
+    pc = setup_parallel(job)
+    model = create_model(job.model, pc=pc).train()
+    optimizer = DistributedOptimizer(model, pc, job.optimizer, bucket_mb=1.0)
+    if bf16:
+        weights = MasterWeights(model, sharded=optimizer)
+    ids = torch.randint(0, job.model.vocab_size, (2, 64))
+    model(ids, labels=torch.roll(ids, -1, 1), compute_mtp=True).lm_loss_sum.backward()
+    if bf16:
+        weights.flush_grads()
+    reduce = _transient_bytes(optimizer.reduce_data_parallel)
+    gather = _transient_bytes(lambda: [b.gather_params() for b in optimizer.buffers])
+    total = 4 * sum(p.numel() for _, p in optimizer.named_params)
+    return total, 4 * max(b.total_padded for b in optimizer.buffers), reduce, gather
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_zero_holds_one_bucket_at_a_time(bf16):
+    """ZeRO-1 reduce-scatters gradients and gathers weights one bucket at a time: the reduction's transient
+    memory is one bucket's flat copy (it was a flat copy of every gradient, 11 MB here), the gather's one
+    bucket; with bf16 weights the gather is in bf16 (half the bytes)."""
+    [(total, bucket, reduce, gather)] = run_workers(1, _zero_peaks, bf16)
+    assert bucket <= total / 4
+    assert 0 < reduce <= bucket
+    assert gather == pytest.approx(bucket / 2 if bf16 else bucket, rel=0.01)

@@ -97,7 +97,9 @@ LAYOUTS = {
     "tp2_sp": (2, ["--tp", "2", "--sequence-parallel"]),
     "ep2_dp2": (2, ["--ep", "2"]),
     "ep4_dp4_zero": (4, ["--ep", "4", "--use-distributed-optimizer"]),
-    "tp2_ep2_dp2_sp_zero": (4, ["--tp", "2", "--ep", "2", "--sequence-parallel", "--use-distributed-optimizer"]),
+    # ZeRO-1 in buckets of 0.1 MB: each sharded, reduce-scattered and gathered on its own
+    "tp2_ep2_dp2_sp_zero": (4, ["--tp", "2", "--ep", "2", "--sequence-parallel", "--use-distributed-optimizer",
+                                "--ddp-bucket-size-mb", "0.1"]),
     "tp2_ep4_dp2": (4, ["--tp", "2", "--ep", "4"]),
     "tp2_ep4_dp4_sp": (8, ["--tp", "2", "--ep", "4", "--sequence-parallel"]),
     # activation recomputation: the layers' forward again in backward (all-to-alls and TP collectives too)

@@ -17,7 +17,7 @@ import torch
 
 from megajoy.config import ModelConfig
 from megajoy.parallel.context import planning_context
-from megajoy.parallel.optimizer import owned_elements
+from megajoy.parallel.optimizer import buckets, owned_elements
 from megajoy.parallel.params import parameter_specs
 
 GiB = 2**30
@@ -51,14 +51,15 @@ def rank_model(model_cfg: ModelConfig, parallel_cfg, world: int, rank: int, seq_
 
 
 def state_bytes(model, pc, params_dtype: str = "fp32", optimizer=None, whole_masters: bool = False,
-                specs: dict | None = None) -> tuple[int, int, int]:
+                specs: dict | None = None, bucket_mb: float = 25.0) -> tuple[int, int, int]:
     """(parameter, gradient, optimizer) bytes of this rank, as the trainer allocates them. `optimizer`: the
     OptimizerConfig (default AdamW). Gradients are fp32. AdamW keeps two moments, and under ZeRO-1 the
     rank's fp32 slice of the weights; Muon's matrices keep one momentum on the rank that orthogonalises
     them. With params_dtype bf16 the parameters are the bf16 copies plus whole fp32 masters, or, under
     ZeRO-1, plus only the Muon matrices this rank owns (AdamW's fp32 slices count as optimizer state),
     unless `whole_masters` (QAT's fake quantisation reads them: the trainer then keeps them all). `specs`:
-    the modules' parameter_specs, when already at hand."""
+    the modules' parameter_specs, when already at hand; `bucket_mb`: ZeRO-1's bucket size, each bucket
+    sharded on its own."""
     from megajoy.optim.muon import assign_owners
     from megajoy.parallel.mappings import group_rank
     from megajoy.parallel.muon import muon_entries
@@ -78,8 +79,8 @@ def state_bytes(model, pc, params_dtype: str = "fp32", optimizer=None, whole_mas
         return (6 if bf16 else 4) * numel, 4 * numel, 8 * sum(p.numel() for _, p in adam) + 4 * owned_matrices
     adam_owned = 0
     for expert, group in ((False, "dp_cp"), (True, "edp")):
-        sizes = [p.numel() for n, p in adam if specs[n].expert == expert]
-        adam_owned += owned_elements(sizes, pc.size(group), group_rank(pc.groups[group]))
+        for bucket in buckets([(n, p) for n, p in adam if specs[n].expert == expert], int(bucket_mb * 2**20)):
+            adam_owned += owned_elements([p.numel() for _, p in bucket], pc.size(group), group_rank(pc.groups[group]))
     param_bytes = 2 * numel + 4 * (numel if whole_masters else owned_matrices) if bf16 else 4 * numel
     return param_bytes, 4 * numel, 12 * adam_owned + 4 * owned_matrices
 
@@ -98,7 +99,8 @@ def plan_memory(model_cfg: ModelConfig, parallel_cfg, world: int, micro_batch_si
         for rank in range(world):
             place = planning_context(parallel_cfg, world, rank, model_cfg, seq_length)
             if place.coords["pp"] == stage:
-                shares[rank] = state_bytes(model, place, params_dtype, optimizer, whole_masters, specs)
+                shares[rank] = state_bytes(model, place, params_dtype, optimizer, whole_masters, specs,
+                                           parallel_cfg.ddp_bucket_size_mb)
         rank = max(shares, key=lambda r: (sum(shares[r]), -r))
         params, grads, optim = shares[rank]
         in_flight = micro_batches_in_flight(pc, micro_batches_per_step)

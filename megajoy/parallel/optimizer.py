@@ -3,9 +3,10 @@ and a layout-independent view of its state for checkpoints.
 
 `ParallelOptimizer`: every data-parallel rank holds the whole optimizer state; gradients are summed in
 buckets (dense parameters over data-parallel ranks, experts over expert-data-parallel ranks).
-`DistributedOptimizer` (ZeRO-1): each rank owns a contiguous 1/N of the flattened parameters with fp32
-master copies and optimizer state for that slice only; gradients are reduce-scattered, the slice is
-stepped, and parameters are all-gathered back.
+`DistributedOptimizer` (ZeRO-1): the parameters are laid end to end in buckets of `--ddp-bucket-size-mb`
+(fp32), and each rank owns a contiguous 1/N of every bucket with fp32 master copies and optimizer state
+for that slice only; gradients are reduce-scattered and parameters all-gathered back bucket by bucket, so
+no step holds a flat copy of all gradients or weights at once (Megatron's buckets).
 `MuonOptimizer`: Muon for the matrices (see megajoy.optim.muon), one of the above (AdamW) for the rest.
 
 Gradients are summed, not averaged: the loss is normalised by the token count of the whole global batch.
@@ -146,9 +147,10 @@ class DistributedOptimizer(ParallelOptimizer):
     released = False  # whether the fp32 shards are the only masters (release_full_weights)
 
     def _build_inner(self):
-        self.buffers = [_ShardedBuffer([(n, p) for n, p in self.named_params if self.specs[n].expert == expert],
-                                       self.pc.group("edp" if expert else "dp_cp"), self.pc.device)
-                        for expert in (False, True)]
+        self.buffers = [_ShardedBuffer(bucket, self.pc.group("edp" if expert else "dp_cp"), self.pc.device)
+                        for expert in (False, True)
+                        for bucket in buckets([(n, p) for n, p in self.named_params if self.specs[n].expert == expert],
+                                              self.bucket_bytes)]
         decay = [piece for b in self.buffers for piece in b.pieces if piece.ndim_of_param >= 2]
         no_decay = [piece for b in self.buffers for piece in b.pieces if piece.ndim_of_param < 2]
         groups = [{"params": [x.master for x in decay], "weight_decay": self.cfg.weight_decay, "lr_mult": 1.0},
@@ -316,8 +318,8 @@ class _ShardedBuffer:
         (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(full, shard, group=self.group)
         return full
 
-    def _shard_of(self, tensors_by_piece) -> torch.Tensor:
-        shard = torch.zeros(self.shard, device=self.device)  # also on a rank that owns only padding
+    def _shard_of(self, tensors_by_piece, dtype=torch.float32) -> torch.Tensor:
+        shard = torch.zeros(self.shard, device=self.device, dtype=dtype)  # also on a rank that owns only padding
         for piece, t in zip(self.pieces, tensors_by_piece):
             shard[piece.shard_start:piece.shard_start + t.numel()] = t
         return shard
@@ -329,7 +331,11 @@ class _ShardedBuffer:
     def gather_params(self) -> None:
         if not self.named:
             return
-        full = self.gathered_masters()
+        # Rounded to the weights' own precision before the gather, not after: bf16 copies take half the
+        # bytes on the wire and in the gathered buffer, and round to the same values.
+        dtypes = {t.dtype for t in self.targets}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        full = self._all_gather_flat(self._shard_of([x.master.detach() for x in self.pieces], dtype))
         with torch.no_grad():
             for target, start in zip(self.targets, self.offsets):
                 target.copy_(full[start:start + target.numel()].view_as(target))
@@ -358,6 +364,19 @@ def _adam_entry(entry: dict, name: str, source: str) -> dict:
         raise ValueError(f"{source}: the optimizer state of {name!r} has no {missing[0]!r}; it was saved by a "
                          f"different optimizer ({sorted(entry)})")
     return entry
+
+
+def buckets(named: list, bucket_bytes: int) -> list[list]:
+    """Consecutive runs of parameters holding at most `bucket_bytes` in fp32 (a larger one alone): what
+    ZeRO-1 shards, reduce-scatters and gathers as one."""
+    out, size = [], 0
+    for name, p in named:
+        if not out or size + 4 * p.numel() > bucket_bytes:
+            out.append([])
+            size = 0
+        out[-1].append((name, p))
+        size += 4 * p.numel()
+    return out
 
 
 def shard_size(total: int, ranks: int) -> int:
