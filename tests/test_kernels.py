@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import rel_err
 from megajoy.kernels.grouped_gemm import grouped_mm, padded_grouped_mm
 from megajoy.kernels.moe_permute import permute, unpermute
 
@@ -69,6 +70,30 @@ def test_fp32_grouped_mm_compiles_without_a_graph_break():
     (ex, ew) = torch.autograd.grad(loop.square().sum(), (x, w_ENK))
     assert torch.allclose(gx, ex, atol=1e-5) and torch.allclose(gw, ew, atol=1e-5)
     assert gw[1].abs().max() == 0  # the expert with no rows gets no gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_torch_combine_multiplies_and_sums_in_fp32(dtype):
+    """The torch combine (CPU, `--kernels torch`, compiled runs) against the fp64 formula: rows times the
+    fp32 weights summed in fp32 and rounded once; the weights' gradient as fp32 dot products whatever the
+    rows' dtype (bf16 products and sums were 2e-3 off)."""
+    from megajoy.kernels.moe_permute import unpermute_reference
+
+    tokens, k, hidden = 32, 4, 256
+    source = torch.argsort(torch.randint(0, 8, (tokens * k,)), stable=True)
+    y = torch.randn(tokens * k, hidden).to(dtype).requires_grad_()
+    w = torch.rand(tokens, k, requires_grad=True)
+    g = torch.randn(tokens, hidden).to(dtype)
+    out = unpermute_reference(y, source, w)
+    out.backward(g)
+    y64, w64 = y.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    want = torch.zeros(tokens, hidden, dtype=torch.float64).index_add(
+        0, source // k, y64 * w64.reshape(-1)[source].unsqueeze(-1))
+    want.backward(g.double())
+    rounding = 1e-6 if dtype == torch.float32 else 2**-8
+    assert out.dtype == y.grad.dtype == dtype and w.grad.dtype == torch.float32
+    assert rel_err(out, want) <= rounding and rel_err(y.grad, y64.grad) <= rounding
+    assert rel_err(w.grad, w64.grad) <= 1e-6
 
 
 # ------------------------------------------------------------------------------- fast paths (Triton, fused)

@@ -116,6 +116,23 @@ def test_gram_all_reduce_equals_full_matrix_newton_schulz():
             assert ((got - want).norm() / want.norm()).item() <= 1e-5
 
 
+def test_max_logit_is_tracked_in_fp32_under_autocast():
+    """The tracked logit maximum is fp32 inside bf16 autocast too (which would run its q.k products as a
+    bf16 bmm, rounding logits near QK-clip's tau = 100 to steps of 0.5), to the fp64 value of the same
+    q and k."""
+    from helpers import random_model, small_config
+
+    attn = random_model(small_config()).train().layers["0"].self_attn
+    q = torch.randn(2, 16, attn.num_heads, attn.nope_dim + attn.rope_dim) * 3
+    k = torch.randn(2, 16, attn.num_heads, attn.nope_dim + attn.rope_dim) * 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attn._record_max_logit(q, k, None)
+    scores = torch.einsum("bshd,bthd->bhst", q.double(), k.double()) * attn.softmax_scale
+    causal = torch.ones(16, 16, dtype=torch.bool).tril()
+    want = scores.masked_fill(~causal, float("-inf")).amax(dim=(0, 2, 3)).clamp(min=0)  # the buffer starts at 0
+    assert want.max() > 20 and torch.allclose(attn.max_logit.double(), want, rtol=1e-6)
+
+
 def test_qk_clip_brings_a_head_below_tau():
     from helpers import random_model, small_config
     from megajoy.optim.qk_clip import apply_qk_clip, track_max_logits

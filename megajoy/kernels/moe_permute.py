@@ -46,10 +46,35 @@ def unpermute(y_perm: torch.Tensor, source: torch.Tensor, weights_TK: torch.Tens
 
 
 def unpermute_reference(y_perm: torch.Tensor, source: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    num_tokens, k = weights_TK.shape
-    scaled = y_perm * weights_TK.reshape(-1).index_select(0, source).unsqueeze(-1).to(y_perm.dtype)
-    out = y_perm.new_zeros(num_tokens, y_perm.shape[-1])
-    return out.index_add_(0, source // k, scaled)
+    return _WeightedSum.apply(y_perm, source, weights_TK)
+
+
+class _WeightedSum(torch.autograd.Function):
+    """The combine in fp32 whatever the rows' dtype, as the Triton kernels do: fp32 combine weights times
+    rows upcast on the fly, summed in fp32 and rounded once; backward, the weights' gradient as fp32 dot
+    products. Only the rows (in their own dtype) and the weights are kept for backward."""
+
+    @staticmethod
+    def forward(ctx, y_perm, source, weights_TK):
+        num_tokens, k = weights_TK.shape
+        ctx.save_for_backward(y_perm, source, weights_TK)
+        w_R1 = weights_TK.reshape(-1).index_select(0, source).unsqueeze(-1).float()
+        out = torch.zeros(num_tokens, y_perm.shape[-1], dtype=torch.float32, device=y_perm.device)
+        return out.index_add_(0, source // k, y_perm.float() * w_R1).to(y_perm.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_TH):
+        y_perm, source, weights_TK = ctx.saved_tensors
+        k = weights_TK.shape[1]
+        grad_RH = grad_TH.float().index_select(0, source // k)
+        w_R1 = weights_TK.reshape(-1).index_select(0, source).unsqueeze(-1).float()
+        grad_y = (grad_RH * w_R1).to(y_perm.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[2]:
+            dots_R = (grad_RH * y_perm.float()).sum(-1)
+            grad_w = torch.zeros_like(weights_TK, dtype=torch.float32).reshape(-1).index_copy_(0, source, dots_R)
+            grad_w = grad_w.view_as(weights_TK).to(weights_TK.dtype)
+        return grad_y, None, grad_w
 
 
 def row_of_assignment(source: torch.Tensor) -> torch.Tensor:

@@ -108,7 +108,8 @@ class MLA(nn.Module):
     @torch.no_grad()
     def _record_max_logit(self, q_BSHQ: torch.Tensor, k_BSHQ: torch.Tensor, document_ids_BS) -> None:
         """max over allowed (query, key) pairs of scale * q.k, per head (recomputes the scores)."""
-        scores_BHST = torch.einsum("bshd,bthd->bhst", q_BSHQ.float(), k_BSHQ.float()) * self.softmax_scale
+        with torch.autocast(q_BSHQ.device.type, enabled=False):  # autocast would run this bmm in bf16
+            scores_BHST = torch.einsum("bshd,bthd->bhst", q_BSHQ.float(), k_BSHQ.float()) * self.softmax_scale
         seq = scores_BHST.shape[-1]
         allowed = torch.ones(seq, seq, dtype=torch.bool, device=scores_BHST.device).tril()
         if document_ids_BS is not None:

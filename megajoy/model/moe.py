@@ -43,6 +43,27 @@ def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: ModelConf
     return choice_TE.topk(cfg.num_experts_per_tok, dim=-1).indices
 
 
+class _Fp32Linear(torch.autograd.Function):
+    """x W^T in fp32, forward and backward, under autocast or not. The backward runs where autograd runs
+    it, inside the trainer's (or a pipeline schedule's) autocast block, where a plain F.linear's backward
+    GEMMs would be cast to bf16 (Megatron's router keeps its backward in fp32 too)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), w.float())
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            grad = grad.float()
+            dx = (grad @ w.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+            dw = (grad.flatten(0, -2).T @ x.float().flatten(0, -2)).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
 class Router(nn.Module):
     """Scores in fp32; selection on score + e_score_correction_bias; weights from the unbiased scores.
 
@@ -58,8 +79,7 @@ class Router(nn.Module):
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts, dtype=torch.int64), persistent=False)
 
     def forward(self, x_TH: torch.Tensor) -> Routing:
-        with torch.autocast(x_TH.device.type, enabled=False):  # autocast would run the GEMM in bf16
-            scores_TE = F.linear(x_TH.float(), self.weight.float()).sigmoid()
+        scores_TE = _Fp32Linear.apply(x_TH, self.weight).sigmoid()
         expert_ids_TK = select_experts(scores_TE, self.e_score_correction_bias, self.cfg)
         weights_TK = scores_TE.gather(1, expert_ids_TK)
         if self.cfg.norm_topk_prob:
