@@ -271,7 +271,7 @@ def _moe(cfg: ModelConfig, pc, tokens: int, modules: frozenset = frozenset()) ->
     # input, scores, sums, weights
     router = (0 if released else local * d) + local * cfg.n_routed_experts + local + 2 * routed
     # permuted in / out, gate-up, silu, product
-    experts = 3 * routed * d + 2 * routed * inter + routed * inter + (0 if "moe_act" in modules else routed * inter)
+    experts = 2 * routed * d + 2 * routed * inter + routed * inter + (0 if "moe_act" in modules else routed * inter)
     shared = 0 if "shared_experts" in modules else 4 * local * inter * cfg.n_shared_experts
     return router + experts + shared
 
@@ -279,7 +279,7 @@ def _moe(cfg: ModelConfig, pc, tokens: int, modules: frozenset = frozenset()) ->
 def _moe_index_bytes(cfg: ModelConfig, pc, tokens: int) -> int:
     """int64 index tensors of the routing and permutation, and the int32 group offsets."""
     routed = tokens // pc.tp_size * cfg.num_experts_per_tok
-    return 8 * 3 * routed + 2 * 4 * cfg.n_routed_experts // pc.ep_size
+    return 8 * 2 * routed + 2 * 4 * cfg.n_routed_experts // pc.ep_size
 
 
 def format_plan(plan: list[RankMemory], gpu_memory_gib: float, headroom: float = 0.9) -> str:
