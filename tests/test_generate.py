@@ -50,6 +50,16 @@ def test_stop_tokens_end_each_row(model):
     assert got[1] == free[1][:cut]
 
 
+def test_sampling_draws_from_fp32_probabilities_of_bf16_logits():
+    """bf16 weights give bf16 logits: the draw uses their fp32 softmax (the same tokens as from the
+    upcast logits with the same generator), not bf16-rounded probabilities."""
+    logits = (torch.randn(8192, 40) * 3).to(torch.bfloat16)  # bf16 probabilities changed 33 of these draws
+    params = SamplingParams(4, temperature=0.7)
+    got = sample(logits, params, torch.Generator().manual_seed(5))
+    want = torch.multinomial((logits.float() / 0.7).softmax(-1), 1, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(got, want.squeeze(-1))
+
+
 def test_sampling_filters():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
     g = torch.Generator().manual_seed(0)

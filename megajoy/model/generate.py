@@ -143,10 +143,11 @@ class SamplingParams:
 
 
 def sample(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token ids [B]: argmax at temperature 0, else a draw after temperature, top-k and top-p."""
+    """Next token ids [B]: argmax at temperature 0, else a draw after temperature, top-k and top-p, from
+    fp32 probabilities whatever the logits' dtype (bf16 weights give bf16 logits)."""
     if params.temperature <= 0:
         return logits_BV.argmax(-1)
-    logits = logits_BV / params.temperature
+    logits = logits_BV.float() / params.temperature
     if params.top_k:
         kept, index = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1)
         logits = torch.full_like(logits, float("-inf")).scatter(-1, index, kept)  # exactly k, ties too
@@ -208,7 +209,10 @@ def _generate(model, prompts, params, device, entropies):
     for i in range(params.max_new_tokens):
         logits = step.logits[:, -1]
         tokens = sample(logits, params, generator)
-        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1) if entropies is not None else None
+        entropy = None
+        if entropies is not None:  # in fp32 whatever the logits' dtype
+            full = logits.float()
+            entropy = -(full.softmax(-1) * full.log_softmax(-1)).sum(-1)
         for b in torch.nonzero(~done).flatten().tolist():
             out[b].append(int(tokens[b]))
             if entropy is not None:
