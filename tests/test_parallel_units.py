@@ -191,3 +191,32 @@ def test_slurm_variables_for_two_nodes_build_the_right_groups():
         assert members["edp"] == [rank % 4, rank % 4 + 4]
         assert members["stage"] == list(range(8))
         assert probe == 2 * (rank - rank % 2) + 1  # the TP group really communicates
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="fused AdamW runs on a CUDA GPU"))])
+def test_adamw_state_loaded_for_a_resume_steps_as_the_saved_optimizer(device):
+    """A resumed AdamW state (the pattern of load_local_state) steps exactly as the optimizer it was saved
+    from; on a GPU the fused kernel reads the step count on the device, where torch itself keeps it."""
+    from megajoy.config import OptimizerConfig
+    from megajoy.optim import adamw
+    from megajoy.parallel.optimizer import STATE_KEYS, _adam_step
+
+    def build(tensor):
+        p = torch.nn.Parameter(tensor.clone())
+        return p, adamw([{"params": [p], "weight_decay": 0.1, "lr_mult": 1.0}], OptimizerConfig(lr=0.01))
+
+    g = torch.Generator().manual_seed(0)
+    start, grads = torch.randn(64, generator=g).to(device), [torch.randn(64, generator=g).to(device) for _ in range(2)]
+    p, optimizer = build(start)
+    p.grad = grads[0]
+    optimizer.step()
+    twin, resumed = build(p.detach())
+    state = optimizer.state[p]
+    resumed.state[twin] = {"step": _adam_step(resumed, float(state["step"]), twin),
+                           **{k: state[k].clone() for k in STATE_KEYS}}
+    p.grad, twin.grad = grads[1], grads[1].clone()
+    optimizer.step()
+    resumed.step()
+    assert torch.equal(twin, p)
+    assert resumed.state[twin]["step"].device == state["step"].device

@@ -224,6 +224,23 @@ def test_fp8_emulation_equals_scaled_mm_on_cpu():
     assert torch.equal(Fp8Matmul("tensorwise", "emulate").linear(x, w), expected)
 
 
+def test_torch_fp8_backend_equals_the_emulation_at_40_tokens():
+    """The torch back-end's three _scaled_mm GEMMs (GPU-only in training), run on CPU, give the emulate
+    back-end's output and gradients to its bf16 outputs' rounding, at a token count that is not a multiple
+    of 16 (a GPU's _scaled_mm wants one for the weight gradient's inner dimension: it is zero-padded)."""
+    from megajoy.quant.fp8 import E5M2, _ScaledMmLinear
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(40, 128, generator=g, requires_grad=True), torch.randn(96, 128, generator=g, requires_grad=True)
+    grad = torch.randn(40, 96, generator=g)
+    got = [_ScaledMmLinear.apply(x, w, E5M2)]
+    got += torch.autograd.grad(got[0], (x, w), grad)
+    want = [Fp8Matmul("tensorwise", "emulate").linear(x, w)]
+    want += torch.autograd.grad(want[0], (x, w), grad)
+    for a, b in zip(got, want):
+        assert ((a - b).norm() / b.norm()).item() <= 4e-3
+
+
 def test_fp8_gradients_round_through_fp8():
     x = torch.randn(8, 256, requires_grad=True)
     w = torch.randn(128, 256, requires_grad=True)

@@ -31,8 +31,10 @@ def newton_schulz(g_BMN: torch.Tensor, steps: int = 5, coefficients=COEFFICIENTS
     x = x / sq.sqrt().clamp(min=eps).to(dtype)
     for _ in range(steps):
         gram = x.mT @ x if right else x @ x.mT
-        if sharded is not None:
+        if sharded is not None:  # the ranks' partial Grams summed in fp32, not in the iteration's bf16
+            gram = gram.float()
             dist.all_reduce(gram, group=group)
+            gram = gram.to(dtype)
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
         x = torch.baddbmm(x, x, poly, beta=a) if right else torch.baddbmm(x, poly, x, beta=a)
     return x

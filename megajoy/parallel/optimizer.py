@@ -136,7 +136,7 @@ class ParallelOptimizer:
         for name, p in self.named_params:
             if name in saved:  # absent: never stepped when saved
                 entry = _adam_entry(saved[name], name, source)
-                self.inner.state[p] = {"step": torch.tensor(entry["step"]),
+                self.inner.state[p] = {"step": _adam_step(self.inner, entry["step"], p),
                                        **{k: entry[k].to(p.device, torch.float32).clone() for k in STATE_KEYS}}
 
 
@@ -250,7 +250,7 @@ class DistributedOptimizer(ParallelOptimizer):
                 if piece.name not in saved:
                     continue  # never stepped when saved
                 entry = _adam_entry(saved[piece.name], piece.name, source)
-                state = {"step": torch.tensor(entry["step"])}
+                state = {"step": _adam_step(self.inner, entry["step"], piece.master)}
                 for key in STATE_KEYS:
                     flat = entry[key].reshape(-1)[piece.param_start:piece.param_end]
                     state[key] = flat.to(piece.master.device, torch.float32).clone()
@@ -356,6 +356,14 @@ class _ShardedBuffer:
         full = self._all_gather_flat(self._shard_of(values))
         return {name: full[start:start + p.numel()].view_as(p).clone()
                 for (name, p), start in zip(self.named, self.offsets)}
+
+
+def _adam_step(optimizer: torch.optim.Optimizer, step: float, param: torch.Tensor) -> torch.Tensor:
+    """AdamW's step count as torch keeps it: on the parameter's device for the fused (or capturable)
+    kernels, which read it there (a CPU scalar handed to the CUDA kernel is a host pointer); a CPU scalar
+    otherwise."""
+    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+    return torch.tensor(step, dtype=torch.float32, device=param.device if on_device else "cpu")
 
 
 def _adam_entry(entry: dict, name: str, source: str) -> dict:

@@ -146,8 +146,12 @@ class _ScaledMmLinear(torch.autograd.Function):
         g8, sg = quantize(grad.reshape(-1, grad.shape[-1]), ctx.grad_dtype, False)
         # _scaled_mm wants its second operand column-major: pass transposed contiguous copies.
         dx = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=sg, scale_b=sw, out_dtype=torch.bfloat16)
-        dw = torch._scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), scale_a=sg, scale_b=sx,
-                              out_dtype=torch.bfloat16)
+        # The weight gradient's inner dimension is the token count, which _scaled_mm wants a multiple of
+        # 16: zero rows (FP8 zeros) added to both operands change nothing.
+        pad = -g8.shape[0] % 16
+        g8_t = torch.nn.functional.pad(g8.view(torch.uint8), (0, 0, 0, pad)).view(g8.dtype).t().contiguous()
+        x8_p = torch.nn.functional.pad(x8.view(torch.uint8), (0, 0, 0, pad)).view(x8.dtype)
+        dw = torch._scaled_mm(g8_t, x8_p.t().contiguous().t(), scale_a=sg, scale_b=sx, out_dtype=torch.bfloat16)
         return dx.reshape(ctx.shape).to(grad.dtype), dw.to(grad.dtype), None
 
 
