@@ -43,3 +43,24 @@ def test_every_exported_weight_is_used_by_transformers(tmp_path):
     _, info = hf_reference(random_model(cfg), str(tmp_path / "hf"))
     unexpected = set(info["unexpected_keys"])
     assert unexpected and all(k.startswith(f"model.layers.{cfg.num_hidden_layers}.") for k in unexpected)
+
+
+def test_attention_sees_bf16_keys_under_autocast(monkeypatch):
+    """Under bf16 autocast over fp32 weights, MLA's norms' fp32 outputs are cast once where they leave
+    the norm, as the GEMMs reading them would cast them: queries, every head's key and the values reach
+    attention in bf16 (the fp32 latent made the rope key, and with it all keys, fp32, which attention
+    then cast back), with the same logits to the bit as when the norms' outputs stayed fp32."""
+    import megajoy.model.mla as mla_module
+
+    model = random_model(small_config())
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    seen = []
+    attend = mla_module.MLA._attend
+    monkeypatch.setattr(mla_module.MLA, "_attend", lambda self, q, k, kv, seq: (
+        seen.append((q.dtype, k.dtype, kv.dtype)), attend(self, q, k, kv, seq))[1])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = model(ids).logits
+        assert set(seen) == {(torch.bfloat16,) * 3}
+        monkeypatch.setattr(mla_module, "cast_as_autocast", lambda t: t)  # the norms' outputs left fp32
+        uncast = model(ids).logits
+    assert torch.equal(cast, uncast)

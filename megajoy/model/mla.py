@@ -14,6 +14,7 @@ from torch import nn
 
 from megajoy.config import ModelConfig
 from megajoy.kernels.attention import attention
+from megajoy.kernels.backend import cast_as_autocast
 from megajoy.kernels.rope import apply_rope
 from megajoy.model.norm import RMSNorm
 from megajoy.model.recompute import checkpointed_call, is_recomputing, run_discarding
@@ -55,10 +56,11 @@ class MLA(nn.Module):
 
     def query_latent(self, x_BSD: torch.Tensor) -> torch.Tensor:
         """The query up projection's input for the full sequence: the normalised q latent (x itself
-        without q_lora_rank)."""
+        without q_lora_rank). Under autocast the norm's fp32 output is cast here, once, as q_b_proj would
+        cast it: it is gathered (sequence parallelism) and kept in bf16."""
         if hasattr(self, "q_proj"):
             return enter_tp(x_BSD, self.tp, self.sp)
-        return enter_tp(self.q_a_layernorm(self.q_a_proj(x_BSD)), self.tp, self.sp)
+        return enter_tp(cast_as_autocast(self.q_a_layernorm(self.q_a_proj(x_BSD))), self.tp, self.sp)
 
     def project_q(self, x_BSD: torch.Tensor) -> torch.Tensor:
         """Local heads' queries [B,S,H,N+R] for the full sequence."""
@@ -69,9 +71,11 @@ class MLA(nn.Module):
         return up(q_latent).unflatten(-1, (self.num_heads, self.nope_dim + self.rope_dim))
 
     def project_latent(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The normalised latent c_kv [B,S,C] and the un-rotated shared rope key [B,S,R], full sequence."""
+        """The normalised latent c_kv [B,S,C] and the un-rotated shared rope key [B,S,R], full sequence.
+        Under autocast the norm's output is cast as kv_b_proj would cast it; left fp32, it promoted the
+        rope key, and with it every head's key, to fp32 before attention cast them back."""
         c_kv, k_rope = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = enter_tp(torch.cat((self.kv_a_layernorm(c_kv), k_rope), dim=-1), self.tp, self.sp)
+        latent = enter_tp(torch.cat((cast_as_autocast(self.kv_a_layernorm(c_kv)), k_rope), dim=-1), self.tp, self.sp)
         return latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
 
     def up_project(self, q_latent, c_kv_BSC, k_rope_BSR, cos, sin) -> tuple[torch.Tensor, ...]:
