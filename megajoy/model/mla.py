@@ -75,7 +75,8 @@ class MLA(nn.Module):
         Under autocast the norm's output is cast as kv_b_proj would cast it; left fp32, it promoted the
         rope key, and with it every head's key, to fp32 before attention cast them back."""
         c_kv, k_rope = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = enter_tp(torch.cat((cast_as_autocast(self.kv_a_layernorm(c_kv)), k_rope), dim=-1), self.tp, self.sp)
+        normed = cast_as_autocast(self.kv_a_layernorm(c_kv))
+        latent = enter_tp(torch.cat((normed, k_rope), dim=-1), self.tp, self.sp)
         return latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
 
     def up_project(self, q_latent, c_kv_BSC, k_rope_BSR, cos, sin) -> tuple[torch.Tensor, ...]:
