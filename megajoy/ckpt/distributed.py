@@ -37,13 +37,16 @@ class _Writer(FileSystemWriter):
 # ------------------------------------------------------------------------------------------ meshes
 
 class Meshes:
-    """The two device meshes of this rank's pipeline stage, built from existing groups (no new ones)."""
+    """The two device meshes of this rank's pipeline stage, built from existing groups (no new ones).
+    They only place the host copies of the shards in the global tensors: CPU meshes on every machine,
+    since DTensor.from_local moves a local tensor to its mesh's device type (a CUDA mesh would put every
+    staged copy back on the GPU, which DCP would then copy to the host again)."""
 
     def __init__(self, pc):
         from torch.distributed.device_mesh import DeviceMesh
 
         self.pc = pc
-        layout, pp, kind = pc.layout, pc.coords["pp"], pc.device.type
+        layout, pp, kind = pc.layout, pc.coords["pp"], "cpu"
         dense = torch.tensor([[layout.rank_of(t, c, d, pp) for t in range(layout.tp)]
                               for d in range(layout.dp) for c in range(layout.cp)])
         stage0 = pp * layout.stage
