@@ -230,8 +230,9 @@ def main() -> None:
     cfg = dataclasses.replace(job.model, num_nextn_predict_layers=0)
     flops_per_token = measure(meta_model(cfg), args.seq_length).training_flops_per_token(with_mtp=False)
     # The weights travel to the variants only when a baseline must start from the same ones.
-    baselines = ([] if args.no_hf else ["transformers"]) + (
-        ["torchtitan"] + (["torchtitan --compile"] if args.compile else []) if args.torchtitan else [])
+    baselines = [] if args.no_hf else ["transformers"]
+    if args.torchtitan:
+        baselines += ["torchtitan"] + (["torchtitan --compile"] if args.compile else [])
     if args.torchtitan:  # refused here, before any variant runs, if it is missing or cannot build this config
         from benchmarks.torchtitan_baseline import torchtitan_args
 

@@ -207,12 +207,9 @@ def _generate(model, prompts, params, device, entropies):
     if entropies is not None:
         entropies[:] = [[] for _ in range(batch)]
     for i in range(params.max_new_tokens):
-        logits = step.logits[:, -1]
+        logits = step.logits[:, -1].float()  # fp32 probabilities whatever the logits' dtype
         tokens = sample(logits, params, generator)
-        entropy = None
-        if entropies is not None:  # in fp32 whatever the logits' dtype
-            full = logits.float()
-            entropy = -(full.softmax(-1) * full.log_softmax(-1)).sum(-1)
+        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1) if entropies is not None else None
         for b in torch.nonzero(~done).flatten().tolist():
             out[b].append(int(tokens[b]))
             if entropy is not None:

@@ -375,8 +375,8 @@ def _adam_entry(entry: dict, name: str, source: str) -> dict:
 
 
 def buckets(named: list, bucket_bytes: int) -> list[list]:
-    """Consecutive runs of parameters holding at most `bucket_bytes` in fp32 (a larger one alone): what
-    ZeRO-1 shards, reduce-scatters and gathers as one."""
+    """Consecutive runs of (name, parameter) holding at most `bucket_bytes` in fp32 (a larger one alone):
+    what the gradient all-reduce sums, and ZeRO-1 shards, reduce-scatters and gathers, as one."""
     out, size = [], 0
     for name, p in named:
         if not out or size + 4 * p.numel() > bucket_bytes:
@@ -409,17 +409,10 @@ def _sum_of_squares(tensors: list[torch.Tensor], device) -> torch.Tensor:
 
 def _bucketed_all_reduce(params: list, group, bucket_bytes: int) -> None:
     """Sum gradients over `group`, a few flattened buckets at a time."""
-    if group_size(group) == 1 or not params:
+    if group_size(group) == 1:
         return
-    bucket, size = [], 0
-    for p in params:
-        bucket.append(p)
-        size += p.grad.numel() * p.grad.element_size()
-        if size >= bucket_bytes:
-            _all_reduce_bucket(bucket, group)
-            bucket, size = [], 0
-    if bucket:
-        _all_reduce_bucket(bucket, group)
+    for bucket in buckets([(None, p) for p in params], bucket_bytes):
+        _all_reduce_bucket([p for _, p in bucket], group)
 
 
 def _all_reduce_bucket(params: list, group) -> None:
