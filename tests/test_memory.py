@@ -14,20 +14,21 @@ from megajoy.parallel.spawn import run_workers
 SEQ, MICRO = 32, 2
 
 
-def _job(flags: dict, optimizer: str = "adamw"):
-    job = load_job_config("tiny", None, TINY_MODEL_OVERRIDES + ["model.num_hidden_layers=4",
-                                                                f"optimizer.optimizer={optimizer}"])
+def _job(flags: dict, optimizer: str = "adamw", qat_modules: str | None = None):
+    groups = ["model.moe_intermediate_size=32"] if qat_modules else []  # whole int4 groups of 32
+    job = load_job_config("tiny", None, TINY_MODEL_OVERRIDES + groups + ["model.num_hidden_layers=4",
+                                                                         f"optimizer.optimizer={optimizer}"])
     return dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, **flags))
 
 
-def _measure_rank(rank, world, flags, params_dtype="fp32", optimizer="adamw"):
+def _measure_rank(rank, world, flags, params_dtype="fp32", optimizer="adamw", qat_modules=None):
     """Real tensors of one rank after a forward / backward and an optimizer step."""
     from megajoy.launch import setup_parallel
     from megajoy.model import create_model
     from megajoy.parallel.optimizer import build_parallel_optimizer
     from megajoy.parallel.pipeline import PipelineRunner
 
-    job = _job(flags, optimizer)
+    job = _job(flags, optimizer, qat_modules)
     job = dataclasses.replace(job, data=dataclasses.replace(job.data, seq_length=SEQ))
     pc = setup_parallel(job)
     model = create_model(job.model, pc=pc).train()
@@ -38,6 +39,12 @@ def _measure_rank(rank, world, flags, params_dtype="fp32", optimizer="adamw"):
         from megajoy.optim.master_weights import MasterWeights
 
         weights = MasterWeights(model, sharded=optimizer if pc.distributed_optimizer else None)
+        if qat_modules:
+            from megajoy.quant.formats import WeightFormat
+            from megajoy.quant.qat import quantised_weights, set_qat
+
+            set_qat(model, WeightFormat.of("int4", 32), qat_modules)
+            weights.keep_fake_quant([p for _, p in quantised_weights(model, qat_modules)], WeightFormat.of("int4", 32))
     ids = torch.randint(0, job.model.vocab_size, (MICRO * pc.size("pp"), SEQ), generator=torch.Generator().manual_seed(0))
     from megajoy.data.packing import document_positions, Batch
 
@@ -53,6 +60,7 @@ def _measure_rank(rank, world, flags, params_dtype="fp32", optimizer="adamw"):
     if params_dtype == "bf16":
         weights.flush_grads()
     held = masters + [p for p in model.parameters() if p.dtype != torch.float32]
+    held += [kept for p in model.parameters() for kept in getattr(p, "kept_fake_quant", {}).values()]
     # fp32 masters that gave their storage to ZeRO-1's shards keep a one-element placeholder
     params = sum(p.numel() * p.element_size() for p in held if p.untyped_storage().nbytes() >= p.numel() * p.element_size())
     grads = sum(p.grad.numel() * p.grad.element_size() for p in held if p.grad is not None)
@@ -79,16 +87,17 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("name, params_dtype, optimizer", [(n, "fp32", "adamw") for n in LAYOUTS] + [
-    ("ep2_dp2_zero", "bf16", "adamw"), ("tp2_pp2", "bf16", "adamw"), ("tp2_pp2", "bf16", "muon"),
-    ("ep2_dp2_zero", "bf16", "muon"), ("pp2_v2_dp2_zero", "bf16", "muon")])
-def test_state_bytes_are_exact(name, params_dtype, optimizer):
+@pytest.mark.parametrize("name, params_dtype, optimizer, qat", [(n, "fp32", "adamw", None) for n in LAYOUTS] + [
+    ("ep2_dp2_zero", "bf16", "adamw", None), ("tp2_pp2", "bf16", "adamw", None), ("tp2_pp2", "bf16", "muon", None),
+    ("ep2_dp2_zero", "bf16", "muon", None), ("pp2_v2_dp2_zero", "bf16", "muon", None),
+    ("ep2_dp2_zero", "bf16", "muon", "experts"), ("tp2_ep2_dp2_sp_zero", "bf16", "adamw", "routed-experts")])
+def test_state_bytes_are_exact(name, params_dtype, optimizer, qat):
     world, flags = LAYOUTS[name]
-    measured = run_workers(world, _measure_rank, flags, params_dtype, optimizer)
-    job = _job(flags, optimizer)
+    measured = run_workers(world, _measure_rank, flags, params_dtype, optimizer, qat)
+    job = _job(flags, optimizer, qat)
     for rank, real in enumerate(measured):
         model, pc = rank_model(job.model, ParallelConfig(**flags), world, rank, SEQ)
-        planned = state_bytes(model, pc, params_dtype, job.optimizer, bucket_mb=job.parallel.ddp_bucket_size_mb)
+        planned = state_bytes(model, pc, params_dtype, job.optimizer, qat, bucket_mb=job.parallel.ddp_bucket_size_mb)
         assert planned == real, (rank, planned, real)
 
 
@@ -213,7 +222,8 @@ def test_plan_cli_reports_fit(capsys):
 
 def test_plan_cli_counts_bf16_copies(capsys):
     """`--params-dtype bf16` under ZeRO-1: the bf16 copies (2 bytes per parameter) instead of whole fp32
-    weights (4), the rest unchanged; with QAT, whole fp32 masters beside the copies (6)."""
+    weights (4), the rest unchanged; with QAT of the routed experts, their kept bf16 fake-quantised values
+    (2 bytes per expert weight) beside the copies."""
     import json
 
     from megajoy.cli import main
@@ -230,11 +240,14 @@ def test_plan_cli_counts_bf16_copies(capsys):
     assert json.loads(capsys.readouterr().out)["memory_plan"] == plans["bf16"]
     assert main(argv + ["--params-dtype", "bf16", "--set", "quant.qat=int4"]) == 0
     qat = json.loads(capsys.readouterr().out)["memory_plan"]
+    cfg = load_job_config("joyai-flash").model
+    per_moe_layer = cfg.n_routed_experts // 64 * 3 * cfg.hidden_size * cfg.moe_intermediate_size  # EP 64
     for fp32, bf16, bf16_qat in zip(plans["fp32"], plans["bf16"], qat):
         assert bf16["parameters"] == fp32["parameters"] // 2  # ZeRO-1's fp32 shards are the only masters
         assert (bf16["gradients"], bf16["optimizer"], bf16["activations"]) == (
             fp32["gradients"], fp32["optimizer"], fp32["activations"])
-        assert bf16_qat["parameters"] == 3 * bf16["parameters"]  # QAT keeps whole fp32 masters beside the copies
+        moe_layers = sum(i >= cfg.first_k_dense_replace for i in bf16["layers"])
+        assert moe_layers > 0 and bf16_qat["parameters"] == bf16["parameters"] + 2 * moe_layers * per_moe_layer
 
 
 def test_plan_cli_counts_muon_state(capsys):

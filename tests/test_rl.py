@@ -171,10 +171,13 @@ def test_rollouts_under_int4_weights_then_back_to_full_precision():
 
 
 def test_rl_under_data_parallelism(tmp_path, tiny_init, capfd):
-    """Each rank rolls out its share of the prompts; the step's statistics cover both ranks."""
+    """Each rank rolls out its share of the prompts; the step's statistics cover both ranks. With bf16
+    weights over ZeRO-1's shards, the int4 rollouts quantise the values the experts keep for it."""
     from megajoy.parallel.spawn import cli_worker, run_workers
 
-    run_workers(2, cli_worker, rl_args(tiny_init, tmp_path, "--dp", "2", "--train-iters", "2", "--eval-interval", "2"))
+    run_workers(2, cli_worker, rl_args(tiny_init, tmp_path, "--dp", "2", "--train-iters", "2", "--eval-interval", "2",
+                                       "--bf16", "--params-dtype", "bf16", "--use-distributed-optimizer",
+                                       "--rollout-qat", "int4", "--qat-group", "32"))
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     steps = [r for r in records if "loss" in r]
     assert len(steps) == 2 and steps[0]["importance_ratio"] == pytest.approx(1, abs=1e-5)

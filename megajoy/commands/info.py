@@ -111,7 +111,7 @@ def _memory_plan(args, job):
     per_step = (args.global_batch_size // (args.micro_batch_size * dp)) if args.global_batch_size else pp
     return plan_memory(job.model, parallel, tp * pp * dp, args.micro_batch_size, args.seq_length, per_step,
                        bytes_per_element=2 if args.precision == "bf16" else 4, params_dtype=job.train.params_dtype,
-                       optimizer=job.optimizer, whole_masters=job.quant.qat is not None,
+                       optimizer=job.optimizer, qat_modules=job.quant.qat_modules if job.quant.qat else None,
                        recompute=Recompute.of(job.train))
 
 

@@ -20,10 +20,10 @@ from torch import nn
 
 
 class MasterWeights:
-    """`sharded`: a ZeRO-1 optimizer with `release_full_weights` / `materialize_full_weights`
-    (DistributedOptimizer, MuonOptimizer), whose shards then are the only masters; the whole fp32 tensors
-    keep only their gradients, and are gathered back inside `full_precision()`. Fake quantisation, which
-    reads whole masters, is refused meanwhile (the trainer keeps whole masters when it quantises)."""
+    """`sharded`: a ZeRO-1 optimizer with `release_full_weights` / `materialize_full_weights` /
+    `gather_weights` (DistributedOptimizer, MuonOptimizer), whose shards then are the only masters; the
+    whole fp32 tensors keep only their gradients, and are gathered back inside `full_precision()`. Fake
+    quantisation, which reads whole masters, then reads values kept for it (`keep_fake_quant`)."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, sharded=None):
         self.model, self.dtype, self.sharded = model, dtype, sharded
@@ -58,6 +58,22 @@ class MasterWeights:
     def _install(self, compute: bool) -> None:
         for module, name, master in self.slots:
             module._parameters[name] = self.compute_of[master] if compute else master
+
+    def keep_fake_quant(self, weights: list[nn.Parameter], fmt) -> None:
+        """Fake quantisation in `fmt` of these low-precision weights, over sharded masters: each weight keeps
+        its fake-quantised values (2 bytes an element in bf16), computed from the fp32 master wherever the
+        weights are gathered from it (each step, QK-clip, a checkpoint), instead of a whole fp32 master
+        (4 bytes). The values are those quantising the whole master gives. Whole masters need nothing kept."""
+        if self.sharded is None:
+            return
+        copies = {id(c) for c in self.compute_of.values()}
+        for weight in weights:
+            if id(weight) not in copies:
+                raise ValueError(f"keep_fake_quant: a {tuple(weight.shape)} weight that is not one of the model's "
+                                 "low-precision copies")
+            weight.kept_fake_quant = getattr(weight, "kept_fake_quant", {})
+            weight.kept_fake_quant.setdefault(fmt, None)
+        self.sharded.gather_weights()
 
     def flush_grads(self) -> None:
         """Gradients written straight into `.grad` (not through autograd's accumulation, as a zero-bubble

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megajoy.quant.formats import keep_fake_quant, kept_formats
+
 COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
@@ -205,8 +207,20 @@ class MuonMatrices:
             if not self.owns(e):
                 e.param.data = full
 
+    def refresh_copies(self) -> None:
+        """Every copy (and the values it keeps) from its owner's master again, once the masters are released."""
+        if self.copies is not None:
+            self._refresh_copies(self.entries)
+
     @torch.no_grad()
     def _refresh_copies(self, entries: list[MuonEntry]) -> None:
-        """Each matrix's low-precision copy from its owner's fp32 master."""
+        """Each matrix's low-precision copy, and the fake-quantised values it keeps, from its owner's fp32
+        master (one broadcast of each, in the copy's dtype)."""
         for e, weight in self._from_owners(entries, lambda e: e.param, self.copies_dtype):
             self.copies[e.name].copy_(weight)
+        formats = {fmt: None for e in entries for fmt in kept_formats(self.copies[e.name])}  # ordered, once each
+        for fmt in formats:
+            members = [e for e in entries if fmt in kept_formats(self.copies[e.name])]
+            values = self._from_owners(members, lambda e: fmt.round_trip(e.param, self.copies_dtype), self.copies_dtype)
+            for e, value in values:
+                keep_fake_quant(self.copies[e.name], fmt, value)

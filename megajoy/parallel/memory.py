@@ -50,19 +50,21 @@ def rank_model(model_cfg: ModelConfig, parallel_cfg, world: int, rank: int, seq_
         return JoyAIForCausalLM(model_cfg, pc), pc
 
 
-def state_bytes(model, pc, params_dtype: str = "fp32", optimizer=None, whole_masters: bool = False,
+def state_bytes(model, pc, params_dtype: str = "fp32", optimizer=None, qat_modules: str | None = None,
                 specs: dict | None = None, bucket_mb: float = 25.0) -> tuple[int, int, int]:
     """(parameter, gradient, optimizer) bytes of this rank, as the trainer allocates them. `optimizer`: the
     OptimizerConfig (default AdamW). Gradients are fp32. AdamW keeps two moments, and under ZeRO-1 the
     rank's fp32 slice of the weights; Muon's matrices keep one momentum on the rank that orthogonalises
     them. With params_dtype bf16 the parameters are the bf16 copies plus whole fp32 masters, or, under
-    ZeRO-1, plus only the Muon matrices this rank owns (AdamW's fp32 slices count as optimizer state),
-    unless `whole_masters` (QAT's fake quantisation reads them: the trainer then keeps them all). `specs`:
+    ZeRO-1, plus only the Muon matrices this rank owns (AdamW's fp32 slices count as optimizer state), and
+    under QAT of `qat_modules` the bf16 fake-quantised values its weights keep in place of whole fp32
+    masters (see megajoy.optim.master_weights). `specs`:
     the modules' parameter_specs, when already at hand; `bucket_mb`: ZeRO-1's bucket size, each bucket
     sharded on its own."""
     from megajoy.optim.muon import assign_owners
     from megajoy.parallel.mappings import group_rank
     from megajoy.parallel.muon import muon_entries
+    from megajoy.quant.qat import quantised_weights
 
     params = list(model.named_parameters())
     specs = specs or parameter_specs(model, pc)
@@ -81,13 +83,14 @@ def state_bytes(model, pc, params_dtype: str = "fp32", optimizer=None, whole_mas
     for expert, group in ((False, "dp_cp"), (True, "edp")):
         for bucket in buckets([(n, p) for n, p in adam if specs[n].expert == expert], int(bucket_mb * 2**20)):
             adam_owned += owned_elements([p.numel() for _, p in bucket], pc.size(group), group_rank(pc.groups[group]))
-    param_bytes = 2 * numel + 4 * (numel if whole_masters else owned_matrices) if bf16 else 4 * numel
+    kept = sum(p.numel() for _, p in quantised_weights(model, qat_modules)) if qat_modules else 0
+    param_bytes = 2 * numel + 4 * owned_matrices + 2 * kept if bf16 else 4 * numel
     return param_bytes, 4 * numel, 12 * adam_owned + 4 * owned_matrices
 
 
 def plan_memory(model_cfg: ModelConfig, parallel_cfg, world: int, micro_batch_size: int, seq_length: int,
                 micro_batches_per_step: int, attention: str = "flash", bytes_per_element: int = 4,
-                params_dtype: str = "fp32", optimizer=None, whole_masters: bool = False,
+                params_dtype: str = "fp32", optimizer=None, qat_modules: str | None = None,
                 recompute=None) -> list[RankMemory]:
     """One entry per pipeline stage, for the stage's rank that holds the most: the stage's modules are
     built once, and each of its ranks' share counted from its own place (ZeRO-1 slices, Muon's owners)."""
@@ -99,7 +102,7 @@ def plan_memory(model_cfg: ModelConfig, parallel_cfg, world: int, micro_batch_si
         for rank in range(world):
             place = planning_context(parallel_cfg, world, rank, model_cfg, seq_length)
             if place.coords["pp"] == stage:
-                shares[rank] = state_bytes(model, place, params_dtype, optimizer, whole_masters, specs,
+                shares[rank] = state_bytes(model, place, params_dtype, optimizer, qat_modules, specs,
                                            parallel_cfg.ddp_bucket_size_mb)
         rank = max(shares, key=lambda r: (sum(shares[r]), -r))
         params, grads, optim = shares[rank]

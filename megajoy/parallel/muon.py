@@ -127,6 +127,10 @@ class MuonOptimizer(ParallelOptimizer):
         self.adam.materialize_full_weights()
         self.muon.materialize()
 
+    def gather_weights(self) -> None:
+        self.adam.gather_weights()
+        self.muon.refresh_copies()
+
     def scale_master_rows(self, rows: list) -> None:
         matrices = {e.param for e in self.muon.entries}
         self.adam.scale_master_rows([r for r in rows if r[0] not in matrices])

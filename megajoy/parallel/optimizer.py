@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megajoy.optim import adamw, check_optimizer, param_groups
 from megajoy.parallel.mappings import all_reduce_no_grad, group_size
 from megajoy.parallel.params import ParamSpec, parameter_specs
+from megajoy.quant.formats import keep_fake_quant, kept_formats
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -192,6 +193,12 @@ class DistributedOptimizer(ParallelOptimizer):
             for _, p in buffer.named:
                 p.data = torch.empty((), dtype=p.dtype, device=p.device).expand(p.shape)
 
+    def gather_weights(self) -> None:
+        """The low-precision weights (and the fake-quantised values they keep) again from the shards, as a
+        step writes them: after the set of kept formats changed."""
+        for buffer in self.buffers:
+            buffer.gather_params()
+
     @torch.no_grad()
     def scale_master_rows(self, rows: list) -> None:
         """The rows scaled in this rank's shards too; once the shards are the only masters, the touched
@@ -332,13 +339,18 @@ class _ShardedBuffer:
         if not self.named:
             return
         # Rounded to the weights' own precision before the gather, not after: bf16 copies take half the
-        # bytes on the wire and in the gathered buffer, and round to the same values.
+        # bytes on the wire and in the gathered buffer, and round to the same values. A bucket with weights
+        # that keep fake-quantised values gathers fp32: they are quantised from the fp32 masters.
         dtypes = {t.dtype for t in self.targets}
-        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        quantised = any(kept_formats(t) for t in self.targets)
+        dtype = dtypes.pop() if len(dtypes) == 1 and not quantised else torch.float32
         full = self._all_gather_flat(self._shard_of([x.master.detach() for x in self.pieces], dtype))
         with torch.no_grad():
             for target, start in zip(self.targets, self.offsets):
-                target.copy_(full[start:start + target.numel()].view_as(target))
+                source = full[start:start + target.numel()].view_as(target)
+                target.copy_(source)
+                for fmt in kept_formats(target):
+                    keep_fake_quant(target, fmt, fmt.round_trip(source, target.dtype))
 
     def gather_state(self, optimizer, key: str) -> dict[str, torch.Tensor]:
         """This rank's local (TP/EP-sharded) view of one optimizer-state tensor for each parameter."""

@@ -49,6 +49,11 @@ class WeightFormat:
         blocks = codes.float().unflatten(-1, (-1, self.group))
         return (blocks * scales.float().unsqueeze(-1)).flatten(-2)
 
+    def round_trip(self, w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """dequantize(quantize(w)), in `dtype` (default w's), without a gradient."""
+        codes, scales = self.quantize(w)
+        return self.dequantize(codes, scales).to(dtype or w.dtype)
+
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         """dequantize(quantize(w)) in w's dtype, with the gradient passed straight through."""
         return _StraightThrough.apply(w, self)
@@ -128,10 +133,29 @@ class _StraightThrough(torch.autograd.Function):
 
 def _fake_quantised(w: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
     # A bf16 copy over an fp32 master (megajoy.optim.master_weights) is quantised from its master: the
-    # grid values trained against are those the checkpoint's weights give.
+    # grid values trained against are those the checkpoint's weights give. Where ZeRO-1 keeps the masters
+    # only in shards, the values were computed from the fp32 weights when they were last gathered.
     master = getattr(w, "fp32_master", w)
-    if master is None:
-        raise RuntimeError(f"fake quantisation of a {tuple(w.shape)} bf16 weight needs its whole fp32 master, "
-                           "which ZeRO-1 keeps only in shards (build MasterWeights without `sharded`)")
-    codes, scales = fmt.quantize(master)
-    return fmt.dequantize(codes, scales).to(w.dtype)
+    if master is not None:
+        return fmt.round_trip(master, w.dtype)
+    kept = getattr(w, "kept_fake_quant", {}).get(fmt)
+    if kept is None:
+        raise RuntimeError(f"fake quantisation ({fmt.name}) of a {tuple(w.shape)} bf16 weight: ZeRO-1 keeps its fp32 "
+                           "master only in shards and kept no values in this format (MasterWeights.keep_fake_quant)")
+    return kept.view_as(kept)  # a new tensor for autograd to mark as the output, not the kept one itself
+
+
+def kept_formats(weight: torch.Tensor) -> list[WeightFormat]:
+    """The formats whose fake-quantised values a low-precision weight keeps (see MasterWeights.keep_fake_quant)."""
+    return list(getattr(weight, "kept_fake_quant", {}))
+
+
+@torch.no_grad()
+def keep_fake_quant(weight: torch.Tensor, fmt: WeightFormat, values: torch.Tensor) -> None:
+    """Store `values` (the fake-quantised fp32 master) as the weight's kept values in `fmt`, in the weight's
+    dtype; in place of the previous step's (no new allocation per step)."""
+    kept = weight.kept_fake_quant.get(fmt)
+    if kept is None:
+        weight.kept_fake_quant[fmt] = values.to(weight.dtype, copy=True)
+    else:
+        kept.copy_(values)

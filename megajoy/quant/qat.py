@@ -29,14 +29,19 @@ def qat_targets(model: nn.Module, which: str) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def quantised_weights(model: nn.Module, which: str) -> list[tuple[str, nn.Parameter]]:
+    """The weights the targets fake-quantise (every matrix of theirs; biases stay as they are)."""
+    return [(f"{name}.{pname}", p) for name, module in qat_targets(model, which)
+            for pname, p in module.named_parameters(recurse=False) if p.ndim >= 2]
+
+
 def check_groups(model: nn.Module, fmt: WeightFormat, which: str) -> None:
     """Every quantised weight's (local) input dimension must be whole groups: a group never straddles a
     tensor-parallel shard boundary."""
-    for name, module in qat_targets(model, which):
-        for pname, p in module.named_parameters(recurse=False):
-            if p.ndim >= 2 and p.shape[-1] % fmt.group:
-                raise ValueError(f"{name}.{pname}: input dimension {p.shape[-1]} on this rank is not a multiple of "
-                                 f"the {fmt.name} group {fmt.group}; change the group or the tensor-parallel size")
+    for name, p in quantised_weights(model, which):
+        if p.shape[-1] % fmt.group:
+            raise ValueError(f"{name}: input dimension {p.shape[-1]} on this rank is not a multiple of "
+                             f"the {fmt.name} group {fmt.group}; change the group or the tensor-parallel size")
 
 
 def set_qat(model: nn.Module, fmt: WeightFormat | None, which: str = "routed-experts") -> int:

@@ -19,7 +19,7 @@ from megajoy.model.recompute import Recompute
 from megajoy.optim.master_weights import MasterWeights
 from megajoy.optim.qk_clip import apply_qk_clip, track_max_logits
 from megajoy.quant.formats import reuse_fake_quant_for
-from megajoy.quant.qat import set_qat
+from megajoy.quant.qat import check_groups, quantised_weights, set_qat
 from megajoy.optim.schedules import global_batch_size, learning_rate
 from megajoy.parallel.context import ParallelContext
 from megajoy.parallel.mappings import all_reduce_no_grad
@@ -50,10 +50,6 @@ class Stage:
         raise NotImplementedError
 
     def compute_mtp(self, trainer: "Trainer") -> bool:
-        return False
-
-    def fake_quantises_weights(self) -> bool:
-        """Whether the stage fake-quantises weights beyond the trainer's QAT (RL's quantised rollouts)."""
         return False
 
     def step_metrics(self, trainer: "Trainer") -> dict[str, float]:
@@ -131,9 +127,7 @@ class Trainer:
         # must come from the weights the policy computes with).
         self.master_weights = None
         if job.train.params_dtype == "bf16":
-            # Fake quantisation reads whole fp32 masters, so a run that quantises keeps them whole.
-            quantises = self.qat_format is not None or stage.fake_quantises_weights()
-            sharded = self.optimizer if self.optimizer.shards_master_weights and not quantises else None
+            sharded = self.optimizer if self.optimizer.shards_master_weights else None
             self.master_weights = MasterWeights(self.model, torch.bfloat16, sharded)
             if self.pipeline is not None:
                 self.pipeline.on_weight_grads = self.master_weights.flush_grads
@@ -144,7 +138,7 @@ class Trainer:
         at `qat_start_iter` (see `_train_step`)."""
         from megajoy.quant.formats import WeightFormat
         from megajoy.quant.fp8 import Fp8Matmul
-        from megajoy.quant.qat import check_groups, set_fp8
+        from megajoy.quant.qat import set_fp8
 
         q = self.job.quant
         if q.fp8 != "off":
@@ -251,6 +245,7 @@ class Trainer:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         if self.qat_format is not None and not self._qat_on and self.step >= self.job.quant.qat_start_iter:
             set_qat(self.model, self.qat_format, self.job.quant.qat_modules)
+            self.prepare_fake_quant(self.qat_format, self.job.quant.qat_modules)
             self._qat_on = True
         micro_batches = self.stage.train_micro_batches(self, self.consumed, global_batch)
         counts = self._step_token_counts(micro_batches)
@@ -296,6 +291,13 @@ class Trainer:
             self.master_weights.scale_rows(rows, self.optimizer)
         else:
             self.optimizer.scale_master_rows(rows)
+
+    def prepare_fake_quant(self, fmt, which: str) -> None:
+        """Before `which` weights are first fake-quantised in `fmt`: over ZeRO-1's shards, bf16 weights keep
+        their fake-quantised values from then on (MasterWeights.keep_fake_quant)."""
+        check_groups(self.model, fmt, which)
+        if self.master_weights is not None:
+            self.master_weights.keep_fake_quant([p for _, p in quantised_weights(self.model, which)], fmt)
 
     def full_precision(self):
         """The fp32 weights in the model for the block (see MasterWeights); a no-op in an fp32 run."""

@@ -37,9 +37,6 @@ class RlStage(Stage):
         self.args = args
         self.rows, self.rollout_stats = None, {}
 
-    def fake_quantises_weights(self) -> bool:
-        return bool(self.args.rollout_qat)
-
     # ------------------------------------------------------------------ data and rollouts
     def setup(self, trainer: Trainer) -> None:
         from megajoy.data.prompts import load_prompts
@@ -52,6 +49,8 @@ class RlStage(Stage):
         if args.prompts_per_step % pc.size("dp"):
             raise ValueError(f"--prompts-per-step {args.prompts_per_step} is not divisible by the {pc.size('dp')} "
                              f"data-parallel ranks")
+        if args.rollout_qat:
+            trainer.prepare_fake_quant(self._rollout_format(trainer), args.rollout_qat_modules)
         self.tokenizer = ChatTokenizer(trainer.tokenizer_file, trainer.job.model.vocab_size)
         path = sft.data_file(trainer.job, args, DEMO_FILE)
         prompts, report = load_prompts(path, self.tokenizer, trainer.job.data.seq_length - args.max_new_tokens,
@@ -104,21 +103,25 @@ class RlStage(Stage):
             completions = generate(trainer.model, [p.ids for p in prompts for _ in range(n)], params, entropies)
         return completions, entropies
 
+    def _rollout_format(self, trainer):
+        from megajoy.quant.formats import WeightFormat
+
+        return WeightFormat.of(self.args.rollout_qat, trainer.job.quant.qat_group)
+
     def _rollout_weights(self, trainer):
         """Rollouts under quantised weights (--rollout-qat): fake-quant on for generation only."""
         import contextlib
 
         if not self.args.rollout_qat:
             return contextlib.nullcontext()
-        from megajoy.quant.formats import WeightFormat, reuse_fake_quant_for
+        from megajoy.quant.formats import reuse_fake_quant_for
         from megajoy.quant.qat import qat_targets, set_qat
 
         @contextlib.contextmanager
         def quantised():
             targets = qat_targets(trainer.model, self.args.rollout_qat_modules)
             before = [m.weight_quant for _, m in targets]
-            set_qat(trainer.model, WeightFormat.of(self.args.rollout_qat, trainer.job.quant.qat_group),
-                    self.args.rollout_qat_modules)
+            set_qat(trainer.model, self._rollout_format(trainer), self.args.rollout_qat_modules)
             try:
                 with reuse_fake_quant_for(trainer.job.quant):  # once per rollout, not per decoding step
                     yield
