@@ -297,8 +297,9 @@ def test_qat_under_zero_trains_as_one_process(optimizer, tmp_path, data_prefix, 
 
 def _fake_quant_over_the_shards(rank, world, optimizer_name):
     """DP 2, ZeRO-1, bf16 weights, int4 QAT of the routed experts. Returns (refused before any values were
-    kept, kept values equal to quantising the whole fp32 masters: at first and after a step, the step
-    changed them, the share of their masters released, whole-weight gathers)."""
+    kept, kept values equal to quantising the whole fp32 masters: at first, after a step and after a
+    change made in full precision, the step changed them, the share of their masters released,
+    whole-weight gathers)."""
     import dataclasses
 
     from megajoy.config import load_job_config
@@ -337,6 +338,13 @@ def _fake_quant_over_the_shards(rank, world, optimizer_name):
         weights.flush_grads()
         optimizer.reduce_gradients()
         optimizer.step()
+    with weights.full_precision(), torch.no_grad():  # weights changed meanwhile, as a resume's load does
+        for c in copies:
+            master_of[c].mul_(0.5)
+        optimizer.refresh_from_params()
+    halved = [fmt.fake_quant(c).clone() for c in copies]
+    with weights.full_precision():
+        matches.append(all(torch.equal(k, fmt.fake_quant(master_of[c]).to(torch.bfloat16)) for k, c in zip(halved, copies)))
     changed = all(not torch.equal(a, b) for a, b in zip(*kept))
     released = sum(master_of[c].stride() == (0,) * c.ndim for c in copies)
     return refused, matches, changed, released / len(copies), len(gathers)
@@ -347,9 +355,10 @@ def test_fake_quant_over_sharded_masters(optimizer):
     """QAT with ZeRO-1 keeps no whole fp32 master: each quantised bf16 weight keeps its fake-quantised
     values, computed from the fp32 masters wherever the weights are gathered (AdamW's shards, or the Muon
     matrix's owner, which broadcasts them), equal to quantising the whole master, bit for bit, and
-    refreshed by each step. Without kept values, fake quantisation is refused by name."""
+    refreshed by each step and by changes made in full precision (a resume's load). Without kept values,
+    fake quantisation is refused by name."""
     for refused, matches, changed, released, gathers in run_workers(2, _fake_quant_over_the_shards, optimizer):
-        assert (refused, matches, changed, gathers) == (True, [True, True], True, 2)
+        assert (refused, matches, changed, gathers) == (True, [True, True, True], True, 4)
         # AdamW: every whole master released to the shards; Muon: those of the matrices the other rank owns
         assert released == 1.0 if optimizer == "adamw" else 0 < released < 1
 

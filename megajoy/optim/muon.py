@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megajoy.quant.formats import keep_fake_quant, kept_formats
+from megajoy.quant.formats import keep_fake_quant, kept_formats, write_from_master
 
 COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -183,9 +183,8 @@ class MuonMatrices:
         ({master: copy}) from the whole fp32 weights it holds now, then non-owners give up that storage."""
         self.copies = {e.name: copies[e.param] for e in self.entries}
         self.copies_dtype = next((c.dtype for c in self.copies.values()), self.copies_dtype)
-        with torch.no_grad():
-            for e in self.entries:
-                self.copies[e.name].copy_(e.param)
+        for e in self.entries:
+            write_from_master(self.copies[e.name], e.param)
         for e in self.entries:
             if not self.owns(e):
                 e.param.data = torch.empty((), dtype=e.param.dtype, device=e.param.device).expand(e.param.shape)

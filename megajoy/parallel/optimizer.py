@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megajoy.optim import adamw, check_optimizer, param_groups
 from megajoy.parallel.mappings import all_reduce_no_grad, group_size
 from megajoy.parallel.params import ParamSpec, parameter_specs
-from megajoy.quant.formats import keep_fake_quant, kept_formats
+from megajoy.quant.formats import kept_formats, write_from_master
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -347,10 +347,7 @@ class _ShardedBuffer:
         full = self._all_gather_flat(self._shard_of([x.master.detach() for x in self.pieces], dtype))
         with torch.no_grad():
             for target, start in zip(self.targets, self.offsets):
-                source = full[start:start + target.numel()].view_as(target)
-                target.copy_(source)
-                for fmt in kept_formats(target):
-                    keep_fake_quant(target, fmt, fmt.round_trip(source, target.dtype))
+                write_from_master(target, full[start:start + target.numel()].view_as(target))
 
     def gather_state(self, optimizer, key: str) -> dict[str, torch.Tensor]:
         """This rank's local (TP/EP-sharded) view of one optimizer-state tensor for each parameter."""

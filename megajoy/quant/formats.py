@@ -151,6 +151,14 @@ def kept_formats(weight: torch.Tensor) -> list[WeightFormat]:
 
 
 @torch.no_grad()
+def write_from_master(weight: torch.Tensor, master: torch.Tensor) -> None:
+    """A low-precision weight, and the fake-quantised values it keeps, from its whole fp32 master."""
+    weight.copy_(master)
+    for fmt in kept_formats(weight):
+        keep_fake_quant(weight, fmt, fmt.round_trip(master, weight.dtype))
+
+
+@torch.no_grad()
 def keep_fake_quant(weight: torch.Tensor, fmt: WeightFormat, values: torch.Tensor) -> None:
     """Store `values` (the fake-quantised fp32 master) as the weight's kept values in `fmt`, in the weight's
     dtype; in place of the previous step's (no new allocation per step)."""
