@@ -109,3 +109,33 @@ def test_quantization_script_times_qat_rollouts_beside_per_step_quantisation(tmp
     assert min(rollout["no qat s"], rollout["reused s"], rollout["quantised every step s"]) > 0
     assert math.isclose(rollout["speed-up"], rollout["quantised every step s"] / rollout["reused s"], rel_tol=1e-9)
     assert [row["format"] for row in payload["fake_quant"]][:3] == ["int4", "q4_0", "q8_0"]
+
+
+def test_gpu_session_plan_parses_and_resumes(tmp_path):
+    """The GPU session's plan: every benchmark command's flags parse with the scripts' own parsers (a
+    renamed flag is caught); a call runs what is not yet done, skips a check whose package is missing, stops
+    a check at its time limit, leaves one that does not fit its budget to the next call, and packs what it
+    wrote for the device tool to bring back."""
+    from benchmarks.gpu_session import Check, check_arguments, main, run_check
+
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_session.py"), "--check-args"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    renamed = Check("renamed", "", [[sys.executable, os.path.join(ROOT, "benchmarks", "run_all.py"), "--rezults", "x"]], 1)
+    assert check_arguments([renamed]) == ["renamed: run_all.py ['--rezults', 'x'] refused (exit 2)"]
+
+    state, out = tmp_path / "state", tmp_path / "out"
+    state.mkdir()
+    assert run_check(Check("absent", "", [], 10, needs=("no_such_package_here",)), str(state))["status"] == "skipped"
+    slow = run_check(Check("slow", "", [[sys.executable, "-c", "import time; time.sleep(30)"]], 2), str(state))
+    assert slow["status"] == "timeout" and slow["seconds"] < 10
+    assert main(["--only", "env", "gpu-tests", "--budget-s", "100", "--state", str(state), "--out", str(out)]) == 0
+    record = json.loads((out / "session.json").read_text())
+    assert list(record) == ["env"] and record["env"]["status"] == "passed"  # gpu-tests' 420 s did not fit
+    import tarfile
+
+    with tarfile.open(out / "gpu_session.tar.gz") as tar:
+        env = json.loads(tar.extractfile("gpu_session/env.json").read())
+    assert env["torch"] == torch.__version__ and env["gpu"] == "no GPU"
+    assert main(["--only", "env", "--budget-s", "100", "--state", str(state)]) == 0  # done: not run again
+    assert json.loads((state / "session.json").read_text())["env"]["seconds"] == record["env"]["seconds"]
