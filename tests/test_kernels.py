@@ -367,11 +367,12 @@ def test_document_block_mask_lists_exactly_the_blocks_that_attend(lengths):
     """Per (query block, key block): listed iff some allowed pair lies in it, and marked full (no
     per-element mask) only if every real pair in it is allowed. Row 2 packs three near-equal documents,
     row 3 reuses document ids out of order; 648 tokens do not fill the last 128-token block. The listed
-    blocks equal those torch's create_block_mask finds by evaluating every pair, and FlexAttention with
-    the mask (eager on CPU) equals the dense-mask SDPA reference in float64."""
+    blocks equal those torch's create_block_mask finds by evaluating every pair, the backward's lists
+    those torch derives from them, and FlexAttention with the mask (eager on CPU) equals the dense-mask
+    SDPA reference in float64."""
     import warnings
 
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import _transpose_ordered, create_block_mask
 
     from megajoy.kernels.attention import FLEX_BLOCK, attention, document_block_mask
 
@@ -398,6 +399,11 @@ def test_document_block_mask_lists_exactly_the_blocks_that_attend(lengths):
     assert not (full & ~all_allowed).any() and full.any()
     theirs = create_block_mask(lambda b, h, q, k: (k <= q) & (docs[b, q] == docs[b, k]), 3, None, seq, seq, device="cpu")
     assert torch.equal(listed, theirs.to_dense()[:, 0].bool())
+    # the backward's per-key-block lists, built beside the forward's: as torch derives them from those
+    for ours, torchs in zip((mask.q_num_blocks, mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices),
+                            _transpose_ordered(mask.kv_num_blocks, mask.kv_indices)
+                            + _transpose_ordered(mask.full_kv_num_blocks, mask.full_kv_indices)):
+        assert ours.dtype == torch.int32 and ours.is_contiguous() and torch.equal(ours, torchs)
     q, k = torch.randn(3, seq, 3, 24, dtype=torch.float64), torch.randn(3, seq, 3, 24, dtype=torch.float64)
     v = torch.randn(3, seq, 3, 16, dtype=torch.float64)
     with warnings.catch_warnings():

@@ -58,16 +58,22 @@ def document_block_mask(document_ids_BS: torch.Tensor):
     full = touching & one_document & earlier
     partial = touching & ~full
 
-    def listed(selected):  # per query block: how many key blocks, and which (selected first, in order)
+    def listed(selected):  # per row block: how many column blocks, and which (selected first, in order)
         order = torch.argsort(selected.to(torch.int8), dim=-1, descending=True, stable=True)
-        return selected.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+        return (selected.sum(-1, dtype=torch.int32)[:, None].contiguous(),
+                order.to(torch.int32, memory_format=torch.contiguous_format)[:, None])
 
     def same_document_causal(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (docs[b, q_idx] == docs[b, kv_idx])
 
+    # The backward's lists (per key block, its query blocks) come from the same block matrices, transposed:
+    # BlockMask.from_kv_blocks would rebuild them from the forward's lists, most of the mask's build time.
     (partial_count, partial_index), (full_count, full_index) = listed(partial), listed(full)
-    return BlockMask.from_kv_blocks(partial_count, partial_index, full_count, full_index, BLOCK_SIZE=FLEX_BLOCK,
-                                    mask_mod=same_document_causal, seq_lengths=(seq, seq))
+    (partial_q_count, partial_q_index), (full_q_count, full_q_index) = listed(partial.mT), listed(full.mT)
+    return BlockMask(seq_lengths=(seq, seq), kv_num_blocks=partial_count, kv_indices=partial_index,
+                     full_kv_num_blocks=full_count, full_kv_indices=full_index, q_num_blocks=partial_q_count,
+                     q_indices=partial_q_index, full_q_num_blocks=full_q_count, full_q_indices=full_q_index,
+                     BLOCK_SIZE=(FLEX_BLOCK, FLEX_BLOCK), mask_mod=same_document_causal)
 
 
 def attention(q_BSHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHE: torch.Tensor, scale: float,
