@@ -361,3 +361,35 @@ def test_zero_holds_one_bucket_at_a_time(bf16):
     assert bucket <= total / 4
     assert 0 < reduce <= 2 * bucket
     assert gather == pytest.approx(bucket / 2 if bf16 else bucket, rel=0.01)
+
+
+def test_gemms_reading_one_input_keep_one_autocast_copy(monkeypatch):
+    """Under bf16 autocast with fp32 weights, the GEMMs that read one input (MLA's two down projections, an
+    MLP's gate and up) keep one bf16 copy of it for backward instead of one each, and the step's loss and
+    every gradient stay those of autocast casting per GEMM, bit for bit (their gradients add in fp32)."""
+    import megajoy.parallel.layers as layers
+    from helpers import random_model, small_config
+    from megajoy.model.mla import MLA
+    from megajoy.model.mlp import MLP
+
+    cfg = small_config(num_nextn_predict_layers=1)
+    model = random_model(cfg, seed=2).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            saved = _saved_bytes(model, ids, compute_mtp=True)
+            out = model(ids, labels=torch.roll(ids, -1, 1), compute_mtp=True)
+            (out.lm_loss + out.mtp_loss).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        return saved, (out.lm_loss + out.mtp_loss).detach(), grads
+
+    shared, loss, grads = step()
+    monkeypatch.setattr(layers, "cast_for_readers", lambda t, readers: (t,) * readers)  # autocast casts per GEMM
+    per_gemm, reference_loss, reference_grads = step()
+    readers = sum(isinstance(m, (MLA, MLP)) for m in model.modules())  # every layer's MLA, MLP or shared expert
+    assert readers == 2 * cfg.num_hidden_layers + 2  # and the MTP layer's
+    assert per_gemm - shared == readers * ids.numel() * cfg.hidden_size * 2
+    assert torch.equal(loss, reference_loss)
+    assert all(torch.equal(grads[n], reference_grads[n]) for n in reference_grads)

@@ -93,6 +93,31 @@ def cast_as_autocast(t: torch.Tensor) -> torch.Tensor:
     return t if dtype is None else t.to(dtype)
 
 
+def cast_for_readers(t: torch.Tensor, readers: int) -> tuple[torch.Tensor, ...]:
+    """`t` for `readers` GEMMs that all read it, each its own alias of one autocast copy. Autocast casts
+    per GEMM, so each GEMM kept its own copy for backward; these share one, and their gradients still
+    add in t's dtype (fp32), as the separate casts' did: the same numbers to the bit."""
+    dtype = autocast_dtype(t)
+    if dtype is None or dtype == t.dtype:
+        return (t,) * readers
+    if not t.requires_grad:
+        return (t.to(dtype),) * readers
+    return _SharedCast.apply(t, dtype, readers)
+
+
+class _SharedCast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, dtype, readers):
+        ctx.source_dtype = t.dtype
+        copy = t.to(dtype)
+        return tuple(copy.view_as(copy) for _ in range(readers))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads = [g.to(ctx.source_dtype) for g in grads if g is not None]
+        return (functools.reduce(torch.add, grads) if grads else None), None, None
+
+
 def use_fused_cuda_path(t: torch.Tensor) -> bool:
     """Fast paths written in torch itself (FlexAttention): CUDA, unless 'torch'."""
     return settings.backend != "torch" and t.is_cuda

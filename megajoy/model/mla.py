@@ -18,7 +18,7 @@ from megajoy.kernels.backend import cast_as_autocast
 from megajoy.kernels.rope import apply_rope
 from megajoy.model.norm import RMSNorm
 from megajoy.model.recompute import checkpointed_call, is_recomputing, run_discarding
-from megajoy.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megajoy.parallel.layers import ColumnParallelLinear, RowParallelLinear, shared_input
 from megajoy.parallel.context import ParallelContext
 from megajoy.parallel.mappings import enter_tp
 
@@ -91,7 +91,11 @@ class MLA(nn.Module):
         return q_BSHQ, k_BSHQ, kv_BSHX
 
     def forward(self, x_BSD: torch.Tensor, seq) -> torch.Tensor:
-        latents = (self.query_latent(x_BSD), *self.project_latent(x_BSD), seq.cos, seq.sin)
+        if hasattr(self, "q_a_proj"):  # both down projections read x: one autocast copy kept for both
+            to_q, to_kv = shared_input(x_BSD, self.q_a_proj, self.kv_a_proj_with_mqa)
+        else:  # q_proj reads x's sequence-parallel gather
+            to_q = to_kv = x_BSD
+        latents = (self.query_latent(to_q), *self.project_latent(to_kv), seq.cos, seq.sin)
         if "mla_up_proj" in self.recompute_modules:
             out_BSHV = run_discarding(self.up_project, lambda qkv: self._attend(*qkv, seq), *latents)
         else:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from megajoy.kernels.swiglu import swiglu
-from megajoy.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megajoy.parallel.layers import ColumnParallelLinear, RowParallelLinear, shared_input
 from megajoy.parallel.mappings import enter_tp
 
 
@@ -19,5 +19,5 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = enter_tp(x, self.group, self.sp)
-        return self.down_proj.forward_exit(swiglu(self.gate_proj(x), self.up_proj(x)), self.sp)
+        to_gate, to_up = shared_input(enter_tp(x, self.group, self.sp), self.gate_proj, self.up_proj)
+        return self.down_proj.forward_exit(swiglu(self.gate_proj(to_gate), self.up_proj(to_up)), self.sp)

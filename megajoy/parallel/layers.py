@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megajoy.kernels.backend import cast_for_readers
 from megajoy.parallel.mappings import exit_tp, group_rank, group_size
 
 
@@ -21,6 +22,14 @@ class ProjectionHooks:
     def project(self, x: torch.Tensor) -> torch.Tensor:
         w = self.effective_weight()
         return self.matmul.linear(x, w) if self.matmul is not None else F.linear(x, w)
+
+
+def shared_input(x: torch.Tensor, *projections: ProjectionHooks) -> tuple[torch.Tensor, ...]:
+    """`x` for projections that all read it: under autocast one low-precision copy they keep together
+    (megajoy.kernels.backend.cast_for_readers), unless a low-precision back-end rounds its input itself."""
+    if any(p.matmul is not None for p in projections):
+        return (x,) * len(projections)
+    return cast_for_readers(x, len(projections))
 
 
 class ColumnParallelLinear(ProjectionHooks, nn.Module):
