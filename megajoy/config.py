@@ -365,6 +365,12 @@ class QuantConfig:
         _require(self.fp8_backend in ("torch", "te", "emulate"),
                  f"fp8_backend={self.fp8_backend!r} must be torch, te or emulate")
         _require(self.qat_start_iter >= 0, f"qat_start_iter={self.qat_start_iter} must be >= 0")
+        # Transformer Engine's Linear owns its weight: a fake-quantised weight handed to it would be a new
+        # leaf, cut off from the real weight's gradient (the routed experts' FP8 GEMMs do not go through TE).
+        _require(not (self.qat and self.fp8 != "off" and self.fp8_backend == "te" and self.qat_modules != "routed-experts"),
+                 f"qat_modules={self.qat_modules!r} with fp8_backend=te is not supported: Transformer Engine's Linear "
+                 "would not pass the gradient to the quantised weight; use qat_modules=routed-experts or fp8_backend "
+                 "torch / emulate")
 
 
 # ---------------------------------------------------------------------------------------------- job config

@@ -253,6 +253,17 @@ def test_fp8_gradients_round_through_fp8():
         assert 1e-4 < rel < 0.1
 
 
+def test_qat_of_te_projections_is_refused():
+    """Transformer Engine's Linear takes its weight as its own parameter, so a fake-quantised weight would
+    get the gradient and the real one none: refused by name; the routed experts (not TE GEMMs) are fine."""
+    from megajoy.config import QuantConfig
+
+    with pytest.raises(ValueError, match="qat_modules='linear' with fp8_backend=te is not supported"):
+        QuantConfig(qat="int4", qat_modules="linear", fp8="tensorwise", fp8_backend="te")
+    assert QuantConfig(qat="int4", qat_modules="routed-experts", fp8="tensorwise", fp8_backend="te").qat == "int4"
+    assert QuantConfig(qat="int4", qat_modules="experts", fp8="tensorwise", fp8_backend="torch").qat == "int4"
+
+
 @pytest.mark.parametrize("backend, recipe, message", [
     ("te", "tensorwise", "Transformer Engine, which is not installed"),
     ("torch", "tensorwise", "needs a CUDA GPU with FP8 units"),
