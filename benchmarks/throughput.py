@@ -84,6 +84,8 @@ def build_variant(name: str, cfg, state: dict, device, dtype, hf_dir: str, autoc
                   seq_length: int = 0):
     """(model, step function taking (inputs, labels)) for one variant. With `autocast`, fp32 weights
     and bf16 autocast, as megajoy's trainer runs on a GPU."""
+    from megajoy.kernels.backend import reuse_weight_casts
+
     if name.startswith("torchtitan"):
         from benchmarks.torchtitan_baseline import build_torchtitan, compile_as_torchtitan
 
@@ -120,10 +122,11 @@ def build_variant(name: str, cfg, state: dict, device, dtype, hf_dir: str, autoc
         weights, autocast = MasterWeights(model), True
 
     def step(inputs, labels):
-        for _ in range(accumulate):  # micro-batches per optimizer step
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = forward(inputs, labels)
-            loss.backward()
+        # As megajoy's trainer: one autocast region for the step's micro-batches (backward inside it), each
+        # weight cast once for it (autocast's own cache; megajoy's grouped GEMMs' through reuse_weight_casts).
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), reuse_weight_casts():
+            for _ in range(accumulate):  # micro-batches per optimizer step
+                forward(inputs, labels).backward()
         if weights is not None:
             weights.flush_grads()
         optimizer.step()

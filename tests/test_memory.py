@@ -1,6 +1,7 @@
 """The memory planner against real ranks: parameter, gradient and optimizer bytes exactly, activations
 within 5% of what the forward leaves allocated for backward (fp32, the CPU's math attention)."""
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -393,3 +394,39 @@ def test_gemms_reading_one_input_keep_one_autocast_copy(monkeypatch):
     assert per_gemm - shared == readers * ids.numel() * cfg.hidden_size * 2
     assert torch.equal(loss, reference_loss)
     assert all(torch.equal(grads[n], reference_grads[n]) for n in reference_grads)
+
+
+def test_expert_weights_cast_once_per_step():
+    """Three micro-batches in flight (as a pipeline keeps them) under one autocast region with fp32
+    weights: inside reuse_weight_casts() (the trainer's autocast block) the experts' weights are cast to
+    bf16 once and the copy shared, where each micro-batch kept its own copy for backward; the accumulated
+    gradients are the same to the bit."""
+    from helpers import random_model, small_config
+    from megajoy.kernels.backend import reuse_weight_casts
+    from megajoy.model.moe import GroupedExperts
+
+    cfg = small_config()
+    model = random_model(cfg, seed=3).train()
+    batches = [torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+
+    def three_in_flight(reuse: bool):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autocast("cpu", dtype=torch.bfloat16), reuse_weight_casts() if reuse else contextlib.nullcontext():
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                losses = [model(ids, labels=torch.roll(ids, -1, 1)).lm_loss for ids in batches]
+            for loss in losses:
+                loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        return sum(storages.values()), grads
+
+    shared, grads = three_in_flight(reuse=True)
+    per_batch, reference = three_in_flight(reuse=False)
+    experts = sum(2 * p.numel() for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters())
+    assert experts > 0 and per_batch - shared == 2 * experts  # two copies fewer: bf16, both expert weights
+    assert grads.keys() == reference.keys() and all(torch.equal(grads[n], reference[n]) for n in reference)

@@ -86,11 +86,40 @@ def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
+_weight_casts: dict | None = None  # inside reuse_weight_casts(): (id(weight), dtype, grad mode) -> (weight, copy)
+
+
+@contextlib.contextmanager
+def reuse_weight_casts():
+    """For a block in which the weights do not change (an autocast region of a training step, of an
+    evaluation): each weight cast_as_autocast casts is cast once and the copy reused, as autocast caches
+    its own casts of leaf tensors. The experts' weights, which torch._grouped_mm takes outside autocast,
+    were otherwise cast again for every micro-batch, and each copy kept until that micro-batch's backward
+    (one per micro-batch in flight under pipeline parallelism)."""
+    global _weight_casts
+    if _weight_casts is not None:  # nested: the outer block owns the cache
+        yield
+        return
+    _weight_casts = {}
+    try:
+        yield
+    finally:
+        _weight_casts = None
+
+
 def cast_as_autocast(t: torch.Tensor) -> torch.Tensor:
     """`t` in the dtype autocast would give a matmul operand (unchanged when autocast is off): for the
-    ops autocast does not know, such as torch._grouped_mm."""
+    ops autocast does not know, such as torch._grouped_mm. A weight is cast once per reuse_weight_casts()
+    block."""
     dtype = autocast_dtype(t)
-    return t if dtype is None else t.to(dtype)
+    if dtype is None or dtype == t.dtype:
+        return t
+    if _weight_casts is None or not (t.is_leaf and t.requires_grad) or torch.compiler.is_compiling():
+        return t.to(dtype)
+    key = (id(t), dtype, torch.is_grad_enabled())
+    if key not in _weight_casts:  # the weight itself is kept too, so that its id is not reused meanwhile
+        _weight_casts[key] = (t, t.to(dtype))
+    return _weight_casts[key][1]
 
 
 def cast_for_readers(t: torch.Tensor, readers: int) -> tuple[torch.Tensor, ...]:

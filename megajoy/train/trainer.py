@@ -367,10 +367,15 @@ class Trainer:
             all_reduce_no_grad(value, self.pc.group("dp_cp"))
         return counts
 
+    @contextlib.contextmanager
     def _autocast(self):
+        """bf16 autocast, each weight cast once for the block (autocast caches its own casts; the
+        experts' grouped GEMMs cast theirs through cast_as_autocast)."""
         if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+            yield
+            return
+        with torch.autocast(self.device.type, dtype=torch.bfloat16), kernels.reuse_weight_casts():
+            yield
 
     def _set_aux_loss_scale(self, scale: float) -> None:
         for module in self.model.modules():
