@@ -410,23 +410,74 @@ def test_expert_weights_cast_once_per_step():
     batches = [torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(3)]
 
     def three_in_flight(reuse: bool):
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
+        losses = []
         with torch.autocast("cpu", dtype=torch.bfloat16), reuse_weight_casts() if reuse else contextlib.nullcontext():
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                losses = [model(ids, labels=torch.roll(ids, -1, 1)).lm_loss for ids in batches]
+            copies = _weight_copies_kept(model, lambda: losses.extend(
+                model(ids, labels=torch.roll(ids, -1, 1)).lm_loss for ids in batches), "ToCopyBackward0")
             for loss in losses:
                 loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad()
-        return sum(storages.values()), grads
+        return copies, grads
 
     shared, grads = three_in_flight(reuse=True)
     per_batch, reference = three_in_flight(reuse=False)
     experts = sum(2 * p.numel() for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters())
-    assert experts > 0 and per_batch - shared == 2 * experts  # two copies fewer: bf16, both expert weights
+    assert experts > 0 and per_batch - shared == 2 * experts  # two bf16 copies of the experts fewer
     assert grads.keys() == reference.keys() and all(torch.equal(grads[n], reference[n]) for n in reference)
+
+
+def _weight_copies_kept(model, forward, source_node: str) -> int:
+    """Bytes of the distinct storages `forward()` saves for backward that are copies of weights: tensors
+    whose autograd history is `source_node` (a cast, a fake quantisation) of a parameter, through views."""
+    params = set(model.parameters())
+    views = ("TBackward0", "TransposeBackward0", "ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0")
+    seen = {}
+
+    def from_weight(fn) -> bool:
+        while fn is not None and fn.name() in views:
+            fn = fn.next_functions[0][0]
+        if fn is None or fn.name() != source_node:
+            return False
+        leaf = fn.next_functions[0][0]
+        return leaf is not None and getattr(leaf, "variable", None) in params
+
+    def pack(t):
+        if from_weight(t.grad_fn):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(seen.values())
+
+
+def test_planned_weight_copies_are_those_a_step_keeps():
+    """What a step keeps beside the weights, against the planner: with fp32 weights under bf16 autocast,
+    the bf16 cast of every projection's and expert's weight, once (two micro-batches share them), not
+    the output head's (the chunked cross-entropy casts it per call) nor the router's (fp32); with bf16
+    weights and QAT over whole masters, the experts' fake-quantised values, once per step."""
+    from helpers import random_model, small_config
+    from megajoy.kernels.backend import configure, reuse_weight_casts
+    from megajoy.optim.master_weights import MasterWeights
+    from megajoy.parallel.memory import weight_copy_bytes
+    from megajoy.quant.formats import WeightFormat, reuse_fake_quant
+    from megajoy.quant.qat import set_qat
+
+    configure(cross_entropy_chunk=16)  # the GPU default's chunked head (reset after the test)
+    cfg = small_config(num_nextn_predict_layers=1, moe_intermediate_size=32)
+    model = random_model(cfg, seed=1).train()
+    ids = [torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16), reuse_weight_casts():
+        casts = {_weight_copies_kept(model, lambda: model(i, labels=i, compute_mtp=True), "ToCopyBackward0") for i in ids}
+    planned = weight_copy_bytes(model, "fp32", 2)
+    assert planned > 0 and casts == {planned}  # both micro-batches keep the same copies
+    assert weight_copy_bytes(model, "fp32", 4) == 0  # fp32 compute: no copies
+
+    MasterWeights(model)
+    set_qat(model, WeightFormat.of("int4", 32), "routed-experts")
+    with torch.autocast("cpu", dtype=torch.bfloat16), reuse_weight_casts(), reuse_fake_quant():
+        fake_quantised = {_weight_copies_kept(model, lambda: model(i, labels=i, compute_mtp=True), "_StraightThroughBackward")
+                          for i in ids}
+    assert fake_quantised == {weight_copy_bytes(model, "bf16", 2, "routed-experts")} != {0}
+    assert weight_copy_bytes(model, "bf16", 2, "routed-experts", distributed_optimizer=True) == 0

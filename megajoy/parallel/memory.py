@@ -8,7 +8,8 @@ their bf16 copies, beside whole fp32 masters unless ZeRO-1 holds the only ones).
 Activations are the tensors autograd keeps for backward, counted per micro-batch from the shapes this
 implementation saves (see `layer_activation_elements`), times the micro-batches the schedule keeps in
 flight on the rank. Attention is counted as a fused kernel keeps it (q, k, v, output, log-sum-exp), or,
-with `attention="math"` (CPU), with the full score matrix.
+with `attention="math"` (CPU), with the full score matrix. Beside them, the bf16 copies of weights that a
+step under autocast keeps once (`weight_copy_bytes`).
 """
 
 from dataclasses import asdict, dataclass
@@ -33,10 +34,11 @@ class RankMemory:
     optimizer: int
     activations: int
     micro_batches_in_flight: float
+    weight_copies: int = 0  # bf16 copies of weights a step's GEMMs keep beside the weights (see weight_copy_bytes)
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer + self.activations
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.weight_copies
 
     def as_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
@@ -113,8 +115,33 @@ def plan_memory(model_cfg: ModelConfig, parallel_cfg, world: int, micro_batch_si
                                          recompute)
         layers = tuple(i for s in model.stages for i in s.layers)
         activations = int(per_micro * in_flight + rebuilt)
-        plan.append(RankMemory(rank, stage, layers, params, grads, optim, activations, in_flight))
+        copies = weight_copy_bytes(model, params_dtype, bytes_per_element, qat_modules, pc.distributed_optimizer)
+        plan.append(RankMemory(rank, stage, layers, params, grads, optim, activations, in_flight, copies))
     return plan
+
+
+def weight_copy_bytes(model, params_dtype: str, bytes_per_element: int, qat_modules: str | None = None,
+                      distributed_optimizer: bool = False) -> int:
+    """bf16 copies of weights that a training step keeps from its first forward to its last backward.
+    Under bf16 autocast with fp32 weights: every projection's and expert's weight cast once per step
+    (autocast's cache; megajoy.kernels.backend.reuse_weight_casts for the experts), except the output
+    head's, which the chunked cross-entropy casts per call, and the router's, which stays fp32. With bf16
+    weights and QAT over whole fp32 masters: the quantised weights' fake-quantised values, computed once
+    per step (megajoy.quant.formats.reuse_fake_quant; over ZeRO-1's shards they are the kept values,
+    counted with the parameters)."""
+    from megajoy.model.moe import GroupedExperts
+    from megajoy.parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megajoy.quant.qat import quantised_weights
+
+    if bytes_per_element != 2:  # no autocast
+        return 0
+    if params_dtype == "fp32":
+        gemms = [m for name, m in model.named_modules() if name != "lm_head" and isinstance(
+            m, (ColumnParallelLinear, RowParallelLinear, GroupedExperts))]
+        return 2 * sum(p.numel() for m in gemms for p in m.parameters(recurse=False) if p.ndim >= 2)
+    if qat_modules and not distributed_optimizer:
+        return 2 * sum(p.numel() for _, p in quantised_weights(model, qat_modules))
+    return 0
 
 
 def micro_batches_in_flight(pc, micro_batches_per_step: int) -> float:
@@ -286,12 +313,13 @@ def _moe_index_bytes(cfg: ModelConfig, pc, tokens: int) -> int:
 
 
 def format_plan(plan: list[RankMemory], gpu_memory_gib: float, headroom: float = 0.9) -> str:
-    rows = ["  stage  layers         params GiB  grads GiB  optim GiB  activ GiB (micro-batches)  total GiB"]
+    rows = ["  stage  layers         params GiB  grads GiB  optim GiB  activ GiB (micro-batches)  "
+            "bf16 copies GiB  total GiB"]
     for m in plan:
         layers = f"{m.layers[0]}-{m.layers[-1]}" if m.layers else "-"
         rows.append(f"  {m.pp_stage:<5}  {layers:<13}  {m.parameters / GiB:>10.2f}  {m.gradients / GiB:>9.2f}  "
                     f"{m.optimizer / GiB:>9.2f}  {m.activations / GiB:>9.2f} ({m.micro_batches_in_flight:g})"
-                    f"{'':>12}  {m.total / GiB:>9.2f}")
+                    f"{'':>12}  {m.weight_copies / GiB:>15.2f}  {m.total / GiB:>9.2f}")
     worst = max(m.total for m in plan)
     budget = gpu_memory_gib * headroom
     verdict = "fits" if worst / GiB <= budget else "does NOT fit"
