@@ -170,6 +170,40 @@ def test_rollouts_under_int4_weights_then_back_to_full_precision():
     assert torch.equal(model(ids, compute_mtp=False).logits, full)
 
 
+def test_rollouts_decode_in_the_runs_precision():
+    """Rollouts decode under the trainer's compute precision (bf16 autocast with --bf16): the entropies
+    of a rollout are those of generating under bf16 autocast, not fp32's."""
+    import contextlib
+
+    from helpers import random_model, small_config
+    from megajoy.kernels.backend import reuse_weight_casts
+    from megajoy.model.generate import SamplingParams, generate
+    from megajoy.stages.rl.stage import RlStage
+
+    model = random_model(small_config(initializer_range=0.2), seed=1)
+    prompts = [SimpleNamespace(ids=[5, 9, 2, 7]), SimpleNamespace(ids=[3, 3, 8])]
+
+    @contextlib.contextmanager
+    def bf16_autocast():  # what Trainer.autocast() enters with --bf16
+        with torch.autocast("cpu", dtype=torch.bfloat16), reuse_weight_casts():
+            yield
+
+    stage = RlStage(argparse.Namespace(rollout_qat=None, max_new_tokens=6, temperature=1.0))
+    stage.eos = 1
+    trainer = SimpleNamespace(model=model, autocast=bf16_autocast)
+    completions, entropies = stage._sample(trainer, prompts, 2, seed=4)
+
+    def reference(precision):
+        found = []
+        with precision():
+            out = generate(model, [p.ids for p in prompts for _ in range(2)], SamplingParams(6, 1.0, stop_token_ids=(1,),
+                                                                                           seed=4), found)
+        return out, found
+
+    assert (completions, entropies) == reference(bf16_autocast)
+    assert entropies != reference(contextlib.nullcontext)[1]
+
+
 def test_rl_under_data_parallelism(tmp_path, tiny_init, capfd):
     """Each rank rolls out its share of the prompts; the step's statistics cover both ranks. With bf16
     weights over ZeRO-1's shards, the int4 rollouts quantise the values the experts keep for it."""

@@ -308,7 +308,7 @@ class Trainer:
         over micro-batches and data-parallel ranks."""
         objective = lambda out, batch: self.stage.objective(self, out, counts, batch)  # noqa: E731
         compute_mtp = self.stage.compute_mtp(self)
-        with self._autocast(), reuse_fake_quant_for(self.job.quant):  # the weights are fixed for the block
+        with self.autocast(), reuse_fake_quant_for(self.job.quant):  # the weights are fixed for the block
             if self.pipeline is not None:
                 parts_sum = self.pipeline.run(micro_batches, objective, compute_mtp, backward)
             else:
@@ -349,7 +349,7 @@ class Trainer:
         was_training = model.training
         model.eval()
         try:
-            with self._autocast():
+            with self.autocast():
                 if pipeline is not None:
                     pipeline.run(micro_batches, collect, False, backward=False)
                 else:
@@ -368,9 +368,10 @@ class Trainer:
         return counts
 
     @contextlib.contextmanager
-    def _autocast(self):
-        """bf16 autocast, each weight cast once for the block (autocast caches its own casts; the
-        experts' grouped GEMMs cast theirs through cast_as_autocast)."""
+    def autocast(self):
+        """The run's compute precision for a block of forwards (and backwards): bf16 autocast with --bf16,
+        each weight cast once for the block (autocast caches its own casts; the experts' grouped GEMMs
+        cast theirs through cast_as_autocast)."""
         if not self.bf16:
             yield
             return

@@ -90,8 +90,9 @@ class RlStage(Stage):
         return rewards.tolist()
 
     def _sample(self, trainer, prompts, n: int, seed: int, greedy: bool = False):
-        """(n completions per prompt, the policy's entropy at each of their tokens). Sampling (not the
-        greedy held-out evaluation) uses the --rollout-qat weights."""
+        """(n completions per prompt, the policy's entropy at each of their tokens), decoded in the run's
+        compute precision (bf16 autocast with --bf16, each weight cast once per rollout, not per decoding
+        step). Sampling (not the greedy held-out evaluation) uses the --rollout-qat weights."""
         import contextlib
 
         from megajoy.model.generate import SamplingParams, generate
@@ -99,7 +100,7 @@ class RlStage(Stage):
         params = SamplingParams(self.args.max_new_tokens, 0.0 if greedy else self.args.temperature,
                                 stop_token_ids=(self.eos,), seed=seed)
         entropies = []
-        with contextlib.nullcontext() if greedy else self._rollout_weights(trainer):
+        with trainer.autocast(), contextlib.nullcontext() if greedy else self._rollout_weights(trainer):
             completions = generate(trainer.model, [p.ids for p in prompts for _ in range(n)], params, entropies)
         return completions, entropies
 
