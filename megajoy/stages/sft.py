@@ -175,9 +175,10 @@ def run(args) -> int:
 
 
 def held_out_exact_match(trainer, stage, args) -> float | None:
-    """Only where one process holds the whole model (generation is not distributed)."""
+    """Only where one process holds the whole model (generation is not distributed); decoded in the run's
+    compute precision."""
     if not args.exact_match_samples or trainer.pc.size("world") > 1:
         return None
     conversations = stage.valid_conversations[: args.exact_match_samples]
-    with torch.no_grad():
+    with torch.no_grad(), trainer.autocast():
         return exact_match(trainer.model, stage.tokenizer, conversations, args.thinking)
