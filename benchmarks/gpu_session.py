@@ -69,6 +69,10 @@ def plan(state: str) -> list[Check]:
         return os.path.join(state, name)
 
     step = ["--preset", "joyai-slice", "--batch", "1", "--seq-length", "4096", "--accumulate", "8"]
+    # megajoy info's plan for the throughput step's model and optimizer (no MTP, torch's AdamW), beside its
+    # measured peak memory
+    plan = [py, "-m", "megajoy", "info", "--preset", "joyai-slice", "--dp", "1", "--micro-batch-size", "1",
+            "--global-batch-size", "8", "--set", "model.num_nextn_predict_layers=0", "--optimizer", "adamw", "--json"]
     selective = "--recompute-granularity selective --recompute-modules"
     return [
         Check("env", "device, driver and versions for RESULTS.md", [[py, "-c", ENVIRONMENT, out("env.json")]], 60),
@@ -80,9 +84,10 @@ def plan(state: str) -> list[Check]:
         Check("moe-ep8", "the MoE layer at one GPU's EP-8 share, fp32 masters and bf16 weights (goal: 60% of the "
               "dense bf16 matmul rate)",
               [[py, script("moe_dispatch.py"), "--shape", "joyai-ep8", "--out", out("moe_dispatch_joyai_ep8.json")]], 300),
-        Check("step-bf16", "joyai-slice steps, fp32 masters and bf16 weights, eager and compiled (goal: 45% MFU)",
+        Check("step-bf16", "joyai-slice steps, fp32 masters and bf16 weights, eager and compiled (goal: 45% MFU); "
+              "the planner's numbers for both beside their peak memory",
               [[py, script("throughput.py"), *step, "--params-dtype", "bf16", "--compile", "--no-hf",
-                "--out", out("throughput_bf16")]], 540),
+                "--out", out("throughput_bf16")], plan, [*plan, "--params-dtype", "bf16"]], 540),
         Check("hot-paths", "every hot path against its floor and the torch reference (the fused SwiGLU is new)",
               [[py, script("run_all.py"), "--results", state]], 480),
         Check("torchtitan", "TorchTitan's DeepSeek-V3 beside megajoy on the same configuration",
@@ -123,17 +128,22 @@ def check_arguments(checks: list[Check]) -> list[str]:
     try:
         for check in checks:
             for command in check.commands:
-                if len(command) < 2 or not command[1].startswith(HERE):
+                if command[1].startswith(HERE):
+                    name, flags, run = os.path.basename(command[1]), command[2:], lambda: runpy.run_path(
+                        command[1], run_name="__main__")
+                elif command[1:3] == ["-m", "megajoy"]:
+                    name, flags, run = "megajoy", command[3:], lambda: runpy.run_module("megajoy", run_name="__main__")
+                else:
                     continue  # python -c / -m pytest: nothing of ours to parse
                 saved = sys.argv
-                sys.argv = command[1:]
+                sys.argv = [name, *flags]
                 try:
-                    runpy.run_path(command[1], run_name="__main__")
-                    problems.append(f"{check.name}: {os.path.basename(command[1])} ran without parsing its flags")
+                    run()
+                    problems.append(f"{check.name}: {name} ran without parsing its flags")
                 except _Parsed:
                     pass
                 except SystemExit as e:  # argparse's error exit, its message already on stderr
-                    problems.append(f"{check.name}: {os.path.basename(command[1])} {command[2:]} refused (exit {e.code})")
+                    problems.append(f"{check.name}: {name} {flags} refused (exit {e.code})")
                 finally:
                     sys.argv = saved
     finally:

@@ -112,8 +112,8 @@ def test_quantization_script_times_qat_rollouts_beside_per_step_quantisation(tmp
 
 
 def test_gpu_session_plan_parses_and_resumes(tmp_path):
-    """The GPU session's plan: every benchmark command's flags parse with the scripts' own parsers (a
-    renamed flag is caught); a call runs what is not yet done, skips a check whose package is missing, stops
+    """The GPU session's plan: every benchmark and megajoy command's flags parse with their own parsers
+    (a renamed flag is caught); a call runs what is not yet done, skips a check whose package is missing, stops
     a check at its time limit, leaves one that does not fit its budget to the next call, and packs what it
     wrote for the device tool to bring back."""
     from benchmarks.gpu_session import Check, check_arguments, main, run_check
@@ -123,6 +123,8 @@ def test_gpu_session_plan_parses_and_resumes(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
     renamed = Check("renamed", "", [[sys.executable, os.path.join(ROOT, "benchmarks", "run_all.py"), "--rezults", "x"]], 1)
     assert check_arguments([renamed]) == ["renamed: run_all.py ['--rezults', 'x'] refused (exit 2)"]
+    plan = Check("plan", "", [[sys.executable, "-m", "megajoy", "info", "--optimiser", "adamw"]], 1)
+    assert check_arguments([plan]) == ["plan: megajoy ['info', '--optimiser', 'adamw'] refused (exit 2)"]
 
     state, out = tmp_path / "state", tmp_path / "out"
     state.mkdir()
