@@ -114,7 +114,8 @@ def cast_as_autocast(t: torch.Tensor) -> torch.Tensor:
     dtype = autocast_dtype(t)
     if dtype is None or dtype == t.dtype:
         return t
-    if _weight_casts is None or not (t.is_leaf and t.requires_grad) or torch.compiler.is_compiling():
+    # is_compiling first: a compiled graph neither keeps tensors across calls nor should guard on the cache
+    if torch.compiler.is_compiling() or _weight_casts is None or not (t.is_leaf and t.requires_grad):
         return t.to(dtype)
     key = (id(t), dtype, torch.is_grad_enabled())
     if key not in _weight_casts:  # the weight itself is kept too, so that its id is not reused meanwhile

@@ -117,7 +117,7 @@ def reuse_fake_quant_for(quant) -> contextlib.AbstractContextManager:
 class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, fmt: WeightFormat):
-        if _reused is None or torch.compiler.is_compiling():  # a compiled graph cannot keep tensors across calls
+        if torch.compiler.is_compiling() or _reused is None:  # a compiled graph cannot keep tensors across calls
             return _fake_quantised(w, fmt)
         key = (id(w), fmt, autocast_dtype(w) if _reuse_cast else None)
         if key not in _reused:  # the weight itself is kept too, so that its id is not reused meanwhile
