@@ -481,3 +481,27 @@ def test_planned_weight_copies_are_those_a_step_keeps():
                           for i in ids}
     assert fake_quantised == {weight_copy_bytes(model, "bf16", 2, "routed-experts")} != {0}
     assert weight_copy_bytes(model, "bf16", 2, "routed-experts", distributed_optimizer=True) == 0
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["full", "selective_moe"])
+def test_checkpointed_experts_keep_no_cast(full):
+    """Inside checkpointed parts the experts' weights are cast afresh, not cached for the step: the forward
+    leaves no copy of them allocated (the rerun in backward makes its own), as without the cache, and the
+    planner counts none for them."""
+    from helpers import random_model, small_config
+    from megajoy.kernels.backend import reuse_weight_casts
+    from megajoy.model.moe import GroupedExperts
+    from megajoy.model.recompute import Recompute
+    from megajoy.parallel.memory import weight_copy_bytes
+
+    model = random_model(small_config(), seed=2).train()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    experts = sum(2 * p.numel() for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters())
+    without = weight_copy_bytes(model, "fp32", 2)
+    model.recompute = Recompute("uniform", 1) if full else Recompute(modules=("moe",))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # each its own region: autocast's cache starts empty
+        plain = _kept_bytes(model, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16), reuse_weight_casts():
+        cached = _kept_bytes(model, ids)
+    assert experts > 0 and cached == plain
+    assert weight_copy_bytes(model, "fp32", 2, recompute=model.recompute) == without - experts

@@ -87,6 +87,7 @@ def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
 
 
 _weight_casts: dict | None = None  # inside reuse_weight_casts(): (id(weight), dtype, grad mode) -> (weight, copy)
+_casts_uncached = 0  # inside uncached_weight_casts() (a checkpointed part)
 
 
 @contextlib.contextmanager
@@ -107,6 +108,19 @@ def reuse_weight_casts():
         _weight_casts = None
 
 
+@contextlib.contextmanager
+def uncached_weight_casts():
+    """Casts afresh inside, as if outside reuse_weight_casts(): for a checkpointed part of the model,
+    whose forward keeps none of its casts (the rerun in backward makes its own, one part at a time); a
+    cache would keep every checkpointed part's copies for the whole step."""
+    global _casts_uncached
+    _casts_uncached += 1
+    try:
+        yield
+    finally:
+        _casts_uncached -= 1
+
+
 def cast_as_autocast(t: torch.Tensor) -> torch.Tensor:
     """`t` in the dtype autocast would give a matmul operand (unchanged when autocast is off): for the
     ops autocast does not know, such as torch._grouped_mm. A weight is cast once per reuse_weight_casts()
@@ -114,8 +128,9 @@ def cast_as_autocast(t: torch.Tensor) -> torch.Tensor:
     dtype = autocast_dtype(t)
     if dtype is None or dtype == t.dtype:
         return t
-    # is_compiling first: a compiled graph neither keeps tensors across calls nor should guard on the cache
-    if torch.compiler.is_compiling() or _weight_casts is None or not (t.is_leaf and t.requires_grad):
+    if torch.compiler.is_compiling():  # a compiled graph keeps no tensors across calls (nor guards on the cache)
+        return t.to(dtype)
+    if _weight_casts is None or _casts_uncached or not (t.is_leaf and t.requires_grad):
         return t.to(dtype)
     key = (id(t), dtype, torch.is_grad_enabled())
     if key not in _weight_casts:  # the weight itself is kept too, so that its id is not reused meanwhile

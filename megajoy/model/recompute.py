@@ -25,6 +25,8 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from megajoy.kernels.backend import uncached_weight_casts
+
 _recomputing = False  # backward is running a checkpointed part's forward again
 _checkpointed = False  # inside a checkpointed part's forward (the first run or the rerun)
 
@@ -40,7 +42,8 @@ def _in_checkpointed_part(rerun: bool):
     outer = _recomputing, _checkpointed
     _recomputing, _checkpointed = rerun or _recomputing, True
     try:
-        yield
+        with uncached_weight_casts():
+            yield
     finally:
         _recomputing, _checkpointed = outer
 

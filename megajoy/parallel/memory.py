@@ -115,20 +115,22 @@ def plan_memory(model_cfg: ModelConfig, parallel_cfg, world: int, micro_batch_si
                                          recompute)
         layers = tuple(i for s in model.stages for i in s.layers)
         activations = int(per_micro * in_flight + rebuilt)
-        copies = weight_copy_bytes(model, params_dtype, bytes_per_element, qat_modules, pc.distributed_optimizer)
+        copies = weight_copy_bytes(model, params_dtype, bytes_per_element, qat_modules, pc.distributed_optimizer,
+                                   recompute)
         plan.append(RankMemory(rank, stage, layers, params, grads, optim, activations, in_flight, copies))
     return plan
 
 
 def weight_copy_bytes(model, params_dtype: str, bytes_per_element: int, qat_modules: str | None = None,
-                      distributed_optimizer: bool = False) -> int:
+                      distributed_optimizer: bool = False, recompute=None) -> int:
     """bf16 copies of weights that a training step keeps from its first forward to its last backward.
     Under bf16 autocast with fp32 weights: every projection's and expert's weight cast once per step
-    (autocast's cache; megajoy.kernels.backend.reuse_weight_casts for the experts), except the output
-    head's, which the chunked cross-entropy casts per call, and the router's, which stays fp32. With bf16
-    weights and QAT over whole fp32 masters: the quantised weights' fake-quantised values, computed once
-    per step (megajoy.quant.formats.reuse_fake_quant; over ZeRO-1's shards they are the kept values,
-    counted with the parameters)."""
+    (autocast's cache; megajoy.kernels.backend.reuse_weight_casts for the experts, but not those of a
+    checkpointed part, cast afresh where they are used), except the output head's, which the chunked
+    cross-entropy (the GPU default) casts per call, and the router's, which stays fp32. With bf16 weights
+    and QAT over whole fp32 masters: the quantised weights' fake-quantised values, computed once per step
+    (megajoy.quant.formats.reuse_fake_quant; over ZeRO-1's shards they are the kept values, counted with
+    the parameters)."""
     from megajoy.model.moe import GroupedExperts
     from megajoy.parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megajoy.quant.qat import quantised_weights
@@ -136,8 +138,10 @@ def weight_copy_bytes(model, params_dtype: str, bytes_per_element: int, qat_modu
     if bytes_per_element != 2:  # no autocast
         return 0
     if params_dtype == "fp32":
-        gemms = [m for name, m in model.named_modules() if name != "lm_head" and isinstance(
-            m, (ColumnParallelLinear, RowParallelLinear, GroupedExperts))]
+        uncached = _checkpointed_experts(model, recompute)
+        kinds = (ColumnParallelLinear, RowParallelLinear, GroupedExperts)
+        gemms = [m for name, m in model.named_modules()
+                 if isinstance(m, kinds) and name != "lm_head" and id(m) not in uncached]
         return 2 * sum(p.numel() for m in gemms for p in m.parameters(recurse=False) if p.ndim >= 2)
     if qat_modules and not distributed_optimizer:
         return 2 * sum(p.numel() for _, p in quantised_weights(model, qat_modules))
@@ -310,6 +314,22 @@ def _moe_index_bytes(cfg: ModelConfig, pc, tokens: int) -> int:
     """int64 index tensors of the routing and permutation, and the int32 group offsets."""
     routed = tokens // pc.tp_size * cfg.num_experts_per_tok
     return 8 * 2 * routed + 2 * 4 * cfg.n_routed_experts // pc.ep_size
+
+
+def _checkpointed_experts(model, recompute) -> set[int]:
+    """ids of the GroupedExperts modules that run inside checkpointed parts (full recomputation's
+    checkpointed chunks, or every MoE block under selective `moe`)."""
+    if recompute is None:
+        return set()
+    if recompute.full:
+        layers = [i for stage in model.stages for chunk, checkpointed in recompute.chunks(list(stage.layers))
+                  if checkpointed for i in chunk]
+    elif "moe" in recompute.modules:
+        layers = [i for stage in model.stages for i in stage.layers]
+    else:
+        return set()
+    mlps = [model.layers[str(i)].mlp for i in layers]
+    return {id(mlp.experts) for mlp in mlps if hasattr(mlp, "experts")}
 
 
 def format_plan(plan: list[RankMemory], gpu_memory_gib: float, headroom: float = 0.9) -> str:
