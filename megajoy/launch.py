@@ -57,16 +57,10 @@ def init_distributed(env: LaunchEnv, backend: str | None = None) -> None:
         return
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    bound = {}
     if backend == "nccl":
-        local = env.local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(local)
-        # Bound to its GPU, NCCL forms each communicator when its group is made (sub-groups by splitting the
-        # world's), by all the group's ranks, instead of at first use: a pipeline's first batched P2P
-        # could otherwise be that first use with only two of the group's ranks taking part.
-        bound["device_id"] = torch.device("cuda", local)
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                            rank=env.rank, world_size=env.world_size, **bound)
+                            rank=env.rank, world_size=env.world_size)
 
 
 def setup_parallel(job):
