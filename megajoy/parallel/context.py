@@ -215,6 +215,10 @@ def build_context(cfg, rank: int, world: int, device: torch.device, model_cfg=No
         groups["world"] = dist.group.WORLD
         # Background checkpoint writes synchronise on their own gloo group, never on the training one.
         groups["ckpt"] = dist.new_group(backend="gloo")
+        if layout.pp > 1 and dist.get_backend() == "nccl":
+            # NCCL forms a group's communicator at its first use, and a batched P2P that is that first use
+            # must involve every rank of the group; a pipeline's first ones involve two. A collective first.
+            dist.barrier(group=groups["pp"], device_ids=[device.index])
     return ParallelContext(layout, rank, cfg.sequence_parallel, cfg.use_distributed_optimizer, device, groups,
                            plan, cfg.pipeline_schedule)
 
