@@ -121,12 +121,21 @@ def build_variant(name: str, cfg, state: dict, device, dtype, hf_dir: str, autoc
 
         weights, autocast = MasterWeights(model), True
 
+    def micro_batches(inputs, labels):
+        if name.startswith("megajoy"):
+            # As megajoy's trainer: one autocast region for the step's micro-batches, backward inside it, each
+            # weight cast once for it (autocast's own cache; the grouped GEMMs' through reuse_weight_casts).
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), reuse_weight_casts():
+                for _ in range(accumulate):
+                    forward(inputs, labels).backward()
+            return
+        for _ in range(accumulate):  # the baselines as their own trainers run: autocast around the forward
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = forward(inputs, labels)
+            loss.backward()
+
     def step(inputs, labels):
-        # As megajoy's trainer: one autocast region for the step's micro-batches (backward inside it), each
-        # weight cast once for it (autocast's own cache; megajoy's grouped GEMMs' through reuse_weight_casts).
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), reuse_weight_casts():
-            for _ in range(accumulate):  # micro-batches per optimizer step
-                forward(inputs, labels).backward()
+        micro_batches(inputs, labels)
         if weights is not None:
             weights.flush_grads()
         optimizer.step()
