@@ -86,26 +86,51 @@ def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
-_weight_casts: dict | None = None  # inside reuse_weight_casts(): (id(weight), dtype, grad mode) -> (weight, copy)
+class WeightCache:
+    """Values derived from weights (a cast, a fake quantisation), each made once per block in which the
+    weights do not change and reused there; made afresh outside a block, and while compiling (a compiled
+    graph keeps no tensors across calls, and asking is_compiling first keeps it from guarding on the cache).
+    The weight is kept beside its value, so that its id is not reused meanwhile. Nested blocks share the
+    outer one's values."""
+
+    def __init__(self):
+        self._values: dict | None = None
+
+    @contextlib.contextmanager
+    def block(self):
+        """Yields whether this block owns the cache (False when nested in another)."""
+        if self._values is not None:
+            yield False
+            return
+        self._values = {}
+        try:
+            yield True
+        finally:
+            self._values = None
+
+    def active(self) -> bool:
+        return not torch.compiler.is_compiling() and self._values is not None
+
+    def get(self, weight: torch.Tensor, key: tuple, make):
+        if not self.active():
+            return make()
+        full_key = (id(weight), *key)
+        if full_key not in self._values:
+            self._values[full_key] = (weight, make())
+        return self._values[full_key][1]
+
+
+_weight_casts = WeightCache()
 _casts_uncached = 0  # inside uncached_weight_casts() (a checkpointed part)
 
 
-@contextlib.contextmanager
 def reuse_weight_casts():
     """For a block in which the weights do not change (an autocast region of a training step, of an
     evaluation): each weight cast_as_autocast casts is cast once and the copy reused, as autocast caches
     its own casts of leaf tensors. The experts' weights, which torch._grouped_mm takes outside autocast,
     were otherwise cast again for every micro-batch, and each copy kept until that micro-batch's backward
     (one per micro-batch in flight under pipeline parallelism)."""
-    global _weight_casts
-    if _weight_casts is not None:  # nested: the outer block owns the cache
-        yield
-        return
-    _weight_casts = {}
-    try:
-        yield
-    finally:
-        _weight_casts = None
+    return _weight_casts.block()
 
 
 @contextlib.contextmanager
@@ -128,14 +153,10 @@ def cast_as_autocast(t: torch.Tensor) -> torch.Tensor:
     dtype = autocast_dtype(t)
     if dtype is None or dtype == t.dtype:
         return t
-    if torch.compiler.is_compiling():  # a compiled graph keeps no tensors across calls (nor guards on the cache)
+    # not a weight, or in a checkpointed part (is_compiling first: a compiled graph guards on no cache state)
+    if torch.compiler.is_compiling() or _casts_uncached or not (t.is_leaf and t.requires_grad):
         return t.to(dtype)
-    if _weight_casts is None or _casts_uncached or not (t.is_leaf and t.requires_grad):
-        return t.to(dtype)
-    key = (id(t), dtype, torch.is_grad_enabled())
-    if key not in _weight_casts:  # the weight itself is kept too, so that its id is not reused meanwhile
-        _weight_casts[key] = (t, t.to(dtype))
-    return _weight_casts[key][1]
+    return _weight_casts.get(t, (dtype, torch.is_grad_enabled()), lambda: t.to(dtype))
 
 
 def cast_for_readers(t: torch.Tensor, readers: int) -> tuple[torch.Tensor, ...]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megajoy.kernels.backend import autocast_dtype, cast_as_autocast
+from megajoy.kernels.backend import WeightCache, autocast_dtype, cast_as_autocast
 
 FORMATS = ("int4", "q4_0", "q8_0")
 
@@ -87,7 +87,7 @@ def _q4_0(blocks):
     return codes.to(torch.int8), d.half()
 
 
-_reused: dict | None = None  # inside reuse_fake_quant(): (id(weight), format, dtype) -> (weight, fake-quant)
+_fake_quants = WeightCache()  # inside reuse_fake_quant(): (format, dtype) of a weight -> its fake-quant
 _reuse_cast = True
 
 
@@ -98,15 +98,11 @@ def reuse_fake_quant(cast: bool = True):
     operand, so it is the very tensor the GEMMs save for backward: no memory beyond what one micro-batch
     holds anyway (and less under pipeline parallelism, whose micro-batches in flight share it). Without
     `cast` (a low-precision GEMM back-end rounds the weight itself) it stays in the weight's dtype."""
-    global _reused, _reuse_cast
-    if _reused is not None:  # nested: the outer block owns the cache
+    global _reuse_cast
+    with _fake_quants.block() as owner:
+        if owner:  # nested: the outer block's setting holds
+            _reuse_cast = cast
         yield
-        return
-    _reused, _reuse_cast = {}, cast
-    try:
-        yield
-    finally:
-        _reused = None
 
 
 def reuse_fake_quant_for(quant) -> contextlib.AbstractContextManager:
@@ -117,13 +113,15 @@ def reuse_fake_quant_for(quant) -> contextlib.AbstractContextManager:
 class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, fmt: WeightFormat):
-        if torch.compiler.is_compiling() or _reused is None:  # a compiled graph cannot keep tensors across calls
+        if not _fake_quants.active():
             return _fake_quantised(w, fmt)
-        key = (id(w), fmt, autocast_dtype(w) if _reuse_cast else None)
-        if key not in _reused:  # the weight itself is kept too, so that its id is not reused meanwhile
+        cast = _reuse_cast
+
+        def make():
             q = _fake_quantised(w, fmt)
-            _reused[key] = (w, cast_as_autocast(q) if _reuse_cast else q)
-        kept = _reused[key][1]
+            return cast_as_autocast(q) if cast else q
+
+        kept = _fake_quants.get(w, (fmt, autocast_dtype(w) if cast else None), make)
         return kept.view_as(kept)
 
     @staticmethod
