@@ -116,15 +116,13 @@ class _Parsed(Exception):
 def check_arguments(checks: list[Check]) -> list[str]:
     """Each benchmark command's flags through its own script's parser, stopped right after parsing: the
     problems found (empty when every command parses)."""
-    import argparse as argparse_module
-
-    problems, original = [], argparse_module.ArgumentParser.parse_args
+    problems, original = [], argparse.ArgumentParser.parse_args
 
     def parse_then_stop(self, args=None, namespace=None):
         original(self, args, namespace)
         raise _Parsed
 
-    argparse_module.ArgumentParser.parse_args = parse_then_stop
+    argparse.ArgumentParser.parse_args = parse_then_stop
     try:
         for check in checks:
             for command in check.commands:
@@ -147,7 +145,7 @@ def check_arguments(checks: list[Check]) -> list[str]:
                 finally:
                     sys.argv = saved
     finally:
-        argparse_module.ArgumentParser.parse_args = original
+        argparse.ArgumentParser.parse_args = original
     return problems
 
 
