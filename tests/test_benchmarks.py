@@ -126,6 +126,9 @@ def test_gpu_session_plan_parses_and_resumes(tmp_path):
     plan = Check("plan", "", [[sys.executable, "-m", "megajoy", "info", "--optimiser", "adamw"]], 1)
     assert check_arguments([plan]) == ["plan: megajoy ['info', '--optimiser', 'adamw'] refused (exit 2)"]
 
+    with pytest.raises(SystemExit):  # an unknown check is refused, naming the plan's
+        main(["--only", "envv", "--state", str(tmp_path / "unused")])
+    assert not (tmp_path / "unused").exists()
     state, out = tmp_path / "state", tmp_path / "out"
     state.mkdir()
     assert run_check(Check("absent", "", [], 10, needs=("no_such_package_here",)), str(state))["status"] == "skipped"
