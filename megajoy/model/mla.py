@@ -91,10 +91,12 @@ class MLA(nn.Module):
         return q_BSHQ, k_BSHQ, kv_BSHX
 
     def forward(self, x_BSD: torch.Tensor, seq) -> torch.Tensor:
-        if hasattr(self, "q_a_proj"):  # both down projections read x: one autocast copy kept for both
-            to_q, to_kv = shared_input(x_BSD, self.q_a_proj, self.kv_a_proj_with_mqa)
-        else:  # q_proj reads x's sequence-parallel gather
+        q_latent = hasattr(self, "q_a_proj")
+        q_reader = self.q_a_proj if q_latent else self.q_proj
+        if not q_latent and self.sp:  # q_proj reads x's sequence-parallel gather
             to_q = to_kv = x_BSD
+        else:  # both projections read x: one autocast copy kept for both
+            to_q, to_kv = shared_input(x_BSD, q_reader, self.kv_a_proj_with_mqa)
         latents = (self.query_latent(to_q), *self.project_latent(to_kv), seq.cos, seq.sin)
         if "mla_up_proj" in self.recompute_modules:
             out_BSHV = run_discarding(self.up_project, lambda qkv: self._attend(*qkv, seq), *latents)
