@@ -31,7 +31,8 @@ PINNED_FLAGS = {
              "--expert-model-parallel-size", "--dp", "--data-parallel-size", "--virtual-pipeline-stages", "--schedule",
              "--pp-schedule", "--pp-layout", "--sequence-parallel", "--use-distributed-optimizer", "--micro-batch-size",
              "--global-batch-size", "--gpu-memory", "--precision", "--params-dtype", "--optimizer",
-             "--recompute-granularity", "--recompute-method", "--recompute-num-layers", "--recompute-modules"},
+             "--recompute-granularity", "--recompute-method", "--recompute-num-layers", "--recompute-modules",
+             "--kernels", "--cross-entropy-chunk"},
     "init": {"-h", "--help", "--preset", "--config", "--set", "--out", "--seed", "--tokenizer", "--dtype"},
     "pretrain": {
         "-h", "--help", "--preset", "--config", "--set", "--train-iters", "--global-batch-size", "--micro-batch-size",

@@ -9,10 +9,11 @@ import torch
 
 from helpers import TINY_MODEL_OVERRIDES
 from megajoy.config import RECOMPUTE_MODULES, ParallelConfig, load_job_config, tiny
-from megajoy.parallel.memory import rank_model, stage_activation_elements, state_bytes
+from megajoy.parallel.memory import ActivationFormat, rank_model, stage_activation_bytes, state_bytes
 from megajoy.parallel.spawn import run_workers
 
 SEQ, MICRO = 32, 2
+CPU_FP32 = ActivationFormat.of(bf16=False, gpu=False)  # how the CPU runs the tests below
 
 
 def _job(flags: dict, optimizer: str = "adamw", qat_modules: str | None = None):
@@ -122,8 +123,11 @@ def _saved_bytes(model, ids, **kwargs) -> int:
 def _kept_bytes(model, ids, **kwargs) -> int:
     """Bytes the forward leaves allocated (what backward will read, and the loss): the allocator's own
     count of allocations minus frees during the forward, from torch's profiler."""
+    import gc
+
     from torch.profiler import ProfilerActivity, profile
 
+    gc.collect()  # no garbage of earlier tests freed while counting
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = model(ids, labels=torch.roll(ids, -1, 1), **kwargs)
     del out
@@ -143,7 +147,7 @@ def test_activations_within_5_percent_of_the_allocator(overrides, micro, seq):
     ids = torch.randint(0, cfg.vocab_size, (micro, seq))
     positions, documents = document_positions(ids, eod=1)
     measured = _kept_bytes(model, ids, position_ids=positions, document_ids=documents)
-    planned = stage_activation_elements(model, model.pc, micro, seq, attention="math", bytes_per_element=4)
+    planned = stage_activation_bytes(model, model.pc, micro, seq, CPU_FP32)
     assert abs(planned / measured - 1) <= 0.05, (planned, measured)
 
 
@@ -160,8 +164,8 @@ def test_activations_with_recomputation_match_the_allocator(method, layers):
     positions, documents = document_positions(ids, eod=1)
     model.recompute = Recompute(method, layers)
     measured = _kept_bytes(model, ids, position_ids=positions, document_ids=documents)
-    planned = stage_activation_elements(model, model.pc, 2, 64, "math", 4, model.recompute)
-    without = stage_activation_elements(model, model.pc, 2, 64, "math", 4)
+    planned = stage_activation_bytes(model, model.pc, 2, 64, CPU_FP32, model.recompute)
+    without = stage_activation_bytes(model, model.pc, 2, 64, CPU_FP32)
     assert abs(planned / measured - 1) <= 0.05, (planned, measured)
     assert planned < (0.9 if method == "block" and layers == 1 else 0.6) * without
 
@@ -180,10 +184,70 @@ def test_activations_with_selective_recomputation_match_the_allocator(modules):
     positions, documents = document_positions(ids, eod=1)
     model.recompute = Recompute(modules=modules)
     measured = _kept_bytes(model, ids, position_ids=positions, document_ids=documents)
-    planned = stage_activation_elements(model, model.pc, 2, 64, "math", 4, model.recompute)
-    without = stage_activation_elements(model, model.pc, 2, 64, "math", 4)
+    planned = stage_activation_bytes(model, model.pc, 2, 64, CPU_FP32, model.recompute)
+    without = stage_activation_bytes(model, model.pc, 2, 64, CPU_FP32)
     assert abs(planned / measured - 1) <= 0.03, (planned, measured)
     assert planned < (0.6 if len(modules) == len(RECOMPUTE_MODULES) else 0.99) * without
+
+
+def _autocast_kept_bytes(model, ids, **kwargs) -> int:
+    """What a forward under bf16 autocast leaves allocated, the experts' weight casts cached for the step
+    as the trainer's autocast block does."""
+    from megajoy.kernels.backend import reuse_weight_casts
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), reuse_weight_casts():
+        return _kept_bytes(model, ids, **kwargs)
+
+
+@pytest.mark.parametrize("modules", [None, ("moe_act", "layernorm"), RECOMPUTE_MODULES],
+                         ids=lambda m: "+".join(m) if m else "none")
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+def test_activations_under_autocast_match_the_allocator(weights, modules):
+    """Under bf16 autocast (the CPU's torch kernels: math attention, the head unfused), where a step keeps
+    tensors of three widths: bf16 GEMM inputs and outputs; fp32 norm statistics, router scores and the
+    loss's log-softmax; and the residual stream, the norms' inputs and the router's input in the weights'
+    dtype (the MTP layer's stream in bf16). Activations and weight copies as planned within 2% of what the
+    forward leaves allocated, with fp32 and with bf16 weights; counting every activation at 2 bytes (the
+    planner's old rule) is more than 30% under with fp32 weights."""
+    from megajoy.data.packing import document_positions
+    from megajoy.model import create_model
+    from megajoy.model.recompute import Recompute
+    from megajoy.parallel.memory import weight_copy_bytes
+
+    model = create_model(tiny()).train().to(torch.float32 if weights == "fp32" else torch.bfloat16)
+    model.recompute = Recompute(modules=modules) if modules else None
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    positions, documents = document_positions(ids, eod=1)
+    measured = _autocast_kept_bytes(model, ids, position_ids=positions, document_ids=documents)
+    fmt = ActivationFormat.of(bf16=True, params_dtype=weights, gpu=False)
+    copies = weight_copy_bytes(model, fmt, recompute=model.recompute)
+    planned = stage_activation_bytes(model, model.pc, 2, 64, fmt, model.recompute) + copies
+    assert abs(planned / measured - 1) <= 0.02, (planned, measured)
+    if weights == "fp32" and modules is None:
+        assert stage_activation_bytes(model, model.pc, 2, 64, CPU_FP32) / 2 < 0.7 * (measured - copies)
+
+
+def test_activations_with_the_fused_kernels_match_the_allocator():
+    """A GPU's kernels, run on the CPU: Triton's RMSNorm, SwiGLU and RoPE through Triton's interpreter
+    (they keep only their inputs), flash attention (torch's CPU flash kernel, which wants no document mask
+    and equal query and value head widths; it keeps q, k, v, the output and the log-sum-exp) and the
+    chunked head + loss (no logits kept), under bf16 autocast over fp32 weights: planned within 2% of
+    what the forward leaves allocated, where the CPU's own kernel set would be planned 25% over."""
+    from megajoy.kernels.backend import kernel_settings
+    from megajoy.model import create_model
+    from megajoy.parallel.memory import weight_copy_bytes
+
+    cfg = dataclasses.replace(tiny(), num_hidden_layers=2, v_head_dim=tiny().qk_head_dim)
+    model = create_model(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    with kernel_settings(backend="triton", cross_entropy_chunk=16):
+        measured = _autocast_kept_bytes(model, ids, compute_mtp=True)
+    fmt = ActivationFormat.of(bf16=True, kernels="triton", cross_entropy_chunk=16)
+    assert (fmt.fused_kernels, fmt.flash_attention, fmt.chunked_head) == (True, True, True)
+    planned = stage_activation_bytes(model, model.pc, 1, 32, fmt) + weight_copy_bytes(model, fmt)
+    assert abs(planned / measured - 1) <= 0.02, (planned, measured)
+    cpu = ActivationFormat.of(bf16=True, gpu=False)
+    assert stage_activation_bytes(model, model.pc, 1, 32, cpu) + weight_copy_bytes(model, cpu) > 1.25 * measured
 
 
 def _tp_activation_worker(rank, world):
@@ -199,7 +263,7 @@ def _tp_activation_worker(rank, world):
     ids = torch.randint(0, job.model.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     positions, documents = document_positions(ids, eod=1)
     measured = _saved_bytes(model, ids, position_ids=positions, document_ids=documents)
-    planned = stage_activation_elements(model, pc, 2, 64, attention="math", bytes_per_element=4)
+    planned = stage_activation_bytes(model, pc, 2, 64, CPU_FP32)
     return planned, measured
 
 
@@ -223,7 +287,7 @@ def test_plan_cli_reports_fit(capsys):
 
 def test_plan_cli_counts_bf16_copies(capsys):
     """`--params-dtype bf16` under ZeRO-1: the bf16 copies (2 bytes per parameter) instead of whole fp32
-    weights (4), the rest unchanged; with QAT of the routed experts, their kept bf16 fake-quantised values
+    weights (4), gradients and optimizer state unchanged, activations a little smaller; with QAT of the routed experts, their kept bf16 fake-quantised values
     (2 bytes per expert weight) beside the copies."""
     import json
 
@@ -245,10 +309,33 @@ def test_plan_cli_counts_bf16_copies(capsys):
     per_moe_layer = cfg.n_routed_experts // 64 * 3 * cfg.hidden_size * cfg.moe_intermediate_size  # EP 64
     for fp32, bf16, bf16_qat in zip(plans["fp32"], plans["bf16"], qat):
         assert bf16["parameters"] == fp32["parameters"] // 2  # ZeRO-1's fp32 shards are the only masters
-        assert (bf16["gradients"], bf16["optimizer"], bf16["activations"]) == (
-            fp32["gradients"], fp32["optimizer"], fp32["activations"])
+        assert (bf16["gradients"], bf16["optimizer"]) == (fp32["gradients"], fp32["optimizer"])
+        assert 0.8 * fp32["activations"] < bf16["activations"] < fp32["activations"]  # a bf16 residual stream
         moe_layers = sum(i >= cfg.first_k_dense_replace for i in bf16["layers"])
         assert moe_layers > 0 and bf16_qat["parameters"] == bf16["parameters"] + 2 * moe_layers * per_moe_layer
+
+
+def test_plan_cli_follows_the_kernels(capsys):
+    """`--cross-entropy-chunk 0` plans the unfused head: the fp32 log-softmax over the vocabulary for every
+    token, and the head weight's bf16 cast kept for the step; `--kernels torch` the torch references
+    everywhere (the head unfused too), which keep more than the GPU's fused kernels."""
+    import json
+
+    from megajoy.cli import main
+
+    argv = ["info", "--preset", "joyai-slice", "--dp", "1", "--set", "model.num_nextn_predict_layers=0", "--json"]
+    plans = {}
+    for name, flags in (("fused", []), ("unfused_head", ["--cross-entropy-chunk", "0"]), ("torch", ["--kernels", "torch"])):
+        assert main(argv + flags) == 0
+        [plans[name]] = json.loads(capsys.readouterr().out)["memory_plan"]
+    cfg = load_job_config("joyai-slice").model
+    fused, unfused, reference = plans["fused"], plans["unfused_head"], plans["torch"]
+    assert unfused["weight_copies"] - fused["weight_copies"] == 2 * cfg.vocab_size * cfg.hidden_size
+    assert unfused["activations"] - fused["activations"] == pytest.approx(4 * 4096 * cfg.vocab_size, rel=0.01)
+    assert reference["weight_copies"] == unfused["weight_copies"]
+    assert reference["activations"] > unfused["activations"]
+    assert main(argv[:-1] + ["--kernels", "torch"]) == 0
+    assert "bf16 autocast, torch kernels, unfused head" in capsys.readouterr().out
 
 
 def test_plan_cli_counts_muon_state(capsys):
@@ -364,16 +451,18 @@ def test_zero_holds_one_bucket_at_a_time(bf16):
     assert gather == pytest.approx(bucket / 2 if bf16 else bucket, rel=0.01)
 
 
-def test_gemms_reading_one_input_keep_one_autocast_copy(monkeypatch):
-    """Under bf16 autocast with fp32 weights, the GEMMs that read one input (MLA's two down projections, an
-    MLP's gate and up) keep one bf16 copy of it for backward instead of one each, and the step's loss and
-    every gradient stay those of autocast casting per GEMM, bit for bit (their gradients add in fp32)."""
+@pytest.mark.parametrize("q_lora_rank", [32, None])
+def test_gemms_reading_one_input_keep_one_autocast_copy(monkeypatch, q_lora_rank):
+    """Under bf16 autocast with fp32 weights, the GEMMs that read one input (MLA's two down projections, or
+    q_proj and kv_a's without a query latent; an MLP's gate and up) keep one bf16 copy of it for backward
+    instead of one each, and the step's loss and every gradient stay those of autocast casting per GEMM,
+    bit for bit (their gradients add in fp32)."""
     import megajoy.parallel.layers as layers
     from helpers import random_model, small_config
     from megajoy.model.mla import MLA
     from megajoy.model.mlp import MLP
 
-    cfg = small_config(num_nextn_predict_layers=1)
+    cfg = small_config(num_nextn_predict_layers=1, q_lora_rank=q_lora_rank)
     model = random_model(cfg, seed=2).train()
     ids = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
 
@@ -454,33 +543,39 @@ def _weight_copies_kept(model, forward, source_node: str) -> int:
 
 def test_planned_weight_copies_are_those_a_step_keeps():
     """What a step keeps beside the weights, against the planner: with fp32 weights under bf16 autocast,
-    the bf16 cast of every projection's and expert's weight, once (two micro-batches share them), not
-    the output head's (the chunked cross-entropy casts it per call) nor the router's (fp32); with bf16
-    weights and QAT over whole masters, the experts' fake-quantised values, once per step."""
+    the bf16 cast of every projection's and expert's weight, once (two micro-batches share them), not the
+    router's (fp32), and the output head's only when the loss is not chunked (the chunked cross-entropy
+    casts it per call); with bf16 weights and QAT over whole masters, the experts' fake-quantised values,
+    once per step."""
     from helpers import random_model, small_config
-    from megajoy.kernels.backend import configure, reuse_weight_casts
+    from megajoy.kernels.backend import kernel_settings, reuse_weight_casts
     from megajoy.optim.master_weights import MasterWeights
     from megajoy.parallel.memory import weight_copy_bytes
     from megajoy.quant.formats import WeightFormat, reuse_fake_quant
     from megajoy.quant.qat import set_qat
 
-    configure(cross_entropy_chunk=16)  # the GPU default's chunked head (reset after the test)
     cfg = small_config(num_nextn_predict_layers=1, moe_intermediate_size=32)
     model = random_model(cfg, seed=1).train()
     ids = [torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)]
-    with torch.autocast("cpu", dtype=torch.bfloat16), reuse_weight_casts():
-        casts = {_weight_copies_kept(model, lambda: model(i, labels=i, compute_mtp=True), "ToCopyBackward0") for i in ids}
-    planned = weight_copy_bytes(model, "fp32", 2)
-    assert planned > 0 and casts == {planned}  # both micro-batches keep the same copies
-    assert weight_copy_bytes(model, "fp32", 4) == 0  # fp32 compute: no copies
+    planned = {}
+    for chunk in (16, 0):
+        fmt = ActivationFormat.of(params_dtype="fp32", cross_entropy_chunk=chunk, gpu=False)
+        with kernel_settings(cross_entropy_chunk=chunk), torch.autocast("cpu", dtype=torch.bfloat16), reuse_weight_casts():
+            casts = {_weight_copies_kept(model, lambda: model(i, labels=i, compute_mtp=True), "ToCopyBackward0")
+                     for i in ids}
+        planned[chunk] = weight_copy_bytes(model, fmt)
+        assert planned[chunk] > 0 and casts == {planned[chunk]}  # both micro-batches keep the same copies
+    assert planned[0] - planned[16] == 2 * model.lm_head.weight.numel()
+    assert weight_copy_bytes(model, ActivationFormat.of(bf16=False)) == 0  # fp32 compute: no copies
 
     MasterWeights(model)
     set_qat(model, WeightFormat.of("int4", 32), "routed-experts")
     with torch.autocast("cpu", dtype=torch.bfloat16), reuse_weight_casts(), reuse_fake_quant():
         fake_quantised = {_weight_copies_kept(model, lambda: model(i, labels=i, compute_mtp=True), "_StraightThroughBackward")
                           for i in ids}
-    assert fake_quantised == {weight_copy_bytes(model, "bf16", 2, "routed-experts")} != {0}
-    assert weight_copy_bytes(model, "bf16", 2, "routed-experts", distributed_optimizer=True) == 0
+    bf16 = ActivationFormat.of(params_dtype="bf16")
+    assert fake_quantised == {weight_copy_bytes(model, bf16, "routed-experts")} != {0}
+    assert weight_copy_bytes(model, bf16, "routed-experts", distributed_optimizer=True) == 0
 
 
 @pytest.mark.parametrize("full", [True, False], ids=["full", "selective_moe"])
@@ -497,11 +592,11 @@ def test_checkpointed_experts_keep_no_cast(full):
     model = random_model(small_config(), seed=2).train()
     ids = torch.randint(0, model.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     experts = sum(2 * p.numel() for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters())
-    without = weight_copy_bytes(model, "fp32", 2)
+    without = weight_copy_bytes(model, ActivationFormat())
     model.recompute = Recompute("uniform", 1) if full else Recompute(modules=("moe",))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # each its own region: autocast's cache starts empty
         plain = _kept_bytes(model, ids)
     with torch.autocast("cpu", dtype=torch.bfloat16), reuse_weight_casts():
         cached = _kept_bytes(model, ids)
     assert experts > 0 and cached == plain
-    assert weight_copy_bytes(model, "fp32", 2, recompute=model.recompute) == without - experts
+    assert weight_copy_bytes(model, ActivationFormat(), recompute=model.recompute) == without - experts

@@ -26,6 +26,11 @@ def add_arguments(parser) -> None:
     plan.add_argument("--global-batch-size", type=int, help="default: one micro-batch per pipeline stage and DP rank")
     plan.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU to check the plan against")
     plan.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="activation precision")
+    plan.add_argument("--kernels", choices=["auto", "torch", "triton"],
+                      help="as training takes it: auto plans a GPU's fused kernels, torch the torch references "
+                           "(default: the configuration's train.kernels)")
+    plan.add_argument("--cross-entropy-chunk", type=int, metavar="TOKENS",
+                      help="0 plans the unfused head and loss (default: the configuration's, chunked on GPUs)")
     plan.add_argument("--params-dtype", choices=["fp32", "bf16"],
                       help="bf16: bf16 weights over fp32 master weights, as `--params-dtype bf16` trains "
                            "(default: the configuration's train.params_dtype)")
@@ -49,6 +54,8 @@ def run(args) -> int:
     job = dataclasses.replace(
         job, optimizer=dataclasses.replace(job.optimizer, optimizer=args.optimizer or job.optimizer.optimizer),
         train=dataclasses.replace(job.train, params_dtype=args.params_dtype or job.train.params_dtype,
+                                  kernels=args.kernels or job.train.kernels,
+                                  cross_entropy_chunk=_given(args.cross_entropy_chunk, job.train.cross_entropy_chunk),
                                   recompute_granularity=args.recompute_granularity or job.train.recompute_granularity,
                                   recompute_method=args.recompute_method or job.train.recompute_method,
                                   recompute_num_layers=args.recompute_num_layers or job.train.recompute_num_layers,
@@ -69,12 +76,23 @@ def run(args) -> int:
 
         print(f"memory per GPU ({_layout_text(args, job)}, {_OPTIMIZERS[job.optimizer.optimizer]}, "
               f"{job.train.params_dtype} weights, micro-batch {args.micro_batch_size} x {args.seq_length}, "
-              f"{args.precision} activations):")
+              f"{_activation_format(args, job).describe()}):")
         print(format_plan(plan, args.gpu_memory))
     return 0
 
 
 _OPTIMIZERS = {"adamw": "AdamW", "muon": "Muon"}
+
+
+def _given(value, default):
+    return default if value is None else value
+
+
+def _activation_format(args, job):
+    from megajoy.parallel.memory import ActivationFormat
+
+    return ActivationFormat.of(args.precision == "bf16", job.train.params_dtype, job.train.kernels,
+                               job.train.cross_entropy_chunk)
 
 
 def _wants_plan(args) -> bool:
@@ -110,7 +128,7 @@ def _memory_plan(args, job):
                               use_distributed_optimizer=job.parallel.use_distributed_optimizer)
     per_step = (args.global_batch_size // (args.micro_batch_size * dp)) if args.global_batch_size else pp
     return plan_memory(job.model, parallel, tp * pp * dp, args.micro_batch_size, args.seq_length, per_step,
-                       bytes_per_element=2 if args.precision == "bf16" else 4, params_dtype=job.train.params_dtype,
+                       _activation_format(args, job), params_dtype=job.train.params_dtype,
                        optimizer=job.optimizer, qat_modules=job.quant.qat_modules if job.quant.qat else None,
                        recompute=Recompute.of(job.train))
 

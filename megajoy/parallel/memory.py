@@ -5,11 +5,11 @@ device with placeholder groups (fp32 master parameters and gradients, AdamW's tw
 the rank's slice of fp32 master copies and moments, sliced as the distributed optimizer slices; Muon's
 momentum on the rank that owns each matrix, assigned as the optimizer assigns it; with bf16 parameters,
 their bf16 copies, beside whole fp32 masters unless ZeRO-1 holds the only ones).
-Activations are the tensors autograd keeps for backward, counted per micro-batch from the shapes this
-implementation saves (see `layer_activation_elements`), times the micro-batches the schedule keeps in
-flight on the rank. Attention is counted as a fused kernel keeps it (q, k, v, output, log-sum-exp), or,
-with `attention="math"` (CPU), with the full score matrix. Beside them, the bf16 copies of weights that a
-step under autocast keeps once (`weight_copy_bytes`).
+Activations are the tensors autograd keeps for backward, counted per micro-batch from the shapes and
+dtypes this implementation saves (see `layer_activation_bytes`) with the kernels a step runs
+(`ActivationFormat`: autocast or not, the weights' dtype, a GPU's fused kernels or the CPU's torch
+references), times the micro-batches the schedule keeps in flight on the rank. Beside them, the bf16
+copies of weights that a step under autocast keeps once (`weight_copy_bytes`).
 """
 
 from dataclasses import asdict, dataclass
@@ -42,6 +42,38 @@ class RankMemory:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
+
+
+@dataclass(frozen=True)
+class ActivationFormat:
+    """How a step's kernels keep activations for backward. `gemm`: bytes per element of GEMM inputs and
+    outputs (2 under bf16 autocast, else 4); `weights`: of the weights, which is also the width of the
+    residual stream (the MTP layer's excepted: it starts from a GEMM) and of every RMSNorm's output, since
+    autocast leaves both alone. Norm statistics, router scores and the loss's log-softmax are fp32 whatever
+    these say. The defaults are a GPU step under bf16 autocast over fp32 weights with the fast paths on."""
+    gemm: int = 2
+    weights: int = 4
+    fused_kernels: bool = True  # Triton RMSNorm and SwiGLU, which keep only their inputs (megajoy.kernels)
+    flash_attention: bool = True  # flash / flex attention: q, k, v, output, log-sum-exp; else torch's math SDPA
+    chunked_head: bool = True  # the fused head + cross-entropy: a log-sum-exp per token, never the logits
+
+    @classmethod
+    def of(cls, bf16: bool = True, params_dtype: str = "fp32", kernels: str = "auto",
+           cross_entropy_chunk: int | None = None, gpu: bool = True) -> "ActivationFormat":
+        """What a run keeps, from its training settings (train.bf16, params_dtype, kernels, cross_entropy_chunk;
+        megajoy.kernels.backend decides the same way): on GPUs by default, or on the CPU (math attention,
+        the torch references unless kernels is triton, the head unfused unless a chunk is given)."""
+        if params_dtype == "bf16" and not bf16:
+            raise ValueError("bf16 weights compute under bf16 autocast: they cannot plan fp32 activations")
+        fast = kernels == "triton" or (gpu and kernels == "auto")
+        chunked = kernels != "torch" and (bool(cross_entropy_chunk) if cross_entropy_chunk is not None else gpu)
+        return cls(gemm=2 if bf16 else 4, weights=2 if params_dtype == "bf16" else 4, fused_kernels=fast,
+                   flash_attention=gpu, chunked_head=chunked)
+
+    def describe(self) -> str:
+        compute = "bf16 autocast" if self.gemm == 2 else "fp32"
+        kernels = "fused kernels" if self.fused_kernels else "torch kernels"
+        return f"{compute}, {kernels}, {'chunked' if self.chunked_head else 'unfused'} head"
 
 
 def rank_model(model_cfg: ModelConfig, parallel_cfg, world: int, rank: int, seq_length: int):
@@ -91,11 +123,14 @@ def state_bytes(model, pc, params_dtype: str = "fp32", optimizer=None, qat_modul
 
 
 def plan_memory(model_cfg: ModelConfig, parallel_cfg, world: int, micro_batch_size: int, seq_length: int,
-                micro_batches_per_step: int, attention: str = "flash", bytes_per_element: int = 4,
-                params_dtype: str = "fp32", optimizer=None, qat_modules: str | None = None,
-                recompute=None) -> list[RankMemory]:
+                micro_batches_per_step: int, fmt: ActivationFormat | None = None, params_dtype: str = "fp32",
+                optimizer=None, qat_modules: str | None = None, recompute=None) -> list[RankMemory]:
     """One entry per pipeline stage, for the stage's rank that holds the most: the stage's modules are
-    built once, and each of its ranks' share counted from its own place (ZeRO-1 slices, Muon's owners)."""
+    built once, and each of its ranks' share counted from its own place (ZeRO-1 slices, Muon's owners).
+    `fmt`: how the step keeps activations (default: a GPU's, under bf16 autocast, with these weights)."""
+    fmt = fmt or ActivationFormat.of(params_dtype=params_dtype)
+    if fmt.weights != (2 if params_dtype == "bf16" else 4):
+        raise ValueError(f"activation format {fmt} does not hold {params_dtype} weights")
     plan = []
     probe = planning_context(parallel_cfg, world, 0, model_cfg, seq_length)
     for stage in range(probe.size("pp")):
@@ -109,39 +144,36 @@ def plan_memory(model_cfg: ModelConfig, parallel_cfg, world: int, micro_batch_si
         rank = max(shares, key=lambda r: (sum(shares[r]), -r))
         params, grads, optim = shares[rank]
         in_flight = micro_batches_in_flight(pc, micro_batches_per_step)
-        per_micro = stage_activation_elements(model, pc, micro_batch_size, seq_length, attention, bytes_per_element,
-                                              recompute)
-        rebuilt = recomputed_chunk_bytes(model, pc, micro_batch_size, seq_length, attention, bytes_per_element,
-                                         recompute)
+        per_micro = stage_activation_bytes(model, pc, micro_batch_size, seq_length, fmt, recompute)
+        rebuilt = recomputed_chunk_bytes(model, pc, micro_batch_size, seq_length, fmt, recompute)
         layers = tuple(i for s in model.stages for i in s.layers)
         activations = int(per_micro * in_flight + rebuilt)
-        copies = weight_copy_bytes(model, params_dtype, bytes_per_element, qat_modules, pc.distributed_optimizer,
-                                   recompute)
+        copies = weight_copy_bytes(model, fmt, qat_modules, pc.distributed_optimizer, recompute)
         plan.append(RankMemory(rank, stage, layers, params, grads, optim, activations, in_flight, copies))
     return plan
 
 
-def weight_copy_bytes(model, params_dtype: str, bytes_per_element: int, qat_modules: str | None = None,
+def weight_copy_bytes(model, fmt: ActivationFormat, qat_modules: str | None = None,
                       distributed_optimizer: bool = False, recompute=None) -> int:
     """bf16 copies of weights that a training step keeps from its first forward to its last backward.
     Under bf16 autocast with fp32 weights: every projection's and expert's weight cast once per step
     (autocast's cache; megajoy.kernels.backend.reuse_weight_casts for the experts, but not those of a
-    checkpointed part, cast afresh where they are used), except the output head's, which the chunked
-    cross-entropy (the GPU default) casts per call, and the router's, which stays fp32. With bf16 weights
-    and QAT over whole fp32 masters: the quantised weights' fake-quantised values, computed once per step
+    checkpointed part, cast afresh where they are used), except the router's, which stays fp32, and the
+    output head's when the chunked cross-entropy casts it per call. With bf16 weights and QAT over whole
+    fp32 masters: the quantised weights' fake-quantised values, computed once per step
     (megajoy.quant.formats.reuse_fake_quant; over ZeRO-1's shards they are the kept values, counted with
     the parameters)."""
     from megajoy.model.moe import GroupedExperts
     from megajoy.parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megajoy.quant.qat import quantised_weights
 
-    if bytes_per_element != 2:  # no autocast
+    if fmt.gemm != 2:  # no autocast
         return 0
-    if params_dtype == "fp32":
+    if fmt.weights == 4:
         uncached = _checkpointed_experts(model, recompute)
         kinds = (ColumnParallelLinear, RowParallelLinear, GroupedExperts)
-        gemms = [m for name, m in model.named_modules()
-                 if isinstance(m, kinds) and name != "lm_head" and id(m) not in uncached]
+        gemms = [m for name, m in model.named_modules() if isinstance(m, kinds) and id(m) not in uncached
+                 and not (name == "lm_head" and fmt.chunked_head)]
         return 2 * sum(p.numel() for m in gemms for p in m.parameters(recurse=False) if p.ndim >= 2)
     if qat_modules and not distributed_optimizer:
         return 2 * sum(p.numel() for _, p in quantised_weights(model, qat_modules))
@@ -165,8 +197,8 @@ def micro_batches_in_flight(pc, micro_batches_per_step: int) -> float:
 
 # ------------------------------------------------------------------------------------------ activations
 
-def stage_activation_elements(model, pc, micro_batch_size: int, seq_length: int, attention: str,
-                              bytes_per_element: int, recompute=None) -> float:
+def stage_activation_bytes(model, pc, micro_batch_size: int, seq_length: int, fmt: ActivationFormat,
+                           recompute=None) -> float:
     """Bytes autograd keeps for one micro-batch through this rank's stages. With full recomputation
     (megajoy.model.recompute), a checkpointed chunk keeps only its input; with selective recomputation each
     layer keeps less; backward rebuilds one chunk's (one layer's) activations at a time
@@ -177,47 +209,57 @@ def stage_activation_elements(model, pc, micro_batch_size: int, seq_length: int,
     local = tokens // pc.tp_size if pc.sequence_parallel else tokens
     first = any(s.is_first for s in model.stages)
     last = any(s.is_last for s in model.stages)
-    elements = tokens * cfg.qk_rope_head_dim  # cos and sin, shared by the layers
-    index_bytes = 8 * tokens if first else 0  # the embedding's token ids
+    total = 4 * tokens * cfg.qk_rope_head_dim  # cos and sin, fp32, shared by the layers
+    total += 8 * tokens if first else 0  # the embedding's token ids
     for stage in model.stages:
         for chunk, checkpointed in recompute.chunks(list(stage.layers)) if recompute else [(stage.layers, False)]:
             if checkpointed:
-                elements += local * cfg.hidden_size  # the chunk's input
+                total += local * cfg.hidden_size * fmt.weights  # the chunk's input
                 continue
-            for e, b in (_layer_bytes(cfg, pc, micro_batch_size, seq_length, i, attention, modules) for i in chunk):
-                elements, index_bytes = elements + e, index_bytes + b
+            total += sum(_layer_bytes(cfg, pc, micro_batch_size, seq_length, i, fmt, modules) for i in chunk)
     if last:
-        vocab = cfg.vocab_size // pc.tp_size
-        elements += _norm(local, cfg.hidden_size) + tokens * cfg.hidden_size + tokens * vocab  # norm, head, softmax
+        total += _norm(fmt, local, cfg.hidden_size, fmt.weights) + _head(cfg, pc, tokens, fmt)
         for _ in range(len(model.mtp)):
-            elements += _mtp_layer_elements(cfg, pc, micro_batch_size, seq_length, attention, recompute)
-            elements += tokens * cfg.hidden_size + tokens * vocab  # its head and softmax
-            index_bytes += 8 * tokens
-    return elements * bytes_per_element + index_bytes
+            total += _mtp_layer_bytes(cfg, pc, micro_batch_size, seq_length, fmt, recompute)
+            total += _head(cfg, pc, tokens, fmt) + 8 * tokens  # its head, and the next tokens' ids
+    return total
 
 
-def _mtp_layer_elements(cfg, pc, micro_batch_size: int, seq_length: int, attention: str, recompute) -> int:
-    """An MTP depth: enorm, hnorm (on the head's saved input), the concatenation, its decoder layer and final
+def _head(cfg, pc, tokens: int, fmt: ActivationFormat) -> int:
+    """The output head and loss on the final norm's output: the fused head keeps that output itself and
+    per token the target (int64), two masks and the log-sum-exp; unfused, the head's cast input, the
+    loss's fp32 log-softmax over this rank's vocabulary slice and the targets."""
+    if fmt.chunked_head:
+        return tokens * cfg.hidden_size * fmt.weights + tokens * (8 + 1 + 1 + 4)
+    return tokens * cfg.hidden_size * fmt.gemm + 4 * tokens * (cfg.vocab_size // pc.tp_size) + 8 * tokens
+
+
+def _mtp_layer_bytes(cfg, pc, micro_batch_size: int, seq_length: int, fmt: ActivationFormat, recompute) -> int:
+    """An MTP depth: enorm, hnorm (on the final norm's output, which the head may keep already), the
+    concatenation eh_proj reads, its decoder layer (whose residual stream is eh_proj's output) and final
     norm; under full recomputation only the next tokens' embedding (its other input is the head's)."""
     h = cfg.hidden_size
     tokens = micro_batch_size * seq_length
     local = tokens // pc.tp_size if pc.sequence_parallel else tokens
     if recompute is not None and recompute.full:
-        return local * h
-    layer = layer_activation_elements(cfg, pc, micro_batch_size, seq_length, False, attention, _selected(recompute))
-    return _norm(local, h) + local * h + local + 2 * local * h + layer + _norm(local, h)
+        return local * h * fmt.weights
+    head_keeps_it = fmt.chunked_head or fmt.gemm == fmt.weights  # the head's input is the norm's output itself
+    norm_keeps_it = fmt.fused_kernels or fmt.weights == 4  # hnorm keeps its input itself (not an fp32 copy)
+    hnorm = _norm(fmt, local, h, fmt.weights) - (local * h * fmt.weights if head_keeps_it and norm_keeps_it else 0)
+    layer = layer_activation_bytes(cfg, pc, micro_batch_size, seq_length, False, fmt, _selected(recompute),
+                                   stream=fmt.gemm)
+    return _norm(fmt, local, h, fmt.weights) + hnorm + 2 * local * h * fmt.gemm + layer + _norm(fmt, local, h, fmt.gemm)
 
 
-def recomputed_chunk_bytes(model, pc, micro_batch_size: int, seq_length: int, attention: str,
-                           bytes_per_element: int, recompute) -> float:
+def recomputed_chunk_bytes(model, pc, micro_batch_size: int, seq_length: int, fmt: ActivationFormat,
+                           recompute) -> float:
     """What backward rebuilds at once: the largest checkpointed chunk's (or MTP layer's) activations (full),
     or the most one layer gets back (selective: its recomputed parts, then its released outputs)."""
     if recompute is None:
         return 0.0
 
     def layer_bytes(i, modules=frozenset()):
-        elements, index_bytes = _layer_bytes(model.cfg, pc, micro_batch_size, seq_length, i, attention, modules)
-        return elements * bytes_per_element + index_bytes
+        return _layer_bytes(model.cfg, pc, micro_batch_size, seq_length, i, fmt, modules)
 
     if recompute.full:
         sizes = [sum(layer_bytes(i) for i in chunk) for stage in model.stages
@@ -225,8 +267,8 @@ def recomputed_chunk_bytes(model, pc, micro_batch_size: int, seq_length: int, at
     else:
         sizes = [layer_bytes(i) - layer_bytes(i, _selected(recompute)) for stage in model.stages for i in stage.layers]
     if len(model.mtp):  # an MTP layer gets back what recomputation took from it
-        mtp = [_mtp_layer_elements(model.cfg, pc, micro_batch_size, seq_length, attention, r) for r in (None, recompute)]
-        sizes.append((mtp[0] - mtp[1]) * bytes_per_element)
+        mtp = [_mtp_layer_bytes(model.cfg, pc, micro_batch_size, seq_length, fmt, r) for r in (None, recompute)]
+        sizes.append(mtp[0] - mtp[1])
     return float(max(sizes, default=0))
 
 
@@ -234,30 +276,41 @@ def _selected(recompute) -> frozenset:
     return frozenset(recompute.modules) if recompute is not None else frozenset()
 
 
-def _layer_bytes(cfg, pc, micro_batch_size: int, seq_length: int, i: int, attention: str,
-                 modules: frozenset = frozenset()) -> tuple[int, int]:
-    """(float elements, index bytes) a decoder layer keeps for backward."""
+def _layer_bytes(cfg, pc, micro_batch_size: int, seq_length: int, i: int, fmt: ActivationFormat,
+                 modules: frozenset = frozenset()) -> int:
+    """Bytes a decoder layer of the main model keeps for backward, its index tensors included."""
     moe = cfg.is_moe_layer(i)
     index_bytes = _moe_index_bytes(cfg, pc, micro_batch_size * seq_length) if moe and "moe" not in modules else 0
-    return layer_activation_elements(cfg, pc, micro_batch_size, seq_length, moe, attention, modules), index_bytes
+    return layer_activation_bytes(cfg, pc, micro_batch_size, seq_length, moe, fmt, modules) + index_bytes
 
 
-def _norm(rows: int, width: int) -> int:
-    """RMSNorm keeps its input and normalised output, and one statistic per row."""
-    return 2 * rows * width + rows
+def _norm(fmt: ActivationFormat, rows: int, width: int, input_width: int, input_storage: int | None = None) -> int:
+    """An RMSNorm on `input_width`-byte inputs: torch's keeps its input in fp32 (the input itself when fp32,
+    with the whole storage it is a view of: `input_storage` elements a row) and the normalised input in
+    the input's dtype; Triton's keeps its input only. Both keep one fp32 statistic per row."""
+    if fmt.fused_kernels:
+        return rows * width * input_width + 4 * rows
+    fp32_input = 4 * rows * ((input_storage or width) if input_width == 4 else width)
+    return fp32_input + rows * width * input_width + 4 * rows
 
 
-def layer_activation_elements(cfg: ModelConfig, pc, micro_batch_size: int, seq_length: int, moe: bool,
-                              attention: str, modules: frozenset = frozenset()) -> int:
-    """Float elements a decoder layer keeps; `modules`: those selectively recomputed (Megatron's names)."""
+def layer_activation_bytes(cfg: ModelConfig, pc, micro_batch_size: int, seq_length: int, moe: bool,
+                           fmt: ActivationFormat, modules: frozenset = frozenset(), stream: int | None = None) -> int:
+    """Bytes a decoder layer keeps; `modules`: those selectively recomputed (Megatron's names); `stream`:
+    the residual stream's width (the weights' unless given)."""
     tokens = micro_batch_size * seq_length
     local = tokens // pc.tp_size if pc.sequence_parallel else tokens
     d = cfg.hidden_size
-    feed_forward = _moe(cfg, pc, tokens, modules) if moe else _dense_mlp(cfg, pc, tokens, local, modules)
-    return 2 * _norm(local, d) + _mla(cfg, pc, micro_batch_size, seq_length, attention, modules) + feed_forward
+    feed_forward = _moe(cfg, pc, tokens, fmt, modules) if moe else _dense_mlp(cfg, pc, tokens, local, fmt, modules)
+    stream = stream or fmt.weights
+    norms = 2 * _norm(fmt, local, d, stream)
+    if "layernorm" in modules and not fmt.fused_kernels and stream != 4:
+        # torch's norm keeps an fp32 copy of a bf16 input; the rebuild of its released output keeps the input
+        norms += 2 * local * d * stream
+    return norms + _mla(cfg, pc, micro_batch_size, seq_length, fmt, modules) + feed_forward
 
 
-def _mla(cfg: ModelConfig, pc, micro_batch_size: int, seq_length: int, attention: str,
+def _mla(cfg: ModelConfig, pc, micro_batch_size: int, seq_length: int, fmt: ActivationFormat,
          modules: frozenset = frozenset()) -> int:
     tokens = micro_batch_size * seq_length
     sp = pc.sequence_parallel and pc.tp_size > 1
@@ -265,48 +318,59 @@ def _mla(cfg: ModelConfig, pc, micro_batch_size: int, seq_length: int, attention
     heads = cfg.num_attention_heads // pc.tp_size
     q, c, r = cfg.q_lora_rank or 0, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     qk, v, nope = cfg.qk_head_dim, cfg.v_head_dim, cfg.qk_nope_head_dim
-    n = 0 if "layernorm" in modules else local * cfg.hidden_size  # the norm's output, both down projections' input
-    if q:  # q_a output, its norm's statistics and output; the up projection's (gathered) input
-        n += 2 * local * q + local + (tokens * q if sp else local * q)
+    g = fmt.gemm
+    n = 0 if "layernorm" in modules else local * cfg.hidden_size * g  # the norm's output, both down projections' input
+    if q:  # q_a's output normed; the up projection's (gathered) input
+        n += _norm(fmt, local, q, g) + (tokens * q if sp else local * q) * g
     else:
-        n += tokens * cfg.hidden_size if sp else 0
-    n += local * (c + r) + local * c + local + tokens * (c + r)  # kv_a output, its norm, kv_b's input
-    up_outputs = 2 * tokens * heads * qk + tokens * heads * (nope + v)  # q, k, the kv_b output v is a view of
+        n += tokens * cfg.hidden_size * g if sp else 0
+    n += _norm(fmt, local, c, g, input_storage=c + r) + tokens * (c + r) * g  # kv_a's latent normed, kv_b's input
+    up_outputs = (2 * tokens * heads * qk + tokens * heads * (nope + v)) * g  # q, k, the kv_b output v is a view of
     if "core_attn" in modules:  # its inputs kept for the rerun, nothing of its own
         internals, inputs_kept = 0, up_outputs
-    elif attention == "math":  # scaled q and k copies, the score matrix, a v copy (not q, k, v themselves)
+    elif not fmt.flash_attention:  # fp32 scaled q and k copies, the score matrix, a v copy (not q, k, v themselves)
         scores = micro_batch_size * heads * seq_length ** 2
-        internals, inputs_kept = 2 * tokens * heads * qk + scores + tokens * heads * v, 0
-    else:  # q, k, v and the log-sum-exp
-        internals, inputs_kept = micro_batch_size * heads * seq_length, up_outputs
+        internals, inputs_kept = 4 * (2 * tokens * heads * qk + scores + tokens * heads * v), 0
+    else:  # q, k, v, the fp32 log-sum-exp, and its output (o_proj's input, counted below)
+        internals, inputs_kept = 4 * micro_batch_size * heads * seq_length, up_outputs
     if "mla_up_proj" in modules:  # q, k, kv released after attention, rebuilt from the latents
         inputs_kept = 0
-    return n + internals + inputs_kept + tokens * heads * v  # + the attention output, o_proj's input
+    return n + internals + inputs_kept + tokens * heads * v * g  # + the attention output, o_proj's input
 
 
-def _dense_mlp(cfg: ModelConfig, pc, tokens: int, local: int, modules: frozenset = frozenset()) -> int:
+def _swiglu_elements(fmt: ActivationFormat, released_product: bool = False) -> int:
+    """Per row of the intermediate width, what a SwiGLU MLP keeps besides its input: gate and up, silu(gate)
+    with torch's kernel (not Triton's), and their product (the down projection's input) unless released."""
+    return 2 + (0 if fmt.fused_kernels else 1) + (0 if released_product else 1)
+
+
+def _dense_mlp(cfg: ModelConfig, pc, tokens: int, local: int, fmt: ActivationFormat,
+               modules: frozenset = frozenset()) -> int:
     released = "layernorm" in modules  # the norm's output (not the sequence-parallel gather of it)
     if "mlp" in modules:  # only its input kept
-        return 0 if released else local * cfg.hidden_size
+        return 0 if released else local * cfg.hidden_size * fmt.weights
     gathered = pc.sequence_parallel and pc.tp_size > 1
-    return (0 if released and not gathered else tokens * cfg.hidden_size) + 4 * tokens * (
-        cfg.intermediate_size // pc.tp_size)
+    inputs = 0 if released and not gathered else tokens * cfg.hidden_size
+    return (inputs + _swiglu_elements(fmt) * tokens * (cfg.intermediate_size // pc.tp_size)) * fmt.gemm
 
 
-def _moe(cfg: ModelConfig, pc, tokens: int, modules: frozenset = frozenset()) -> int:
-    """Float elements of an MoE block on this rank's tokens, assuming balanced routing."""
+def _moe(cfg: ModelConfig, pc, tokens: int, fmt: ActivationFormat, modules: frozenset = frozenset()) -> int:
+    """Bytes of an MoE block on this rank's tokens, assuming balanced routing."""
     local = tokens // pc.tp_size  # the block always works on the rank's token shard
     own_input = pc.tp_size == 1 or pc.sequence_parallel  # else the block splits the replicated sequence (a copy)
     released = "layernorm" in modules and own_input
+    d, g = cfg.hidden_size, fmt.gemm
     if "moe" in modules:  # only its input kept
-        return 0 if released else (local if own_input else tokens) * cfg.hidden_size
-    d, k, inter = cfg.hidden_size, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+        return 0 if released else (local if own_input else tokens) * d * fmt.weights
+    k, inter = cfg.num_experts_per_tok, cfg.moe_intermediate_size
     routed = local * k
-    # input, scores, sums, weights
-    router = (0 if released else local * d) + local * cfg.n_routed_experts + local + 2 * routed
-    # permuted in / out, gate-up, silu, product
-    experts = 2 * routed * d + 2 * routed * inter + routed * inter + (0 if "moe_act" in modules else routed * inter)
-    shared = 0 if "shared_experts" in modules else 4 * local * inter * cfg.n_shared_experts
+    # the router's input (the norm's output) and its fp32 scores, sums and weights (kept twice)
+    router = (0 if released else local * d * fmt.weights) + 4 * (local * cfg.n_routed_experts + local + 2 * routed)
+    # the permuted input and output, and SwiGLU's
+    experts = (2 * routed * d + _swiglu_elements(fmt, "moe_act" in modules) * routed * inter) * g
+    shared = 0
+    if "shared_experts" not in modules:  # their own cast of the input under autocast over fp32 weights
+        shared = (_swiglu_elements(fmt) * local * inter * cfg.n_shared_experts + (local * d if g != fmt.weights else 0)) * g
     return router + experts + shared
 
 
