@@ -369,8 +369,9 @@ def _moe(cfg: ModelConfig, pc, tokens: int, fmt: ActivationFormat, modules: froz
     # the permuted input and output, and SwiGLU's
     experts = (2 * routed * d + _swiglu_elements(fmt, "moe_act" in modules) * routed * inter) * g
     shared = 0
-    if "shared_experts" not in modules:  # their own cast of the input under autocast over fp32 weights
-        shared = (_swiglu_elements(fmt) * local * inter * cfg.n_shared_experts + (local * d if g != fmt.weights else 0)) * g
+    if "shared_experts" not in modules:  # SwiGLU's, and their own cast of the input if it is not in bf16 already
+        own_cast = local * d if g != fmt.weights else 0
+        shared = (_swiglu_elements(fmt) * local * inter * cfg.n_shared_experts + own_cast) * g
     return router + experts + shared
 
 
