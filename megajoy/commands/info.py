@@ -25,7 +25,8 @@ def add_arguments(parser) -> None:
     plan.add_argument("--micro-batch-size", type=int, default=1)
     plan.add_argument("--global-batch-size", type=int, help="default: one micro-batch per pipeline stage and DP rank")
     plan.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU to check the plan against")
-    plan.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="activation precision")
+    plan.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                      help="bf16: the step under bf16 autocast, as on GPUs; fp32: without (--fp32)")
     plan.add_argument("--kernels", choices=["auto", "torch", "triton"],
                       help="as training takes it: auto plans a GPU's fused kernels, torch the torch references "
                            "(default: the configuration's train.kernels)")
