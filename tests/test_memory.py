@@ -327,7 +327,8 @@ def test_plan_cli_counts_bf16_copies(capsys):
 def test_plan_cli_follows_the_kernels(capsys):
     """`--cross-entropy-chunk 0` plans the unfused head: the fp32 log-softmax over the vocabulary for every
     token, and the head weight's bf16 cast kept for the step; `--kernels torch` the torch references
-    everywhere (the head unfused too), which keep more than the GPU's fused kernels."""
+    everywhere (the head unfused too), which keep more than the GPU's fused kernels; `--precision fp32`, or
+    train.bf16 false in the configuration, a step without autocast."""
     import json
 
     from megajoy.cli import main
@@ -345,6 +346,11 @@ def test_plan_cli_follows_the_kernels(capsys):
     assert reference["activations"] > unfused["activations"]
     assert main(argv[:-1] + ["--kernels", "torch"]) == 0
     assert "bf16 autocast, torch kernels, unfused head" in capsys.readouterr().out
+    fp32 = {}
+    for flags in (["--precision", "fp32"], ["--set", "train.bf16=false"]):  # the flag, or the configuration's field
+        assert main(argv + flags) == 0
+        [fp32[flags[0]]] = json.loads(capsys.readouterr().out)["memory_plan"]
+    assert fp32["--precision"] == fp32["--set"] and fp32["--set"]["activations"] > 1.5 * fused["activations"]
 
 
 def test_plan_cli_counts_muon_state(capsys):

@@ -25,8 +25,9 @@ def add_arguments(parser) -> None:
     plan.add_argument("--micro-batch-size", type=int, default=1)
     plan.add_argument("--global-batch-size", type=int, help="default: one micro-batch per pipeline stage and DP rank")
     plan.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU to check the plan against")
-    plan.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                      help="bf16: the step under bf16 autocast, as on GPUs; fp32: without (--fp32)")
+    plan.add_argument("--precision", choices=["bf16", "fp32"],
+                      help="bf16: the step under bf16 autocast, as on GPUs; fp32: without, as --fp32 trains "
+                           "(default: bf16 unless the configuration's train.bf16 is false)")
     plan.add_argument("--kernels", choices=["auto", "torch", "triton"],
                       help="as training takes it: auto plans a GPU's fused kernels, torch the torch references "
                            "(default: the configuration's train.kernels)")
@@ -92,8 +93,8 @@ def _given(value, default):
 def _activation_format(args, job):
     from megajoy.parallel.memory import ActivationFormat
 
-    return ActivationFormat.of(args.precision == "bf16", job.train.params_dtype, job.train.kernels,
-                               job.train.cross_entropy_chunk)
+    bf16 = args.precision == "bf16" if args.precision else job.train.bf16 is not False
+    return ActivationFormat.of(bf16, job.train.params_dtype, job.train.kernels, job.train.cross_entropy_chunk)
 
 
 def _wants_plan(args) -> bool:
