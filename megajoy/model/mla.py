@@ -20,7 +20,7 @@ from megajoy.model.norm import RMSNorm
 from megajoy.model.recompute import checkpointed_call, is_recomputing, run_discarding
 from megajoy.parallel.layers import ColumnParallelLinear, RowParallelLinear, shared_input
 from megajoy.parallel.context import ParallelContext
-from megajoy.parallel.mappings import enter_tp
+from megajoy.parallel.mappings import enter_tp, group_size
 
 # The latent norms use DeepSeek-V3's fixed epsilon, not rms_norm_eps (as its reference code does).
 LATENT_NORM_EPS = 1e-6
@@ -92,11 +92,10 @@ class MLA(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor, seq) -> torch.Tensor:
         q_latent = hasattr(self, "q_a_proj")
-        q_reader = self.q_a_proj if q_latent else self.q_proj
-        if not q_latent and self.sp:  # q_proj reads x's sequence-parallel gather
+        if q_latent or group_size(self.tp) == 1:  # both projections read x itself: one autocast copy for both
+            to_q, to_kv = shared_input(x_BSD, self.q_a_proj if q_latent else self.q_proj, self.kv_a_proj_with_mqa)
+        else:  # q_proj reads x through the tensor-parallel region (its gradient all-reduced in x's dtype)
             to_q = to_kv = x_BSD
-        else:  # both projections read x: one autocast copy kept for both
-            to_q, to_kv = shared_input(x_BSD, q_reader, self.kv_a_proj_with_mqa)
         latents = (self.query_latent(to_q), *self.project_latent(to_kv), seq.cos, seq.sin)
         if "mla_up_proj" in self.recompute_modules:
             out_BSHV = run_discarding(self.up_project, lambda qkv: self._attend(*qkv, seq), *latents)

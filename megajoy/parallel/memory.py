@@ -62,10 +62,12 @@ class ActivationFormat:
            cross_entropy_chunk: int | None = None, gpu: bool = True) -> "ActivationFormat":
         """What a run keeps, from its training settings (train.bf16, params_dtype, kernels, cross_entropy_chunk;
         megajoy.kernels.backend decides the same way): on GPUs by default, or on the CPU (math attention,
-        the torch references unless kernels is triton, the head unfused unless a chunk is given)."""
+        the torch references unless kernels is triton, the head unfused unless a chunk is given). With
+        kernels torch on a GPU, packed documents go through SDPA with a dense mask: counted as a fused
+        kernel, without the mask bias it may keep (2 B S^2 bytes a layer)."""
         if params_dtype == "bf16" and not bf16:
             raise ValueError("bf16 weights compute under bf16 autocast: they cannot plan fp32 activations")
-        fast = kernels == "triton" or (gpu and kernels == "auto")
+        fast = kernels == "triton" or (gpu and kernels == "auto")  # a GPU image with Triton installed
         chunked = kernels != "torch" and (bool(cross_entropy_chunk) if cross_entropy_chunk is not None else gpu)
         return cls(gemm=2 if bf16 else 4, weights=2 if params_dtype == "bf16" else 4, fused_kernels=fast,
                    flash_attention=gpu, chunked_head=chunked)
@@ -243,7 +245,8 @@ def _mtp_layer_bytes(cfg, pc, micro_batch_size: int, seq_length: int, fmt: Activ
     local = tokens // pc.tp_size if pc.sequence_parallel else tokens
     if recompute is not None and recompute.full:
         return local * h * fmt.weights
-    head_keeps_it = fmt.chunked_head or fmt.gemm == fmt.weights  # the head's input is the norm's output itself
+    # the head's input is the final norm's output itself (not a cast, nor a sequence-parallel gather)
+    head_keeps_it = (fmt.chunked_head or fmt.gemm == fmt.weights) and not (pc.sequence_parallel and pc.tp_size > 1)
     norm_keeps_it = fmt.fused_kernels or fmt.weights == 4  # hnorm keeps its input itself (not an fp32 copy)
     hnorm = _norm(fmt, local, h, fmt.weights) - (local * h * fmt.weights if head_keeps_it and norm_keeps_it else 0)
     layer = layer_activation_bytes(cfg, pc, micro_batch_size, seq_length, False, fmt, _selected(recompute),
@@ -322,8 +325,8 @@ def _mla(cfg: ModelConfig, pc, micro_batch_size: int, seq_length: int, fmt: Acti
     n = 0 if "layernorm" in modules else local * cfg.hidden_size * g  # the norm's output, both down projections' input
     if q:  # q_a's output normed; the up projection's (gathered) input
         n += _norm(fmt, local, q, g) + (tokens * q if sp else local * q) * g
-    else:
-        n += tokens * cfg.hidden_size * g if sp else 0
+    elif pc.tp_size > 1:  # q_proj's own cast of its input through the tensor-parallel region (gathered with SP)
+        n += tokens * cfg.hidden_size * g if sp or g != fmt.weights else 0
     n += _norm(fmt, local, c, g, input_storage=c + r) + tokens * (c + r) * g  # kv_a's latent normed, kv_b's input
     up_outputs = (2 * tokens * heads * qk + tokens * heads * (nope + v)) * g  # q, k, the kv_b output v is a view of
     if "core_attn" in modules:  # its inputs kept for the rerun, nothing of its own
