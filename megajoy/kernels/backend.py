@@ -91,10 +91,11 @@ class WeightCache:
     weights do not change and reused there; made afresh outside a block, and while compiling (a compiled
     graph keeps no tensors across calls, and asking is_compiling first keeps it from guarding on the cache).
     The weight is kept beside its value, so that its id is not reused meanwhile. Nested blocks share the
-    outer one's values."""
+    outer one's values; inside `bypassed()` values are made afresh, as outside a block."""
 
     def __init__(self):
         self._values: dict | None = None
+        self._bypassed = 0
 
     @contextlib.contextmanager
     def block(self):
@@ -108,8 +109,16 @@ class WeightCache:
         finally:
             self._values = None
 
+    @contextlib.contextmanager
+    def bypassed(self):
+        self._bypassed += 1
+        try:
+            yield
+        finally:
+            self._bypassed -= 1
+
     def active(self) -> bool:
-        return not torch.compiler.is_compiling() and self._values is not None
+        return not torch.compiler.is_compiling() and self._values is not None and not self._bypassed
 
     def get(self, weight: torch.Tensor, key: tuple, make):
         if not self.active():
@@ -121,7 +130,6 @@ class WeightCache:
 
 
 _weight_casts = WeightCache()
-_casts_uncached = 0  # inside uncached_weight_casts() (a checkpointed part)
 
 
 def reuse_weight_casts():
@@ -133,17 +141,11 @@ def reuse_weight_casts():
     return _weight_casts.block()
 
 
-@contextlib.contextmanager
 def uncached_weight_casts():
     """Casts afresh inside, as if outside reuse_weight_casts(): for a checkpointed part of the model,
     whose forward keeps none of its casts (the rerun in backward makes its own, one part at a time); a
     cache would keep every checkpointed part's copies for the whole step."""
-    global _casts_uncached
-    _casts_uncached += 1
-    try:
-        yield
-    finally:
-        _casts_uncached -= 1
+    return _weight_casts.bypassed()
 
 
 def cast_as_autocast(t: torch.Tensor) -> torch.Tensor:
@@ -153,8 +155,7 @@ def cast_as_autocast(t: torch.Tensor) -> torch.Tensor:
     dtype = autocast_dtype(t)
     if dtype is None or dtype == t.dtype:
         return t
-    # not a weight, or in a checkpointed part (is_compiling first: a compiled graph guards on no cache state)
-    if torch.compiler.is_compiling() or _casts_uncached or not (t.is_leaf and t.requires_grad):
+    if not (t.is_leaf and t.requires_grad):  # not a weight
         return t.to(dtype)
     return _weight_casts.get(t, (dtype, torch.is_grad_enabled()), lambda: t.to(dtype))
 
