@@ -603,7 +603,6 @@ def test_checkpointed_experts_keep_no_cast(full):
     leaves no copy of them allocated (the rerun in backward makes its own), as without the cache, and the
     planner counts none for them."""
     from helpers import random_model, small_config
-    from megajoy.kernels.backend import reuse_weight_casts
     from megajoy.model.moe import GroupedExperts
     from megajoy.model.recompute import Recompute
     from megajoy.parallel.memory import weight_copy_bytes
@@ -615,7 +614,6 @@ def test_checkpointed_experts_keep_no_cast(full):
     model.recompute = Recompute("uniform", 1) if full else Recompute(modules=("moe",))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # each its own region: autocast's cache starts empty
         plain = _kept_bytes(model, ids)
-    with torch.autocast("cpu", dtype=torch.bfloat16), reuse_weight_casts():
-        cached = _kept_bytes(model, ids)
+    cached = _autocast_kept_bytes(model, ids)
     assert experts > 0 and cached == plain
     assert weight_copy_bytes(model, ActivationFormat(), recompute=model.recompute) == without - experts
