@@ -92,20 +92,35 @@ def _wait_for(predicate, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _spawn(argv, **env):
-    return subprocess.Popen([sys.executable, "-m", "megajoy"] + argv, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=ROOT)
+def _spawn(argv, log, **env):
+    """The CLI in a child process whose output goes to `log`: an undrained pipe would fill and block it.
+    Python's fault handler is on, so `_wait_exit` can show where a child that never exits is stuck."""
+    with open(log, "wb") as output:
+        return subprocess.Popen([sys.executable, "-m", "megajoy"] + argv, stdout=output, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONFAULTHANDLER": "1", **env}, cwd=ROOT)
+
+
+def _wait_exit(proc, timeout, log) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # the fault handler prints every thread's stack to the log
+        proc.wait(timeout=30)
+        with open(log, errors="replace") as f:
+            tail = f.read()[-6000:]
+        raise AssertionError(f"the child did not exit within {timeout} s; its output ends:\n{tail}") from None
 
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path, data_prefix, tokenizer_file):
     out, ref = tmp_path / "out", tmp_path / "ref"
-    proc = _spawn(args(out, data_prefix, tokenizer_file, 20, "--save-interval", "5"), MEGAJOY_TEST_SAVE_PAUSE="2")
+    proc = _spawn(args(out, data_prefix, tokenizer_file, 20, "--save-interval", "5"), tmp_path / "child.log",
+                  MEGAJOY_TEST_SAVE_PAUSE="2")
     ckpts = out / "checkpoints"
     try:
         _wait_for(lambda: (ckpts / "iter_0000005").is_dir() and any(
             p.startswith("iter_0000010.tmp-") for p in os.listdir(ckpts)), 120, "the second save to start")
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        _wait_exit(proc, 30, tmp_path / "child.log")
     finally:
         proc.kill()
     assert not (ckpts / "iter_0000010").exists()
@@ -126,11 +141,11 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, data_prefix, token
 
 def test_sigterm_saves_and_exits_zero(tmp_path, data_prefix, tokenizer_file):
     out = tmp_path / "out"
-    proc = _spawn(args(out, data_prefix, tokenizer_file, 100000, "--eval-interval", "100000"))
+    proc = _spawn(args(out, data_prefix, tokenizer_file, 100000, "--eval-interval", "100000"), tmp_path / "child.log")
     try:
         _wait_for(lambda: (out / "metrics.jsonl").exists() and len(train_records(out)) >= 3, 120, "three steps")
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        assert _wait_exit(proc, 60, tmp_path / "child.log") == 0
     finally:
         proc.kill()
     last_logged = max(train_records(out))
