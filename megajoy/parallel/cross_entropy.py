@@ -13,16 +13,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits_NV, target_N, group):
         vocab_local = logits_NV.shape[-1]
         start = group_rank(group) * vocab_local
-        logits = logits_NV.float()
+        # One fp32 copy of the logits, worked on in place: it becomes the softmax backward keeps.
+        logits = logits_NV.to(torch.float32, copy=True)
         max_N = logits.max(dim=-1).values
         dist.all_reduce(max_N, op=dist.ReduceOp.MAX, group=group)
-        logits = logits - max_N.unsqueeze(-1)
+        logits.sub_(max_N.unsqueeze(-1))
         outside = (target_N < start) | (target_N >= start + vocab_local)
         local_target = (target_N - start).masked_fill(outside, 0)
         rows = torch.arange(logits.shape[0], device=logits.device)
         target_logit = logits[rows, local_target].masked_fill(outside, 0.0)
         dist.all_reduce(target_logit, group=group)
-        exp = logits.exp()
+        exp = logits.exp_()
         sum_exp = exp.sum(dim=-1)
         dist.all_reduce(sum_exp, group=group)
         softmax = exp.div_(sum_exp.unsqueeze(-1))
