@@ -35,6 +35,7 @@ class KernelSettings:
 
 
 settings = KernelSettings()
+GPU_CROSS_ENTROPY_CHUNK = 4096  # the fused head's chunk on CUDA unless set
 
 
 def configure(backend: str | None = None, cross_entropy_chunk: int | None = -1) -> None:
@@ -195,5 +196,5 @@ def cross_entropy_chunk(t: torch.Tensor) -> int:
     if settings.backend == "torch":
         return 0
     if settings.cross_entropy_chunk is None:
-        return 4096 if t.is_cuda else 0
+        return GPU_CROSS_ENTROPY_CHUNK if t.is_cuda else 0
     return settings.cross_entropy_chunk

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from megajoy.config import ModelConfig
+from megajoy.kernels.backend import GPU_CROSS_ENTROPY_CHUNK
 from megajoy.parallel.context import planning_context
 from megajoy.parallel.optimizer import buckets, owned_elements
 from megajoy.parallel.params import parameter_specs
@@ -35,10 +36,12 @@ class RankMemory:
     activations: int
     micro_batches_in_flight: float
     weight_copies: int = 0  # bf16 copies of weights a step's GEMMs keep beside the weights (see weight_copy_bytes)
+    working_set: int = 0  # what backward holds at once beyond the kept activations (backward_working_bytes)
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer + self.activations + self.weight_copies
+        return (self.parameters + self.gradients + self.optimizer + self.activations + self.working_set
+                + self.weight_copies)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
@@ -55,7 +58,12 @@ class ActivationFormat:
     weights: int = 4
     fused_kernels: bool = True  # Triton RMSNorm and SwiGLU, which keep only their inputs (megajoy.kernels)
     flash_attention: bool = True  # flash / flex attention: q, k, v, output, log-sum-exp; else torch's math SDPA
-    chunked_head: bool = True  # the fused head + cross-entropy: a log-sum-exp per token, never the logits
+    head_chunk: int = GPU_CROSS_ENTROPY_CHUNK  # tokens per chunk of the fused head + loss (0: unfused)
+
+    @property
+    def chunked_head(self) -> bool:
+        """The fused head + cross-entropy: a log-sum-exp per token, never the logits."""
+        return self.head_chunk > 0
 
     @classmethod
     def of(cls, bf16: bool = True, params_dtype: str = "fp32", kernels: str = "auto",
@@ -68,14 +76,16 @@ class ActivationFormat:
         if params_dtype == "bf16" and not bf16:
             raise ValueError("bf16 weights compute under bf16 autocast: they cannot plan fp32 activations")
         fast = kernels == "triton" or (gpu and kernels == "auto")  # a GPU image with Triton installed
-        chunked = kernels != "torch" and (bool(cross_entropy_chunk) if cross_entropy_chunk is not None else gpu)
+        chunk = GPU_CROSS_ENTROPY_CHUNK if gpu else 0
+        chunk = 0 if kernels == "torch" else (cross_entropy_chunk if cross_entropy_chunk is not None else chunk)
         return cls(gemm=2 if bf16 else 4, weights=2 if params_dtype == "bf16" else 4, fused_kernels=fast,
-                   flash_attention=gpu, chunked_head=chunked)
+                   flash_attention=gpu, head_chunk=chunk)
 
     def describe(self) -> str:
         compute = "bf16 autocast" if self.gemm == 2 else "fp32"
         kernels = "fused kernels" if self.fused_kernels else "torch kernels"
-        return f"{compute}, {kernels}, {'chunked' if self.chunked_head else 'unfused'} head"
+        head = f"head in {self.head_chunk:,}-token chunks" if self.chunked_head else "unfused head"
+        return f"{compute}, {kernels}, {head}"
 
 
 def rank_model(model_cfg: ModelConfig, parallel_cfg, world: int, rank: int, seq_length: int):
@@ -147,11 +157,11 @@ def plan_memory(model_cfg: ModelConfig, parallel_cfg, world: int, micro_batch_si
         params, grads, optim = shares[rank]
         in_flight = micro_batches_in_flight(pc, micro_batches_per_step)
         per_micro = stage_activation_bytes(model, pc, micro_batch_size, seq_length, fmt, recompute)
-        rebuilt = recomputed_chunk_bytes(model, pc, micro_batch_size, seq_length, fmt, recompute)
+        working = backward_working_bytes(model, pc, micro_batch_size, seq_length, fmt, recompute)
         layers = tuple(i for s in model.stages for i in s.layers)
-        activations = int(per_micro * in_flight + rebuilt)
         copies = weight_copy_bytes(model, fmt, qat_modules, pc.distributed_optimizer, recompute)
-        plan.append(RankMemory(rank, stage, layers, params, grads, optim, activations, in_flight, copies))
+        plan.append(RankMemory(rank, stage, layers, params, grads, optim, int(per_micro * in_flight), in_flight,
+                               copies, working))
     return plan
 
 
@@ -236,6 +246,27 @@ def _head(cfg, pc, tokens: int, fmt: ActivationFormat) -> int:
     return tokens * cfg.hidden_size * fmt.gemm + 4 * tokens * (cfg.vocab_size // pc.tp_size) + 8 * tokens
 
 
+def head_working_bytes(cfg, pc, tokens: int, fmt: ActivationFormat) -> int:
+    """The most the output head and loss hold at once beyond what their forward keeps, reached in their
+    backward (the first thing backward runs, while every activation of the micro-batch is alive). V is
+    this rank's vocabulary slice, N the tokens through the head (gathered under sequence parallelism).
+    Fused (megajoy.kernels.cross_entropy): the head weight's bf16 cast (fp32 weights under autocast),
+    the fp32 weight gradient, the input gradient, and one chunk's logits: the GEMM's output beside its
+    fp32 copy, or later the chunk's gradient beside its [V, K] product. Unfused: fp32 [N, V] buffers
+    beside the kept log-softmax: torch's log-softmax backward takes its incoming gradient and writes a
+    new one (two); the vocabulary-parallel loss copies its softmax and casts that to the GEMM's dtype."""
+    vocab, width = cfg.vocab_size // pc.tp_size, cfg.hidden_size
+    if fmt.chunked_head:
+        rows = min(fmt.head_chunk, tokens)
+        cast = 2 * vocab * width if fmt.gemm == 2 and fmt.weights == 4 else 0
+        gemm_output = fmt.gemm if fmt.gemm != 4 else 0  # an fp32 GEMM's output is the fp32 copy itself
+        logits = max((4 + gemm_output) * rows * vocab, fmt.gemm * (rows * vocab + vocab * width))
+        return cast + 4 * vocab * width + tokens * width * fmt.weights + logits
+    if pc.tp_size == 1:
+        return 8 * tokens * vocab
+    return (4 + (fmt.gemm if fmt.gemm != 4 else 0)) * tokens * vocab
+
+
 def _mtp_layer_bytes(cfg, pc, micro_batch_size: int, seq_length: int, fmt: ActivationFormat, recompute) -> int:
     """An MTP depth: enorm, hnorm (on the final norm's output, which the head may keep already), the
     concatenation eh_proj reads, its decoder layer (whose residual stream is eh_proj's output) and final
@@ -252,6 +283,18 @@ def _mtp_layer_bytes(cfg, pc, micro_batch_size: int, seq_length: int, fmt: Activ
     layer = layer_activation_bytes(cfg, pc, micro_batch_size, seq_length, False, fmt, _selected(recompute),
                                    stream=fmt.gemm)
     return _norm(fmt, local, h, fmt.weights) + hnorm + 2 * local * h * fmt.gemm + layer + _norm(fmt, local, h, fmt.gemm)
+
+
+def backward_working_bytes(model, pc, micro_batch_size: int, seq_length: int, fmt: ActivationFormat,
+                           recompute=None) -> int:
+    """The most backward holds at once beyond the activations kept for it, while they are all alive: on
+    the last stage the output head and loss's working set (`head_working_bytes`, the MTP's head one at a
+    time after the main one), and with recomputation the activations of the chunk it rebuilds
+    (`recomputed_chunk_bytes`); the larger, since the head's are freed before any chunk is rebuilt."""
+    rebuilt = recomputed_chunk_bytes(model, pc, micro_batch_size, seq_length, fmt, recompute)
+    last = any(s.is_last for s in model.stages)
+    head = head_working_bytes(model.cfg, pc, micro_batch_size * seq_length, fmt) if last else 0
+    return int(max(rebuilt, head))
 
 
 def recomputed_chunk_bytes(model, pc, micro_batch_size: int, seq_length: int, fmt: ActivationFormat,
@@ -402,12 +445,12 @@ def _checkpointed_experts(model, recompute) -> set[int]:
 
 def format_plan(plan: list[RankMemory], gpu_memory_gib: float, headroom: float = 0.9) -> str:
     rows = ["  stage  layers         params GiB  grads GiB  optim GiB  activ GiB (micro-batches)  "
-            "bf16 copies GiB  total GiB"]
+            "backward GiB  bf16 copies GiB  total GiB"]
     for m in plan:
         layers = f"{m.layers[0]}-{m.layers[-1]}" if m.layers else "-"
         rows.append(f"  {m.pp_stage:<5}  {layers:<13}  {m.parameters / GiB:>10.2f}  {m.gradients / GiB:>9.2f}  "
                     f"{m.optimizer / GiB:>9.2f}  {m.activations / GiB:>9.2f} ({m.micro_batches_in_flight:g})"
-                    f"{'':>12}  {m.weight_copies / GiB:>15.2f}  {m.total / GiB:>9.2f}")
+                    f"{'':>12}  {m.working_set / GiB:>12.2f}  {m.weight_copies / GiB:>15.2f}  {m.total / GiB:>9.2f}")
     worst = max(m.total for m in plan)
     budget = gpu_memory_gib * headroom
     verdict = "fits" if worst / GiB <= budget else "does NOT fit"
