@@ -9,7 +9,9 @@ Activations are the tensors autograd keeps for backward, counted per micro-batch
 dtypes this implementation saves (see `layer_activation_bytes`) with the kernels a step runs
 (`ActivationFormat`: autocast or not, the weights' dtype, a GPU's fused kernels or the CPU's torch
 references), times the micro-batches the schedule keeps in flight on the rank. Beside them, the bf16
-copies of weights that a step under autocast keeps once (`weight_copy_bytes`).
+copies of weights that a step under autocast keeps once (`weight_copy_bytes`), and the most backward
+holds at once beyond the kept activations (`backward_working_bytes`). Gradients count as allocated, as
+they are from a step's second micro-batch on.
 """
 
 from dataclasses import asdict, dataclass
@@ -288,13 +290,24 @@ def _mtp_layer_bytes(cfg, pc, micro_batch_size: int, seq_length: int, fmt: Activ
 def backward_working_bytes(model, pc, micro_batch_size: int, seq_length: int, fmt: ActivationFormat,
                            recompute=None) -> int:
     """The most backward holds at once beyond the activations kept for it, while they are all alive: on
-    the last stage the output head and loss's working set (`head_working_bytes`, the MTP's head one at a
-    time after the main one), and with recomputation the activations of the chunk it rebuilds
-    (`recomputed_chunk_bytes`); the larger, since the head's are freed before any chunk is rebuilt."""
+    the last stage the output head and loss's working set (`head_working_bytes`; the MTP's head first, then
+    the main head's beside the shared weights' gradients the MTP left waiting), and with recomputation the
+    activations of the chunk it rebuilds (`recomputed_chunk_bytes`); the larger, since the head's are freed
+    before any chunk is rebuilt."""
     rebuilt = recomputed_chunk_bytes(model, pc, micro_batch_size, seq_length, fmt, recompute)
-    last = any(s.is_last for s in model.stages)
-    head = head_working_bytes(model.cfg, pc, micro_batch_size * seq_length, fmt) if last else 0
-    return int(max(rebuilt, head))
+    if not any(s.is_last for s in model.stages):
+        return int(rebuilt)
+    cfg, tokens = model.cfg, micro_batch_size * seq_length
+    head = head_working_bytes(cfg, pc, tokens, fmt)
+    # Backward runs the MTP branch first (made last). Its gradients for the head and embedding it shares wait
+    # in autograd's buffers for the main model's (the unfused heads share autocast's one cast of the head
+    # weight: they meet there, in its dtype); by the main head's turn the MTP's activations are freed.
+    head_gradient = fmt.weights if fmt.chunked_head else fmt.gemm
+    shared = (cfg.vocab_size // pc.tp_size) * cfg.hidden_size * (head_gradient + fmt.weights)
+    waiting = shared if len(model.mtp) else 0
+    freed = len(model.mtp) * (_mtp_layer_bytes(cfg, pc, micro_batch_size, seq_length, fmt, recompute)
+                              + _head(cfg, pc, tokens, fmt) + 8 * tokens)
+    return int(max(rebuilt, head + max(0, waiting - freed)))
 
 
 def recomputed_chunk_bytes(model, pc, micro_batch_size: int, seq_length: int, fmt: ActivationFormat,
