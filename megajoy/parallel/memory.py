@@ -261,12 +261,16 @@ def head_working_bytes(cfg, pc, tokens: int, fmt: ActivationFormat) -> int:
     if fmt.chunked_head:
         rows = min(fmt.head_chunk, tokens)
         cast = 2 * vocab * width if fmt.gemm == 2 and fmt.weights == 4 else 0
-        gemm_output = fmt.gemm if fmt.gemm != 4 else 0  # an fp32 GEMM's output is the fp32 copy itself
-        logits = max((4 + gemm_output) * rows * vocab, fmt.gemm * (rows * vocab + vocab * width))
+        logits = max(_with_fp32_copy(fmt) * rows * vocab, fmt.gemm * (rows * vocab + vocab * width))
         return cast + 4 * vocab * width + tokens * width * fmt.weights + logits
     if pc.tp_size == 1:
         return 8 * tokens * vocab
-    return (4 + (fmt.gemm if fmt.gemm != 4 else 0)) * tokens * vocab
+    return _with_fp32_copy(fmt) * tokens * vocab
+
+
+def _with_fp32_copy(fmt: ActivationFormat) -> int:
+    """Bytes per element of a GEMM's output and its fp32 copy, both alive (an fp32 output is its own copy)."""
+    return 4 + (fmt.gemm if fmt.gemm != 4 else 0)
 
 
 def _mtp_layer_bytes(cfg, pc, micro_batch_size: int, seq_length: int, fmt: ActivationFormat, recompute) -> int:
