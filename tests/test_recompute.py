@@ -13,14 +13,15 @@ from megajoy.model.moe import Router
 from megajoy.model.mla import MLA
 
 
-def _forward_backward(recompute, autocast=False):
+def _forward_backward(recompute, autocast=False, compiled=False):
     cfg = small_config(num_hidden_layers=4, first_k_dense_replace=1)
     model = random_model(cfg, seed=5).train()
     model.recompute = recompute
     track_max_logits(model, True)
     ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    step = torch.compile(model, backend="aot_eager") if compiled else model
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = model(ids, labels=torch.roll(ids, -1, 1), compute_mtp=True)
+        out = step(ids, labels=torch.roll(ids, -1, 1), compute_mtp=True)
     (out.lm_loss + out.mtp_loss).backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     loads = [m.expert_load.clone() for m in model.modules() if isinstance(m, Router)]
@@ -104,3 +105,13 @@ def test_selective_recomputation_leaves_fp8_numerics_alone():
     loss, grads = run(None)
     r_loss, r_grads = run(Recompute(modules=("layernorm", "moe_act", "mla_up_proj")))
     assert r_loss == loss and all(torch.equal(r_grads[n], g) for n, g in grads.items())
+
+
+
+def test_released_outputs_under_torch_compile():
+    """Under torch.compile the released outputs' storage resizing runs eagerly between compiled graphs
+    (`run_discarding` is kept out of tracing lazily, so a process that never compiles does not import
+    torch._dynamo for it): the compiled step's gradients equal the eager step's that keeps everything."""
+    _, grads, _, _ = _forward_backward(None)
+    _, compiled, _, _ = _forward_backward(Recompute(modules=("moe_act", "layernorm", "mla_up_proj")), compiled=True)
+    assert compiled.keys() == grads.keys() and all(torch.equal(compiled[n], g) for n, g in grads.items())

@@ -110,7 +110,7 @@ def checkpointed_call(fn: Callable, *args):
     return checkpoint(forward, *args, use_reentrant=False)
 
 
-@torch.compiler.disable  # storage resizing and tensor hooks: run eagerly, between compiled graphs
+@torch._disable_dynamo  # eager between compiled graphs (storage resizing, tensor hooks); imports dynamo when first run
 def run_discarding(producer: Callable, consumer: Callable, *inputs: torch.Tensor):
     """consumer(producer(*inputs)), with the producer's outputs (a tensor or a tuple) released once the
     consumer has run, and refilled with producer(*inputs) again, under the forward's autocast state, when
