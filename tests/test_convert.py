@@ -224,13 +224,13 @@ def test_int4_export_imports_back_to_the_qat_weights(tmp_path):
 # ------------------------------------------------------------------------------------------ streaming
 
 def kill_when_started(argv, tmp_prefix) -> None:
-    """Start a conversion and kill -9 it once its temporary output holds a few hundred MB."""
+    """Start a conversion and kill -9 it once its temporary output holds 100 MB."""
     process = subprocess.Popen(TOOL + [str(a) for a in argv])
     parent, stem = os.path.split(tmp_prefix)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
         partial = [os.path.join(parent, p) for p in os.listdir(parent) if p.startswith(stem + ".tmp-")]
-        if partial and _size(partial[0]) > 300e6:
+        if partial and _size(partial[0]) > 100e6:
             break
         time.sleep(0.05)
     assert process.poll() is None, "the conversion finished before it could be interrupted"

@@ -711,7 +711,7 @@ def test_head_working_set_is_what_its_backward_allocates(tp, sequence_parallel):
 
 
 @pytest.mark.parametrize("weights, bf16, chunk, recompute", [
-    ("fp32", False, 0, None), ("fp32", True, 32, None), ("bf16", True, 0, "moe_act layernorm"),
+    ("fp32", False, 0, None), ("bf16", True, 0, "moe_act layernorm"),
     ("fp32", True, 32, "moe_act layernorm"), ("bf16", True, 32, "uniform"), ("fp32", False, 32, "moe")])
 def test_peak_of_a_training_step_is_the_plan(weights, bf16, chunk, recompute):
     """The most a whole forward + backward of the tiny preset (MTP on, packed documents, gradients already
