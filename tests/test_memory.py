@@ -335,7 +335,7 @@ def test_plan_cli_follows_the_kernels(capsys):
     """`--cross-entropy-chunk 0` plans the unfused head: the fp32 log-softmax over the vocabulary for every
     token, and the head weight's bf16 cast kept for the step; `--kernels torch` the torch references
     everywhere (the head unfused too), which keep more than the GPU's fused kernels; `--precision fp32`, or
-    train.bf16 false in the configuration, a step without autocast."""
+    train.bf16 false in the configuration, a step without autocast, which bf16 weights cannot take."""
     import json
 
     from megajoy.cli import main
@@ -358,6 +358,8 @@ def test_plan_cli_follows_the_kernels(capsys):
         assert main(argv + flags) == 0
         [fp32[flags[0]]] = json.loads(capsys.readouterr().out)["memory_plan"]
     assert fp32["--precision"] == fp32["--set"] and fp32["--set"]["activations"] > 1.5 * fused["activations"]
+    assert main(argv + ["--precision", "fp32", "--params-dtype", "bf16"]) == 2
+    assert "info: error: bf16 weights compute under bf16 autocast" in capsys.readouterr().err
 
 
 def test_plan_cli_counts_muon_state(capsys):
