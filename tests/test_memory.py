@@ -702,9 +702,9 @@ def test_head_working_set_is_what_its_backward_allocates(tp, sequence_parallel):
     """The output head and loss's backward working set (`head_working_bytes`), fused in chunks and unfused,
     fp32, under autocast with fp32 and with bf16 weights: within 3% of the most their backward allocated
     beyond what their forward kept, counted tensor by tensor as aten creates and frees them; their forward
-        held no more (within 1%). Before, the fused forward's torch.logsumexp held two more fp32 copies of a chunk's
-    logits and each chunk's logits outlived it into the next (the backward up to 1.7x the plan), and the
-    vocabulary-parallel forward made a new [N, V] tensor at each step (twice the plan)."""
+    held no more (within 1%). Before, the fused forward's torch.logsumexp held two more fp32 copies of a
+    chunk's logits and each chunk's logits outlived it into the next (the backward up to 1.7x the plan),
+    and the vocabulary-parallel forward made a new [N, V] tensor at each step (twice the plan)."""
     cases = [(weights, bf16, chunk) for t, sp, weights, bf16, chunk in HEAD_CASES if (t, sp) == (tp, sequence_parallel)]
     for (planned, measured, forward), case in zip(run_workers(tp, _head_working_worker, sequence_parallel, cases)[0],
                                                   cases):

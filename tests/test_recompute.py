@@ -107,7 +107,6 @@ def test_selective_recomputation_leaves_fp8_numerics_alone():
     assert r_loss == loss and all(torch.equal(r_grads[n], g) for n, g in grads.items())
 
 
-
 def test_released_outputs_under_torch_compile():
     """Under torch.compile the released outputs' storage resizing runs eagerly between compiled graphs
     (`run_discarding` is kept out of tracing lazily, so a process that never compiles does not import

@@ -233,10 +233,15 @@ def stage_activation_bytes(model, pc, micro_batch_size: int, seq_length: int, fm
             total += sum(_layer_bytes(cfg, pc, micro_batch_size, seq_length, i, fmt, modules) for i in chunk)
     if last:
         total += _norm(fmt, local, cfg.hidden_size, fmt.weights) + _head(cfg, pc, tokens, fmt)
-        for _ in range(len(model.mtp)):
-            total += _mtp_layer_bytes(cfg, pc, micro_batch_size, seq_length, fmt, recompute)
-            total += _head(cfg, pc, tokens, fmt) + 8 * tokens  # its head, and the next tokens' ids
+        total += len(model.mtp) * _mtp_depth_bytes(cfg, pc, micro_batch_size, seq_length, fmt, recompute)
     return total
+
+
+def _mtp_depth_bytes(cfg, pc, micro_batch_size: int, seq_length: int, fmt: ActivationFormat, recompute) -> int:
+    """What an MTP depth keeps: its layer, its head, and the next tokens' ids."""
+    tokens = micro_batch_size * seq_length
+    return (_mtp_layer_bytes(cfg, pc, micro_batch_size, seq_length, fmt, recompute) + _head(cfg, pc, tokens, fmt)
+            + 8 * tokens)
 
 
 def _head(cfg, pc, tokens: int, fmt: ActivationFormat) -> int:
@@ -306,12 +311,12 @@ def backward_working_bytes(model, pc, micro_batch_size: int, seq_length: int, fm
     # Backward runs the MTP branch first (made last). Its gradients for the head and embedding it shares wait
     # in autograd's buffers for the main model's (the unfused heads share autocast's one cast of the head
     # weight: they meet there, in its dtype); by the main head's turn the MTP's activations are freed.
-    head_gradient = fmt.weights if fmt.chunked_head else fmt.gemm
-    shared = (cfg.vocab_size // pc.tp_size) * cfg.hidden_size * (head_gradient + fmt.weights)
-    waiting = shared if len(model.mtp) else 0
-    freed = len(model.mtp) * (_mtp_layer_bytes(cfg, pc, micro_batch_size, seq_length, fmt, recompute)
-                              + _head(cfg, pc, tokens, fmt) + 8 * tokens)
-    return int(max(rebuilt, head + max(0, waiting - freed)))
+    if len(model.mtp):
+        head_gradient = fmt.weights if fmt.chunked_head else fmt.gemm
+        waiting = (cfg.vocab_size // pc.tp_size) * cfg.hidden_size * (head_gradient + fmt.weights)
+        freed = len(model.mtp) * _mtp_depth_bytes(cfg, pc, micro_batch_size, seq_length, fmt, recompute)
+        head += max(0, waiting - freed)
+    return int(max(rebuilt, head))
 
 
 def recomputed_chunk_bytes(model, pc, micro_batch_size: int, seq_length: int, fmt: ActivationFormat,
