@@ -88,7 +88,8 @@ def plan(state: str) -> list[Check]:
               "the planner's numbers for both beside their peak memory",
               [[py, script("throughput.py"), *step, "--params-dtype", "bf16", "--compile", "--no-hf",
                 "--out", out("throughput_bf16")], plan, [*plan, "--params-dtype", "bf16"]], 540),
-        Check("hot-paths", "every hot path against its floor and the torch reference (the fused SwiGLU is new)",
+        Check("hot-paths", "every hot path against its floor and the torch reference (the fused SwiGLU and router "
+              "are new)",
               [[py, script("run_all.py"), "--results", state]], 480),
         Check("torchtitan", "TorchTitan's DeepSeek-V3 beside megajoy on the same configuration",
               [[py, script("throughput.py"), *step, "--compile", "--no-hf", "--torchtitan",

@@ -1,8 +1,9 @@
 """The MoE router (fp32 sigmoid scores, top-k on score + bias, optional group-limited selection, weights
-normalised and scaled) forward and forward + backward: megajoy's Router, beside it the same router
-under torch.compile, and as the baseline Hugging Face transformers' DeepseekV3 router with the same
-weights (same choices checked). The floor: the score GEMM at the matmul rate or x and the weight read
-in fp32 at copy bandwidth, whichever is longer.
+normalised and scaled) forward and forward + backward: megajoy's Router (on a GPU its element-wise part
+is one Triton kernel each way), beside it the same router on the torch reference and under torch.compile,
+and as the baseline Hugging Face transformers' DeepseekV3 router with the same weights (same choices
+checked). The floor: the score GEMM at the matmul rate or x and the weight read in fp32 at copy
+bandwidth, whichever is longer.
 
   python benchmarks/router.py [--shape joyai]
 """
@@ -52,6 +53,7 @@ def hf_router(cfg, weight, bias):
 
 def main() -> None:
     from megajoy.config import ModelConfig
+    from megajoy.kernels.backend import kernel_settings
     from megajoy.model.moe import Router
 
     args = hot_path_args(__doc__, "router")
@@ -79,8 +81,10 @@ def main() -> None:
     for label, factor in (("forward", 1), ("forward + backward", 3)):
         run = (lambda f: f(x)) if factor == 1 else fwd_bwd
         base = time_op(lambda: run(lambda t: baseline(t)[0]), args.device)
-        for name, module in (("megajoy", router), ("megajoy compiled", compiled)):
-            seconds = time_op(lambda: run(lambda t: module(t).weights_TK), args.device)
+        for name, module, kernels in (("megajoy", router, "auto"), ("megajoy torch reference", router, "torch"),
+                                      ("megajoy compiled", compiled, "auto")):
+            with kernel_settings(backend=kernels):
+                seconds = time_op(lambda: run(lambda t: module(t).weights_TK), args.device)
             rows.append(bench_row(f"{name} {label} ({tokens} x {hidden}, top-{k} of {experts})", seconds,
                                   factor * flops, factor * moved, floors, base))
     report("router", f"Router: megajoy vs transformers DeepseekV3 (same experts chosen: {same})", rows, args,

@@ -17,6 +17,7 @@ from megajoy.config import ModelConfig
 from megajoy.kernels.backend import cast_as_autocast
 from megajoy.kernels.grouped_gemm import grouped_mm
 from megajoy.kernels.moe_permute import count_per_expert, permute, unpermute
+from megajoy.kernels.router import route
 from megajoy.kernels.swiglu import swiglu_packed
 from megajoy.model.mlp import MLP
 from megajoy.model.recompute import checkpointed_call, is_recomputing, run_discarding
@@ -29,18 +30,6 @@ class Routing:
     expert_ids_TK: torch.Tensor  # chosen experts
     weights_TK: torch.Tensor  # fp32 combine weights (normalised unbiased scores times the scaling factor)
     scores_TE: torch.Tensor  # fp32 sigmoid scores of every expert
-
-
-def select_experts(scores_TE: torch.Tensor, bias_E: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """Top-k experts by score + bias (the bias steers selection only), optionally within the best groups."""
-    choice_TE = scores_TE + bias_E if cfg.topk_method == "noaux_tc" else scores_TE
-    if cfg.n_group > 1:
-        grouped = choice_TE.unflatten(-1, (cfg.n_group, -1))
-        group_score = grouped.topk(2, dim=-1).values.sum(-1)
-        best_groups = group_score.topk(cfg.topk_group, dim=-1).indices
-        keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best_groups, True)
-        choice_TE = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
-    return choice_TE.topk(cfg.num_experts_per_tok, dim=-1).indices
 
 
 class _Fp32Linear(torch.autograd.Function):
@@ -79,12 +68,8 @@ class Router(nn.Module):
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts, dtype=torch.int64), persistent=False)
 
     def forward(self, x_TH: torch.Tensor) -> Routing:
-        scores_TE = _Fp32Linear.apply(x_TH, self.weight).sigmoid()
-        expert_ids_TK = select_experts(scores_TE, self.e_score_correction_bias, self.cfg)
-        weights_TK = scores_TE.gather(1, expert_ids_TK)
-        if self.cfg.norm_topk_prob:
-            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
-        weights_TK = weights_TK * self.cfg.routed_scaling_factor
+        logits_TE = _Fp32Linear.apply(x_TH, self.weight)
+        expert_ids_TK, weights_TK, scores_TE = route(logits_TE, self.e_score_correction_bias, self.cfg)
         if self.training and not is_recomputing():  # counted once, not again in backward's recomputation
             with torch.no_grad():
                 self.expert_load += count_per_expert(expert_ids_TK, self.expert_load.numel())

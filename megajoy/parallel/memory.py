@@ -58,7 +58,7 @@ class ActivationFormat:
     these say. The defaults are a GPU step under bf16 autocast over fp32 weights with the fast paths on."""
     gemm: int = 2
     weights: int = 4
-    fused_kernels: bool = True  # Triton RMSNorm and SwiGLU, which keep only their inputs (megajoy.kernels)
+    fused_kernels: bool = True  # Triton RMSNorm, SwiGLU and router, which keep less (megajoy.kernels)
     flash_attention: bool = True  # flash / flex attention: q, k, v, output, log-sum-exp; else torch's math SDPA
     head_chunk: int = GPU_CROSS_ENTROPY_CHUNK  # tokens per chunk of the fused head + loss (0: unfused)
 
@@ -432,8 +432,11 @@ def _moe(cfg: ModelConfig, pc, tokens: int, fmt: ActivationFormat, modules: froz
         return 0 if released else (local if own_input else tokens) * d * fmt.weights
     k, inter = cfg.num_experts_per_tok, cfg.moe_intermediate_size
     routed = local * k
-    # the router's input (the norm's output) and its fp32 scores, sums and weights (kept twice)
-    router = (0 if released else local * d * fmt.weights) + 4 * (local * cfg.n_routed_experts + local + 2 * routed)
+    # the router's input (the norm's output) and its fp32 scores and weights; torch's also the weights' sums and
+    # their unnormalised copy (the fused router's weights are the ones combine keeps)
+    fused_router = fmt.fused_kernels and cfg.n_group <= 1
+    router = (0 if released else local * d * fmt.weights) + 4 * local * cfg.n_routed_experts
+    router += 4 * routed if fused_router else 4 * (local + 2 * routed)
     # the permuted input and output, and SwiGLU's
     experts = (2 * routed * d + _swiglu_elements(fmt, "moe_act" in modules) * routed * inter) * g
     shared = 0
