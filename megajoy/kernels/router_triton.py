@@ -61,9 +61,10 @@ def _backward_kernel(S, IDS, W, DW, DS, DL, T, E, scale, K: tl.constexpr, NORMAL
 
 
 def _blocks(experts: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_T, E_PAD, K_PAD): about 4096 scores per program."""
+    """(BLOCK_T, E_PAD, K_PAD): about 1024 scores per program (8 per thread of 4 warps; 4096 took 255
+    registers a thread for sm_90, see benchmarks/triton_compile.py)."""
     e_pad = triton.next_power_of_2(experts)
-    return max(1, 4096 // e_pad), e_pad, triton.next_power_of_2(k)
+    return max(1, 1024 // e_pad), e_pad, triton.next_power_of_2(k)
 
 
 def forward(logits_TE: torch.Tensor, bias_E: torch.Tensor, k: int, scale: float, normalise: bool):
@@ -76,7 +77,7 @@ def forward(logits_TE: torch.Tensor, bias_E: torch.Tensor, k: int, scale: float,
     if t:
         _forward_kernel[(triton.cdiv(t, block_t),)](logits_TE, bias_E, scores, ids, weights, t, e, logits_TE.stride(0),
                                                     scale, K=k, NORMALISE=normalise, BLOCK_T=block_t, E_PAD=e_pad,
-                                                    K_PAD=k_pad)
+                                                    K_PAD=k_pad, num_warps=4)
     return scores, ids, weights
 
 
@@ -90,5 +91,5 @@ def backward(scores_TE, ids_TK, weights_TK, d_weights_TK, d_scores_TE, scale: fl
         has_ds = d_scores_TE is not None
         _backward_kernel[(triton.cdiv(t, block_t),)](
             scores_TE, ids_TK, weights_TK, d_weights_TK, d_scores_TE if has_ds else scores_TE, d_logits, t, e, scale,
-            K=k, NORMALISE=normalise, HAS_DS=has_ds, BLOCK_T=block_t, E_PAD=e_pad, K_PAD=k_pad)
+            K=k, NORMALISE=normalise, HAS_DS=has_ds, BLOCK_T=block_t, E_PAD=e_pad, K_PAD=k_pad, num_warps=4)
     return d_logits
