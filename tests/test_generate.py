@@ -82,6 +82,51 @@ def test_generation_needs_the_whole_model_and_prompts(model):
         generate(model, [[1], []])
 
 
+EP_PROMPTS = ([[5, 17, 42], [9, 9]], [[200, 3, 3, 3, 7, 11, 250]])  # rank 0's two rows, rank 1's one
+
+
+def _expert_parallel_generate_worker(rank, world, stops):
+    """generate() on one rank of an expert-parallel pair (each holding half the experts), its own prompts;
+    and how many forwards each MoE block ran."""
+    import dataclasses
+
+    from helpers import TINY_MODEL_OVERRIDES
+    from megajoy.config import load_job_config
+    from megajoy.launch import setup_parallel
+    from megajoy.model import create_model
+
+    job = load_job_config("tiny", None, TINY_MODEL_OVERRIDES)
+    cfg = small_config(num_nextn_predict_layers=1, initializer_range=0.1)
+    job = dataclasses.replace(job, model=cfg, parallel=dataclasses.replace(job.parallel, expert_model_parallel_size=2))
+    pc = setup_parallel(job)
+    model = create_model(cfg, pc=pc, seed=3)
+    with torch.no_grad():  # random_model's router bias, drawn whole (it is replicated)
+        g = torch.Generator().manual_seed(4)
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn(buf.shape, generator=g) * 0.05)
+    forwards = []
+    moe = model.layers["1"].mlp
+    moe.register_forward_hook(lambda *_: forwards.append(1))
+    out = generate(model.eval(), EP_PROMPTS[rank], SamplingParams(max_new_tokens=10, stop_token_ids=stops))
+    return out, len(forwards)
+
+
+def test_expert_parallel_ranks_decode_their_own_prompts_in_lockstep(model):
+    """Two expert-parallel ranks, each with half the experts and its own prompts, decode what one process
+    with the whole model decodes for them, although one rank's rows stop long before the other's: the
+    finished rank keeps stepping (each MoE layer's all-to-all needs both) until both are done."""
+    from megajoy.parallel.spawn import run_workers
+
+    free = [generate(model, prompts, SamplingParams(max_new_tokens=10)) for prompts in EP_PROMPTS]
+    stops = (free[0][0][1], free[0][1][1])  # rank 0's rows stop at their second token, rank 1's row never
+    want = [generate(model, prompts, SamplingParams(max_new_tokens=10, stop_token_ids=stops)) for prompts in EP_PROMPTS]
+    assert [len(row) for rows in want for row in rows] == [2, 2, 10]
+    results = run_workers(2, _expert_parallel_generate_worker, stops, timeout=120)
+    assert [out for out, _ in results] == want
+    assert [forwards for _, forwards in results] == [10, 10]  # a prefill and nine steps on both ranks
+
+
 class OracleDrafter:
     """Drafts the true greedy continuation, wrong from draft `wrong_at` on (exercises acceptance)."""
 

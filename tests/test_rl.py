@@ -223,6 +223,29 @@ def test_rl_under_data_parallelism(tmp_path, tiny_init, capfd):
     assert "--prompts-per-step 3 is not divisible by the 2 data-parallel ranks" in capfd.readouterr().err
 
 
+def test_rl_under_expert_parallelism_rolls_out_as_data_parallelism(tmp_path, tiny_init):
+    """Two expert-parallel ranks (each with half the experts) roll out the same prompts as two data-parallel
+    ranks with the same seeds, decoding in lockstep: the same response lengths, rewards and policy entropy
+    at every sampled token. Neither the held-out evaluation (one prompt: rank 1 has none, and decodes a
+    placeholder beside rank 0) nor the curriculum's pass rates (47 training prompts one at a time: 24
+    generation batches on rank 0, 23 on rank 1) leaves a rank waiting for an all-to-all that never comes."""
+    from megajoy.parallel.spawn import cli_worker, run_workers
+
+    common = ("--dp", "2", "--demo-prompts", "61", "--valid-prompts", "1", "--train-iters", "2", "--eval-interval", "2",
+              "--curriculum", "--curriculum-rollouts", "40")
+    runs = {}
+    for name, extra in (("dp", ()), ("ep", ("--ep", "2"))):
+        run_workers(2, cli_worker, rl_args(tiny_init, tmp_path / name, *common, *extra), timeout=180)
+        runs[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+    assert [r["step"] for r in runs["ep"]] == [0, 1, 2, 2]
+    for ep, dp in zip(runs["ep"], runs["dp"]):
+        for key in ("reward", "response_length", "val_accuracy"):
+            assert ep.get(key) == dp.get(key), key
+        if "entropy" in dp:
+            assert ep["entropy"] == pytest.approx(dp["entropy"], rel=1e-6) and dp["entropy"] > 0
+            assert ep["importance_ratio"] == pytest.approx(dp["importance_ratio"], abs=1e-6)
+
+
 def test_first_update_sees_ratio_one_under_bf16_autocast(tmp_path, tiny_init):
     """The rollout log-probabilities are taken with the update's own numerics (autocast included)."""
     assert main(rl_args(tiny_init, tmp_path, "--bf16", "--train-iters", "1", "--eval-interval", "100")) == 0

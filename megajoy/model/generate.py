@@ -6,8 +6,11 @@ expanding keys and values per head:
     score(i, t) = scale * (q_nope_i W_uk . c_t + q_rope_i . k_rope_t),    out_i = (sum_t p(i, t) c_t) W_uv^T
 
 `greedy` re-runs the full forward for every token (no cache): the reference the cached path and the
-exports are checked against. Single process (one rank holds the whole model). Legend: B batch, S new
-positions, T cached positions, H heads, C kv_lora_rank, R rope dim, N nope dim, V value dim.
+exports are checked against. One rank holds the whole model, or under expert parallelism all of it but
+the other ranks' experts: then the ranks of an expert-parallel group each decode their own prompts, in
+lockstep (every MoE layer exchanges tokens with all of them), until the last row of any of them is done.
+Legend: B batch, S new positions, T cached positions, H heads, C kv_lora_rank, R rope dim, N nope dim,
+V value dim.
 """
 
 from dataclasses import dataclass
@@ -105,8 +108,26 @@ def decoder_step(layer, h_BSD, cos, sin, cache, mask):
 
 
 def check_single_process(model) -> None:
+    check_generation_layout(model)
+    if model.pc.ep_size > 1:
+        raise ValueError("speculative decoding runs on one process holding the whole model (no EP)")
+
+
+def check_generation_layout(model) -> None:
     if len(model.stages) != 1 or model.pc.tp_size > 1 or model.embed_tokens is None:
-        raise ValueError("generation runs on one process holding the whole model (no TP or PP)")
+        raise ValueError("generation runs where one process holds the whole model, its experts aside "
+                         "(data and expert parallelism; no TP or PP)")
+
+
+def _all_done(done_B: torch.Tensor, model) -> bool:
+    """Whether every row is done here and, under expert parallelism, on every rank of the group."""
+    if model.pc.ep_size == 1:
+        return bool(done_B.all())
+    import torch.distributed as dist
+
+    busy = (~done_B).any().float().reshape(1)
+    dist.all_reduce(busy, op=dist.ReduceOp.MAX, group=model.pc.group("ep"))
+    return not bool(busy.item())
 
 
 @dataclass
@@ -172,9 +193,11 @@ def check_sampling(params: SamplingParams) -> None:
 def generate(model, prompts: list[list[int]], params: SamplingParams | None = None,
              entropies: list | None = None) -> list[list[int]]:
     """The tokens appended to each prompt (a stop token ends a row and is included). If `entropies` is a
-    list, it receives per row the entropy of the policy (temperature 1) at each generated token."""
+    list, it receives per row the entropy of the policy (temperature 1) at each generated token. Under
+    expert parallelism every rank of the expert-parallel group calls this together, each with its own
+    prompts (at least one) and the same max_new_tokens."""
     params = params or SamplingParams()
-    check_single_process(model)
+    check_generation_layout(model)
     check_sampling(params)
     if not prompts or any(not p for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -215,7 +238,7 @@ def _generate(model, prompts, params, device, entropies):
             if entropy is not None:
                 entropies[b].append(float(entropy[b]))
         done |= torch.isin(tokens, stops)
-        if bool(done.all()) or i == params.max_new_tokens - 1:
+        if i == params.max_new_tokens - 1 or _all_done(done, model):
             break
         step = cached_forward(model, tokens[:, None], next_positions, ~done[:, None], cache)
         next_positions = next_positions + 1

@@ -4,7 +4,8 @@ generation, optionally under INT4 / Q4_0 / Q8_0 weights), verifiers score them, 
 within each prompt's group, and the rollout policy's log-probabilities are recorded; each step is then
 one policy update on the whole rollout batch with the chosen loss (FiberPO by default; GRPO, GSPO,
 PPO-clip), so every update after a batch's first sees ratios that differ from 1. One trajectory per row.
-Each rank holds the whole model and rolls out its share of the prompts (data parallelism only)."""
+Each rank holds the whole model (under expert parallelism, all but the other ranks' experts) and rolls
+out its share of the prompts: data and expert parallelism only."""
 
 import json
 import os
@@ -44,8 +45,8 @@ class RlStage(Stage):
 
         pc, args = trainer.pc, self.args
         if pc.size("world") != pc.size("dp"):
-            raise ValueError("megajoy rl rolls out on every rank with the whole model: use data parallelism only "
-                             "(no --tp, --pp, --ep, --cp)")
+            raise ValueError("megajoy rl rolls out on every rank with the whole model but its experts: use data "
+                             "and expert parallelism only (no --tp, --pp, --cp)")
         if args.prompts_per_step % pc.size("dp"):
             raise ValueError(f"--prompts-per-step {args.prompts_per_step} is not divisible by the {pc.size('dp')} "
                              f"data-parallel ranks")
@@ -80,11 +81,13 @@ class RlStage(Stage):
         mine = list(range(self.dp_rank, len(prompts), self.dp))
         rewards = torch.zeros(len(prompts), device=trainer.device)
         chunk = max(1, 64 // n)  # prompts per generation batch
-        for start in range(0, len(mine), chunk):
+        largest_share = -(-len(prompts) // self.dp)
+        for start in range(0, largest_share, chunk):  # as many batches on every rank (expert parallelism)
             part = mine[start:start + chunk]
             completions, _ = self._sample(trainer, [prompts[i] for i in part], n, seed=start)
-            scores = torch.tensor(self._rewards([prompts[i] for i in part for _ in range(n)], completions))
-            rewards[part] = scores.view(len(part), n).mean(-1).to(trainer.device)
+            if part:
+                scores = torch.tensor(self._rewards([prompts[i] for i in part for _ in range(n)], completions))
+                rewards[part] = scores.view(len(part), n).mean(-1).to(trainer.device)
         if self.dp > 1:
             dist.all_reduce(rewards, group=trainer.pc.group("dp"))
         return rewards.tolist()
@@ -92,10 +95,17 @@ class RlStage(Stage):
     def _sample(self, trainer, prompts, n: int, seed: int, greedy: bool = False):
         """(n completions per prompt, the policy's entropy at each of their tokens), decoded in the run's
         compute precision (bf16 autocast with --bf16, each weight cast once per rollout, not per decoding
-        step). Sampling (not the greedy held-out evaluation) uses the --rollout-qat weights."""
+        step). Sampling (not the greedy held-out evaluation) uses the --rollout-qat weights. Without prompts,
+        under expert parallelism, decodes a placeholder with the group's other ranks and returns nothing."""
         import contextlib
 
         from megajoy.model.generate import SamplingParams, generate
+
+        if not prompts:
+            if trainer.pc.ep_size == 1:
+                return [], []
+            self._sample(trainer, self.train[:1], 1, seed, greedy)
+            return [], []
 
         params = SamplingParams(self.args.max_new_tokens, 0.0 if greedy else self.args.temperature,
                                 stop_token_ids=(self.eos,), seed=seed)
@@ -146,7 +156,7 @@ class RlStage(Stage):
                                                                                     args.prompts_per_step)
         if self.dp > 1:  # every rank must use rank 0's choice (the curriculum sampler's state is per rank)
             box = [picked]
-            dist.broadcast_object_list(box, src=0, group=trainer.pc.group("dp"))  # data parallelism only: rank 0
+            dist.broadcast_object_list(box, src=0, group=trainer.pc.group("dp"))  # the world, rank 0 in it
             picked = box[0]
         return [self.train[i] for i in picked[self.dp_rank::self.dp]]
 
@@ -197,7 +207,7 @@ class RlStage(Stage):
     def evaluate(self, trainer) -> dict:
         """Greedy accuracy on the held-out prompts, each rank a share."""
         mine = self.valid[self.dp_rank::self.dp]
-        hits = sum(self._rewards(mine, self._sample(trainer, mine, 1, seed=0, greedy=True)[0])) if mine else 0.0
+        hits = sum(self._rewards(mine, self._sample(trainer, mine, 1, seed=0, greedy=True)[0]))
         totals = torch.tensor([hits, float(len(mine))], device=trainer.device)
         if self.dp > 1:
             dist.all_reduce(totals, group=trainer.pc.group("dp"))
