@@ -85,9 +85,9 @@ def test_generation_needs_the_whole_model_and_prompts(model):
 EP_PROMPTS = ([[5, 17, 42], [9, 9]], [[200, 3, 3, 3, 7, 11, 250]])  # rank 0's two rows, rank 1's one
 
 
-def _expert_parallel_generate_worker(rank, world, stops):
-    """generate() on one rank of an expert-parallel pair (each holding half the experts), its own prompts;
-    and how many forwards each MoE block ran."""
+def _layout_generate_worker(rank, world, flags, prompts_by_rank, params):
+    """generate() on one rank of a two-rank layout (`flags`: ParallelConfig fields) with its own prompts; how
+    many forwards one MoE block ran; whether sequence parallelism is back on after it (where it was on)."""
     import dataclasses
 
     from helpers import TINY_MODEL_OVERRIDES
@@ -97,19 +97,20 @@ def _expert_parallel_generate_worker(rank, world, stops):
 
     job = load_job_config("tiny", None, TINY_MODEL_OVERRIDES)
     cfg = small_config(num_nextn_predict_layers=1, initializer_range=0.1)
-    job = dataclasses.replace(job, model=cfg, parallel=dataclasses.replace(job.parallel, expert_model_parallel_size=2))
+    job = dataclasses.replace(job, model=cfg, parallel=dataclasses.replace(job.parallel, **flags))
     pc = setup_parallel(job)
-    model = create_model(cfg, pc=pc, seed=3)
+    model = create_model(cfg, pc=pc, seed=3)  # every layout draws the same weights
     with torch.no_grad():  # random_model's router bias, drawn whole (it is replicated)
         g = torch.Generator().manual_seed(4)
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(torch.randn(buf.shape, generator=g) * 0.05)
     forwards = []
-    moe = model.layers["1"].mlp
-    moe.register_forward_hook(lambda *_: forwards.append(1))
-    out = generate(model.eval(), EP_PROMPTS[rank], SamplingParams(max_new_tokens=10, stop_token_ids=stops))
-    return out, len(forwards)
+    model.layers["1"].mlp.register_forward_hook(lambda *_: forwards.append(1))
+    sequence_parallel = [m for m in model.modules() if getattr(m, "sp", False)]
+    out = generate(model.eval(), prompts_by_rank[rank], params)
+    restored = model.pc.sequence_parallel and len(sequence_parallel) > 0 and all(m.sp for m in sequence_parallel)
+    return out, len(forwards), restored
 
 
 def test_expert_parallel_ranks_decode_their_own_prompts_in_lockstep(model):
@@ -120,11 +121,32 @@ def test_expert_parallel_ranks_decode_their_own_prompts_in_lockstep(model):
 
     free = [generate(model, prompts, SamplingParams(max_new_tokens=10)) for prompts in EP_PROMPTS]
     stops = (free[0][0][1], free[0][1][1])  # rank 0's rows stop at their second token, rank 1's row never
-    want = [generate(model, prompts, SamplingParams(max_new_tokens=10, stop_token_ids=stops)) for prompts in EP_PROMPTS]
+    params = SamplingParams(max_new_tokens=10, stop_token_ids=stops)
+    want = [generate(model, prompts, params) for prompts in EP_PROMPTS]
     assert [len(row) for rows in want for row in rows] == [2, 2, 10]
-    results = run_workers(2, _expert_parallel_generate_worker, stops, timeout=120)
-    assert [out for out, _ in results] == want
-    assert [forwards for _, forwards in results] == [10, 10]  # a prefill and nine steps on both ranks
+    results = run_workers(2, _layout_generate_worker, dict(expert_model_parallel_size=2), EP_PROMPTS, params,
+                          timeout=120)
+    assert [out for out, _, _ in results] == want
+    assert [forwards for _, forwards, _ in results] == [10, 10]  # a prefill and nine steps on both ranks
+
+
+@pytest.mark.parametrize("flags", [dict(tensor_model_parallel_size=2),
+                                   dict(tensor_model_parallel_size=2, sequence_parallel=True),
+                                   dict(tensor_model_parallel_size=2, sequence_parallel=True,
+                                        expert_model_parallel_size=2)], ids=["tp2", "tp2_sp", "tp2_sp_ep2"])
+def test_tensor_parallel_ranks_decode_as_one_process(model, flags):
+    """A tensor-parallel pair (each rank half the heads, half of every MLP and half the vocabulary; with
+    sequence parallelism, off while decoding and back on after; with the experts split between the same
+    two ranks) samples the same tokens as one process with the whole model, greedy and at temperature
+    0.8 with top-k, from a left-padded batch whose prefill (7 positions) the two ranks do not divide."""
+    from megajoy.parallel.spawn import run_workers
+
+    prompts = [[5, 17, 42], [9], [200, 3, 3, 3, 7, 11, 250]]
+    for params in (SamplingParams(max_new_tokens=8), SamplingParams(max_new_tokens=8, temperature=0.8, top_k=50, seed=5)):
+        want = generate(model, prompts, params)
+        results = run_workers(2, _layout_generate_worker, flags, [prompts, prompts], params, timeout=120)
+        assert [out for out, _, _ in results] == [want, want]
+        assert all(restored for _, _, restored in results) == flags.get("sequence_parallel", False)
 
 
 class OracleDrafter:

@@ -246,6 +246,28 @@ def test_rl_under_expert_parallelism_rolls_out_as_data_parallelism(tmp_path, tin
             assert ep["importance_ratio"] == pytest.approx(dp["importance_ratio"], abs=1e-6)
 
 
+def test_rl_under_tensor_parallelism_is_the_one_process_run(tmp_path, tiny_init):
+    """A tensor-parallel pair with sequence parallelism (off while decoding) rolls out and scores as one
+    process does with the same seeds: the same rewards and response lengths, the same policy entropy at
+    every sampled token and the same importance ratios (which the router-bias update moves at step 2) to
+    float rounding. Rows are padded to a multiple of the two ranks. (This untrained policy earns no reward
+    here, so its updates are zero; the training tests hold the tensor-parallel gradients to one process.)"""
+    from megajoy.parallel.spawn import cli_worker, run_workers
+
+    common = ("--train-iters", "2", "--eval-interval", "2", "--valid-prompts", "3")
+    assert main(rl_args(tiny_init, tmp_path / "one", *common)) == 0
+    run_workers(2, cli_worker, rl_args(tiny_init, tmp_path / "tp", *common, "--tp", "2", "--sequence-parallel"),
+                timeout=180)
+    one, tp = ([json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in ("one", "tp"))
+    assert [r["step"] for r in tp] == [r["step"] for r in one] == [0, 1, 2, 2]
+    for got, want in zip(tp, one):
+        for key in ("reward", "response_length", "val_accuracy"):
+            assert got.get(key) == want.get(key), key
+        for key in ("entropy", "importance_ratio", "loss"):
+            if key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+
+
 def test_first_update_sees_ratio_one_under_bf16_autocast(tmp_path, tiny_init):
     """The rollout log-probabilities are taken with the update's own numerics (autocast included)."""
     assert main(rl_args(tiny_init, tmp_path, "--bf16", "--train-iters", "1", "--eval-interval", "100")) == 0

@@ -6,13 +6,16 @@ expanding keys and values per head:
     score(i, t) = scale * (q_nope_i W_uk . c_t + q_rope_i . k_rope_t),    out_i = (sum_t p(i, t) c_t) W_uv^T
 
 `greedy` re-runs the full forward for every token (no cache): the reference the cached path and the
-exports are checked against. One rank holds the whole model, or under expert parallelism all of it but
-the other ranks' experts: then the ranks of an expert-parallel group each decode their own prompts, in
-lockstep (every MoE layer exchanges tokens with all of them), until the last row of any of them is done.
+exports are checked against. One rank holds the whole model, or its tensor-parallel share (the ranks of
+a tensor-parallel group decode the same prompts, each with its heads and its slice of the vocabulary;
+with sequence parallelism switched off while decoding, as a step has one position), or under expert
+parallelism all but the other ranks' experts: the ranks of an expert-parallel group decode their own
+prompts in lockstep (every MoE layer exchanges tokens with all of them) until all their rows are done.
 Legend: B batch, S new positions, T cached positions, H heads, C kv_lora_rank, R rope dim, N nope dim,
 V value dim.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -109,14 +112,31 @@ def decoder_step(layer, h_BSD, cos, sin, cache, mask):
 
 def check_single_process(model) -> None:
     check_generation_layout(model)
-    if model.pc.ep_size > 1:
-        raise ValueError("speculative decoding runs on one process holding the whole model (no EP)")
+    if model.pc.ep_size > 1 or model.pc.tp_size > 1:
+        raise ValueError("speculative decoding runs on one process holding the whole model (no TP or EP)")
 
 
 def check_generation_layout(model) -> None:
-    if len(model.stages) != 1 or model.pc.tp_size > 1 or model.embed_tokens is None:
-        raise ValueError("generation runs where one process holds the whole model, its experts aside "
-                         "(data and expert parallelism; no TP or PP)")
+    if len(model.stages) != 1 or model.embed_tokens is None:
+        raise ValueError("generation runs where one process holds every layer (data, tensor and expert "
+                         "parallelism; no PP)")
+
+
+@contextlib.contextmanager
+def whole_sequences(model):
+    """Sequence parallelism off inside: every tensor-parallel rank holds the whole sequence, and the
+    layers' tensor-parallel regions all-reduce it instead of gathering and scattering its shards."""
+    modules = [m for m in model.modules() if getattr(m, "sp", False)]
+    sequence_parallel = model.pc.sequence_parallel
+    for m in modules:
+        m.sp = False
+    model.pc.sequence_parallel = False
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.sp = True
+        model.pc.sequence_parallel = sequence_parallel
 
 
 def _all_done(done_B: torch.Tensor, model) -> bool:
@@ -148,7 +168,7 @@ def cached_forward(model, ids_BS: torch.Tensor, positions_BS: torch.Tensor, vali
         h = decoder_step(layer, h, cos, sin, cache, mask)
     cache.advance(ids_BS.shape[1])
     hidden = model.norm(h[:, -1:] if last_only else h)
-    return StepOutput(model.lm_head(hidden).float(), hidden)
+    return StepOutput(model.full_logits(model.head(hidden)).float(), hidden)
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -205,7 +225,8 @@ def generate(model, prompts: list[list[int]], params: SamplingParams | None = No
     model.eval()
     device = next(model.parameters()).device
     try:
-        return _generate(model, prompts, params, device, entropies)
+        with whole_sequences(model):
+            return _generate(model, prompts, params, device, entropies)
     finally:
         model.train(was_training)
 

@@ -3,7 +3,8 @@ experts, one shared expert beside them.
 
 Under tensor parallelism the block works on a rank's own tokens (its sequence shard): with sequence
 parallelism they arrive sharded; without it the block takes its shard of the replicated sequence and
-gathers the outputs back. Router and shared expert are replicated, experts split over expert-parallel
+gathers the outputs back (outside training, a sequence the ranks do not divide, such as a decoding step's
+one position, is routed whole on every rank). Router and shared expert are replicated, experts split over expert-parallel
 ranks. Legend: T tokens, K experts per token, E routed experts, H hidden, I expert intermediate size.
 """
 
@@ -198,7 +199,8 @@ class MoE(nn.Module):
         self.aux_loss_scale = 1.0  # set by the trainer: 1 / (micro-batches per step x data-parallel ranks)
 
     def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
-        shard_tokens = group_size(self.tp) > 1 and not self.sp
+        tp = group_size(self.tp)
+        shard_tokens = tp > 1 and not self.sp and (self.training or x_BSH.shape[1] % tp == 0)
         if shard_tokens:
             x_BSH = split_along(x_BSH, self.tp, dim=1)
         x_TH = x_BSH.flatten(0, 1)

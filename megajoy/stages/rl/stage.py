@@ -4,8 +4,9 @@ generation, optionally under INT4 / Q4_0 / Q8_0 weights), verifiers score them, 
 within each prompt's group, and the rollout policy's log-probabilities are recorded; each step is then
 one policy update on the whole rollout batch with the chosen loss (FiberPO by default; GRPO, GSPO,
 PPO-clip), so every update after a batch's first sees ratios that differ from 1. One trajectory per row.
-Each rank holds the whole model (under expert parallelism, all but the other ranks' experts) and rolls
-out its share of the prompts: data and expert parallelism only."""
+Each data-parallel rank rolls out its share of the prompts, holding every layer: the whole model, its
+tensor-parallel share (a tensor-parallel group decodes together) or all but the other ranks' experts
+(expert-parallel ranks decode in lockstep); no pipeline or context parallelism."""
 
 import json
 import os
@@ -44,9 +45,9 @@ class RlStage(Stage):
         from megajoy.data.sft import ChatTokenizer
 
         pc, args = trainer.pc, self.args
-        if pc.size("world") != pc.size("dp"):
-            raise ValueError("megajoy rl rolls out on every rank with the whole model but its experts: use data "
-                             "and expert parallelism only (no --tp, --pp, --cp)")
+        if pc.size("pp") > 1 or pc.size("cp") > 1:
+            raise ValueError("megajoy rl rolls out on ranks that hold every layer: use data, tensor and expert "
+                             "parallelism (no --pp, --cp)")
         if args.prompts_per_step % pc.size("dp"):
             raise ValueError(f"--prompts-per-step {args.prompts_per_step} is not divisible by the {pc.size('dp')} "
                              f"data-parallel ranks")
@@ -154,9 +155,9 @@ class RlStage(Stage):
         else:
             picked = random.Random(trainer.job.train.seed * 1_000_003 + step).sample(range(len(self.train)),
                                                                                     args.prompts_per_step)
-        if self.dp > 1:  # every rank must use rank 0's choice (the curriculum sampler's state is per rank)
+        if trainer.pc.size("world") > 1:  # every rank uses rank 0's choice (the curriculum sampler's state is per rank)
             box = [picked]
-            dist.broadcast_object_list(box, src=0, group=trainer.pc.group("dp"))  # the world, rank 0 in it
+            dist.broadcast_object_list(box, src=0)
             picked = box[0]
         return [self.train[i] for i in picked[self.dp_rank::self.dp]]
 
@@ -171,7 +172,9 @@ class RlStage(Stage):
         rewards = torch.tensor(self._rewards(expanded, completions))
         advantages = group_advantages(rewards.view(len(prompts), n)).flatten()
         samples = [Sample(p.ids + c, [False] * len(p.ids) + [True] * len(c)) for p, c in zip(expanded, completions)]
-        capacity = max(len(s.ids) for s in samples)
+        # a row's capacity - 1 positions (its inputs), which tensor-parallel ranks split, in a multiple of them
+        tp = trainer.pc.tp_size
+        capacity = -(-(max(len(s.ids) for s in samples) - 1) // tp) * tp + 1
         rows = [packed_row([s], capacity, self.tokenizer.pad_id) for s in samples]
         self._record_rollout_policy(trainer, rows, advantages)
         entropy_sum = sum(sum(e) for e in entropies)
