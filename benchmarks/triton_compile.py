@@ -75,52 +75,69 @@ def resources(cubin: bytes) -> dict:
     return {"registers": int(usage["REG"]), "spilled bytes": int(usage["LOCAL"]), "shared bytes": int(usage["SHARED"])}
 
 
-def joyai_launches():
+def joyai_launches(multiprocessors: int):
     """(case, launcher) for every Triton kernel at JoyAI's widths (hidden 2048, q / kv latents 1536 / 512,
-    expert intermediate 768, 256 experts, top-8, 16 heads of 64-wide rope), fp32 and bf16 where a step
-    runs both. Row counts are small: nothing runs, and the row count is not a compile-time constant."""
+    expert intermediate 768, 256 experts, top-8, 16 query heads and the one shared key of 64-wide rope) in
+    the dtypes a step runs them with: fp32, bf16 (--params-dtype bf16), and RMSNorm's bf16 input with fp32
+    weight and output (a latent norm under autocast over fp32 weights). Inputs are left uninitialised:
+    nothing runs. Row counts are not compile-time constants, except the RMSNorm backward's band of tiles
+    per program, which follows the rows (16,384 here) and the GPU's multiprocessors."""
     from megajoy.kernels import moe_permute_triton, rmsnorm_triton, rope_triton, router_triton, swiglu_triton
 
+    rmsnorm_triton._multiprocessors = lambda device: multiprocessors
+    for x_dtype, w_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                             (torch.bfloat16, torch.float32)):
+        for width in (2048, 1536, 512):
+            x, w, rstd = torch.empty(16384, width, dtype=x_dtype), torch.empty(width, dtype=w_dtype), torch.empty(16384)
+            dy = torch.empty(16384, width, dtype=w_dtype)
+            yield f"rmsnorm {width} {_name(x_dtype)} x {_name(w_dtype)} w", lambda x=x, w=w, rstd=rstd, dy=dy: (
+                rmsnorm_triton.forward(x, w, 1e-6, w.dtype), rmsnorm_triton.backward(dy, x, w, rstd))
     rows = 48
     for dtype in DTYPES:
-        name = str(dtype).replace("torch.", "")
-        for width in (2048, 1536, 512):
-            x, w, rstd = torch.randn(rows, width, dtype=dtype), torch.ones(width, dtype=dtype), torch.ones(rows)
-            yield f"rmsnorm {width} {name}", lambda x=x, w=w, rstd=rstd: (
-                rmsnorm_triton.forward(x, w, 1e-6, x.dtype), rmsnorm_triton.backward(x, x, w, rstd))
-        gate_up = torch.randn(rows, 2 * 768, dtype=dtype)
+        name = _name(dtype)
+        gate_up = torch.empty(rows, 2 * 768, dtype=dtype)
         yield f"swiglu 768 {name}", lambda g=gate_up: (
             swiglu_triton.forward(g[:, :768], g[:, 768:]),
             swiglu_triton.backward(g[:, :768], g[:, 768:], g[:, :768].contiguous(), g[:, :768], g[:, 768:]))
-        q = torch.randn(2, rows, 16, 64, dtype=dtype)
-        cos = torch.ones(2, rows, 32)
-        yield f"rope 16 heads {name}", lambda q=q, cos=cos: (rope_triton.rotate(q, cos, cos, False),
-                                                            rope_triton.rotate(q, cos, cos, True))
-        src = torch.randn(rows, 2048, dtype=dtype)
+        cos = torch.empty(2, rows, 32)
+        for heads in (16, 1):
+            q = torch.empty(2, rows, heads, 64, dtype=dtype)
+            yield f"rope {heads} heads {name}", lambda q=q, cos=cos: (rope_triton.rotate(q, cos, cos, False),
+                                                                     rope_triton.rotate(q, cos, cos, True))
+        src = torch.empty(rows, 2048, dtype=dtype)
         ids = torch.zeros(rows // 8, 8, dtype=torch.int64)
-        weights = torch.rand(rows // 8, 8)
+        weights = torch.empty(rows // 8, 8)
         yield f"permute 2048 top-8 {name}", lambda s=src, i=ids, w=weights: (
             moe_permute_triton.gather_rows(s, i.flatten()), moe_permute_triton.gather_rows(s, i.flatten(), w.flatten()),
             moe_permute_triton.gather_sum(s, i, w), moe_permute_triton.gather_sum(s, i, None),
             moe_permute_triton.row_dots(s[: rows // 8], i, s))
-    logits = torch.randn(rows, 256)
-    yield "router 256 experts top-8", lambda: _router(router_triton, logits)
+    logits = torch.empty(rows, 256)
+    for normalise in (True, False):
+        yield f"router 256 experts top-8{'' if normalise else ', unnormalised'}", \
+            lambda normalise=normalise: _router(router_triton, logits, normalise)
 
 
-def _router(router_triton, logits):
-    scores, ids, weights = router_triton.forward(logits, torch.zeros(256), 8, 2.5, True)
-    router_triton.backward(scores, ids, weights, weights, None, 2.5, True)
-    router_triton.backward(scores, ids, weights, weights, scores, 2.5, True)
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _router(router_triton, logits, normalise: bool):
+    ids = torch.zeros(logits.shape[0], 8, dtype=torch.int64)
+    router_triton.forward(logits, torch.zeros(256), 8, 2.5, normalise)
+    weights = torch.empty(logits.shape[0], 8)
+    router_triton.backward(logits, ids, weights, weights, None, 2.5, normalise)
+    router_triton.backward(logits, ids, weights, weights, logits, 2.5, normalise)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: H100 / H200)")
+    parser.add_argument("--multiprocessors", type=int, default=132, help="the GPU's SMs (132: H100 SXM)")
     parser.add_argument("--json", default=None, help="write the rows here too")
     args = parser.parse_args()
     triton.runtime.driver.set_active(_CompileOnlyDriver(args.arch))  # this process never launches a kernel
     rows = []
-    for case, launch in joyai_launches():
+    for case, launch in joyai_launches(args.multiprocessors):
         for kernel_name, kernel in compile_launches(launch):
             rows.append({"case": case, "kernel": kernel_name, "warps": kernel.metadata.num_warps,
                          **resources(kernel.asm["cubin"])})

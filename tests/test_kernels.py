@@ -227,6 +227,13 @@ def test_triton_router_matches_reference(triton_backend, experts, k, normalise, 
                           norm_topk_prob=normalise, routed_scaling_factor=2.5)
     logits = (2 * torch.randn(301, experts, device=DEVICE)).requires_grad_()
     bias = 0.3 * torch.randn(experts, device=DEVICE)
+    with torch.no_grad():  # a diverged row (all NaN) and one NaN among finite logits: NaN ranks first, as in torch
+        nan_logits = logits.detach().clone()
+        nan_logits[0], nan_logits[1, 2] = float("nan"), float("nan")
+        nan_ids = route(nan_logits, bias, cfg)[0].cpu()
+        ref_nan_ids = route_reference(nan_logits.cpu(), bias.cpu(), cfg)[0]
+        assert torch.equal(nan_ids[1:], ref_nan_ids[1:]) and nan_ids[1, 0] == 2
+        assert len(set(nan_ids[0].tolist())) == k and int(nan_ids.max()) < experts  # distinct real experts
     d_weights, d_scores = torch.randn(301, k, device=DEVICE), torch.randn(301, experts, device=DEVICE)
     ids, weights, scores = route(logits, bias, cfg)
     ref_logits = logits.detach().double().cpu().requires_grad_()

@@ -5,7 +5,7 @@ norm_topk_prob, times routed_scaling_factor).
 
 The torch reference runs about ten kernels each way over [T, E] and [T, K] tensors and keeps several of
 them for backward; the Triton path (a GPU outside torch.compile, see megajoy.kernels.backend; not for
-group-limited routing) is one pass each way and keeps the scores and the weights it returns.
+group-limited routing) is one pass each way and keeps the scores, ids and weights it returns.
 """
 
 import torch

@@ -23,7 +23,10 @@ def _forward_kernel(L, BIAS, S, IDS, W, T, E, stride_l, scale, K: tl.constexpr, 
     s = tl.sigmoid(tl.load(L + rows * stride_l + cols, mask=mask, other=0.0))
     tl.store(S + rows * E + cols, s, mask=mask)
     bias = tl.load(BIAS + cols, mask=cols < E, other=0.0)
-    choice = tl.where(mask, s + bias, float("-inf"))
+    # NaN ranks first, as in torch.topk: a GPU's argmax lets -inf beat NaN, which would pick padding or a
+    # column already taken
+    choice = s + bias
+    choice = tl.where(mask, tl.where(choice != choice, float("inf"), choice), float("-inf"))
     ids = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int64)
     weights = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)
     for j in tl.static_range(K):

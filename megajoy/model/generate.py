@@ -117,9 +117,9 @@ def check_single_process(model) -> None:
 
 
 def check_generation_layout(model) -> None:
-    if len(model.stages) != 1 or model.embed_tokens is None:
+    if len(model.stages) != 1 or model.embed_tokens is None or model.pc.size("cp") > 1:
         raise ValueError("generation runs where one process holds every layer (data, tensor and expert "
-                         "parallelism; no PP)")
+                         "parallelism; no PP or CP)")
 
 
 @contextlib.contextmanager
@@ -213,9 +213,10 @@ def check_sampling(params: SamplingParams) -> None:
 def generate(model, prompts: list[list[int]], params: SamplingParams | None = None,
              entropies: list | None = None) -> list[list[int]]:
     """The tokens appended to each prompt (a stop token ends a row and is included). If `entropies` is a
-    list, it receives per row the entropy of the policy (temperature 1) at each generated token. Under
-    expert parallelism every rank of the expert-parallel group calls this together, each with its own
-    prompts (at least one) and the same max_new_tokens."""
+    list, it receives per row the entropy of the policy (temperature 1) at each generated token. The ranks
+    of a tensor-parallel group call this together with the same prompts and parameters (seed included);
+    those of an expert-parallel group together, each with its own prompts (at least one) and the same
+    max_new_tokens."""
     params = params or SamplingParams()
     check_generation_layout(model)
     check_sampling(params)
