@@ -142,7 +142,8 @@ def test_tensor_parallel_ranks_decode_as_one_process(model, flags):
     from megajoy.parallel.spawn import run_workers
 
     prompts = [[5, 17, 42], [9], [200, 3, 3, 3, 7, 11, 250]]
-    for params in (SamplingParams(max_new_tokens=8), SamplingParams(max_new_tokens=8, temperature=0.8, top_k=50, seed=5)):
+    sampled = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=50, seed=5)
+    for params in (SamplingParams(max_new_tokens=8), sampled):
         want = generate(model, prompts, params)
         results = run_workers(2, _layout_generate_worker, flags, [prompts, prompts], params, timeout=120)
         assert [out for out, _, _ in results] == [want, want]

@@ -3,9 +3,10 @@ experts, one shared expert beside them.
 
 Under tensor parallelism the block works on a rank's own tokens (its sequence shard): with sequence
 parallelism they arrive sharded; without it the block takes its shard of the replicated sequence and
-gathers the outputs back (outside training, a sequence the ranks do not divide, such as a decoding step's
-one position, is routed whole on every rank). Router and shared expert are replicated, experts split over expert-parallel
-ranks. Legend: T tokens, K experts per token, E routed experts, H hidden, I expert intermediate size.
+gathers the outputs back (outside training, a sequence the ranks do not divide, such as a decoding
+step's one position, is routed whole on every rank). Router and shared expert are replicated, experts
+split over expert-parallel ranks. Legend: T tokens, K experts per token, E routed experts, H hidden, I
+expert intermediate size.
 """
 
 from dataclasses import dataclass
