@@ -16,11 +16,16 @@ from megajoy.kernels.backend import use_triton
 def route(logits_TE: torch.Tensor, bias_E: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(expert ids [T, K] int64, weights [T, K] fp32, scores [T, E] fp32); ids in descending order of
     score + bias, as torch.topk gives them."""
-    if use_triton(logits_TE) and cfg.n_group <= 1:
+    if use_triton(logits_TE) and fused_routing_supported(cfg):
         bias = bias_E if cfg.topk_method == "noaux_tc" else torch.zeros_like(bias_E)
         return _TritonRoute.apply(logits_TE, bias, cfg.num_experts_per_tok, cfg.routed_scaling_factor,
                                   cfg.norm_topk_prob)
     return route_reference(logits_TE, bias_E, cfg)
+
+
+def fused_routing_supported(cfg) -> bool:
+    """Whether the Triton path computes this routing (not group-limited routing)."""
+    return cfg.n_group <= 1
 
 
 def route_reference(logits_TE: torch.Tensor, bias_E: torch.Tensor, cfg):

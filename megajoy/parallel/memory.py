@@ -20,6 +20,7 @@ import torch
 
 from megajoy.config import ModelConfig
 from megajoy.kernels.backend import GPU_CROSS_ENTROPY_CHUNK
+from megajoy.kernels.router import fused_routing_supported
 from megajoy.parallel.context import planning_context
 from megajoy.parallel.optimizer import buckets, owned_elements
 from megajoy.parallel.params import parameter_specs
@@ -434,7 +435,7 @@ def _moe(cfg: ModelConfig, pc, tokens: int, fmt: ActivationFormat, modules: froz
     routed = local * k
     # the router's input (the norm's output) and its fp32 scores and weights; torch's also the weights' sums and
     # their unnormalised copy (the fused router's weights are the ones combine keeps)
-    fused_router = fmt.fused_kernels and cfg.n_group <= 1
+    fused_router = fmt.fused_kernels and fused_routing_supported(cfg)
     router = (0 if released else local * d * fmt.weights) + 4 * local * cfg.n_routed_experts
     router += 4 * routed if fused_router else 4 * (local + 2 * routed)
     # the permuted input and output, and SwiGLU's
