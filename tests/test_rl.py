@@ -268,6 +268,17 @@ def test_rl_under_tensor_parallelism_is_the_one_process_run(tmp_path, tiny_init)
                 assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
 
 
+def test_rl_refuses_pipeline_parallelism(tmp_path, tiny_init, capfd):
+    """Rollouts need every layer on the rank: a pipeline layout is refused with one clear error, before
+    anything is written."""
+    from megajoy.parallel.spawn import cli_worker, run_workers
+
+    with pytest.raises(AssertionError, match="megajoy exited with 2"):
+        run_workers(2, cli_worker, rl_args(tiny_init, tmp_path / "pp", "--pp", "2"), timeout=120)
+    assert "megajoy rl rolls out on ranks that hold every layer" in capfd.readouterr().err
+    assert not (tmp_path / "pp" / "metrics.jsonl").exists()
+
+
 def test_first_update_sees_ratio_one_under_bf16_autocast(tmp_path, tiny_init):
     """The rollout log-probabilities are taken with the update's own numerics (autocast included)."""
     assert main(rl_args(tiny_init, tmp_path, "--bf16", "--train-iters", "1", "--eval-interval", "100")) == 0
