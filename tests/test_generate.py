@@ -87,7 +87,7 @@ EP_PROMPTS = ([[5, 17, 42], [9, 9]], [[200, 3, 3, 3, 7, 11, 250]])  # rank 0's t
 
 def _layout_generate_worker(rank, world, flags, prompts_by_rank, params):
     """generate() on one rank of a two-rank layout (`flags`: ParallelConfig fields) with its own prompts; how
-    many forwards one MoE block ran; whether sequence parallelism is back on after it (where it was on)."""
+    many forwards its first MoE block ran; whether sequence parallelism is back on after it (where it was on)."""
     import dataclasses
 
     from helpers import TINY_MODEL_OVERRIDES
@@ -100,13 +100,15 @@ def _layout_generate_worker(rank, world, flags, prompts_by_rank, params):
     job = dataclasses.replace(job, model=cfg, parallel=dataclasses.replace(job.parallel, **flags))
     pc = setup_parallel(job)
     model = create_model(cfg, pc=pc, seed=3)  # every layout draws the same weights
-    with torch.no_grad():  # random_model's router bias, drawn whole (it is replicated)
-        g = torch.Generator().manual_seed(4)
+    whole = dict(random_model(cfg, seed=3).named_buffers())
+    with torch.no_grad():  # random_model's router bias (replicated: each rank holds its layers' whole)
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
-                buf.copy_(torch.randn(buf.shape, generator=g) * 0.05)
+                buf.copy_(whole[name])
     forwards = []
-    model.layers["1"].mlp.register_forward_hook(lambda *_: forwards.append(1))
+    moe_layers = [layer for i, layer in model.layers.items() if cfg.is_moe_layer(int(i))]  # this rank's
+    if moe_layers:
+        moe_layers[0].mlp.register_forward_hook(lambda *_: forwards.append(1))
     sequence_parallel = [m for m in model.modules() if getattr(m, "sp", False)]
     out = generate(model.eval(), prompts_by_rank[rank], params)
     restored = model.pc.sequence_parallel and len(sequence_parallel) > 0 and all(m.sp for m in sequence_parallel)
@@ -148,6 +150,38 @@ def test_tensor_parallel_ranks_decode_as_one_process(model, flags):
         results = run_workers(2, _layout_generate_worker, flags, [prompts, prompts], params, timeout=120)
         assert [out for out, _, _ in results] == [want, want]
         assert all(restored for _, _, restored in results) == flags.get("sequence_parallel", False)
+
+
+@pytest.mark.parametrize("flags", [
+    dict(pipeline_model_parallel_size=2),
+    dict(pipeline_model_parallel_size=2, pipeline_schedule="interleaved", pipeline_layout=[1, 0, 1, 1]),
+    dict(pipeline_model_parallel_size=2, pipeline_schedule="zero-bubble", pipeline_layout=[1, 1, 0, 1]),
+    dict(pipeline_model_parallel_size=2, expert_model_parallel_size=2),
+    dict(pipeline_model_parallel_size=2, tensor_model_parallel_size=2, sequence_parallel=True)],
+    ids=["pp2", "pp2_interleaved", "pp2_zero_bubble", "pp2_ep2", "pp2_tp2_sp"])
+def test_pipeline_ranks_decode_as_one_process(model, flags):
+    """A pipeline (each rank its stages' layers and latent caches; the embedding on the first stage, the
+    head on the last, which samples and sends the tokens back) decodes what one process decodes, greedy
+    and sampled, with rows stopping at different steps. Layouts: two stages of 2 + 1 layers; interleaved
+    and ZB-V placements of four stages, one of them empty (ZB-V's last stage on the first rank); two
+    pipelines of expert-parallel pairs, each pipeline with its own prompts; two stages of tensor-parallel
+    pairs with sequence parallelism."""
+    from megajoy.parallel.spawn import run_workers
+
+    world = 4 if flags.get("expert_model_parallel_size", 1) > 1 or flags.get("tensor_model_parallel_size", 1) > 1 else 2
+    by_pipeline = EP_PROMPTS if flags.get("expert_model_parallel_size", 1) > 1 else ([[5, 17, 42], [9], [200, 3, 7]],)
+    stop = generate(model, by_pipeline[0], SamplingParams(max_new_tokens=8))[0][2]
+    greedy_params = SamplingParams(max_new_tokens=8, stop_token_ids=(stop,))
+    sampled = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=50, seed=5, stop_token_ids=(stop,))
+    tp = flags.get("tensor_model_parallel_size", 1)
+    # every rank's prompts: its pipeline's (ranks are TP fastest, then DP, then PP)
+    prompts_by_rank = [by_pipeline[(rank // tp) % len(by_pipeline)] for rank in range(world)]
+    for params in (greedy_params, sampled):
+        want = [generate(model, prompts, params) for prompts in by_pipeline]
+        results = run_workers(world, _layout_generate_worker, flags, prompts_by_rank, params, timeout=120)
+        assert [out for out, _, _ in results] == [want[(rank // tp) % len(want)] for rank in range(world)]
+        if params is greedy_params:  # the first row stopped at its third token, another ran on
+            assert len(want[0][0]) == 3 and max(len(row) for rows in want for row in rows) == 8
 
 
 class OracleDrafter:

@@ -11,6 +11,9 @@ a tensor-parallel group decode the same prompts, each with its heads and its sli
 with sequence parallelism switched off while decoding, as a step has one position), or under expert
 parallelism all but the other ranks' experts: the ranks of an expert-parallel group decode their own
 prompts in lockstep (every MoE layer exchanges tokens with all of them) until all their rows are done.
+Under pipeline parallelism the ranks of a pipeline decode together, each step going through the stages
+in order (no overlap between stages: a decoding step is one small forward); the last stage samples and
+sends the tokens back to the others.
 Legend: B batch, S new positions, T cached positions, H heads, C kv_lora_rank, R rope dim, N nope dim,
 V value dim.
 """
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from megajoy.kernels.rope import apply_rope
+from megajoy.parallel.pipeline import pipeline_peer, run_in_stage_order
 
 
 @torch.no_grad()
@@ -48,11 +52,8 @@ class LatentCache:
     filled. Rows are left-padded: `valid` [B, T] marks the positions that hold real tokens."""
 
     def __init__(self, layers: list, batch: int, capacity: int, device, dtype):
-        first = layers[0]
-        self.c_kv = {id(m): torch.zeros(batch, capacity, first.kv_lora_rank, device=device, dtype=dtype)
-                     for m in layers}
-        self.k_rope = {id(m): torch.zeros(batch, capacity, first.rope_dim, device=device, dtype=dtype)
-                       for m in layers}
+        self.c_kv = {id(m): torch.zeros(batch, capacity, m.kv_lora_rank, device=device, dtype=dtype) for m in layers}
+        self.k_rope = {id(m): torch.zeros(batch, capacity, m.rope_dim, device=device, dtype=dtype) for m in layers}
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.length = 0
 
@@ -111,15 +112,14 @@ def decoder_step(layer, h_BSD, cos, sin, cache, mask):
 
 
 def check_single_process(model) -> None:
-    check_generation_layout(model)
-    if model.pc.ep_size > 1 or model.pc.tp_size > 1:
-        raise ValueError("speculative decoding runs on one process holding the whole model (no TP or EP)")
+    if model.pc.ep_size > 1 or model.pc.tp_size > 1 or model.pc.size("pp") > 1 or model.pc.size("cp") > 1:
+        raise ValueError("speculative decoding runs on one process holding the whole model (no TP, EP, PP or CP)")
 
 
 def check_generation_layout(model) -> None:
-    if len(model.stages) != 1 or model.embed_tokens is None or model.pc.size("cp") > 1:
-        raise ValueError("generation runs where one process holds every layer (data, tensor and expert "
-                         "parallelism; no PP or CP)")
+    if model.pc.size("cp") > 1:
+        raise ValueError("generation runs under data, tensor, expert and pipeline parallelism, not context "
+                         "parallelism (a decoding step has one position)")
 
 
 @contextlib.contextmanager
@@ -157,18 +157,32 @@ class StepOutput:
 
 
 def cached_forward(model, ids_BS: torch.Tensor, positions_BS: torch.Tensor, valid_BS: torch.Tensor,
-                   cache: LatentCache, last_only: bool = False) -> StepOutput:
+                   cache: LatentCache, last_only: bool = False) -> StepOutput | None:
     """Run S new positions through the model, reading and extending the cache; with `last_only`, logits
-    and hidden state of the last position only (a prefill that only samples the next token)."""
+    and hidden state of the last position only (a prefill that only samples the next token). Under
+    pipeline parallelism every rank of the pipeline calls this, and only the last stage's gets the
+    output (None elsewhere)."""
     rope = model.sequence_info(positions_BS, None)
-    cos, sin = rope.cos, rope.sin
     mask = cache.step_mask(valid_BS)
-    h = model.embed(ids_BS)
-    for layer in model.layers.values():
-        h = decoder_step(layer, h, cos, sin, cache, mask)
+
+    def run_stage(spec, h):
+        h = model.embed(h) if spec.is_first else h
+        for i in spec.layers:
+            h = decoder_step(model.layers[str(i)], h, rope.cos, rope.sin, cache, mask)
+        if not spec.is_last:
+            return h
+        hidden = model.norm(h[:, -1:] if last_only else h)
+        return StepOutput(model.full_logits(model.head(hidden)).float(), hidden)
+
+    if model.pc.size("pp") == 1:
+        out = run_stage(model.stages[0], ids_BS)
+    else:
+        dtype = next(model.parameters()).dtype  # the residual stream's (see PipelineRunner._residual_dtype)
+        out = run_in_stage_order(model.pc, run_stage, ids_BS,
+                                 lambda: torch.empty(*ids_BS.shape, model.cfg.hidden_size, dtype=dtype,
+                                                     device=ids_BS.device))
     cache.advance(ids_BS.shape[1])
-    hidden = model.norm(h[:, -1:] if last_only else h)
-    return StepOutput(model.full_logits(model.head(hidden)).float(), hidden)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -252,9 +266,7 @@ def _generate(model, prompts, params, device, entropies):
     if entropies is not None:
         entropies[:] = [[] for _ in range(batch)]
     for i in range(params.max_new_tokens):
-        logits = step.logits[:, -1].float()  # fp32 probabilities whatever the logits' dtype
-        tokens = sample(logits, params, generator)
-        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1) if entropies is not None else None
+        tokens, entropy = _next_tokens(model, step, params, generator, batch, entropies is not None)
         for b in torch.nonzero(~done).flatten().tolist():
             out[b].append(int(tokens[b]))
             if entropy is not None:
@@ -265,6 +277,27 @@ def _generate(model, prompts, params, device, entropies):
         step = cached_forward(model, tokens[:, None], next_positions, ~done[:, None], cache)
         next_positions = next_positions + 1
     return out
+
+
+def _next_tokens(model, step: StepOutput | None, params: SamplingParams, generator, batch: int, with_entropy: bool):
+    """(next token ids [B], the policy's entropy there [B] or None), sampled where the last pipeline stage
+    ran (`step` is its output) and sent from there to the pipeline's other ranks."""
+    if step is not None:
+        logits = step.logits[:, -1].float()  # fp32 probabilities whatever the logits' dtype
+        tokens = sample(logits, params, generator)
+        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1) if with_entropy else None
+        if model.pc.size("pp") == 1:
+            return tokens, entropy
+    import torch.distributed as dist
+
+    pc = model.pc
+    # One message: token ids are exact in float64, and an fp32 entropy too.
+    packed = torch.empty(2, batch, dtype=torch.float64, device=next(model.parameters()).device)
+    if step is not None:
+        packed[0] = tokens
+        packed[1] = entropy if with_entropy else 0
+    dist.broadcast(packed, pipeline_peer(pc, pc.plan[-1].pp_rank), group=pc.groups["pp"])
+    return packed[0].long(), packed[1].float() if with_entropy else None
 
 
 # ------------------------------------------------------------------------------------------ MTP drafts

@@ -17,6 +17,7 @@ from megajoy.data.packing import Batch, stack
 from megajoy.model.recompute import run_decoder_layers
 
 SCHEDULES = ("1f1b", "interleaved", "zero-bubble")
+CACHED_SCHEDULES = 4  # built schedules kept, one per micro-batch shape (each holds its receive buffers)
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,32 @@ def _call_after_weight_passes(stage, callback) -> None:
     stage.backward_weight_one_chunk = backward_weight_one_chunk
 
 
+def pipeline_peer(pc, pp_rank: int) -> int:
+    """The global rank of this rank's counterpart (same TP, CP and DP coordinates) at pipeline rank `pp_rank`."""
+    c = pc.coords
+    return pc.layout.rank_of(c["tp"], c["cp"], c["dp"], pp_rank)
+
+
+def run_in_stage_order(pc, run_stage, x, empty_hidden):
+    """One forward through every stage of the pipeline in order, without overlap: `run_stage(spec, x)` on
+    the rank that holds the stage, its output sent on where the next stage is another rank's, which
+    receives it into `empty_hidden()`. The first stage gets `x`. Returns the last stage's output on the
+    rank that runs it, None on the others."""
+    import torch.distributed as dist
+
+    my_rank, stages, group = pc.coords["pp"], pc.plan, pc.groups["pp"]
+    for spec in stages:
+        nxt = stages[spec.index + 1] if not spec.is_last else None
+        if spec.pp_rank == my_rank:
+            x = run_stage(spec, x)
+            if nxt is not None and nxt.pp_rank != my_rank:
+                dist.send(x.contiguous(), pipeline_peer(pc, nxt.pp_rank), group=group)
+        elif nxt is not None and nxt.pp_rank == my_rank:
+            x = empty_hidden()
+            dist.recv(x, pipeline_peer(pc, spec.pp_rank), group=group)
+    return x if stages[-1].pp_rank == my_rank else None
+
+
 class PipelineRunner:
     """Runs a step's micro-batches through this rank's stages with the chosen schedule; returns the
     objective's metrics (summed over micro-batches), which only the last stage computes, on every rank."""
@@ -161,13 +188,15 @@ class PipelineRunner:
         self.model, self.pc = model, pc
         self.modules = [StageModule(model, spec) for spec in model.stages]
         self.holds_first = any(m.spec.is_first for m in self.modules)
-        self.last_rank = self._global(pc.plan[-1].pp_rank)
+        self.last_rank = pipeline_peer(pc, pc.plan[-1].pp_rank)
         self.schedules: dict[int, object] = {}
         self.on_weight_grads = None  # called after each separate weight-gradient pass (zero-bubble)
 
     def _schedule(self, n_microbatches: int, micro_shape: tuple[int, int]):
         key = (n_microbatches, micro_shape)
         if key not in self.schedules:
+            if len(self.schedules) == CACHED_SCHEDULES:  # RL's rows change length with every rollout
+                self.schedules.pop(next(iter(self.schedules)))
             self.schedules[key] = build_schedule(self.modules, self.pc, self.pc.pipeline_schedule, n_microbatches,
                                                  micro_shape, self.model.cfg.hidden_size, self.pc.device,
                                                  self._residual_dtype(), self.on_weight_grads)
@@ -195,31 +224,16 @@ class PipelineRunner:
         return self._from_last_stage(summed)
 
     def _forward_only(self, inputs: dict, n_microbatches: int) -> None:
-        """Validation: every micro-batch through the stages in order, with plain send / recv between
-        ranks. Ours rather than `schedule.eval`, because ZB-V's runtime asserts when a forward-only pass
-        reaches the V's turn on the last rank (it hands that activation over through a backward slot);
-        this one serves every schedule, and validation needs no overlap."""
-        import torch.distributed as dist
-
-        my_rank, stages = self.pc.coords["pp"], self.pc.plan
+        """Validation: every micro-batch through the stages in order (`run_in_stage_order`). Ours rather
+        than `schedule.eval`, because ZB-V's runtime asserts when a forward-only pass reaches the V's turn
+        on the last rank (it hands that activation over through a backward slot); this one serves every
+        schedule, and validation needs no overlap."""
         modules = {m.spec.index: m for m in self.modules}
         chunks = {k: v.chunk(n_microbatches) for k, v in inputs.items()}
         for mb in range(n_microbatches):
             kwargs = {k: v[mb] for k, v in chunks.items()}
-            x = kwargs["input_ids"]
-            for spec in stages:
-                nxt = stages[spec.index + 1] if not spec.is_last else None
-                if spec.pp_rank == my_rank:
-                    x = modules[spec.index](x, **kwargs)
-                    if nxt is not None and nxt.pp_rank != my_rank:
-                        dist.send(x.contiguous(), self._global(nxt.pp_rank), group=self.pc.groups["pp"])
-                elif nxt is not None and nxt.pp_rank == my_rank:
-                    x = self._hidden_buffer(kwargs["input_ids"])
-                    dist.recv(x, self._global(spec.pp_rank), group=self.pc.groups["pp"])
-
-    def _global(self, pp_rank: int) -> int:
-        c = self.pc.coords
-        return self.pc.layout.rank_of(c["tp"], c["cp"], c["dp"], pp_rank)
+            run_in_stage_order(self.pc, lambda spec, x: modules[spec.index](x, **kwargs), kwargs["input_ids"],
+                               lambda: self._hidden_buffer(kwargs["input_ids"]))
 
     def _hidden_buffer(self, input_ids: torch.Tensor) -> torch.Tensor:
         batch, seq = input_ids.shape
