@@ -112,6 +112,29 @@ def tiny_init(tmp_path_factory, tokenizer_file):
     return out
 
 
+@pytest.fixture(scope="module")
+def warm_init(tmp_path_factory, tiny_init):
+    """(checkpoint, prompts): tiny_init after 30 SFT steps on "Say seven, i." -> "7", and those prompts for
+    RL. Its greedy answers are right and, at temperature 0.4, about half its samples: advantages and
+    updates are not zero (the untrained policy never earns a reward)."""
+    out = tmp_path_factory.mktemp("rl_warm")
+    asks = [f"Say seven, {i}." for i in range(64)]
+    with open(out / "sft.jsonl", "w") as f:
+        f.writelines(json.dumps({"messages": [{"role": "user", "content": ask}, {"role": "assistant", "content": "7"}]})
+                     + "\n" for ask in asks)
+    with open(out / "prompts.jsonl", "w") as f:
+        f.writelines(json.dumps({"prompt": ask, "answer": "7"}) + "\n" for ask in asks)
+    assert main(["sft", "--init", str(tiny_init), "--data", str(out / "sft.jsonl"), "--out", str(out / "sft"),
+                 "--train-iters", "30", "--seq-length", "64", "--lr", "3e-3", "--valid-conversations", "4",
+                 "--exact-match-samples", "0", "--eval-interval", "1000"]) == 0
+    return out / "sft", out / "prompts.jsonl"
+
+
+def warm_rl_args(warm, out, *extra):
+    init, prompts = warm
+    return rl_args(init, out, "--data", str(prompts), "--temperature", "0.4", *extra)
+
+
 def rl_args(init, out, *extra):
     return ["rl", "--init", str(init), "--out", str(out), "--train-iters", "4", "--prompts-per-step", "4",
             "--rollouts-per-prompt", "4", "--micro-batch-size", "8", "--max-new-tokens", "6", "--demo-prompts", "60",
@@ -246,37 +269,42 @@ def test_rl_under_expert_parallelism_rolls_out_as_data_parallelism(tmp_path, tin
             assert ep["importance_ratio"] == pytest.approx(dp["importance_ratio"], abs=1e-6)
 
 
-def test_rl_under_tensor_parallelism_is_the_one_process_run(tmp_path, tiny_init):
-    """A tensor-parallel pair with sequence parallelism (off while decoding) rolls out and scores as one
-    process does with the same seeds: the same rewards and response lengths, the same policy entropy at
-    every sampled token and the same importance ratios (which the router-bias update moves at step 2) to
-    float rounding. Rows are padded to a multiple of the two ranks. (This untrained policy earns no reward
-    here, so its updates are zero; the training tests hold the tensor-parallel gradients to one process.)"""
+def _assert_same_run(got_dir, want_dir, steps):
+    """The same rollouts (rewards, lengths, entropies) and updates (ratios, losses, gradient norms) as the
+    one-process run, to float rounding, with rewards that are neither all 0 nor all 1."""
+    got, want = ([json.loads(line) for line in open(d / "metrics.jsonl")] for d in (got_dir, want_dir))
+    assert [r["step"] for r in got] == [r["step"] for r in want] == steps
+    assert all(0 < r["reward"] < 1 and r["grad_norm"] > 0.1 for r in want if "reward" in r)
+    for g, w in zip(got, want):
+        for key in ("reward", "response_length", "val_accuracy"):
+            assert g.get(key) == w.get(key), key
+        for key in ("entropy", "importance_ratio", "loss", "grad_norm"):
+            if key in w:
+                assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), key
+
+
+def test_rl_under_tensor_parallelism_is_the_one_process_run(tmp_path, warm_init):
+    """A tensor-parallel pair with sequence parallelism (off while decoding) rolls out, scores and updates
+    as one process does with the same seeds. Rows are padded to a multiple of the two ranks."""
     from megajoy.parallel.spawn import cli_worker, run_workers
 
     common = ("--train-iters", "2", "--eval-interval", "2", "--valid-prompts", "3")
-    assert main(rl_args(tiny_init, tmp_path / "one", *common)) == 0
-    run_workers(2, cli_worker, rl_args(tiny_init, tmp_path / "tp", *common, "--tp", "2", "--sequence-parallel"),
+    assert main(warm_rl_args(warm_init, tmp_path / "one", *common)) == 0
+    run_workers(2, cli_worker, warm_rl_args(warm_init, tmp_path / "tp", *common, "--tp", "2", "--sequence-parallel"),
                 timeout=180)
-    one, tp = ([json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in ("one", "tp"))
-    assert [r["step"] for r in tp] == [r["step"] for r in one] == [0, 1, 2, 2]
-    for got, want in zip(tp, one):
-        for key in ("reward", "response_length", "val_accuracy"):
-            assert got.get(key) == want.get(key), key
-        for key in ("entropy", "importance_ratio", "loss"):
-            if key in want:
-                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+    _assert_same_run(tmp_path / "tp", tmp_path / "one", [0, 1, 2, 2])
 
 
-def test_rl_refuses_pipeline_parallelism(tmp_path, tiny_init, capfd):
-    """Rollouts need every layer on the rank: a pipeline layout is refused with one clear error, before
-    anything is written."""
+def test_rl_under_pipeline_parallelism_is_the_one_process_run(tmp_path, warm_init):
+    """Two pipeline stages decode the rollouts together (the last samples, and sends the tokens back) and
+    take their log-probabilities and updates through the pipeline schedule, as one process does: four
+    rollout batches, each with rows as long as its longest trajectory."""
     from megajoy.parallel.spawn import cli_worker, run_workers
 
-    with pytest.raises(AssertionError, match="megajoy exited with 2"):
-        run_workers(2, cli_worker, rl_args(tiny_init, tmp_path / "pp", "--pp", "2"), timeout=120)
-    assert "megajoy rl rolls out on ranks that hold every layer" in capfd.readouterr().err
-    assert not (tmp_path / "pp" / "metrics.jsonl").exists()
+    common = ("--train-iters", "4", "--updates-per-batch", "1", "--eval-interval", "4", "--valid-prompts", "3")
+    assert main(warm_rl_args(warm_init, tmp_path / "one", *common)) == 0
+    run_workers(2, cli_worker, warm_rl_args(warm_init, tmp_path / "pp", *common, "--pp", "2"), timeout=180)
+    _assert_same_run(tmp_path / "pp", tmp_path / "one", [0, 1, 2, 3, 4, 4])
 
 
 def test_first_update_sees_ratio_one_under_bf16_autocast(tmp_path, tiny_init):

@@ -4,9 +4,9 @@ generation, optionally under INT4 / Q4_0 / Q8_0 weights), verifiers score them, 
 within each prompt's group, and the rollout policy's log-probabilities are recorded; each step is then
 one policy update on the whole rollout batch with the chosen loss (FiberPO by default; GRPO, GSPO,
 PPO-clip), so every update after a batch's first sees ratios that differ from 1. One trajectory per row.
-Each data-parallel rank rolls out its share of the prompts, holding every layer: the whole model, its
-tensor-parallel share (a tensor-parallel group decodes together) or all but the other ranks' experts
-(expert-parallel ranks decode in lockstep); no pipeline or context parallelism."""
+Each data-parallel rank rolls out its share of the prompts with its share of the model: a tensor-parallel
+group, or a pipeline's stages, decode the same prompts together; expert-parallel ranks decode their own
+in lockstep."""
 
 import json
 import os
@@ -45,9 +45,6 @@ class RlStage(Stage):
         from megajoy.data.sft import ChatTokenizer
 
         pc, args = trainer.pc, self.args
-        if pc.size("pp") > 1 or pc.size("cp") > 1:
-            raise ValueError("megajoy rl rolls out on ranks that hold every layer: use data, tensor and expert "
-                             "parallelism (no --pp, --cp)")
         if args.prompts_per_step % pc.size("dp"):
             raise ValueError(f"--prompts-per-step {args.prompts_per_step} is not divisible by the {pc.size('dp')} "
                              f"data-parallel ranks")
