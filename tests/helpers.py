@@ -81,6 +81,22 @@ def write_jsonl(path, docs, key: str = "text") -> None:
             f.write(json.dumps({key: doc}) + "\n")
 
 
+def say_seven_data(directory, n: int = 64) -> tuple[str, str]:
+    """(chat JSONL, RL prompts JSONL) of n prompts "Say seven, i." answered "7": a task the tiny test model
+    learns in 30 SFT steps, so that exact match and RL rewards are neither all 0 nor all 1 along the way."""
+    import json
+    import os
+
+    asks = [f"Say seven, {i}." for i in range(n)]
+    chat, prompts = os.path.join(directory, "seven_chat.jsonl"), os.path.join(directory, "seven_prompts.jsonl")
+    with open(chat, "w") as f:
+        f.writelines(json.dumps({"messages": [{"role": "user", "content": ask}, {"role": "assistant", "content": "7"}],
+                                 "answer": "7"}) + "\n" for ask in asks)
+    with open(prompts, "w") as f:
+        f.writelines(json.dumps({"prompt": ask, "answer": "7"}) + "\n" for ask in asks)
+    return chat, prompts
+
+
 # A model small enough for many short training runs in the test suite (vocab fits TEST_VOCAB).
 TEST_VOCAB = 320
 TINY_MODEL_OVERRIDES = [

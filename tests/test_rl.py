@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import init_tiny_checkpoint
+from helpers import init_tiny_checkpoint, say_seven_data
 
 from megajoy.cli import main
 from megajoy.data.demo import write_jsonl
@@ -118,16 +118,11 @@ def warm_init(tmp_path_factory, tiny_init):
     RL. Its greedy answers are right and, at temperature 0.4, about half its samples: advantages and
     updates are not zero (the untrained policy never earns a reward)."""
     out = tmp_path_factory.mktemp("rl_warm")
-    asks = [f"Say seven, {i}." for i in range(64)]
-    with open(out / "sft.jsonl", "w") as f:
-        f.writelines(json.dumps({"messages": [{"role": "user", "content": ask}, {"role": "assistant", "content": "7"}]})
-                     + "\n" for ask in asks)
-    with open(out / "prompts.jsonl", "w") as f:
-        f.writelines(json.dumps({"prompt": ask, "answer": "7"}) + "\n" for ask in asks)
-    assert main(["sft", "--init", str(tiny_init), "--data", str(out / "sft.jsonl"), "--out", str(out / "sft"),
-                 "--train-iters", "30", "--seq-length", "64", "--lr", "3e-3", "--valid-conversations", "4",
-                 "--exact-match-samples", "0", "--eval-interval", "1000"]) == 0
-    return out / "sft", out / "prompts.jsonl"
+    chat, prompts = say_seven_data(out)
+    assert main(["sft", "--init", str(tiny_init), "--data", chat, "--out", str(out / "sft"), "--train-iters", "30",
+                 "--seq-length", "64", "--lr", "3e-3", "--valid-conversations", "4", "--exact-match-samples", "0",
+                 "--eval-interval", "1000"]) == 0
+    return out / "sft", prompts
 
 
 def warm_rl_args(warm, out, *extra):

@@ -6,7 +6,7 @@ import math
 import random
 
 import pytest
-from helpers import init_tiny_checkpoint
+from helpers import init_tiny_checkpoint, say_seven_data
 from megajoy.cli import main
 from megajoy.data.chat import parse_tool_calls, render
 from megajoy.data.demo import sft_conversations, write_jsonl
@@ -210,3 +210,27 @@ def test_sft_layouts_equal_the_single_process(world, flags, tmp_path, sft_single
             assert (key in got) == (key in want)
             if key in want:
                 assert abs(got[key] - want[key]) <= 1e-5 * abs(want[key]), (key, got, want)
+
+
+def test_held_out_exact_match_is_shared_between_data_parallel_ranks(tmp_path, tokenizer_file):
+    """Exact match on five held-out conversations after 30 steps of "Say seven, i." -> "7", where the
+    recorded answer of every odd i is "8" (so the rate is a fraction of the held-out set), is the same with
+    two expert-parallel ranks (data-parallel shares of 3 and 2 conversations, decoded in lockstep, hits and
+    counts summed) as in one process; before training it is 0."""
+    from megajoy.parallel.spawn import cli_worker, run_workers
+
+    init_tiny_checkpoint(tmp_path / "init", tokenizer_file)
+    chat, _ = say_seven_data(tmp_path)
+    lines = [json.loads(line) for line in open(chat)]
+    write_jsonl(chat, [dict(c, answer="7" if i % 2 == 0 else "8") for i, c in enumerate(lines)])
+
+    def args(out, *extra):
+        return ["sft", "--init", str(tmp_path / "init"), "--data", chat, "--out", str(tmp_path / out), "--train-iters",
+                "30", "--seq-length", "64", "--lr", "3e-3", "--valid-conversations", "5", "--exact-match-samples", "5",
+                "--eval-interval", "1000", *extra]
+
+    assert main(args("one")) == 0
+    run_workers(2, cli_worker, args("ep", "--ep", "2"), timeout=180)
+    one, ep = (json.loads((tmp_path / out / "sft_results.json").read_text()) for out in ("one", "ep"))
+    assert one["exact_match_before"] == ep["exact_match_before"] == 0.0
+    assert 0 < one["exact_match_after"] < 1 and ep["exact_match_after"] == one["exact_match_after"]

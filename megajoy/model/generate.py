@@ -228,25 +228,33 @@ def generate(model, prompts: list[list[int]], params: SamplingParams | None = No
              entropies: list | None = None) -> list[list[int]]:
     """The tokens appended to each prompt (a stop token ends a row and is included). If `entropies` is a
     list, it receives per row the entropy of the policy (temperature 1) at each generated token. The ranks
-    of a tensor-parallel group call this together with the same prompts and parameters (seed included);
-    those of an expert-parallel group together, each with its own prompts (at least one) and the same
-    max_new_tokens."""
+    of a tensor-parallel group, or of a pipeline, call this together with the same prompts and parameters
+    (seed included); those of an expert-parallel group together, each with its own prompts (or none) and
+    the same max_new_tokens."""
     params = params or SamplingParams()
     check_generation_layout(model)
     check_sampling(params)
-    if not prompts or any(not p for p in prompts):
+    if any(not p for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if entropies is not None:
+        entropies.clear()
+    if not prompts and model.pc.ep_size == 1:
+        return []
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
         with whole_sequences(model):
+            if not prompts:  # an expert-parallel rank: its group's MoE exchanges need it at every step
+                _generate(model, [[0]], params, device, None, idle=True)
+                return []
             return _generate(model, prompts, params, device, entropies)
     finally:
         model.train(was_training)
 
 
-def _generate(model, prompts, params, device, entropies):
+def _generate(model, prompts, params, device, entropies, idle: bool = False):
+    """`idle`: every row starts done (a placeholder that only keeps an expert-parallel group stepping)."""
     batch, longest = len(prompts), max(len(p) for p in prompts)
     dtype = next(model.parameters()).dtype
     cache = LatentCache([layer.self_attn for layer in model.layers.values()], batch, longest + params.max_new_tokens,
@@ -260,7 +268,7 @@ def _generate(model, prompts, params, device, entropies):
     generator = torch.Generator(device=device).manual_seed(params.seed) if params.temperature > 0 else None
     stops = torch.tensor(list(params.stop_token_ids) or [-1], device=device)
     out = [[] for _ in range(batch)]
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    done = torch.full((batch,), idle, dtype=torch.bool, device=device)
     step = cached_forward(model, ids, positions, valid, cache, last_only=True)
     next_positions = positions[:, -1:] + 1
     if entropies is not None:

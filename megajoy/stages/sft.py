@@ -8,6 +8,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 from megajoy.cli import add_config_arguments
 from megajoy.data.packing import held_out_batches
@@ -66,22 +67,20 @@ def load_chat_data(job, args, tokenizer_path: str) -> dict:
     return {"tokenizer": tokenizer, "report": report.summary(path), "train": train, "valid": valid}
 
 
-def exact_match(model, tokenizer, conversations: list[dict], mode: str, max_new_tokens: int = 24) -> float:
-    """Share of conversations whose final assistant answer greedy decoding (batched, latent cache)
-    reproduces exactly (after the reasoning, when the model thinks). Conversations without an "answer"
-    are skipped."""
+def exact_match(model, tokenizer, conversations: list[dict], mode: str, max_new_tokens: int = 24) -> tuple[int, int]:
+    """(hits, scored): how many conversations' final assistant answer greedy decoding (batched, latent
+    cache) reproduces exactly (after the reasoning, when the model thinks), of those that have an
+    "answer". Every rank that decodes together calls it (see generate), with or without conversations."""
     from megajoy.data.chat import final_answer, render
     from megajoy.data.tokenizer import EOS_TOKEN
     from megajoy.model.generate import SamplingParams, generate
 
     scored = [c for c in conversations if "answer" in c and c["messages"][-1]["role"] == "assistant"]
-    if not scored:
-        return float("nan")
     prompts = [tokenizer.encode(render(dict(c, messages=c["messages"][:-1]), mode, generation_prompt=True)).ids
                for c in scored]
     params = SamplingParams(max_new_tokens, stop_token_ids=(tokenizer.tok.token_to_id(EOS_TOKEN),))
     completions = generate(model, prompts, params)
-    return sum(final_answer(tokenizer.decode(t)) == c["answer"] for t, c in zip(completions, scored)) / len(scored)
+    return sum(final_answer(tokenizer.decode(t)) == c["answer"] for t, c in zip(completions, scored)), len(scored)
 
 
 # ------------------------------------------------------------------------------------------ command
@@ -175,10 +174,15 @@ def run(args) -> int:
 
 
 def held_out_exact_match(trainer, stage, args) -> float | None:
-    """Only where one process holds the whole model (generation is not distributed); decoded in the run's
-    compute precision."""
-    if not args.exact_match_samples or trainer.pc.size("world") > 1:
+    """Exact match on the first --exact-match-samples held-out conversations (None if 0; NaN if none has an
+    answer), decoded in the run's compute precision, each data-parallel rank a share."""
+    if not args.exact_match_samples:
         return None
-    conversations = stage.valid_conversations[: args.exact_match_samples]
+    pc = trainer.pc
+    conversations = stage.valid_conversations[: args.exact_match_samples][pc.coords["dp"]::pc.size("dp")]
     with torch.no_grad(), trainer.autocast():
-        return exact_match(trainer.model, stage.tokenizer, conversations, args.thinking)
+        hits, scored = exact_match(trainer.model, stage.tokenizer, conversations, args.thinking)
+    totals = torch.tensor([float(hits), float(scored)], device=trainer.device)
+    if pc.size("dp") > 1:
+        dist.all_reduce(totals, group=pc.group("dp"))
+    return totals[0].item() / totals[1].item() if totals[1] else float("nan")

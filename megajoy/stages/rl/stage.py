@@ -93,17 +93,11 @@ class RlStage(Stage):
     def _sample(self, trainer, prompts, n: int, seed: int, greedy: bool = False):
         """(n completions per prompt, the policy's entropy at each of their tokens), decoded in the run's
         compute precision (bf16 autocast with --bf16, each weight cast once per rollout, not per decoding
-        step). Sampling (not the greedy held-out evaluation) uses the --rollout-qat weights. Without prompts,
-        under expert parallelism, decodes a placeholder with the group's other ranks and returns nothing."""
+        step). Sampling (not the greedy held-out evaluation) uses the --rollout-qat weights. Under expert
+        parallelism a rank without prompts still steps beside its group's others (see generate)."""
         import contextlib
 
         from megajoy.model.generate import SamplingParams, generate
-
-        if not prompts:
-            if trainer.pc.ep_size == 1:
-                return [], []
-            self._sample(trainer, self.train[:1], 1, seed, greedy)
-            return [], []
 
         params = SamplingParams(self.args.max_new_tokens, 0.0 if greedy else self.args.temperature,
                                 stop_token_ids=(self.eos,), seed=seed)
