@@ -248,3 +248,50 @@ def test_generate_command(tmp_path, tokenizer_file, capsys):
         main(["generate", "--ckpt", str(tmp_path / "m")])  # --prompt is required
     assert main(["generate", "--ckpt", str(tmp_path / "m"), "--prompt", "x", "--stop", "the cat"]) == 2
     assert "a stop must be exactly one token" in capsys.readouterr().err
+
+
+def _cli_stdout(rank, world, argv):
+    """`megajoy ARGV` on one rank; what it printed."""
+    import contextlib
+    import io
+
+    from megajoy.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("world, layout", [(2, ["--dp", "2"]), (2, ["--tp", "2"]), (4, ["--pp", "2", "--ep", "2"]),
+                                           (2, ["--dp", "2", "--mtp-draft", "2"])],
+                         ids=["dp2", "tp2", "pp2_ep2_dp2", "dp2_mtp_draft"])
+def test_generate_command_under_a_layout_prints_the_one_process_output(tmp_path_factory, tokenizer_file, world,
+                                                                        layout):
+    """`megajoy generate` on several ranks (each loading its share of a model directory's weights):
+    data-parallel ranks decode shares of the five prompts (3 and 2), tensor-parallel and pipeline ranks
+    decode together, and rank 0 alone prints every completion in the prompts' order, the one process's."""
+    from helpers import init_tiny_checkpoint
+    from megajoy.parallel.spawn import run_workers
+
+    ckpt = tmp_path_factory.mktemp("generate_layout")
+    init_tiny_checkpoint(ckpt, tokenizer_file, "model.num_nextn_predict_layers=1", "model.initializer_range=0.2")
+    argv = ["generate", "--ckpt", str(ckpt), "--max-new-tokens", "6", "--json"]
+    for text in ("the cat", "a dog sat", "on the", "mat and", "the end"):
+        argv += ["--prompt", text]
+    draft = layout[layout.index("--mtp-draft"):] if "--mtp-draft" in layout else []
+    want = _cli_stdout(0, 1, argv + draft)
+    assert len(want.splitlines()) == 5
+    printed = run_workers(world, _cli_stdout, argv + layout, timeout=120)
+    assert printed[0] == want and not any(printed[1:])
+
+
+def test_speculative_decoding_refuses_a_split_model(tmp_path, tokenizer_file, capfd):
+    from helpers import init_tiny_checkpoint
+    from megajoy.parallel.spawn import cli_worker, run_workers
+
+    init_tiny_checkpoint(tmp_path, tokenizer_file, "model.num_nextn_predict_layers=1")
+    with pytest.raises(AssertionError, match="megajoy exited with 2"):
+        run_workers(2, cli_worker, ["generate", "--ckpt", str(tmp_path), "--prompt", "the cat", "--mtp-draft", "2",
+                                    "--pp", "2"], timeout=120)
+    assert "speculative decoding runs on one process holding the whole model" in capfd.readouterr().err

@@ -1,9 +1,15 @@
 """`megajoy generate --ckpt DIR --prompt TEXT`: decode with the latent KV cache (batched, sampled or
-greedy), or greedily with MTP self-speculative decoding (`--mtp-draft K`)."""
+greedy), or greedily with MTP self-speculative decoding (`--mtp-draft K`). Under torchrun or srun with
+layout flags (`--tp`, `--pp`, `--ep`, `--dp`) each rank loads its share of the model; data-parallel ranks
+decode a share of the prompts each, and rank 0 prints every completion in the prompts' order."""
 
+import dataclasses
 import json
+import os
 import sys
 import time
+
+from megajoy.stages.flags import LAYOUT_PATHS, add_training_flags, flag_overrides
 
 
 def add_arguments(parser) -> None:
@@ -23,23 +29,31 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mtp-draft", type=int, default=0, metavar="K",
                         help="greedy decoding with K tokens drafted by the MTP module per verification pass")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt (text, token ids, stats)")
+    add_training_flags(parser, LAYOUT_PATHS, "layout (under torchrun / srun; Megatron-LM names)")
 
 
-def load_for_generation(path: str):
-    """(model in eval mode, tokenizer) from any checkpoint that stores its tokenizer."""
-    from megajoy.ckpt.native import load_model_dir
+def load_for_generation(path: str, layout: list[str] | None = None):
+    """(model in eval mode, tokenizer) from any checkpoint that stores its tokenizer. `layout`:
+    `parallel.field=value` overrides; with them (and under torchrun / srun) this rank's share of the model,
+    on this rank's device."""
+    from megajoy.ckpt.native import TOKENIZER_NAME, read_job_config
+    from megajoy.config import load_job_config
     from megajoy.data.sft import ChatTokenizer
+    from megajoy.launch import setup_parallel
     from megajoy.model import create_model
     from megajoy.parallel.params import parameter_specs
-    from megajoy.parallel.state import load_full_model_state
-    from megajoy.train.checkpoint import resolve_checkpoint
+    from megajoy.train.checkpoint import load_weights, resolve_checkpoint
 
     directory = resolve_checkpoint(path)
-    job, state, tokenizer_path = load_model_dir(directory)
-    if tokenizer_path is None:
+    tokenizer_path = os.path.join(directory, TOKENIZER_NAME)
+    if not os.path.exists(tokenizer_path):
         raise ValueError(f"{directory}: no tokenizer.json stored with the checkpoint")
-    model = create_model(job.model, seed=None)
-    load_full_model_state(model, state, parameter_specs(model, model.pc), model.pc, directory)
+    model_cfg = read_job_config(directory).model
+    model_fields = [f"model.{k}={json.dumps(v)}" for k, v in dataclasses.asdict(model_cfg).items()]
+    job = load_job_config(None, None, model_fields + list(layout or []))
+    pc = setup_parallel(job) if layout is not None else None
+    model = create_model(job.model, seed=None, pc=pc, device=pc.device if pc else "cpu")
+    load_weights(model, parameter_specs(model, model.pc), model.pc, directory)
     return model.eval(), ChatTokenizer(tokenizer_path, job.model.vocab_size)
 
 
@@ -56,9 +70,8 @@ def prompt_ids(tokenizer, text: str, chat: bool, thinking: bool) -> list[int]:
 
 def run(args) -> int:
     from megajoy.data.tokenizer import EOS_TOKEN
-    from megajoy.model.generate import SamplingParams, generate, speculative_greedy
 
-    model, tokenizer = load_for_generation(args.ckpt)
+    model, tokenizer = load_for_generation(args.ckpt, flag_overrides(args))
     stop_text = args.stop or [EOS_TOKEN]
     stops = []
     for text in stop_text:
@@ -66,20 +79,14 @@ def run(args) -> int:
         if len(ids) != 1:
             raise ValueError(f"--stop {text!r} is {len(ids)} tokens; a stop must be exactly one token")
         stops.append(ids[0])
+    if args.mtp_draft and args.temperature > 0:
+        raise ValueError("--mtp-draft decodes greedily: leave --temperature at 0")
     prompts = [prompt_ids(tokenizer, p, args.chat, args.thinking) for p in args.prompt]
     started = time.perf_counter()
-    stats = [None] * len(prompts)
-    if args.mtp_draft:
-        if args.temperature > 0:
-            raise ValueError("--mtp-draft decodes greedily: leave --temperature at 0")
-        results = []
-        for i, p in enumerate(prompts):
-            tokens, stats[i] = speculative_greedy(model, p, args.max_new_tokens, args.mtp_draft, stops)
-            results.append(tokens)
-    else:
-        params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, tuple(stops), args.seed)
-        results = generate(model, prompts, params)
+    results, stats = _decode_shares(model, prompts, args, tuple(stops))
     seconds = time.perf_counter() - started
+    if model.pc.rank != 0:
+        return 0
     for text, tokens, stat in zip(args.prompt, results, stats):
         completion = tokenizer.decode(tokens)
         if args.json:
@@ -93,3 +100,25 @@ def run(args) -> int:
     print(f"megajoy generate: {total} tokens in {seconds:.2f} s ({total / max(seconds, 1e-9):.1f} tokens/s)",
           file=sys.stderr)
     return 0
+
+
+def _decode_shares(model, prompts: list[list[int]], args, stops: tuple) -> tuple[list, list]:
+    """(completions, speculative statistics or None) of every prompt, in order: each data-parallel rank
+    decodes prompts dp_rank, dp_rank + dp, ... and the shares are gathered."""
+    import torch.distributed as dist
+
+    from megajoy.model.generate import SamplingParams, generate, speculative_greedy
+
+    pc = model.pc
+    mine = list(range(pc.coords["dp"], len(prompts), pc.size("dp")))
+    if args.mtp_draft:
+        decoded = [speculative_greedy(model, prompts[i], args.max_new_tokens, args.mtp_draft, stops) for i in mine]
+    else:
+        params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, stops, args.seed)
+        decoded = [(tokens, None) for tokens in generate(model, [prompts[i] for i in mine], params)]
+    shares = [list(zip(mine, decoded))]
+    if pc.size("dp") > 1:
+        shares = [None] * pc.size("dp")
+        dist.all_gather_object(shares, list(zip(mine, decoded)), group=pc.group("dp"))
+    ordered = dict(item for share in shares for item in share)
+    return [ordered[i][0] for i in range(len(prompts))], [ordered[i][1] for i in range(len(prompts))]

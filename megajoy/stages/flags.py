@@ -87,10 +87,18 @@ def _dest(path: str, flag: str) -> str:
     return "flag__" + flag.lstrip("-").replace("-", "_")
 
 
-def add_training_flags(parser) -> None:
-    group = parser.add_argument_group("training (Megatron-LM names)")
+# The layout flags of commands that only run the model (generation).
+LAYOUT_PATHS = ("parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
+                "parallel.virtual_pipeline_model_parallel_size", "parallel.pipeline_schedule",
+                "parallel.pipeline_layout", "parallel.expert_model_parallel_size", "parallel.data_parallel_size")
+
+
+def add_training_flags(parser, paths: tuple[str, ...] | None = None, title: str = "training (Megatron-LM names)") -> None:
+    """The flags of TRAINING_FLAGS (only those mapped onto `paths`, if given)."""
+    group = parser.add_argument_group(title)
     for flags, path, kwargs in TRAINING_FLAGS:
-        group.add_argument(*flags, dest=_dest(path, flags[0]), default=None, **kwargs)
+        if paths is None or path in paths:
+            group.add_argument(*flags, dest=_dest(path, flags[0]), default=None, **kwargs)
 
 
 def flag_overrides(args) -> list[str]:

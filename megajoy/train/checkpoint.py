@@ -137,6 +137,20 @@ def resolve_checkpoint(path: str) -> str:
     return latest_checkpoint(path) or path
 
 
+def load_weights(model, specs, pc, path: str) -> None:
+    """This rank's share of the weights (only) from a training checkpoint at any layout, a training output
+    directory (its latest), or a model directory (`megajoy init`, a converted Hugging Face model)."""
+    from megajoy.ckpt.native import load_model_dir
+    from megajoy.parallel.state import load_full_model_state
+
+    checkpoint = resolve_checkpoint(path)
+    if dcp_io.is_distributed_checkpoint(checkpoint):
+        dcp_io.load_into(model, None, specs, pc, checkpoint)
+        return
+    _, state, _ = load_model_dir(checkpoint)
+    load_full_model_state(model, state, specs, pc, checkpoint)
+
+
 def load_checkpoint(path: str, model, optimizer, specs, pc) -> dict:
     """Verify checksums, restore this rank's model and optimizer shards (any saved layout) and the RNG;
     return the trainer state. Errors name the file."""

@@ -26,7 +26,6 @@ from megajoy.parallel.mappings import all_reduce_no_grad
 from megajoy.parallel.optimizer import build_parallel_optimizer
 from megajoy.parallel.params import parameter_specs
 from megajoy.parallel.pipeline import PipelineRunner
-from megajoy.parallel.state import load_full_model_state
 from megajoy.train import checkpoint as ckpt
 from megajoy.train.metrics import MetricsLog, format_line, plot_losses
 
@@ -110,7 +109,7 @@ class Trainer:
         self.model.recompute = Recompute.of(job.train)
         self.specs = parameter_specs(self.model, self.pc)
         if job.checkpoint.init:
-            self._load_init_weights(job.checkpoint.init)
+            ckpt.load_weights(self.model, self.specs, self.pc, job.checkpoint.init)
         self.optimizer = build_parallel_optimizer(self.model, self.pc, job.optimizer,
                                                   job.parallel.use_distributed_optimizer,
                                                   job.parallel.ddp_bucket_size_mb)
@@ -448,19 +447,6 @@ class Trainer:
         if self.is_logging_rank:
             print(f"megajoy: resumed from {path} (step {self.step})", file=sys.stderr)
         return self.step
-
-    def _load_init_weights(self, path: str) -> None:
-        """Weights (only) from a training checkpoint at any layout, a training output directory, or a
-        model directory (`megajoy init`, a converted Hugging Face model)."""
-        from megajoy.ckpt import distributed as dcp_io
-        from megajoy.ckpt.native import load_model_dir
-
-        checkpoint = ckpt.resolve_checkpoint(path)
-        if dcp_io.is_distributed_checkpoint(checkpoint):
-            dcp_io.load_into(self.model, None, self.specs, self.pc, checkpoint)
-            return
-        _, state, _ = load_model_dir(checkpoint)
-        load_full_model_state(self.model, state, self.specs, self.pc, checkpoint)
 
 
 class _Window:
