@@ -111,6 +111,20 @@ def test_quantization_script_times_qat_rollouts_beside_per_step_quantisation(tmp
     assert [row["format"] for row in payload["fake_quant"]][:3] == ["int4", "q4_0", "q8_0"]
 
 
+def test_pipelined_decoding_script_times_both_ways(tmp_path):
+    """Two forked pipeline ranks decode the same tokens with the rows in groups and in one (the script
+    checks), and it reports both timings and their ratio."""
+    out = tmp_path / "pipelined_decoding.json"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "pipelined_decoding.py"), "--batch", "4",
+                           "--prompt-length", "5", "--new-tokens", "4", "--hidden-size", "64", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    turn, ring = json.loads(out.read_text())["rows"]
+    assert turn["method"] == "stages in turn (one group)" and ring["method"] == "ring of 2 groups"
+    assert min(turn["seconds"], ring["seconds"]) > 0
+    assert math.isclose(ring["speedup"], turn["seconds"] / ring["seconds"], rel_tol=1e-9)
+
+
 def test_gpu_session_plan_parses_and_resumes(tmp_path):
     """The GPU session's plan: every benchmark and megajoy command's flags parse with their own parsers
     (a renamed flag is caught); a call runs what is not yet done, skips a check whose package is missing, stops

@@ -52,29 +52,49 @@ def test_stop_tokens_end_each_row(model):
 
 def test_sampling_draws_from_fp32_probabilities_of_bf16_logits():
     """bf16 weights give bf16 logits: the draw uses their fp32 softmax (the same tokens as from the
-    upcast logits with the same generator), not bf16-rounded probabilities."""
-    logits = (torch.randn(8192, 40) * 3).to(torch.bfloat16)  # bf16 probabilities changed 33 of these draws
+    upcast logits with the same uniforms), not bf16-rounded probabilities."""
+    logits = (torch.randn(8192, 40) * 3).to(torch.bfloat16)
     params = SamplingParams(4, temperature=0.7)
-    got = sample(logits, params, torch.Generator().manual_seed(5))
-    want = torch.multinomial((logits.float() / 0.7).softmax(-1), 1, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(got, want.squeeze(-1))
+    uniforms = torch.rand(8192, generator=torch.Generator().manual_seed(5))
+    got = sample(logits, params, uniforms)
+    assert torch.equal(got, sample(logits.float(), params, uniforms))
+    rounded = torch.log((logits.float() / 0.7).softmax(-1).to(torch.bfloat16).float()) * 0.7
+    assert (sample(rounded, params, uniforms) != got).sum() > 10  # bf16 probabilities would change draws
+
+
+def test_sampled_frequencies_are_the_softmax_and_a_row_draws_alone():
+    """200,000 draws of five tokens at temperature 0.5 land on each token as often as softmax(logits / 0.5)
+    says (within 5 standard errors); a row's token is the same drawn alone as in its batch."""
+    logits = torch.tensor([[1.0, 0.5, 0.0, -0.5, -3.0]]).repeat(200_000, 1)
+    uniforms = torch.rand(200_000, generator=torch.Generator().manual_seed(1))
+    drawn = sample(logits, SamplingParams(temperature=0.5), uniforms)
+    want = (logits[0] / 0.5).softmax(-1)
+    share = torch.bincount(drawn, minlength=5).double() / 200_000
+    assert torch.all((share - want).abs() <= 5 * (want * (1 - want) / 200_000).sqrt())
+    mixed = torch.randn(64, 300, generator=torch.Generator().manual_seed(2))
+    u = torch.rand(64, generator=torch.Generator().manual_seed(3))
+    params = SamplingParams(temperature=1.3, top_k=40, top_p=0.9)
+    assert torch.equal(sample(mixed, params, u)[17:30], sample(mixed[17:30], params, u[17:30]))
 
 
 def test_sampling_filters():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
     g = torch.Generator().manual_seed(0)
-    top_k = sample(logits, SamplingParams(temperature=1.0, top_k=2), g)
+    top_k = sample(logits, SamplingParams(temperature=1.0, top_k=2), torch.rand(4000, generator=g))
     assert set(top_k.tolist()) == {0, 1}
     share = (top_k == 0).float().mean().item()
     assert abs(share - 1 / (1 + torch.e ** -1)) < 0.03  # softmax over the two kept logits
     # top-p 0.7: p = softmax = [.64, .23, .09, ...]; the prefix reaching 0.7 is the first two tokens.
-    top_p = sample(logits, SamplingParams(temperature=1.0, top_p=0.7), g)
+    top_p = sample(logits, SamplingParams(temperature=1.0, top_p=0.7), torch.rand(4000, generator=g))
     assert set(top_p.tolist()) == {0, 1}
-    cold = sample(logits, SamplingParams(temperature=0.05), g)
+    cold = sample(logits, SamplingParams(temperature=0.05), torch.rand(4000, generator=g))
     assert (cold == 0).float().mean() > 0.99
     assert sample(logits[:1], SamplingParams(), None).tolist() == [0]
     ties = torch.zeros(2000, 5)  # five equal logits: top-k keeps exactly k of them
-    assert len(set(sample(ties, SamplingParams(temperature=1.0, top_k=2), g).tolist())) == 2
+    assert len(set(sample(ties, SamplingParams(temperature=1.0, top_k=2), torch.rand(2000, generator=g)).tolist())) == 2
+    # a uniform of 0 or just under 1 still lands on a token of nonzero probability
+    edges = sample(logits[:2], SamplingParams(temperature=1.0, top_k=2), torch.tensor([0.0, 1 - 2 ** -24]))
+    assert set(edges.tolist()) <= {0, 1}
 
 
 def test_generation_needs_the_whole_model_and_prompts(model):
@@ -152,24 +172,31 @@ def test_tensor_parallel_ranks_decode_as_one_process(model, flags):
         assert all(restored for _, _, restored in results) == flags.get("sequence_parallel", False)
 
 
-@pytest.mark.parametrize("flags", [
-    dict(pipeline_model_parallel_size=2),
-    dict(pipeline_model_parallel_size=2, pipeline_schedule="interleaved", pipeline_layout=[1, 0, 1, 1]),
-    dict(pipeline_model_parallel_size=2, pipeline_schedule="zero-bubble", pipeline_layout=[1, 1, 0, 1]),
-    dict(pipeline_model_parallel_size=2, expert_model_parallel_size=2),
-    dict(pipeline_model_parallel_size=2, tensor_model_parallel_size=2, sequence_parallel=True)],
-    ids=["pp2", "pp2_interleaved", "pp2_zero_bubble", "pp2_ep2", "pp2_tp2_sp"])
-def test_pipeline_ranks_decode_as_one_process(model, flags):
+FIVE_PROMPTS = ([[5, 17, 42], [9], [200, 3, 7], [11, 12, 13, 14], [60, 61]],)
+PP = dict(pipeline_model_parallel_size=2)
+
+
+@pytest.mark.parametrize("flags, by_pipeline", [
+    (PP, FIVE_PROMPTS),
+    (PP, ([[5, 17, 42]],)),
+    (dict(PP, pipeline_schedule="interleaved", pipeline_layout=[1, 0, 1, 1]), FIVE_PROMPTS),
+    (dict(PP, pipeline_schedule="zero-bubble", pipeline_layout=[1, 1, 0, 1]), FIVE_PROMPTS),
+    (dict(PP, expert_model_parallel_size=2), ([[5, 17, 42], [9, 9], [7]], [[200, 3, 3, 3, 7, 11, 250], [4, 4]])),
+    (dict(PP, expert_model_parallel_size=2), EP_PROMPTS),
+    (dict(PP, tensor_model_parallel_size=2, sequence_parallel=True), FIVE_PROMPTS)],
+    ids=["pp2", "pp2_one_row", "pp2_interleaved", "pp2_zero_bubble", "pp2_ep2", "pp2_ep2_one_row", "pp2_tp2_sp"])
+def test_pipeline_ranks_decode_as_one_process(model, flags, by_pipeline):
     """A pipeline (each rank its stages' layers and latent caches; the embedding on the first stage, the
-    head on the last, which samples and sends the tokens back) decodes what one process decodes, greedy
-    and sampled, with rows stopping at different steps. Layouts: two stages of 2 + 1 layers; interleaved
-    and ZB-V placements of four stages, one of them empty (ZB-V's last stage on the first rank); two
-    pipelines of expert-parallel pairs, each pipeline with its own prompts; two stages of tensor-parallel
-    pairs with sequence parallelism."""
+    head on the last, which samples and sends the tokens back to the first) decodes what one process
+    decodes, greedy and sampled, with rows stopping at different steps. The rows go round in as many
+    groups as stages, each stage stepping another group at once (one group where a pipeline, or an
+    expert-parallel peer's, has fewer rows than stages): the first MoE layer steps more than one group.
+    Layouts: two stages of 2 + 1 layers; interleaved and ZB-V placements of four stages, one of them
+    empty (ZB-V's last stage on the first rank); two pipelines of expert-parallel pairs, each with its own
+    prompts; two stages of tensor-parallel pairs with sequence parallelism."""
     from megajoy.parallel.spawn import run_workers
 
     world = 4 if flags.get("expert_model_parallel_size", 1) > 1 or flags.get("tensor_model_parallel_size", 1) > 1 else 2
-    by_pipeline = EP_PROMPTS if flags.get("expert_model_parallel_size", 1) > 1 else ([[5, 17, 42], [9], [200, 3, 7]],)
     stop = generate(model, by_pipeline[0], SamplingParams(max_new_tokens=8))[0][2]
     greedy_params = SamplingParams(max_new_tokens=8, stop_token_ids=(stop,))
     sampled = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=50, seed=5, stop_token_ids=(stop,))
@@ -180,8 +207,12 @@ def test_pipeline_ranks_decode_as_one_process(model, flags):
         want = [generate(model, prompts, params) for prompts in by_pipeline]
         results = run_workers(world, _layout_generate_worker, flags, prompts_by_rank, params, timeout=120)
         assert [out for out, _, _ in results] == [want[(rank // tp) % len(want)] for rank in range(world)]
-        if params is greedy_params:  # the first row stopped at its third token, another ran on
-            assert len(want[0][0]) == 3 and max(len(row) for rows in want for row in rows) == 8
+        lengths = [len(row) for rows in want for row in rows]
+        if params is greedy_params:  # the first row stopped at its third token, others (if any) ran on
+            assert lengths[0] == 3 and (len(lengths) == 1 or max(lengths) == 8)
+        stages = 4 if "pipeline_layout" in flags else 2
+        one_group = min(len(prompts) for prompts in by_pipeline) < stages
+        assert (max(forwards for _, forwards, _ in results) <= 8) == one_group
 
 
 class OracleDrafter:

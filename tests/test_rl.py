@@ -136,9 +136,11 @@ def rl_args(init, out, *extra):
             "--valid-prompts", "8", "--eval-interval", "4", "--temperature", "2.0", "--lr", "1e-3", *extra]
 
 
-def test_rl_end_to_end_with_every_diagnostic(tmp_path, tiny_init):
-    assert main(rl_args(tiny_init, tmp_path, "--rollout-qat", "int4", "--qat-group", "32", "--curriculum",
-                        "--curriculum-rollouts", "2", "--plot")) == 0
+def test_rl_end_to_end_with_every_diagnostic(tmp_path, warm_init):
+    """From a briefly fine-tuned policy (rewards neither all 0 nor all 1), with INT4 rollouts and the
+    curriculum: every diagnostic is logged, and the second update of a rollout batch sees a changed policy."""
+    assert main(warm_rl_args(warm_init, tmp_path, "--rollout-qat", "int4", "--qat-group", "32", "--curriculum",
+                             "--curriculum-rollouts", "2", "--plot")) == 0
     assert (tmp_path / "rl.png").stat().st_size > 10000 and (tmp_path / "loss.png").exists()
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     steps = [r for r in records if "loss" in r]
@@ -152,7 +154,8 @@ def test_rl_end_to_end_with_every_diagnostic(tmp_path, tiny_init):
         assert 0 < r["response_length"] <= 6 and r["entropy"] > 0
     # The first update of each rollout batch sees the rollout policy itself; the second a changed one.
     assert steps[0]["importance_ratio"] == pytest.approx(1, abs=1e-5) and steps[0]["mean_abs_u"] < 1e-5
-    assert abs(steps[1]["importance_ratio"] - 1) > 1e-4 or steps[1]["mean_abs_u"] > 1e-4
+    assert abs(steps[1]["importance_ratio"] - 1) > 1e-4 and steps[1]["mean_abs_u"] > 1e-4
+    assert any(0 < r["reward"] < 1 and r["grad_norm"] > 0.1 for r in steps)
     assert [r["step"] for r in records if "val_accuracy" in r] == [0, 4]
     results = json.loads((tmp_path / "rl_results.json").read_text())
     assert results["policy_loss"] == "fiberpo" and results["step"] == 4

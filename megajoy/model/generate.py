@@ -11,9 +11,8 @@ a tensor-parallel group decode the same prompts, each with its heads and its sli
 with sequence parallelism switched off while decoding, as a step has one position), or under expert
 parallelism all but the other ranks' experts: the ranks of an expert-parallel group decode their own
 prompts in lockstep (every MoE layer exchanges tokens with all of them) until all their rows are done.
-Under pipeline parallelism the ranks of a pipeline decode together, each step going through the stages
-in order (no overlap between stages: a decoding step is one small forward); the last stage samples and
-sends the tokens back to the others.
+Under pipeline parallelism the ranks of a pipeline decode together, the rows in groups that go round the
+stages at once (megajoy.model.pipelined_decoding).
 Legend: B batch, S new positions, T cached positions, H heads, C kv_lora_rank, R rope dim, N nope dim,
 V value dim.
 """
@@ -24,7 +23,6 @@ from dataclasses import dataclass
 import torch
 
 from megajoy.kernels.rope import apply_rope
-from megajoy.parallel.pipeline import pipeline_peer, run_in_stage_order
 
 
 @torch.no_grad()
@@ -156,31 +154,28 @@ class StepOutput:
     hidden: torch.Tensor  # [B, S, D], the final normed hidden state (the MTP module's input)
 
 
+def stage_forward(model, spec, x, rope, cache: LatentCache, mask_B1ST: torch.Tensor, last_only: bool = False):
+    """One pipeline stage's part of a cached step over the positions `mask_B1ST` was made for: the first
+    stage embeds token ids, every stage runs its layers over the cache, and the last applies the final
+    norm and the head (a StepOutput; of the last position only with `last_only`); the others return
+    their hidden states."""
+    h = model.embed(x) if spec.is_first else x
+    for i in spec.layers:
+        h = decoder_step(model.layers[str(i)], h, rope.cos, rope.sin, cache, mask_B1ST)
+    if not spec.is_last:
+        return h
+    hidden = model.norm(h[:, -1:] if last_only else h)
+    return StepOutput(model.full_logits(model.head(hidden)).float(), hidden)
+
+
 def cached_forward(model, ids_BS: torch.Tensor, positions_BS: torch.Tensor, valid_BS: torch.Tensor,
-                   cache: LatentCache, last_only: bool = False) -> StepOutput | None:
-    """Run S new positions through the model, reading and extending the cache; with `last_only`, logits
-    and hidden state of the last position only (a prefill that only samples the next token). Under
-    pipeline parallelism every rank of the pipeline calls this, and only the last stage's gets the
-    output (None elsewhere)."""
-    rope = model.sequence_info(positions_BS, None)
+                   cache: LatentCache, last_only: bool = False) -> StepOutput:
+    """Run S new positions through a model held in one stage, reading and extending the cache; with
+    `last_only`, logits and hidden state of the last position only (a prefill that only samples the next
+    token)."""
     mask = cache.step_mask(valid_BS)
-
-    def run_stage(spec, h):
-        h = model.embed(h) if spec.is_first else h
-        for i in spec.layers:
-            h = decoder_step(model.layers[str(i)], h, rope.cos, rope.sin, cache, mask)
-        if not spec.is_last:
-            return h
-        hidden = model.norm(h[:, -1:] if last_only else h)
-        return StepOutput(model.full_logits(model.head(hidden)).float(), hidden)
-
-    if model.pc.size("pp") == 1:
-        out = run_stage(model.stages[0], ids_BS)
-    else:
-        dtype = next(model.parameters()).dtype  # the residual stream's (see PipelineRunner._residual_dtype)
-        out = run_in_stage_order(model.pc, run_stage, ids_BS,
-                                 lambda: torch.empty(*ids_BS.shape, model.cfg.hidden_size, dtype=dtype,
-                                                     device=ids_BS.device))
+    out = stage_forward(model, model.stages[0], ids_BS, model.sequence_info(positions_BS, None), cache, mask,
+                        last_only)
     cache.advance(ids_BS.shape[1])
     return out
 
@@ -197,9 +192,11 @@ class SamplingParams:
     seed: int = 0
 
 
-def sample(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def sample(logits_BV: torch.Tensor, params: SamplingParams, uniforms_B: torch.Tensor | None) -> torch.Tensor:
     """Next token ids [B]: argmax at temperature 0, else a draw after temperature, top-k and top-p, from
-    fp32 probabilities whatever the logits' dtype (bf16 weights give bf16 logits)."""
+    fp32 probabilities whatever the logits' dtype (bf16 weights give bf16 logits). Each row's draw inverts
+    its cumulative distribution at its own uniform number in [0, 1) (`step_uniforms`), so a row's token
+    does not depend on the other rows of its batch."""
     if params.temperature <= 0:
         return logits_BV.argmax(-1)
     logits = logits_BV.float() / params.temperature
@@ -212,8 +209,38 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Gen
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop = probs.cumsum(-1) - probs >= params.top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = logits.softmax(-1).cumsum(-1)
+    # the first token whose cumulative probability reaches a point in (0, total]: never one of probability 0
+    point = (1 - uniforms_B.to(cdf.device, cdf.dtype)) * cdf[:, -1]
+    return torch.searchsorted(cdf, point[:, None]).squeeze(-1)
+
+
+def step_uniforms(params: SamplingParams, step: int, batch: int, device) -> torch.Tensor | None:
+    """The uniform numbers decoding step `step` samples with, one per row, from a generator seeded by the
+    seed and the step: rows decoded in groups draw what they draw in one batch. None when greedy."""
+    if params.temperature <= 0:
+        return None
+    generator = torch.Generator(device=device).manual_seed(params.seed * 1_000_003 + step)
+    return torch.rand(batch, generator=generator, device=device)
+
+
+def sample_step(logits_BV: torch.Tensor, params: SamplingParams, uniforms_B: torch.Tensor | None,
+                with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(next token ids [B], the policy's entropy (temperature 1) there [B] or None)."""
+    logits = logits_BV.float()  # fp32 probabilities whatever the logits' dtype
+    entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1) if with_entropy else None
+    return sample(logits, params, uniforms_B), entropy
+
+
+def left_padded(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, valid, positions) [B, longest] of left-padded prompts: every row's last token at the same index."""
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
+    valid = torch.zeros(batch, longest, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, longest - len(p):] = torch.tensor(p, device=device)
+        valid[b, longest - len(p):] = True
+    return ids, valid, (valid.long().cumsum(1) - 1).clamp(min=0)
 
 
 def check_sampling(params: SamplingParams) -> None:
@@ -255,57 +282,49 @@ def generate(model, prompts: list[list[int]], params: SamplingParams | None = No
 
 def _generate(model, prompts, params, device, entropies, idle: bool = False):
     """`idle`: every row starts done (a placeholder that only keeps an expert-parallel group stepping)."""
-    batch, longest = len(prompts), max(len(p) for p in prompts)
-    dtype = next(model.parameters()).dtype
-    cache = LatentCache([layer.self_attn for layer in model.layers.values()], batch, longest + params.max_new_tokens,
-                        device, dtype)
-    ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
-    valid = torch.zeros(batch, longest, dtype=torch.bool, device=device)
-    for b, p in enumerate(prompts):  # left padding: every row's last prompt token is at the same index
-        ids[b, longest - len(p):] = torch.tensor(p, device=device)
-        valid[b, longest - len(p):] = True
-    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-    generator = torch.Generator(device=device).manual_seed(params.seed) if params.temperature > 0 else None
-    stops = torch.tensor(list(params.stop_token_ids) or [-1], device=device)
-    out = [[] for _ in range(batch)]
-    done = torch.full((batch,), idle, dtype=torch.bool, device=device)
+    if model.pc.size("pp") > 1:
+        from megajoy.model.pipelined_decoding import generate_pipelined
+
+        return generate_pipelined(model, prompts, params, device, entropies, idle)
+    batch = len(prompts)
+    ids, valid, positions = left_padded(prompts, device)
+    cache = LatentCache([layer.self_attn for layer in model.layers.values()], batch,
+                        ids.shape[1] + params.max_new_tokens, device, next(model.parameters()).dtype)
+    decoded = Decoded(batch, params, device, idle, entropies is not None)
     step = cached_forward(model, ids, positions, valid, cache, last_only=True)
     next_positions = positions[:, -1:] + 1
-    if entropies is not None:
-        entropies[:] = [[] for _ in range(batch)]
     for i in range(params.max_new_tokens):
-        tokens, entropy = _next_tokens(model, step, params, generator, batch, entropies is not None)
-        for b in torch.nonzero(~done).flatten().tolist():
-            out[b].append(int(tokens[b]))
-            if entropy is not None:
-                entropies[b].append(float(entropy[b]))
-        done |= torch.isin(tokens, stops)
-        if i == params.max_new_tokens - 1 or _all_done(done, model):
+        tokens, entropy = sample_step(step.logits[:, -1], params, step_uniforms(params, i, batch, device),
+                                      entropies is not None)
+        decoded.add(tokens, entropy)
+        if i == params.max_new_tokens - 1 or _all_done(decoded.done, model):
             break
-        step = cached_forward(model, tokens[:, None], next_positions, ~done[:, None], cache)
+        step = cached_forward(model, tokens[:, None], next_positions, ~decoded.done[:, None], cache)
         next_positions = next_positions + 1
-    return out
+    return decoded.result(entropies)
 
 
-def _next_tokens(model, step: StepOutput | None, params: SamplingParams, generator, batch: int, with_entropy: bool):
-    """(next token ids [B], the policy's entropy there [B] or None), sampled where the last pipeline stage
-    ran (`step` is its output) and sent from there to the pipeline's other ranks."""
-    if step is not None:
-        logits = step.logits[:, -1].float()  # fp32 probabilities whatever the logits' dtype
-        tokens = sample(logits, params, generator)
-        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1) if with_entropy else None
-        if model.pc.size("pp") == 1:
-            return tokens, entropy
-    import torch.distributed as dist
+class Decoded:
+    """The tokens (and entropies) decoded so far for a batch's rows, and which rows are done (a stop token
+    ends a row and is kept)."""
 
-    pc = model.pc
-    # One message: token ids are exact in float64, and an fp32 entropy too.
-    packed = torch.empty(2, batch, dtype=torch.float64, device=next(model.parameters()).device)
-    if step is not None:
-        packed[0] = tokens
-        packed[1] = entropy if with_entropy else 0
-    dist.broadcast(packed, pipeline_peer(pc, pc.plan[-1].pp_rank), group=pc.groups["pp"])
-    return packed[0].long(), packed[1].float() if with_entropy else None
+    def __init__(self, batch: int, params: SamplingParams, device, idle: bool = False, with_entropy: bool = False):
+        self.tokens = [[] for _ in range(batch)]
+        self.entropies = [[] for _ in range(batch)] if with_entropy else None
+        self.done = torch.full((batch,), idle, dtype=torch.bool, device=device)
+        self.stops = torch.tensor(list(params.stop_token_ids) or [-1], device=device)
+
+    def add(self, tokens_B: torch.Tensor, entropy_B: torch.Tensor | None) -> None:
+        for b in torch.nonzero(~self.done).flatten().tolist():
+            self.tokens[b].append(int(tokens_B[b]))
+            if self.entropies is not None:
+                self.entropies[b].append(float(entropy_B[b]))
+        self.done |= torch.isin(tokens_B, self.stops)
+
+    def result(self, entropies: list | None) -> list[list[int]]:
+        if entropies is not None:
+            entropies[:] = self.entropies
+        return self.tokens
 
 
 # ------------------------------------------------------------------------------------------ MTP drafts
