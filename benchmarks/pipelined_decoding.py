@@ -81,7 +81,8 @@ def main() -> None:
     if turn_tokens != ring_tokens:
         raise AssertionError("the two ways decoded different tokens")
     tokens = args.batch * args.new_tokens
-    rows = [{"method": "stages in turn (one group)", "seconds": turn_s, "tokens_per_s": tokens / turn_s, "speedup": 1.0},
+    rows = [{"method": "stages in turn (one group)", "seconds": turn_s, "tokens_per_s": tokens / turn_s,
+             "speedup": 1.0},
             {"method": f"ring of {world} groups", "seconds": ring_s, "tokens_per_s": tokens / ring_s,
              "speedup": turn_s / ring_s}]
     print(f"pipeline of {world} ranks, batch {args.batch}, prompts of {args.prompt_length}, {args.new_tokens} new "

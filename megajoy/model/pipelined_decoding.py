@@ -123,7 +123,7 @@ class Ring:
         cache.advance(x.shape[1])
         if not spec.is_last:
             return spec.index + 1, g, self._hidden_message(out, decoding, False)
-        return 0, g, self._tokens_message(out, group, g, step)
+        return 0, g, self._tokens_message(out, group, step)
 
     def _first_stage_input(self, group: Group, g: int, step: int):
         if step == 0:
@@ -137,7 +137,7 @@ class Ring:
         group.decoded.add(tokens, entropy if group.decoded.entropies is not None else None)
         return tokens, bool(packed[2, 0])
 
-    def _tokens_message(self, out, group: Group, g: int, step: int) -> torch.Tensor:
+    def _tokens_message(self, out, group: Group, step: int) -> torch.Tensor:
         """Sample the group's next tokens; [3, b] float64 (exact for token ids and fp32 entropies): the
         tokens, their entropies and whether the group has ended (every row done, in every expert-parallel
         peer, or the last step)."""

@@ -93,7 +93,8 @@ LAYOUT_PATHS = ("parallel.tensor_model_parallel_size", "parallel.pipeline_model_
                 "parallel.pipeline_layout", "parallel.expert_model_parallel_size", "parallel.data_parallel_size")
 
 
-def add_training_flags(parser, paths: tuple[str, ...] | None = None, title: str = "training (Megatron-LM names)") -> None:
+def add_training_flags(parser, paths: tuple[str, ...] | None = None,
+                       title: str = "training (Megatron-LM names)") -> None:
     """The flags of TRAINING_FLAGS (only those mapped onto `paths`, if given)."""
     group = parser.add_argument_group(title)
     for flags, path, kwargs in TRAINING_FLAGS:
