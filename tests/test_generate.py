@@ -95,6 +95,8 @@ def test_sampling_filters():
     # a uniform of 0 or just under 1 still lands on a token of nonzero probability
     edges = sample(logits[:2], SamplingParams(temperature=1.0, top_k=2), torch.tensor([0.0, 1 - 2 ** -24]))
     assert set(edges.tolist()) <= {0, 1}
+    diverged = sample(torch.full((2, 5), float("nan")), SamplingParams(temperature=1.0), torch.tensor([0.3, 0.9]))
+    assert diverged.max() < 5  # a diverged row still gives a token id inside the vocabulary
 
 
 def test_generation_needs_the_whole_model_and_prompts(model):

@@ -137,7 +137,7 @@ def whole_sequences(model):
         model.pc.sequence_parallel = sequence_parallel
 
 
-def _all_done(done_B: torch.Tensor, model) -> bool:
+def all_done(done_B: torch.Tensor, model) -> bool:
     """Whether every row is done here and, under expert parallelism, on every rank of the group."""
     if model.pc.ep_size == 1:
         return bool(done_B.all())
@@ -209,10 +209,12 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams, uniforms_B: torch.Te
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop = probs.cumsum(-1) - probs >= params.top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    cdf = logits.softmax(-1).cumsum(-1)
+    # float64: a GPU's parallel scan stays monotone over tokens of probability 0, and small tails count
+    cdf = logits.softmax(-1).double().cumsum(-1)
     # the first token whose cumulative probability reaches a point in (0, total]: never one of probability 0
     point = (1 - uniforms_B.to(cdf.device, cdf.dtype)) * cdf[:, -1]
-    return torch.searchsorted(cdf, point[:, None]).squeeze(-1)
+    # (non-finite logits, whose cdf is NaN, would give an id past the vocabulary: keep it inside)
+    return torch.searchsorted(cdf, point[:, None]).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
 
 
 def step_uniforms(params: SamplingParams, step: int, batch: int, device) -> torch.Tensor | None:
@@ -297,7 +299,7 @@ def _generate(model, prompts, params, device, entropies, idle: bool = False):
         tokens, entropy = sample_step(step.logits[:, -1], params, step_uniforms(params, i, batch, device),
                                       entropies is not None)
         decoded.add(tokens, entropy)
-        if i == params.max_new_tokens - 1 or _all_done(decoded.done, model):
+        if i == params.max_new_tokens - 1 or all_done(decoded.done, model):
             break
         step = cached_forward(model, tokens[:, None], next_positions, ~decoded.done[:, None], cache)
         next_positions = next_positions + 1

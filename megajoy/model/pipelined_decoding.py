@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megajoy.model.generate import (Decoded, LatentCache, left_padded, sample_step, stage_forward,
+from megajoy.model.generate import (Decoded, LatentCache, all_done, left_padded, sample_step, stage_forward,
                                     step_uniforms)
 from megajoy.parallel.pipeline import pipeline_peer
 
@@ -32,7 +32,7 @@ class Group:
     valid: torch.Tensor  # [b, L]
     positions: torch.Tensor  # [b, L]
     caches: dict = field(default_factory=dict)  # local stage index -> LatentCache of its layers
-    decoded: Decoded | None = None  # on the first and last stages' ranks
+    decoded: Decoded | None = None  # read on the first and last stages' ranks
 
     @property
     def size(self) -> int:
@@ -123,12 +123,13 @@ class Ring:
         cache.advance(x.shape[1])
         if not spec.is_last:
             return spec.index + 1, g, self._hidden_message(out, decoding, False)
-        return 0, g, self._tokens_message(out, group, step)
+        return 0, g, (self._tokens_message(out, group, step),)
 
     def _first_stage_input(self, group: Group, g: int, step: int):
         if step == 0:
             return group.ids, ~group.decoded.done, False
-        tokens, ended = self._read_tokens(group, self.inbox.pop((0, g)))
+        (packed,) = self.inbox.pop((0, g))
+        tokens, ended = self._read_tokens(group, packed)
         return tokens[:, None], ~group.decoded.done, ended
 
     def _read_tokens(self, group: Group, packed: torch.Tensor):
@@ -148,7 +149,7 @@ class Ring:
         if not self._first_stage_is_here():  # the first stage's rank records them as it reads them
             decoded.add(tokens, entropy)
         done = decoded.done | torch.isin(tokens, decoded.stops)
-        ended = step == self.params.max_new_tokens - 1 or _all_peers_done(done, self.model)
+        ended = step == self.params.max_new_tokens - 1 or all_done(done, self.model)
         packed = torch.zeros(3, group.size, dtype=torch.float64, device=self.device)
         packed[0], packed[2] = tokens, float(ended)
         if entropy is not None:
@@ -182,7 +183,7 @@ class Ring:
                 self.inbox[(dest, g)] = message
             else:
                 ops += [dist.P2POp(dist.isend, t, pipeline_peer(self.model.pc, rank), self.model.pc.groups["pp"])
-                        for t in (message if isinstance(message, tuple) else (message,))]
+                        for t in message]
         for spec in mine:
             due = self.due(spec, next_tick)
             source = self.stages[spec.index - 1]  # the last stage, for the first
@@ -191,7 +192,7 @@ class Ring:
             message = self._empty_message(spec, *due)
             self.inbox[(spec.index, due[0])] = message
             ops += [dist.P2POp(dist.irecv, t, pipeline_peer(self.model.pc, source.pp_rank), self.model.pc.groups["pp"])
-                    for t in (message if isinstance(message, tuple) else (message,))]
+                    for t in message]
         if ops:
             for request in dist.batch_isend_irecv(ops):
                 request.wait()
@@ -199,18 +200,10 @@ class Ring:
     def _empty_message(self, spec, g: int, step: int):
         group = self.groups[g]
         if spec.is_first:
-            return torch.empty(3, group.size, dtype=torch.float64, device=self.device)
+            return (torch.empty(3, group.size, dtype=torch.float64, device=self.device),)
         length = group.ids.shape[1] if step == 0 else 1
         hidden = torch.empty(group.size, length, self.model.cfg.hidden_size, dtype=self.dtype, device=self.device)
         return hidden, torch.empty(group.size + 1, dtype=torch.long, device=self.device)
-
-
-def _all_peers_done(done_B: torch.Tensor, model) -> bool:
-    """Whether every row is done here and in every expert-parallel peer's same group."""
-    busy = (~done_B).any().float().reshape(1)
-    if model.pc.ep_size > 1:
-        dist.all_reduce(busy, op=dist.ReduceOp.MAX, group=model.pc.group("ep"))
-    return not bool(busy.item())
 
 
 def _gathered(model, groups: list[Group], entropies) -> list[list[int]]:
