@@ -407,6 +407,13 @@ def preset_model(name: str) -> ModelConfig:
     return PRESETS[name]()
 
 
+def model_overrides(model: ModelConfig) -> list[str]:
+    """`model.field=value` overrides that set every field of `model` (a checkpoint's, over a preset's)."""
+    import json
+
+    return [f"model.{k}={json.dumps(v)}" for k, v in dataclasses.asdict(model).items()]
+
+
 def load_job_config(preset: str | None = None, yaml_path: str | None = None,
                     overrides: list[str] = (), defaults: dict | None = None) -> JobConfig:
     """Section defaults (a stage's), the preset's model, the YAML file's sections, then

@@ -3,7 +3,6 @@ greedy), or greedily with MTP self-speculative decoding (`--mtp-draft K`). Under
 layout flags (`--tp`, `--pp`, `--ep`, `--dp`) each rank loads its share of the model; data-parallel ranks
 decode a share of the prompts each, and rank 0 prints every completion in the prompts' order."""
 
-import dataclasses
 import json
 import os
 import sys
@@ -37,7 +36,7 @@ def load_for_generation(path: str, layout: list[str] | None = None):
     `parallel.field=value` overrides; with them (and under torchrun / srun) this rank's share of the model,
     on this rank's device."""
     from megajoy.ckpt.native import TOKENIZER_NAME, read_job_config
-    from megajoy.config import load_job_config
+    from megajoy.config import load_job_config, model_overrides
     from megajoy.data.sft import ChatTokenizer
     from megajoy.launch import setup_parallel
     from megajoy.model import create_model
@@ -48,9 +47,7 @@ def load_for_generation(path: str, layout: list[str] | None = None):
     tokenizer_path = os.path.join(directory, TOKENIZER_NAME)
     if not os.path.exists(tokenizer_path):
         raise ValueError(f"{directory}: no tokenizer.json stored with the checkpoint")
-    model_cfg = read_job_config(directory).model
-    model_fields = [f"model.{k}={json.dumps(v)}" for k, v in dataclasses.asdict(model_cfg).items()]
-    job = load_job_config(None, None, model_fields + list(layout or []))
+    job = load_job_config(None, None, model_overrides(read_job_config(directory).model) + list(layout or []))
     pc = setup_parallel(job) if layout is not None else None
     model = create_model(job.model, seed=None, pc=pc, device=pc.device if pc else "cpu")
     load_weights(model, parameter_specs(model, model.pc), model.pc, directory)

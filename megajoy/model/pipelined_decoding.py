@@ -31,8 +31,8 @@ class Group:
     ids: torch.Tensor  # [b, L] left-padded prompts
     valid: torch.Tensor  # [b, L]
     positions: torch.Tensor  # [b, L]
+    decoded: Decoded  # read on the first and last stages' ranks
     caches: dict = field(default_factory=dict)  # local stage index -> LatentCache of its layers
-    decoded: Decoded | None = None  # read on the first and last stages' ranks
 
     @property
     def size(self) -> int:
@@ -69,9 +69,7 @@ def _groups(model, prompts, params, device, idle, with_entropy, n_stages) -> lis
         rows_g = slice(start, start + base + (g < extra))
         start = rows_g.stop
         ids, valid, positions = left_padded(prompts[rows_g], device)
-        group = Group(rows_g, ids, valid, positions)
-        group.decoded = Decoded(group.size, params, device, idle, with_entropy)
-        groups.append(group)
+        groups.append(Group(rows_g, ids, valid, positions, Decoded(len(ids), params, device, idle, with_entropy)))
     return groups
 
 
@@ -84,6 +82,7 @@ class Ring:
         self.ended: set[tuple[int, int]] = set()  # (stage, group) pairs this rank has dropped
         self.dtype = next(model.parameters()).dtype  # the residual stream's
         self.device = groups[0].ids.device
+        self.drawn = (None, None)  # (step, its uniforms for the whole batch): one draw per step, not per group
 
     def finished(self, mine) -> bool:
         return all((spec.index, g) in self.ended for spec in mine for g in range(len(self.groups)))
@@ -106,7 +105,8 @@ class Ring:
         g, step = due
         group = self.groups[g]
         if spec.is_first:
-            x, decoding, ended = self._first_stage_input(group, g, step)
+            x, ended = self._first_stage_input(group, g, step)
+            decoding = ~group.decoded.done
         else:
             x, flags = self.inbox.pop((spec.index, g))
             decoding, ended = flags[:-1].bool(), bool(flags[-1])
@@ -127,10 +127,10 @@ class Ring:
 
     def _first_stage_input(self, group: Group, g: int, step: int):
         if step == 0:
-            return group.ids, ~group.decoded.done, False
+            return group.ids, False
         (packed,) = self.inbox.pop((0, g))
         tokens, ended = self._read_tokens(group, packed)
-        return tokens[:, None], ~group.decoded.done, ended
+        return tokens[:, None], ended
 
     def _read_tokens(self, group: Group, packed: torch.Tensor):
         """The last stage's message: the sampled tokens (recorded here), and whether the group has ended."""
@@ -142,7 +142,9 @@ class Ring:
         """Sample the group's next tokens; [3, b] float64 (exact for token ids and fp32 entropies): the
         tokens, their entropies and whether the group has ended (every row done, in every expert-parallel
         peer, or the last step)."""
-        uniforms = step_uniforms(self.params, step, self.groups[-1].rows.stop, self.device)
+        if self.drawn[0] != step:
+            self.drawn = step, step_uniforms(self.params, step, self.groups[-1].rows.stop, self.device)
+        uniforms = self.drawn[1]
         decoded = group.decoded
         tokens, entropy = sample_step(out.logits[:, -1], self.params,
                                       None if uniforms is None else uniforms[group.rows], decoded.entropies is not None)

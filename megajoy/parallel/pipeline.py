@@ -160,26 +160,6 @@ def pipeline_peer(pc, pp_rank: int) -> int:
     return pc.layout.rank_of(c["tp"], c["cp"], c["dp"], pp_rank)
 
 
-def run_in_stage_order(pc, run_stage, x, empty_hidden):
-    """One forward through every stage of the pipeline in order, without overlap: `run_stage(spec, x)` on
-    the rank that holds the stage, its output sent on where the next stage is another rank's, which
-    receives it into `empty_hidden()`. The first stage gets `x`. Returns the last stage's output on the
-    rank that runs it, None on the others."""
-    import torch.distributed as dist
-
-    my_rank, stages, group = pc.coords["pp"], pc.plan, pc.groups["pp"]
-    for spec in stages:
-        nxt = stages[spec.index + 1] if not spec.is_last else None
-        if spec.pp_rank == my_rank:
-            x = run_stage(spec, x)
-            if nxt is not None and nxt.pp_rank != my_rank:
-                dist.send(x.contiguous(), pipeline_peer(pc, nxt.pp_rank), group=group)
-        elif nxt is not None and nxt.pp_rank == my_rank:
-            x = empty_hidden()
-            dist.recv(x, pipeline_peer(pc, spec.pp_rank), group=group)
-    return x if stages[-1].pp_rank == my_rank else None
-
-
 class PipelineRunner:
     """Runs a step's micro-batches through this rank's stages with the chosen schedule; returns the
     objective's metrics (summed over micro-batches), which only the last stage computes, on every rank."""
@@ -224,16 +204,27 @@ class PipelineRunner:
         return self._from_last_stage(summed)
 
     def _forward_only(self, inputs: dict, n_microbatches: int) -> None:
-        """Validation: every micro-batch through the stages in order (`run_in_stage_order`). Ours rather
-        than `schedule.eval`, because ZB-V's runtime asserts when a forward-only pass reaches the V's turn
-        on the last rank (it hands that activation over through a backward slot); this one serves every
-        schedule, and validation needs no overlap."""
+        """Validation: every micro-batch through the stages in order, with plain send / recv between
+        ranks. Ours rather than `schedule.eval`, because ZB-V's runtime asserts when a forward-only pass
+        reaches the V's turn on the last rank (it hands that activation over through a backward slot);
+        this one serves every schedule, and validation needs no overlap."""
+        import torch.distributed as dist
+
+        my_rank, stages, group = self.pc.coords["pp"], self.pc.plan, self.pc.groups["pp"]
         modules = {m.spec.index: m for m in self.modules}
         chunks = {k: v.chunk(n_microbatches) for k, v in inputs.items()}
         for mb in range(n_microbatches):
             kwargs = {k: v[mb] for k, v in chunks.items()}
-            run_in_stage_order(self.pc, lambda spec, x: modules[spec.index](x, **kwargs), kwargs["input_ids"],
-                               lambda: self._hidden_buffer(kwargs["input_ids"]))
+            x = kwargs["input_ids"]
+            for spec in stages:
+                nxt = stages[spec.index + 1] if not spec.is_last else None
+                if spec.pp_rank == my_rank:
+                    x = modules[spec.index](x, **kwargs)
+                    if nxt is not None and nxt.pp_rank != my_rank:
+                        dist.send(x.contiguous(), pipeline_peer(self.pc, nxt.pp_rank), group=group)
+                elif nxt is not None and nxt.pp_rank == my_rank:
+                    x = self._hidden_buffer(kwargs["input_ids"])
+                    dist.recv(x, pipeline_peer(self.pc, spec.pp_rank), group=group)
 
     def _hidden_buffer(self, input_ids: torch.Tensor) -> torch.Tensor:
         batch, seq = input_ids.shape

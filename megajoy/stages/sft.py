@@ -2,7 +2,6 @@
 best-fit-decreasing into rows with block-diagonal masks, loss on assistant tokens only. Data, loss and
 defaults live here; everything else is the shared training loop."""
 
-import dataclasses
 import json
 import os
 import sys
@@ -105,15 +104,14 @@ def add_arguments(parser) -> None:
 def build_job(args, defaults=DEFAULTS):
     """The job: the stage's defaults, the model of the --init checkpoint (or the preset), then flags."""
     from megajoy.ckpt.native import read_job_config
-    from megajoy.config import load_job_config
+    from megajoy.config import load_job_config, model_overrides
 
     overrides = flag_overrides(args) + args.overrides
     job = load_job_config(args.preset, args.config, overrides, defaults=defaults)
     if not job.checkpoint.init:
         return job
     model = read_job_config(resolve_checkpoint(job.checkpoint.init)).model
-    model_overrides = [f"model.{k}={json.dumps(v)}" for k, v in dataclasses.asdict(model).items()]
-    return load_job_config(args.preset, args.config, model_overrides + overrides, defaults=defaults)
+    return load_job_config(args.preset, args.config, model_overrides(model) + overrides, defaults=defaults)
 
 
 def stage_tokenizer(job) -> str:
