@@ -34,6 +34,7 @@ def decode_both_ways(rank: int, world: int, cfg_fields: dict, batch: int, prompt
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, cfg.vocab_size, (prompt_length,), generator=g).tolist() for _ in range(batch)]
     params = SamplingParams(new_tokens, temperature=1.0, seed=2)  # no stop token: every row runs to the end
+    row_ids = torch.arange(batch, device=pc.device)
     results = {}
     with torch.no_grad(), whole_sequences(model):
         for overlap in (False, True, False, True):
@@ -41,7 +42,7 @@ def decode_both_ways(rank: int, world: int, cfg_fields: dict, batch: int, prompt
                 if pc.device.type == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-                tokens = generate_pipelined(model, prompts, params, pc.device, None, overlap=overlap)
+                tokens = generate_pipelined(model, prompts, params, pc.device, None, row_ids, overlap=overlap)
                 if pc.device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - start

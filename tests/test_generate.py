@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import random_model, small_config
 
-from megajoy.model.generate import LatentCache, SamplingParams, cached_forward, generate, greedy, sample
+from megajoy.model.generate import (LatentCache, SamplingParams, cached_forward, generate, greedy, sample, splitmix64,
+                                    step_uniforms)
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +63,34 @@ def test_sampling_draws_from_fp32_probabilities_of_bf16_logits():
     assert (sample(rounded, params, uniforms) != got).sum() > 10  # bf16 probabilities would change draws
 
 
+def test_splitmix64_gives_the_published_sequence():
+    """SplitMix64 seeded with 1234567 (its states 1234567 + k * 0x9E3779B97F4A7C15) gives the outputs the
+    Rosetta Code task lists; int64 wrapping keeps the unsigned bits."""
+    states = torch.tensor([(1234567 + k * 0x9E3779B97F4A7C15) % 2 ** 64 for k in range(5)], dtype=torch.uint64)
+    got = [int(x) % 2 ** 64 for x in splitmix64(states.view(torch.int64))]
+    assert got == [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431,
+                   16408922859458223821]
+
+
+def test_step_uniforms_are_keyed_by_row():
+    """A row's uniform depends on the seed, the step and its id alone, not on the other rows or their
+    order; they spread over [0, 1) evenly (every tenth holds 10% of 100,000 within 5 standard errors)."""
+    params = SamplingParams(temperature=1.0, seed=7)
+    whole = step_uniforms(params, 3, torch.arange(100_000))
+    assert torch.equal(step_uniforms(params, 3, torch.tensor([41, 5, 99_999])), whole[[41, 5, 99_999]])
+    assert not torch.equal(step_uniforms(params, 4, torch.arange(100)), whole[:100])
+    assert not torch.equal(step_uniforms(SamplingParams(temperature=1.0, seed=8), 3, torch.arange(100)), whole[:100])
+    assert whole.min() >= 0 and whole.max() < 1 and step_uniforms(SamplingParams(), 3, torch.arange(4)) is None
+    tenths = torch.bincount((whole * 10).long(), minlength=10).double() / 100_000
+    assert torch.all((tenths - 0.1).abs() <= 5 * (0.1 * 0.9 / 100_000) ** 0.5)
+
+
 def test_sampled_frequencies_are_the_softmax_and_a_row_draws_alone():
-    """200,000 draws of five tokens at temperature 0.5 land on each token as often as softmax(logits / 0.5)
-    says (within 5 standard errors); a row's token is the same drawn alone as in its batch."""
+    """200,000 draws of five tokens at temperature 0.5, with one step's row-keyed uniforms, land on each
+    token as often as softmax(logits / 0.5) says (within 5 standard errors); a row's token is the same
+    drawn alone as in its batch."""
     logits = torch.tensor([[1.0, 0.5, 0.0, -0.5, -3.0]]).repeat(200_000, 1)
-    uniforms = torch.rand(200_000, generator=torch.Generator().manual_seed(1))
+    uniforms = step_uniforms(SamplingParams(temperature=0.5, seed=1), 0, torch.arange(200_000))
     drawn = sample(logits, SamplingParams(temperature=0.5), uniforms)
     want = (logits[0] / 0.5).softmax(-1)
     share = torch.bincount(drawn, minlength=5).double() / 200_000
@@ -152,6 +176,19 @@ def test_expert_parallel_ranks_decode_their_own_prompts_in_lockstep(model):
                           timeout=120)
     assert [out for out, _, _ in results] == want
     assert [forwards for _, forwards, _ in results] == [10, 10]  # a prefill and nine steps on both ranks
+
+
+def test_shares_of_a_prompt_set_sample_what_the_whole_set_samples(model):
+    """Prompts shared out (as among data-parallel ranks) with their indices in the set as row ids draw
+    the completions one batch of the whole set draws; ids of 0, 1, ... (the default) draw others."""
+    prompts = [[5, 17, 42], [9, 9], [7], [200, 3, 3, 3, 7, 11, 250], [4, 4]]
+    params = SamplingParams(max_new_tokens=8, temperature=1.5, seed=11)
+    whole = generate(model, prompts, params)
+    assert generate(model, prompts[1::2], params, row_ids=[1, 3]) == whole[1::2]
+    assert generate(model, prompts[::-2], params, row_ids=[4, 2, 0]) == whole[::-2]
+    assert generate(model, prompts[1::2], params) != whole[1::2]
+    with pytest.raises(ValueError, match="2 row ids for 3 prompts"):
+        generate(model, prompts[:3], params, row_ids=[0, 1])
 
 
 @pytest.mark.parametrize("flags", [dict(tensor_model_parallel_size=2),
@@ -296,24 +333,25 @@ def _cli_stdout(rank, world, argv):
     return out.getvalue()
 
 
-@pytest.mark.parametrize("world, layout", [(2, ["--dp", "2"]), (2, ["--tp", "2"]), (4, ["--pp", "2", "--ep", "2"]),
-                                           (2, ["--dp", "2", "--mtp-draft", "2"])],
-                         ids=["dp2", "tp2", "pp2_ep2_dp2", "dp2_mtp_draft"])
+@pytest.mark.parametrize("world, layout, decoding", [
+    (2, ["--dp", "2"], ["--temperature", "1.2", "--seed", "3"]), (2, ["--tp", "2"], []),
+    (4, ["--pp", "2", "--ep", "2"], ["--temperature", "1.2", "--seed", "3"]), (2, ["--dp", "2"], ["--mtp-draft", "2"])],
+    ids=["dp2_sampled", "tp2", "pp2_ep2_dp2_sampled", "dp2_mtp_draft"])
 def test_generate_command_under_a_layout_prints_the_one_process_output(tmp_path_factory, tokenizer_file, world,
-                                                                        layout):
+                                                                        layout, decoding):
     """`megajoy generate` on several ranks (each loading its share of a model directory's weights):
     data-parallel ranks decode shares of the five prompts (3 and 2), tensor-parallel and pipeline ranks
-    decode together, and rank 0 alone prints every completion in the prompts' order, the one process's."""
+    decode together, and rank 0 alone prints every completion in the prompts' order, the one process's,
+    sampled ones too (keyed by the prompt's index, not its place in a rank's share)."""
     from helpers import init_tiny_checkpoint
     from megajoy.parallel.spawn import run_workers
 
     ckpt = tmp_path_factory.mktemp("generate_layout")
     init_tiny_checkpoint(ckpt, tokenizer_file, "model.num_nextn_predict_layers=1", "model.initializer_range=0.2")
-    argv = ["generate", "--ckpt", str(ckpt), "--max-new-tokens", "6", "--json"]
+    argv = ["generate", "--ckpt", str(ckpt), "--max-new-tokens", "6", "--json", *decoding]
     for text in ("the cat", "a dog sat", "on the", "mat and", "the end"):
         argv += ["--prompt", text]
-    draft = layout[layout.index("--mtp-draft"):] if "--mtp-draft" in layout else []
-    want = _cli_stdout(0, 1, argv + draft)
+    want = _cli_stdout(0, 1, argv)
     assert len(want.splitlines()) == 5
     printed = run_workers(world, _cli_stdout, argv + layout, timeout=120)
     assert printed[0] == want and not any(printed[1:])

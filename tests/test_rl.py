@@ -244,29 +244,6 @@ def test_rl_under_data_parallelism(tmp_path, tiny_init, capfd):
     assert "--prompts-per-step 3 is not divisible by the 2 data-parallel ranks" in capfd.readouterr().err
 
 
-def test_rl_under_expert_parallelism_rolls_out_as_data_parallelism(tmp_path, tiny_init):
-    """Two expert-parallel ranks (each with half the experts) roll out the same prompts as two data-parallel
-    ranks with the same seeds, decoding in lockstep: the same response lengths, rewards and policy entropy
-    at every sampled token. Neither the held-out evaluation (one prompt: rank 1 has none, and decodes a
-    placeholder beside rank 0) nor the curriculum's pass rates (47 training prompts one at a time: 24
-    generation batches on rank 0, 23 on rank 1) leaves a rank waiting for an all-to-all that never comes."""
-    from megajoy.parallel.spawn import cli_worker, run_workers
-
-    common = ("--dp", "2", "--demo-prompts", "61", "--valid-prompts", "1", "--train-iters", "2", "--eval-interval", "2",
-              "--curriculum", "--curriculum-rollouts", "40")
-    runs = {}
-    for name, extra in (("dp", ()), ("ep", ("--ep", "2"))):
-        run_workers(2, cli_worker, rl_args(tiny_init, tmp_path / name, *common, *extra), timeout=180)
-        runs[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
-    assert [r["step"] for r in runs["ep"]] == [0, 1, 2, 2]
-    for ep, dp in zip(runs["ep"], runs["dp"]):
-        for key in ("reward", "response_length", "val_accuracy"):
-            assert ep.get(key) == dp.get(key), key
-        if "entropy" in dp:
-            assert ep["entropy"] == pytest.approx(dp["entropy"], rel=1e-6) and dp["entropy"] > 0
-            assert ep["importance_ratio"] == pytest.approx(dp["importance_ratio"], abs=1e-6)
-
-
 def _assert_same_run(got_dir, want_dir, steps):
     """The same rollouts (rewards, lengths, entropies) and updates (ratios, losses, gradient norms) as the
     one-process run, to float rounding, with rewards that are neither all 0 nor all 1."""
@@ -279,6 +256,23 @@ def _assert_same_run(got_dir, want_dir, steps):
         for key in ("entropy", "importance_ratio", "loss", "grad_norm"):
             if key in w:
                 assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), key
+
+
+def test_rl_under_expert_and_data_parallelism_is_the_one_process_run(tmp_path, warm_init):
+    """Two data-parallel ranks, each with half the experts, roll out their shares of the step's prompts
+    (decoding in lockstep, sampling keyed by a completion's place in the step's set), score and update as
+    one process does with the same seeds. Neither the held-out evaluation (three prompts: two on rank 0,
+    one on rank 1) nor the curriculum's pass rates (61 training prompts two at a time: 16 generation
+    batches on rank 0, the last of them empty on rank 1) leaves a rank waiting for an all-to-all that
+    never comes."""
+    from megajoy.parallel.spawn import cli_worker, run_workers
+
+    common = ("--train-iters", "2", "--eval-interval", "2", "--valid-prompts", "3", "--curriculum",
+              "--curriculum-rollouts", "32")
+    assert main(warm_rl_args(warm_init, tmp_path / "one", *common)) == 0
+    run_workers(2, cli_worker, warm_rl_args(warm_init, tmp_path / "ep", *common, "--dp", "2", "--ep", "2"),
+                timeout=180)
+    _assert_same_run(tmp_path / "ep", tmp_path / "one", [0, 1, 2, 2])
 
 
 def test_rl_under_tensor_parallelism_is_the_one_process_run(tmp_path, warm_init):

@@ -101,7 +101,8 @@ def run(args) -> int:
 
 def _decode_shares(model, prompts: list[list[int]], args, stops: tuple) -> tuple[list, list]:
     """(completions, speculative statistics or None) of every prompt, in order: each data-parallel rank
-    decodes prompts dp_rank, dp_rank + dp, ... and the shares are gathered."""
+    decodes prompts dp_rank, dp_rank + dp, ... (sampling keyed by the prompt's index, as in one process),
+    and the shares are gathered."""
     import torch.distributed as dist
 
     from megajoy.model.generate import SamplingParams, generate, speculative_greedy
@@ -112,7 +113,7 @@ def _decode_shares(model, prompts: list[list[int]], args, stops: tuple) -> tuple
         decoded = [speculative_greedy(model, prompts[i], args.max_new_tokens, args.mtp_draft, stops) for i in mine]
     else:
         params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, stops, args.seed)
-        decoded = [(tokens, None) for tokens in generate(model, [prompts[i] for i in mine], params)]
+        decoded = [(tokens, None) for tokens in generate(model, [prompts[i] for i in mine], params, row_ids=mine)]
     shares = [list(zip(mine, decoded))]
     if pc.size("dp") > 1:
         shares = [None] * pc.size("dp")

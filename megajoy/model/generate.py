@@ -217,13 +217,38 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams, uniforms_B: torch.Te
     return torch.searchsorted(cdf, point[:, None]).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
 
 
-def step_uniforms(params: SamplingParams, step: int, batch: int, device) -> torch.Tensor | None:
-    """The uniform numbers decoding step `step` samples with, one per row, from a generator seeded by the
-    seed and the step: rows decoded in groups draw what they draw in one batch. None when greedy."""
+def step_uniforms(params: SamplingParams, step: int, row_ids_B: torch.Tensor) -> torch.Tensor | None:
+    """The uniform numbers in [0, 1) that decoding step `step` samples with, one per row, keyed by the seed,
+    the step and the row's id alone (a counter-based generator, SplitMix64): a row draws the same however
+    the rows are grouped, split among ranks or ordered. None when greedy."""
     if params.temperature <= 0:
         return None
-    generator = torch.Generator(device=device).manual_seed(params.seed * 1_000_003 + step)
-    return torch.rand(batch, generator=generator, device=device)
+    seed = torch.tensor(params.seed, dtype=torch.long, device=row_ids_B.device)
+    stream = splitmix64(splitmix64(seed) + step)  # one stream per (seed, step); row r draws its r-th output
+    bits = splitmix64(stream + row_ids_B.long() * _signed(_GOLDEN))
+    return _shift_right(bits, 11).double() / 2 ** 53  # the top 53 bits: exact in float64
+
+
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def splitmix64(state: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output for int64 `state` (its next state is state + golden ratio). int64 arithmetic wraps
+    modulo 2^64, so the bits are those of the unsigned algorithm."""
+    z = state + _signed(_GOLDEN)
+    z = (z ^ _shift_right(z, 30)) * _signed(0xBF58476D1CE4E5B9)
+    z = (z ^ _shift_right(z, 27)) * _signed(0x94D049BB133111EB)
+    return z ^ _shift_right(z, 31)
+
+
+def _signed(u: int) -> int:
+    """An unsigned 64-bit constant as the int64 with its bits."""
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+def _shift_right(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The logical shift (int64's >> copies the sign bit in)."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
 
 
 def sample_step(logits_BV: torch.Tensor, params: SamplingParams, uniforms_B: torch.Tensor | None,
@@ -254,17 +279,21 @@ def check_sampling(params: SamplingParams) -> None:
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], params: SamplingParams | None = None,
-             entropies: list | None = None) -> list[list[int]]:
+             entropies: list | None = None, row_ids: list[int] | None = None) -> list[list[int]]:
     """The tokens appended to each prompt (a stop token ends a row and is included). If `entropies` is a
-    list, it receives per row the entropy of the policy (temperature 1) at each generated token. The ranks
-    of a tensor-parallel group, or of a pipeline, call this together with the same prompts and parameters
-    (seed included); those of an expert-parallel group together, each with its own prompts (or none) and
-    the same max_new_tokens."""
+    list, it receives per row the entropy of the policy (temperature 1) at each generated token. A row's
+    samples depend only on the seed, the step and its id in `row_ids` (default 0, 1, ...): give ranks
+    that share out a set of prompts the prompts' indices in the set, and they draw what one process
+    decoding the whole set draws. The ranks of a tensor-parallel group, or of a pipeline, call this
+    together with the same prompts and parameters (seed included); those of an expert-parallel group
+    together, each with its own prompts (or none) and the same max_new_tokens."""
     params = params or SamplingParams()
     check_generation_layout(model)
     check_sampling(params)
     if any(not p for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if row_ids is not None and len(row_ids) != len(prompts):
+        raise ValueError(f"{len(row_ids)} row ids for {len(prompts)} prompts")
     if entropies is not None:
         entropies.clear()
     if not prompts and model.pc.ep_size == 1:
@@ -275,19 +304,21 @@ def generate(model, prompts: list[list[int]], params: SamplingParams | None = No
     try:
         with whole_sequences(model):
             if not prompts:  # an expert-parallel rank: its group's MoE exchanges need it at every step
-                _generate(model, [[0]], params, device, None, idle=True)
+                _generate(model, [[0]], params, device, None, torch.zeros(1, dtype=torch.long, device=device),
+                          idle=True)
                 return []
-            return _generate(model, prompts, params, device, entropies)
+            ids = torch.tensor(range(len(prompts)) if row_ids is None else row_ids, dtype=torch.long, device=device)
+            return _generate(model, prompts, params, device, entropies, ids)
     finally:
         model.train(was_training)
 
 
-def _generate(model, prompts, params, device, entropies, idle: bool = False):
+def _generate(model, prompts, params, device, entropies, row_ids: torch.Tensor, idle: bool = False):
     """`idle`: every row starts done (a placeholder that only keeps an expert-parallel group stepping)."""
     if model.pc.size("pp") > 1:
         from megajoy.model.pipelined_decoding import generate_pipelined
 
-        return generate_pipelined(model, prompts, params, device, entropies, idle)
+        return generate_pipelined(model, prompts, params, device, entropies, row_ids, idle)
     batch = len(prompts)
     ids, valid, positions = left_padded(prompts, device)
     cache = LatentCache([layer.self_attn for layer in model.layers.values()], batch,
@@ -296,7 +327,7 @@ def _generate(model, prompts, params, device, entropies, idle: bool = False):
     step = cached_forward(model, ids, positions, valid, cache, last_only=True)
     next_positions = positions[:, -1:] + 1
     for i in range(params.max_new_tokens):
-        tokens, entropy = sample_step(step.logits[:, -1], params, step_uniforms(params, i, batch, device),
+        tokens, entropy = sample_step(step.logits[:, -1], params, step_uniforms(params, i, row_ids),
                                       entropies is not None)
         decoded.add(tokens, entropy)
         if i == params.max_new_tokens - 1 or all_done(decoded.done, model):

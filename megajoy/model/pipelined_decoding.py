@@ -12,7 +12,8 @@ still decoding) travel with the hidden states, and a group ends when its rows ar
 max_new_tokens): the last stage marks it finished in the tokens it sends to the first, and the mark goes
 round once more, each stage dropping the group as it passes it on. Expert-parallel peers (the same stage
 in other pipelines) run the same ticks in lockstep, and a group ends only when it has ended in all of
-them. Sampling draws from `step_uniforms`, so rows draw what they would in one batch on one process.
+them. Sampling draws from `step_uniforms`, keyed by row, so rows draw what they would in one batch on one
+process.
 """
 
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from megajoy.parallel.pipeline import pipeline_peer
 
 @dataclass
 class Group:
-    rows: slice  # its rows in the batch
+    row_ids: torch.Tensor  # [b] its rows' sampling keys (see generate)
     ids: torch.Tensor  # [b, L] left-padded prompts
     valid: torch.Tensor  # [b, L]
     positions: torch.Tensor  # [b, L]
@@ -39,14 +40,14 @@ class Group:
         return self.ids.shape[0]
 
 
-def generate_pipelined(model, prompts, params, device, entropies, idle: bool = False,
+def generate_pipelined(model, prompts, params, device, entropies, row_ids: torch.Tensor, idle: bool = False,
                        overlap: bool = True) -> list[list[int]]:
     """generate() on one rank of a pipeline; every rank of the pipeline calls it with the same prompts.
     `overlap=False` keeps the rows in one group (the stages in turn: the baseline benchmarks compare with)."""
     pc = model.pc
     stages = pc.plan
     mine = [spec for spec in stages if spec.pp_rank == pc.coords["pp"]]
-    groups = _groups(model, prompts, params, device, idle, entropies is not None, len(stages) if overlap else 1)
+    groups = _groups(model, prompts, row_ids, params, idle, entropies is not None, len(stages) if overlap else 1)
     ring = Ring(model, stages, groups, params)
     tick = 0
     while not ring.finished(mine):
@@ -56,9 +57,10 @@ def generate_pipelined(model, prompts, params, device, entropies, idle: bool = F
     return _gathered(model, groups, entropies)
 
 
-def _groups(model, prompts, params, device, idle, with_entropy, n_stages) -> list[Group]:
+def _groups(model, prompts, row_ids, params, idle, with_entropy, n_stages) -> list[Group]:
     """As many groups as `n_stages`, if every expert-parallel peer has that many rows (they step the same
     groups together); otherwise one."""
+    device = row_ids.device
     rows = torch.tensor([len(prompts)], device=device)
     if model.pc.ep_size > 1:
         dist.all_reduce(rows, op=dist.ReduceOp.MIN, group=model.pc.group("ep"))
@@ -69,7 +71,8 @@ def _groups(model, prompts, params, device, idle, with_entropy, n_stages) -> lis
         rows_g = slice(start, start + base + (g < extra))
         start = rows_g.stop
         ids, valid, positions = left_padded(prompts[rows_g], device)
-        groups.append(Group(rows_g, ids, valid, positions, Decoded(len(ids), params, device, idle, with_entropy)))
+        groups.append(Group(row_ids[rows_g], ids, valid, positions,
+                            Decoded(len(ids), params, device, idle, with_entropy)))
     return groups
 
 
@@ -82,7 +85,6 @@ class Ring:
         self.ended: set[tuple[int, int]] = set()  # (stage, group) pairs this rank has dropped
         self.dtype = next(model.parameters()).dtype  # the residual stream's
         self.device = groups[0].ids.device
-        self.drawn = (None, None)  # (step, its uniforms for the whole batch): one draw per step, not per group
 
     def finished(self, mine) -> bool:
         return all((spec.index, g) in self.ended for spec in mine for g in range(len(self.groups)))
@@ -142,12 +144,9 @@ class Ring:
         """Sample the group's next tokens; [3, b] float64 (exact for token ids and fp32 entropies): the
         tokens, their entropies and whether the group has ended (every row done, in every expert-parallel
         peer, or the last step)."""
-        if self.drawn[0] != step:
-            self.drawn = step, step_uniforms(self.params, step, self.groups[-1].rows.stop, self.device)
-        uniforms = self.drawn[1]
         decoded = group.decoded
-        tokens, entropy = sample_step(out.logits[:, -1], self.params,
-                                      None if uniforms is None else uniforms[group.rows], decoded.entropies is not None)
+        tokens, entropy = sample_step(out.logits[:, -1], self.params, step_uniforms(self.params, step, group.row_ids),
+                                      decoded.entropies is not None)
         if not self._first_stage_is_here():  # the first stage's rank records them as it reads them
             decoded.add(tokens, entropy)
         done = decoded.done | torch.isin(tokens, decoded.stops)

@@ -82,7 +82,7 @@ class RlStage(Stage):
         largest_share = -(-len(prompts) // self.dp)
         for start in range(0, largest_share, chunk):  # as many batches on every rank (expert parallelism)
             part = mine[start:start + chunk]
-            completions, _ = self._sample(trainer, [prompts[i] for i in part], n, seed=start)
+            completions, _ = self._sample(trainer, [prompts[i] for i in part], n, trainer.job.train.seed - 1, part)
             if part:
                 scores = torch.tensor(self._rewards([prompts[i] for i in part for _ in range(n)], completions))
                 rewards[part] = scores.view(len(part), n).mean(-1).to(trainer.device)
@@ -90,11 +90,13 @@ class RlStage(Stage):
             dist.all_reduce(rewards, group=trainer.pc.group("dp"))
         return rewards.tolist()
 
-    def _sample(self, trainer, prompts, n: int, seed: int, greedy: bool = False):
+    def _sample(self, trainer, prompts, n: int, seed: int, indices: list[int] | None = None, greedy: bool = False):
         """(n completions per prompt, the policy's entropy at each of their tokens), decoded in the run's
         compute precision (bf16 autocast with --bf16, each weight cast once per rollout, not per decoding
-        step). Sampling (not the greedy held-out evaluation) uses the --rollout-qat weights. Under expert
-        parallelism a rank without prompts still steps beside its group's others (see generate)."""
+        step). Sampling (not the greedy held-out evaluation) uses the --rollout-qat weights. `indices`: the
+        prompts' places in the set the data-parallel ranks share (default 0, 1, ...); completion r of prompt
+        i draws with row id i * n + r (see generate), as one process decoding the whole set would. Under
+        expert parallelism a rank without prompts still steps beside its group's others."""
         import contextlib
 
         from megajoy.model.generate import SamplingParams, generate
@@ -103,7 +105,9 @@ class RlStage(Stage):
                                 stop_token_ids=(self.eos,), seed=seed)
         entropies = []
         with trainer.autocast(), contextlib.nullcontext() if greedy else self._rollout_weights(trainer):
-            completions = generate(trainer.model, [p.ids for p in prompts for _ in range(n)], params, entropies)
+            row_ids = [i * n + r for i in (indices or range(len(prompts))) for r in range(n)]
+            completions = generate(trainer.model, [p.ids for p in prompts for _ in range(n)], params, entropies,
+                                   row_ids)
         return completions, entropies
 
     def _rollout_format(self, trainer):
@@ -157,8 +161,8 @@ class RlStage(Stage):
 
         n = self.args.rollouts_per_prompt
         prompts = self._choose_prompts(trainer)
-        completions, entropies = self._sample(trainer, prompts, n, seed=trainer.job.train.seed * 1_000_003
-                                              + trainer.step + 7919 * self.dp_rank)
+        completions, entropies = self._sample(trainer, prompts, n, trainer.job.train.seed * 1_000_003 + trainer.step,
+                                              list(range(self.dp_rank, self.args.prompts_per_step, self.dp)))
         expanded = [p for p in prompts for _ in range(n)]
         rewards = torch.tensor(self._rewards(expanded, completions))
         advantages = group_advantages(rewards.view(len(prompts), n)).flatten()
