@@ -55,7 +55,7 @@ PINNED_FLAGS = {
     },
     "chat-template": {"-h", "--help", "--render", "--tokenizer", "--thinking", "--limit"},
     "generate": {"-h", "--help", "--ckpt", "--prompt", "--chat", "--thinking", "--max-new-tokens", "--temperature",
-                 "--top-k", "--top-p", "--stop", "--seed", "--mtp-draft", "--json", "--tp",
+                 "--top-k", "--top-p", "--stop", "--seed", "--mtp-draft", "--json", "--bf16", "--tp",
                  "--tensor-model-parallel-size", "--pp", "--pipeline-model-parallel-size", "--virtual-pipeline-stages",
                  "--num-virtual-stages-per-pipeline-rank", "--virtual-pipeline-model-parallel-size", "--pp-schedule",
                  "--pp-layout", "--ep", "--expert-model-parallel-size", "--dp", "--data-parallel-size"},

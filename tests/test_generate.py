@@ -320,6 +320,34 @@ def test_generate_command(tmp_path, tokenizer_file, capsys):
     assert "a stop must be exactly one token" in capsys.readouterr().err
 
 
+def test_generate_command_in_bf16_decodes_as_transformers_in_bf16(tmp_path, tokenizer_file, capsys):
+    """`megajoy generate --bf16` keeps bf16 weights and a bf16 latent cache, and greedily decodes what
+    transformers' DeepseekV3ForCausalLM decodes from the same weights loaded in bf16."""
+    import json
+
+    from helpers import hf_reference, init_tiny_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from megajoy.cli import main
+    from megajoy.commands.generate import load_for_generation, prompt_ids
+
+    init_tiny_checkpoint(tmp_path / "m", tokenizer_file, "model.initializer_range=0.2")
+    model, tokenizer = load_for_generation(str(tmp_path / "m"), bf16=True)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    texts = ["the cat", "a dog sat on the mat"]
+    capsys.readouterr()
+    argv = ["generate", "--ckpt", str(tmp_path / "m"), "--max-new-tokens", "8", "--json", "--bf16"]
+    assert main(argv + [a for t in texts for a in ("--prompt", t)]) == 0
+    got = [json.loads(line)["token_ids"] for line in capsys.readouterr().out.splitlines()]
+    hf_reference(load_for_generation(str(tmp_path / "m"))[0], str(tmp_path / "hf"))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.bfloat16).eval()
+    eos = tokenizer.tok.token_to_id("<｜end▁of▁sentence｜>")
+    for text, tokens in zip(texts, got):
+        ids = torch.tensor([prompt_ids(tokenizer, text, False, False)])
+        want = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+        assert tokens == want[0, ids.shape[1]:].tolist() and len(tokens) == 8
+
+
 def _cli_stdout(rank, world, argv):
     """`megajoy ARGV` on one rank; what it printed."""
     import contextlib

@@ -28,13 +28,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mtp-draft", type=int, default=0, metavar="K",
                         help="greedy decoding with K tokens drafted by the MTP module per verification pass")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt (text, token ids, stats)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 weights and latent cache (half the fp32 checkpoint's memory), computing under "
+                             "bf16 autocast as training's --bf16 --params-dtype bf16 does")
     add_training_flags(parser, LAYOUT_PATHS, "layout (under torchrun / srun; Megatron-LM names)")
 
 
-def load_for_generation(path: str, layout: list[str] | None = None):
+def load_for_generation(path: str, layout: list[str] | None = None, bf16: bool = False):
     """(model in eval mode, tokenizer) from any checkpoint that stores its tokenizer. `layout`:
     `parallel.field=value` overrides; with them (and under torchrun / srun) this rank's share of the model,
-    on this rank's device."""
+    on this rank's device. `bf16`: the weights cast to bf16 once loaded."""
+    import torch
+
     from megajoy.ckpt.native import TOKENIZER_NAME, read_job_config
     from megajoy.config import load_job_config, model_overrides
     from megajoy.data.sft import ChatTokenizer
@@ -51,6 +56,9 @@ def load_for_generation(path: str, layout: list[str] | None = None):
     pc = setup_parallel(job) if layout is not None else None
     model = create_model(job.model, seed=None, pc=pc, device=pc.device if pc else "cpu")
     load_weights(model, parameter_specs(model, model.pc), model.pc, directory)
+    if bf16:
+        for parameter in model.parameters():
+            parameter.data = parameter.data.to(torch.bfloat16)
     return model.eval(), ChatTokenizer(tokenizer_path, job.model.vocab_size)
 
 
@@ -66,9 +74,12 @@ def prompt_ids(tokenizer, text: str, chat: bool, thinking: bool) -> list[int]:
 
 
 def run(args) -> int:
-    from megajoy.data.tokenizer import EOS_TOKEN
+    import contextlib
 
-    model, tokenizer = load_for_generation(args.ckpt, flag_overrides(args))
+    from megajoy.data.tokenizer import EOS_TOKEN
+    from megajoy.kernels.backend import bf16_autocast
+
+    model, tokenizer = load_for_generation(args.ckpt, flag_overrides(args), args.bf16)
     stop_text = args.stop or [EOS_TOKEN]
     stops = []
     for text in stop_text:
@@ -80,7 +91,8 @@ def run(args) -> int:
         raise ValueError("--mtp-draft decodes greedily: leave --temperature at 0")
     prompts = [prompt_ids(tokenizer, p, args.chat, args.thinking) for p in args.prompt]
     started = time.perf_counter()
-    results, stats = _decode_shares(model, prompts, args, tuple(stops))
+    with bf16_autocast(model.pc.device.type) if args.bf16 else contextlib.nullcontext():
+        results, stats = _decode_shares(model, prompts, args, tuple(stops))
     seconds = time.perf_counter() - started
     if model.pc.rank != 0:
         return 0

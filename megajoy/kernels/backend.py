@@ -142,6 +142,14 @@ def reuse_weight_casts():
     return _weight_casts.block()
 
 
+@contextlib.contextmanager
+def bf16_autocast(device_type: str):
+    """bf16 autocast for a block in which the weights do not change, each weight cast once (the trainer's
+    --bf16 compute, also that of evaluation and decoding)."""
+    with torch.autocast(device_type, dtype=torch.bfloat16), reuse_weight_casts():
+        yield
+
+
 def uncached_weight_casts():
     """Casts afresh inside, as if outside reuse_weight_casts(): for a checkpointed part of the model,
     whose forward keeps none of its casts (the rerun in backward makes its own, one part at a time); a

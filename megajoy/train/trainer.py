@@ -366,16 +366,11 @@ class Trainer:
             all_reduce_no_grad(value, self.pc.group("dp_cp"))
         return counts
 
-    @contextlib.contextmanager
     def autocast(self):
         """The run's compute precision for a block of forwards (and backwards): bf16 autocast with --bf16,
         each weight cast once for the block (autocast caches its own casts; the experts' grouped GEMMs
         cast theirs through cast_as_autocast)."""
-        if not self.bf16:
-            yield
-            return
-        with torch.autocast(self.device.type, dtype=torch.bfloat16), kernels.reuse_weight_casts():
-            yield
+        return kernels.bf16_autocast(self.device.type) if self.bf16 else contextlib.nullcontext()
 
     def _set_aux_loss_scale(self, scale: float) -> None:
         for module in self.model.modules():
