@@ -246,10 +246,10 @@ def main() -> None:
     if args.torchtitan:
         baselines += ["torchtitan"] + (["torchtitan --compile"] if args.compile else [])
     if args.torchtitan:  # refused here, before any variant runs, if it is missing or cannot build this config
-        from benchmarks.torchtitan_baseline import torchtitan_args
+        from benchmarks.torchtitan_baseline import check_torchtitan
 
         try:
-            torchtitan_args(cfg, args.seq_length, torch.device(args.device))
+            check_torchtitan(cfg)
         except (RuntimeError, ValueError) as e:
             parser.error(str(e))
     model = create_model(cfg, seed=0) if baselines else None

@@ -16,7 +16,9 @@ import torch
 RELEASE = "0.2.2"
 
 
-def import_torchtitan():
+def check_torchtitan(cfg) -> None:
+    """Refuse, without importing TorchTitan (~10 s), where it is missing, another release, or has no equal
+    of the config."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -25,6 +27,16 @@ def import_torchtitan():
         raise RuntimeError(f"--torchtitan needs TorchTitan: pip install torchtitan=={RELEASE}") from None
     if found != RELEASE:
         raise RuntimeError(f"--torchtitan is written against TorchTitan {RELEASE}, found {found}")
+    unsupported = {"rope_scaling": cfg.rope_scaling is not None,  # TorchTitan applies YaRN only past its length
+                   "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": cfg.attention_bias,
+                   "hidden_act": cfg.hidden_act != "silu", "aux_loss_alpha": cfg.aux_loss_alpha > 0,
+                   "rope_interleave": not cfg.rope_interleave}
+    if any(unsupported.values()):
+        raise ValueError("--torchtitan: TorchTitan's DeepSeek-V3 has no equal of this config's "
+                         + ", ".join(k for k, v in unsupported.items() if v))
+
+
+def import_torchtitan():
     from torchtitan.models.deepseek_v3.model.args import DeepSeekV3ModelArgs
     from torchtitan.models.deepseek_v3.model.model import DeepSeekV3Model
     from torchtitan.models.deepseek_v3.model.state_dict_adapter import DeepSeekV3StateDictAdapter
@@ -35,14 +47,8 @@ def import_torchtitan():
 
 def torchtitan_args(cfg, seq_length: int, device: torch.device):
     """TorchTitan's model arguments for a megajoy ModelConfig, or a clear refusal where it has no equal."""
+    check_torchtitan(cfg)
     ModelArgs, _, _, MoEArgs = import_torchtitan()
-    unsupported = {"rope_scaling": cfg.rope_scaling is not None,  # TorchTitan applies YaRN only past its length
-                   "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": cfg.attention_bias,
-                   "hidden_act": cfg.hidden_act != "silu", "aux_loss_alpha": cfg.aux_loss_alpha > 0,
-                   "rope_interleave": not cfg.rope_interleave}
-    if any(unsupported.values()):
-        raise ValueError("--torchtitan: TorchTitan's DeepSeek-V3 has no equal of this config's "
-                         + ", ".join(k for k, v in unsupported.items() if v))
     grouped = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
     groups = {} if cfg.n_group == 1 else {"num_expert_groups": cfg.n_group, "num_limited_groups": cfg.topk_group}
     moe = MoEArgs(num_experts=cfg.n_routed_experts, num_shared_experts=cfg.n_shared_experts,

@@ -14,7 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_hot_path_scripts_report_floor_ratios_and_baselines(tmp_path):
-    scripts = ["rmsnorm", "rope", "swiglu", "moe_permute", "cross_entropy"]
+    # one of each kind (elementwise, gather / scatter, GEMMs with autograd): the other scripts share their flags
+    # and report (benchmarks/common.py); all of them run in a GPU session (gpu_session.py)
+    scripts = ["rmsnorm", "moe_permute", "cross_entropy"]
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run_all.py"), "--only", *scripts,
                            "--results", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -7,10 +7,10 @@ import sys
 
 import torch
 
+from helpers import load_tool
+
 from megajoy.cli import build_parser, main
 from megajoy.ckpt.native import load_model_dir
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _flags(parser) -> dict[str, set[str]]:
@@ -95,9 +95,9 @@ def test_info_text_and_bad_override(capsys):
 def test_init_then_convert_round_trip(tmp_path):
     ckpt, hf_dir, back = tmp_path / "ckpt", tmp_path / "hf", tmp_path / "back"
     assert main(["init", "--preset", "tiny", "--set", "model.num_hidden_layers=2", "--out", str(ckpt), "--seed", "3"]) == 0
-    tool = [sys.executable, os.path.join(ROOT, "tools", "convert_ckpt.py")]
-    subprocess.run(tool + ["--input", str(ckpt), "--output", str(hf_dir), "--to", "hf", "--dtype", "fp32"], check=True)
-    subprocess.run(tool + ["--input", str(hf_dir), "--output", str(back), "--to", "megajoy"], check=True)
+    tool = load_tool("convert_ckpt")  # in this process (the script's own entry point: tests/test_convert.py)
+    assert tool.main(["--input", str(ckpt), "--output", str(hf_dir), "--to", "hf", "--dtype", "fp32"]) == 0
+    assert tool.main(["--input", str(hf_dir), "--output", str(back), "--to", "megajoy"]) == 0
     job_a, state_a, _ = load_model_dir(str(ckpt))
     job_b, state_b, _ = load_model_dir(str(back))
     assert job_a.model == job_b.model
@@ -108,7 +108,7 @@ def test_init_then_convert_round_trip(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
 
 
-def test_convert_rejects_wrong_shapes(tmp_path):
+def test_convert_rejects_wrong_shapes(tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
     ckpt = tmp_path / "ckpt"
@@ -116,11 +116,9 @@ def test_convert_rejects_wrong_shapes(tmp_path):
     weights = load_file(str(ckpt / "model.safetensors"))
     weights["layers.1.self_attn.o_proj.weight"] = torch.zeros(3, 3)
     save_file(weights, str(ckpt / "model.safetensors"))
-    tool = [sys.executable, os.path.join(ROOT, "tools", "convert_ckpt.py")]
-    result = subprocess.run(tool + ["--input", str(ckpt), "--output", str(tmp_path / "hf"), "--to", "hf"],
-                            capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "'layers.1.self_attn.o_proj.weight' has shape (3, 3)" in result.stderr
+    capsys.readouterr()
+    assert load_tool("convert_ckpt").main(["--input", str(ckpt), "--output", str(tmp_path / "hf"), "--to", "hf"]) == 2
+    assert "'layers.1.self_attn.o_proj.weight' has shape (3, 3)" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "hf")
 
 

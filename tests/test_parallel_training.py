@@ -168,15 +168,19 @@ def test_srun_launch_runs_the_driver(tmp_path, data_prefix, tokenizer_file, refe
 PARALLEL = ["--tp", "2", "--ep", "2", "--use-distributed-optimizer"]
 
 
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory, data_prefix, tokenizer_file):
+    return run_layout(tmp_path_factory.mktemp("six_steps"), data_prefix, tokenizer_file, 1, [], iters=6)
+
+
 @pytest.mark.parametrize("first, second", [(1, 4), (4, 1)], ids=["single_then_tp2_ep2_zero", "tp2_ep2_zero_then_single"])
-def test_checkpoints_move_between_layouts(first, second, tmp_path, data_prefix, tokenizer_file):
+def test_checkpoints_move_between_layouts(first, second, tmp_path, data_prefix, tokenizer_file, six_steps):
     """Saved at one layout, resumed at another: the run ends exactly where an uninterrupted one does."""
-    straight = run_layout(tmp_path / "straight", data_prefix, tokenizer_file, 1, [], iters=6)
     out = tmp_path / "moved"
     run_layout(out, data_prefix, tokenizer_file, first, (PARALLEL if first > 1 else []) + ["--exit-interval", "3"], iters=6)
     assert os.path.basename(latest_checkpoint(str(out))) == "iter_0000003"
     moved = run_layout(out, data_prefix, tokenizer_file, second, (PARALLEL if second > 1 else []) + ["--resume"], iters=6)
-    assert_equivalent(moved, straight)
+    assert_equivalent(moved, six_steps)
 
 
 def test_torchrun_launches_the_driver(tmp_path, data_prefix, tokenizer_file, reference):
@@ -214,17 +218,24 @@ def test_async_save_is_not_changed_by_later_steps(tmp_path, data_prefix, tokeniz
     assert all(torch.equal(saved[n], after_two[n]) for n in after_two)
 
 
-def test_saved_at_tp2_pp2_resumes_at_ep2_and_single(tmp_path, data_prefix, tokenizer_file, deep_reference):
+@pytest.fixture(scope="module")
+def saved_at_tp2_pp2(tmp_path_factory, data_prefix, tokenizer_file):
+    """A run's directory with its checkpoint after two steps, written by TP 2 x PP 2 ranks."""
+    saved = tmp_path_factory.mktemp("tp2_pp2")
+    run_layout(saved, data_prefix, tokenizer_file, 4, ["--tp", "2", "--pp", "2", "--exit-interval", "2"] + DEEP)
+    return saved
+
+
+def test_saved_at_tp2_pp2_resumes_at_ep2_and_single(tmp_path, data_prefix, tokenizer_file, deep_reference,
+                                                    saved_at_tp2_pp2):
     """Saved at TP 2 x PP 2, loaded at TP 1 x PP 1 x EP 2 (so DP 2), in one process and at PP 2 x DP 2 with
     ZeRO-1 (each stage skipping the other's optimizer state): the next step's loss is the same, and equals
     the uninterrupted run's."""
-    saved = tmp_path / "tp2_pp2"
-    run_layout(saved, data_prefix, tokenizer_file, 4, ["--tp", "2", "--pp", "2", "--exit-interval", "2"] + DEEP)
     losses = {}
     for name, world, flags in (("ep2", 2, ["--ep", "2"]), ("single", 1, []),
                                ("pp2_dp2_zero", 4, ["--pp", "2", "--use-distributed-optimizer"])):
         out = tmp_path / name
-        shutil.copytree(saved, out)
+        shutil.copytree(saved_at_tp2_pp2, out)
         records, _ = run_layout(out, data_prefix, tokenizer_file, world, flags + ["--resume"] + DEEP)
         losses[name] = {r["step"]: r["loss"] for r in records if "loss" in r}
     reference = {r["step"]: r["loss"] for r in deep_reference[0] if "loss" in r}
@@ -233,7 +244,7 @@ def test_saved_at_tp2_pp2_resumes_at_ep2_and_single(tmp_path, data_prefix, token
     assert losses["single"][3] == pytest.approx(reference[3], rel=1e-5)
 
 
-def test_hf_export_from_a_tp2_pp2_checkpoint(tmp_path, data_prefix, tokenizer_file):
+def test_hf_export_from_a_tp2_pp2_checkpoint(tmp_path, saved_at_tp2_pp2):
     """tools/convert_ckpt.py reads a checkpoint written by TP 2 x PP 2 ranks; transformers' logits on the
     export equal megajoy's on the same checkpoint."""
     from transformers import AutoModelForCausalLM
@@ -241,8 +252,7 @@ def test_hf_export_from_a_tp2_pp2_checkpoint(tmp_path, data_prefix, tokenizer_fi
     from helpers import load_tool, rel_err
     from megajoy.model import create_model
 
-    out = tmp_path / "tp2_pp2"
-    run_layout(out, data_prefix, tokenizer_file, 4, ["--tp", "2", "--pp", "2"] + DEEP)
+    out = saved_at_tp2_pp2
     assert load_tool("convert_ckpt").main(["--input", str(out), "--output", str(tmp_path / "hf"), "--to", "hf",
                                            "--dtype", "fp32"]) == 0
     job, state, _ = load_model_dir(latest_checkpoint(str(out)))

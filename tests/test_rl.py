@@ -197,21 +197,16 @@ def test_rollouts_decode_in_the_runs_precision():
     import contextlib
 
     from helpers import random_model, small_config
-    from megajoy.kernels.backend import reuse_weight_casts
+    from megajoy.kernels.backend import bf16_autocast
     from megajoy.model.generate import SamplingParams, generate
     from megajoy.stages.rl.stage import RlStage
 
     model = random_model(small_config(initializer_range=0.2), seed=1)
     prompts = [SimpleNamespace(ids=[5, 9, 2, 7]), SimpleNamespace(ids=[3, 3, 8])]
 
-    @contextlib.contextmanager
-    def bf16_autocast():  # what Trainer.autocast() enters with --bf16
-        with torch.autocast("cpu", dtype=torch.bfloat16), reuse_weight_casts():
-            yield
-
     stage = RlStage(argparse.Namespace(rollout_qat=None, max_new_tokens=6, temperature=1.0))
     stage.eos = 1
-    trainer = SimpleNamespace(model=model, autocast=bf16_autocast)
+    trainer = SimpleNamespace(model=model, autocast=lambda: bf16_autocast("cpu"))  # Trainer.autocast() with --bf16
     completions, entropies = stage._sample(trainer, prompts, 2, seed=4)
 
     def reference(precision):
@@ -221,7 +216,7 @@ def test_rollouts_decode_in_the_runs_precision():
                                                                                            seed=4), found)
         return out, found
 
-    assert (completions, entropies) == reference(bf16_autocast)
+    assert (completions, entropies) == reference(trainer.autocast)
     assert entropies != reference(contextlib.nullcontext)[1]
 
 

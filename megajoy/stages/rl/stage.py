@@ -105,7 +105,7 @@ class RlStage(Stage):
                                 stop_token_ids=(self.eos,), seed=seed)
         entropies = []
         with trainer.autocast(), contextlib.nullcontext() if greedy else self._rollout_weights(trainer):
-            row_ids = [i * n + r for i in (indices or range(len(prompts))) for r in range(n)]
+            row_ids = [i * n + r for i in (range(len(prompts)) if indices is None else indices) for r in range(n)]
             completions = generate(trainer.model, [p.ids for p in prompts for _ in range(n)], params, entropies,
                                    row_ids)
         return completions, entropies
