@@ -321,7 +321,7 @@ def test_generate_command(tmp_path, tokenizer_file, capsys):
 
 
 def test_generate_command_in_bf16_decodes_as_transformers_in_bf16(tmp_path, tokenizer_file, capsys):
-    """`megajoy generate --bf16` keeps bf16 weights and a bf16 latent cache, and greedily decodes what
+    """`megajoy generate --bf16` keeps bf16 weights (so a bf16 latent cache), and greedily decodes what
     transformers' DeepseekV3ForCausalLM decodes from the same weights loaded in bf16."""
     import json
 

@@ -307,8 +307,8 @@ def generate(model, prompts: list[list[int]], params: SamplingParams | None = No
                 _generate(model, [[0]], params, device, None, torch.zeros(1, dtype=torch.long, device=device),
                           idle=True)
                 return []
-            ids = torch.tensor(range(len(prompts)) if row_ids is None else row_ids, dtype=torch.long, device=device)
-            return _generate(model, prompts, params, device, entropies, ids)
+            rows = torch.tensor(range(len(prompts)) if row_ids is None else row_ids, dtype=torch.long, device=device)
+            return _generate(model, prompts, params, device, entropies, rows)
     finally:
         model.train(was_training)
 
