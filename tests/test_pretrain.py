@@ -152,6 +152,25 @@ def test_sigterm_saves_and_exits_zero(tmp_path, data_prefix, tokenizer_file):
     assert trainer_state(latest_checkpoint(str(out)))["step"] == last_logged >= 3
 
 
+def test_a_sigterm_during_the_stop_vote_is_not_lost(monkeypatch):
+    """A SIGTERM whose handler runs while the ranks vote on stopping (between reading the flag and
+    storing the outcome) stops the run at the next vote: it is not overwritten by the vote's outcome."""
+    from megajoy.parallel.context import ParallelContext
+    from megajoy.train import trainer as trainer_module
+
+    trainer = trainer_module.Trainer.__new__(trainer_module.Trainer)  # only the vote's state
+    trainer.device, trainer.pc = torch.device("cpu"), ParallelContext.single(torch.device("cpu"))
+    trainer.sigterm_received = trainer.stop_requested = False
+
+    def reduce_while_signalled(tensor, group, op):
+        trainer._on_sigterm(signal.SIGTERM, None)
+        return tensor
+
+    monkeypatch.setattr(trainer_module, "all_reduce_no_grad", reduce_while_signalled)
+    assert trainer._stop_agreed() is False  # the vote had read the flag before the signal
+    assert trainer._stop_agreed() is True and trainer.stop_requested
+
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, data_prefix, tokenizer_file):
     big, small = tmp_path / "big", tmp_path / "small"
     assert main(args(big, data_prefix, tokenizer_file, 6, "--micro-batch-size", "4")) == 0

@@ -120,7 +120,8 @@ class Trainer:
         self.checkpoints = ckpt.CheckpointWriter(self.out, self.pc, job.checkpoint.keep_last, job.parallel.async_save)
         self.step, self.consumed = 0, 0
         self._qat_on = False
-        self.stop_requested = False
+        self.sigterm_received = False  # set by the signal handler only
+        self.stop_requested = False  # the ranks' agreement, from their sigterm_received
         self.routers = [m for m in self.model.modules() if isinstance(m, Router)]
         # After the optimizer (which holds the fp32 weights), before the stage (whose reference log-probs
         # must come from the weights the policy computes with).
@@ -225,12 +226,13 @@ class Trainer:
         return bool(interval) and self.step % interval == 0 and self.step < self.job.train.train_iters
 
     def _on_sigterm(self, signum, frame) -> None:
-        # SLURM pre-emption: finish the current step, save, exit 0.
-        self.stop_requested = True
+        # SLURM pre-emption: finish the current step, save, exit 0. Only the handler writes this flag: had the
+        # vote below written the same one, a signal arriving between the vote's read and its write was lost.
+        self.sigterm_received = True
 
     def _stop_agreed(self) -> bool:
         """Ranks may see SIGTERM at different steps: stop when any rank has."""
-        flag = torch.tensor(float(self.stop_requested), device=self.device)
+        flag = torch.tensor(float(self.sigterm_received), device=self.device)
         self.stop_requested = bool(all_reduce_no_grad(flag, self.pc.group("world"), dist.ReduceOp.MAX).item())
         return self.stop_requested
 
