@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import environment, print_table, write_json  # noqa: E402
+from benchmarks.common import environment, print_table, synchronize, write_json  # noqa: E402
 
 
 def decode_both_ways(rank: int, world: int, cfg_fields: dict, batch: int, prompt_length: int,
@@ -39,12 +39,10 @@ def decode_both_ways(rank: int, world: int, cfg_fields: dict, batch: int, prompt
     with torch.no_grad(), whole_sequences(model):
         for overlap in (False, True, False, True):
             for _ in range(repeats):
-                if pc.device.type == "cuda":
-                    torch.cuda.synchronize()
+                synchronize(pc.device)
                 start = time.perf_counter()
                 tokens = generate_pipelined(model, prompts, params, pc.device, None, row_ids, overlap=overlap)
-                if pc.device.type == "cuda":
-                    torch.cuda.synchronize()
+                synchronize(pc.device)
                 seconds = time.perf_counter() - start
                 best, _ = results.get(overlap, (float("inf"), None))
                 results[overlap] = (min(best, seconds), tokens)

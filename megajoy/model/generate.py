@@ -223,9 +223,9 @@ def step_uniforms(params: SamplingParams, step: int, row_ids_B: torch.Tensor) ->
     the rows are grouped, split among ranks or ordered. None when greedy."""
     if params.temperature <= 0:
         return None
-    seed = torch.tensor(params.seed, dtype=torch.long, device=row_ids_B.device)
-    stream = splitmix64(splitmix64(seed) + step)  # one stream per (seed, step); row r draws its r-th output
-    bits = splitmix64(stream + row_ids_B.long() * _signed(_GOLDEN))
+    # one stream per (seed, step), whose r-th output row r draws; the scalar on the CPU (no device launches)
+    stream = int(splitmix64(splitmix64(torch.tensor(params.seed, dtype=torch.long)) + step))
+    bits = splitmix64(row_ids_B.long() * _signed(_GOLDEN) + stream)
     return _shift_right(bits, 11).double() / 2 ** 53  # the top 53 bits: exact in float64
 
 
@@ -348,11 +348,17 @@ class Decoded:
         self.stops = torch.tensor(list(params.stop_token_ids) or [-1], device=device)
 
     def add(self, tokens_B: torch.Tensor, entropy_B: torch.Tensor | None) -> None:
+        tokens = tokens_B.tolist()  # one copy to the host, not one per row
+        entropies = entropy_B.tolist() if self.entropies is not None else None
         for b in torch.nonzero(~self.done).flatten().tolist():
-            self.tokens[b].append(int(tokens_B[b]))
-            if self.entropies is not None:
-                self.entropies[b].append(float(entropy_B[b]))
-        self.done |= torch.isin(tokens_B, self.stops)
+            self.tokens[b].append(tokens[b])
+            if entropies is not None:
+                self.entropies[b].append(entropies[b])
+        self.done = self.done_after(tokens_B)
+
+    def done_after(self, tokens_B: torch.Tensor) -> torch.Tensor:
+        """Which rows are done once these tokens are added."""
+        return self.done | torch.isin(tokens_B, self.stops)
 
     def result(self, entropies: list | None) -> list[list[int]]:
         if entropies is not None:

@@ -149,8 +149,7 @@ class Ring:
                                       decoded.entropies is not None)
         if not self._first_stage_is_here():  # the first stage's rank records them as it reads them
             decoded.add(tokens, entropy)
-        done = decoded.done | torch.isin(tokens, decoded.stops)
-        ended = step == self.params.max_new_tokens - 1 or all_done(done, self.model)
+        ended = step == self.params.max_new_tokens - 1 or all_done(decoded.done_after(tokens), self.model)
         packed = torch.zeros(3, group.size, dtype=torch.float64, device=self.device)
         packed[0], packed[2] = tokens, float(ended)
         if entropy is not None:
