@@ -37,7 +37,8 @@ def add_arguments(parser) -> None:
 def load_for_generation(path: str, layout: list[str] | None = None, bf16: bool = False):
     """(model in eval mode, tokenizer) from any checkpoint that stores its tokenizer. `layout`:
     `parallel.field=value` overrides; with them (and under torchrun / srun) this rank's share of the model,
-    on this rank's device. `bf16`: the weights cast to bf16 once loaded."""
+    on this rank's device. `bf16`: the weights held in bf16, each rounded as it is loaded (the router bias stays
+    fp32), so the rank never holds its share in fp32."""
     import torch
 
     from megajoy.ckpt.native import TOKENIZER_NAME, read_job_config
@@ -54,11 +55,9 @@ def load_for_generation(path: str, layout: list[str] | None = None, bf16: bool =
         raise ValueError(f"{directory}: no tokenizer.json stored with the checkpoint")
     job = load_job_config(None, None, model_overrides(read_job_config(directory).model) + list(layout or []))
     pc = setup_parallel(job) if layout is not None else None
-    model = create_model(job.model, seed=None, pc=pc, device=pc.device if pc else "cpu")
+    model = create_model(job.model, seed=None, pc=pc, device=pc.device if pc else "cpu",
+                         dtype=torch.bfloat16 if bf16 else torch.float32)
     load_weights(model, parameter_specs(model, model.pc), model.pc, directory)
-    if bf16:
-        for parameter in model.parameters():
-            parameter.data = parameter.data.to(torch.bfloat16)
     return model.eval(), ChatTokenizer(tokenizer_path, job.model.vocab_size)
 
 

@@ -295,10 +295,14 @@ def _draw(shape: tuple, std: float, seed: int, name: str) -> torch.Tensor:
 def create_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = 0,
                  dtype: torch.dtype = torch.float32, pc: ParallelContext | None = None) -> JoyAIForCausalLM:
     """Build on the meta device, allocate on `device`, then initialise (no double initialisation).
-    `seed=None` leaves the memory uninitialised for a caller that loads a checkpoint next."""
+    `seed=None` leaves the memory uninitialised for a caller that loads a checkpoint next. `dtype` is the
+    parameters' (allocated in it directly); buffers keep their own (the router bias and the QK-clip
+    statistics stay fp32, as the trainer keeps them under bf16 weights)."""
     with torch.device("meta"):
         model = JoyAIForCausalLM(cfg, pc)
-    model = model.to_empty(device=device).to(dtype)
+        for parameter in model.parameters():
+            parameter.data = parameter.data.to(dtype)
+    model = model.to_empty(device=device)
     model.tie_weights()
     if seed is not None:
         model.init_weights(seed)
