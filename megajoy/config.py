@@ -243,6 +243,9 @@ class OptimizerConfig:
 
 # Megatron's --recompute-modules (megajoy.model.recompute)
 RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
+# Fake quantisation: the weight formats (megajoy.quant.formats) and the weights they apply to (megajoy.quant.qat)
+QAT_FORMATS = ("int4", "q4_0", "q8_0")
+QAT_MODULES = ("routed-experts", "experts", "linear")
 
 
 @dataclass
@@ -357,8 +360,8 @@ class QuantConfig:
     fp8_backend: str = "torch"  # torch | te | emulate (CPU)
 
     def __post_init__(self):
-        _require(self.qat in (None, "int4", "q4_0", "q8_0"), f"qat={self.qat!r} must be int4, q4_0, q8_0 or null")
-        _require(self.qat_modules in ("routed-experts", "experts", "linear"),
+        _require(self.qat in (None, *QAT_FORMATS), f"qat={self.qat!r} must be int4, q4_0, q8_0 or null")
+        _require(self.qat_modules in QAT_MODULES,
                  f"qat_modules={self.qat_modules!r} must be routed-experts, experts or linear")
         _require(self.qat_group in (32, 64), f"qat_group={self.qat_group} must be 32 or 64")
         _require(self.fp8 in ("off", "tensorwise", "blockwise"), f"fp8={self.fp8!r} must be off, tensorwise or blockwise")

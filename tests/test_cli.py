@@ -32,7 +32,7 @@ PINNED_FLAGS = {
              "--pp-schedule", "--pp-layout", "--sequence-parallel", "--use-distributed-optimizer", "--micro-batch-size",
              "--global-batch-size", "--gpu-memory", "--precision", "--params-dtype", "--optimizer",
              "--recompute-granularity", "--recompute-method", "--recompute-num-layers", "--recompute-modules",
-             "--kernels", "--cross-entropy-chunk"},
+             "--kernels", "--cross-entropy-chunk", "--qat", "--qat-modules", "--rollout-qat", "--rollout-qat-modules"},
     "init": {"-h", "--help", "--preset", "--config", "--set", "--out", "--seed", "--tokenizer", "--dtype"},
     "pretrain": {
         "-h", "--help", "--preset", "--config", "--set", "--train-iters", "--global-batch-size", "--micro-batch-size",

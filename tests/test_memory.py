@@ -20,21 +20,22 @@ SEQ, MICRO = 32, 2
 CPU_FP32 = ActivationFormat.of(bf16=False, gpu=False)  # how the CPU runs the tests below
 
 
-def _job(flags: dict, optimizer: str = "adamw", qat_modules: str | None = None):
-    groups = ["model.moe_intermediate_size=32"] if qat_modules else []  # whole int4 groups of 32
+def _job(flags: dict, optimizer: str = "adamw", fake_quant: tuple = ()):
+    groups = ["model.moe_intermediate_size=32"] if fake_quant else []  # whole int4 groups of 32
     job = load_job_config("tiny", None, TINY_MODEL_OVERRIDES + groups + ["model.num_hidden_layers=4",
                                                                          f"optimizer.optimizer={optimizer}"])
     return dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, **flags))
 
 
-def _measure_rank(rank, world, flags, params_dtype="fp32", optimizer="adamw", qat_modules=None):
-    """Real tensors of one rank after a forward / backward and an optimizer step."""
+def _measure_rank(rank, world, flags, params_dtype="fp32", optimizer="adamw", fake_quant=()):
+    """Real tensors of one rank after a forward / backward and an optimizer step. `fake_quant`: (format,
+    modules) selections prepared as the trainer prepares training's QAT (the first) and RL's rollouts'."""
     from megajoy.launch import setup_parallel
     from megajoy.model import create_model
     from megajoy.parallel.optimizer import build_parallel_optimizer
     from megajoy.parallel.pipeline import PipelineRunner
 
-    job = _job(flags, optimizer, qat_modules)
+    job = _job(flags, optimizer, fake_quant)
     job = dataclasses.replace(job, data=dataclasses.replace(job.data, seq_length=SEQ))
     pc = setup_parallel(job)
     model = create_model(job.model, pc=pc).train()
@@ -45,12 +46,13 @@ def _measure_rank(rank, world, flags, params_dtype="fp32", optimizer="adamw", qa
         from megajoy.optim.master_weights import MasterWeights
 
         weights = MasterWeights(model, sharded=optimizer if pc.distributed_optimizer else None)
-        if qat_modules:
-            from megajoy.quant.formats import WeightFormat
-            from megajoy.quant.qat import quantised_weights, set_qat
+        from megajoy.quant.formats import WeightFormat
+        from megajoy.quant.qat import quantised_weights, set_qat
 
-            set_qat(model, WeightFormat.of("int4", 32), qat_modules)
-            weights.keep_fake_quant([p for _, p in quantised_weights(model, qat_modules)], WeightFormat.of("int4", 32))
+        for i, (name, modules) in enumerate(fake_quant):
+            if i == 0:
+                set_qat(model, WeightFormat.of(name, 32), modules)
+            weights.keep_fake_quant([p for _, p in quantised_weights(model, modules)], WeightFormat.of(name, 32))
     ids = torch.randint(0, job.model.vocab_size, (MICRO * pc.size("pp"), SEQ), generator=torch.Generator().manual_seed(0))
     from megajoy.data.packing import document_positions, Batch
 
@@ -93,17 +95,23 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("name, params_dtype, optimizer, qat", [(n, "fp32", "adamw", None) for n in LAYOUTS] + [
-    ("ep2_dp2_zero", "bf16", "adamw", None), ("tp2_pp2", "bf16", "adamw", None), ("tp2_pp2", "bf16", "muon", None),
-    ("ep2_dp2_zero", "bf16", "muon", None), ("pp2_v2_dp2_zero", "bf16", "muon", None),
-    ("ep2_dp2_zero", "bf16", "muon", "experts"), ("tp2_ep2_dp2_sp_zero", "bf16", "adamw", "routed-experts")])
-def test_state_bytes_are_exact(name, params_dtype, optimizer, qat):
+@pytest.mark.parametrize("name, params_dtype, optimizer, fake_quant", [(n, "fp32", "adamw", ()) for n in LAYOUTS] + [
+    ("ep2_dp2_zero", "bf16", "adamw", ()), ("tp2_pp2", "bf16", "adamw", ()), ("tp2_pp2", "bf16", "muon", ()),
+    ("ep2_dp2_zero", "bf16", "muon", ()), ("pp2_v2_dp2_zero", "bf16", "muon", ()),
+    ("ep2_dp2_zero", "bf16", "muon", (("int4", "experts"),)),
+    ("tp2_ep2_dp2_sp_zero", "bf16", "adamw", (("int4", "routed-experts"),)),
+    # RL: training's QAT and rollouts in another format over more modules; rollouts in the same format
+    ("ep2_dp2_zero", "bf16", "adamw", (("int4", "routed-experts"), ("q8_0", "experts"))),
+    ("ep2_dp2_zero", "bf16", "adamw", (("int4", "routed-experts"), ("int4", "experts")))],
+    ids=lambda v: "+".join(f"{f}:{m}" for f, m in v) if isinstance(v, tuple) else None)
+def test_state_bytes_are_exact(name, params_dtype, optimizer, fake_quant):
     world, flags = LAYOUTS[name]
-    measured = run_workers(world, _measure_rank, flags, params_dtype, optimizer, qat)
-    job = _job(flags, optimizer, qat)
+    measured = run_workers(world, _measure_rank, flags, params_dtype, optimizer, fake_quant)
+    job = _job(flags, optimizer, fake_quant)
     for rank, real in enumerate(measured):
         model, pc = rank_model(job.model, ParallelConfig(**flags), world, rank, SEQ)
-        planned = state_bytes(model, pc, params_dtype, job.optimizer, qat, bucket_mb=job.parallel.ddp_bucket_size_mb)
+        planned = state_bytes(model, pc, params_dtype, job.optimizer, fake_quant,
+                              bucket_mb=job.parallel.ddp_bucket_size_mb)
         assert planned == real, (rank, planned, real)
 
 
@@ -303,8 +311,9 @@ def test_plan_cli_reports_fit(capsys):
 
 def test_plan_cli_counts_bf16_copies(capsys):
     """`--params-dtype bf16` under ZeRO-1: the bf16 copies (2 bytes per parameter) instead of whole fp32
-    weights (4), gradients and optimizer state unchanged, activations a little smaller; with QAT of the routed experts, their kept bf16 fake-quantised values
-    (2 bytes per expert weight) beside the copies."""
+    weights (4), gradients and optimizer state unchanged, activations a little smaller; with QAT of the
+    routed experts, their kept bf16 fake-quantised values (2 bytes per expert weight) beside the copies;
+    with RL's rollouts in another format (`--rollout-qat`), a second set of kept values."""
     import json
 
     from megajoy.cli import main
@@ -319,16 +328,24 @@ def test_plan_cli_counts_bf16_copies(capsys):
         "--set", "parallel.use_distributed_optimizer=true", "--set", "train.params_dtype=bf16"]
     assert main(configured) == 0  # the same plan from the configuration's fields
     assert json.loads(capsys.readouterr().out)["memory_plan"] == plans["bf16"]
-    assert main(argv + ["--params-dtype", "bf16", "--set", "quant.qat=int4"]) == 0
-    qat = json.loads(capsys.readouterr().out)["memory_plan"]
+    def plan_with(*flags):
+        assert main(argv + ["--params-dtype", "bf16", *flags]) == 0
+        return json.loads(capsys.readouterr().out)["memory_plan"]
+
+    qat = plan_with("--set", "quant.qat=int4")
+    assert plan_with("--qat", "int4") == qat == plan_with("--qat", "int4", "--rollout-qat", "int4")  # one kept copy
+    rollouts = plan_with("--qat", "int4", "--rollout-qat", "q8_0", "--rollout-qat-modules", "experts")
     cfg = load_job_config("joyai-flash").model
     per_moe_layer = cfg.n_routed_experts // 64 * 3 * cfg.hidden_size * cfg.moe_intermediate_size  # EP 64
-    for fp32, bf16, bf16_qat in zip(plans["fp32"], plans["bf16"], qat):
+    shared = cfg.n_shared_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    for fp32, bf16, bf16_qat, both in zip(plans["fp32"], plans["bf16"], qat, rollouts):
         assert bf16["parameters"] == fp32["parameters"] // 2  # ZeRO-1's fp32 shards are the only masters
         assert (bf16["gradients"], bf16["optimizer"]) == (fp32["gradients"], fp32["optimizer"])
         assert 0.8 * fp32["activations"] < bf16["activations"] < fp32["activations"]  # a bf16 residual stream
         moe_layers = sum(i >= cfg.first_k_dense_replace for i in bf16["layers"])
         assert moe_layers > 0 and bf16_qat["parameters"] == bf16["parameters"] + 2 * moe_layers * per_moe_layer
+        # rollouts in another format keep a second copy, of the shared experts too
+        assert both["parameters"] == bf16_qat["parameters"] + 2 * moe_layers * (per_moe_layer + shared)
 
 
 def test_plan_cli_follows_the_kernels(capsys):
@@ -751,6 +768,7 @@ def test_a_bf16_model_is_allocated_in_bf16():
         model = create_model(tiny(), seed=None, dtype=torch.bfloat16)
     buffers = dict(model.named_buffers())
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert {b.dtype for n, b in buffers.items() if n.endswith(("e_score_correction_bias", "max_logit"))} == {torch.float32}
+    kept_fp32 = ("e_score_correction_bias", "max_logit")
+    assert {b.dtype for n, b in buffers.items() if n.endswith(kept_fp32)} == {torch.float32}
     held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *buffers.values(), model._inv_freq])
     assert counter.peak == counter.live == held

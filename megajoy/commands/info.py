@@ -5,7 +5,7 @@ import dataclasses
 import json
 
 from megajoy.cli import add_config_arguments
-from megajoy.config import RECOMPUTE_MODULES
+from megajoy.config import QAT_FORMATS, QAT_MODULES, RECOMPUTE_MODULES
 
 
 def add_arguments(parser) -> None:
@@ -43,6 +43,12 @@ def add_arguments(parser) -> None:
     plan.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES)
     plan.add_argument("--optimizer", choices=["adamw", "muon"],
                       help="default: what `megajoy pretrain` uses for the preset (Muon for the JoyAI presets)")
+    plan.add_argument("--qat", choices=QAT_FORMATS, help="QAT, as training takes it (default: the configuration's)")
+    plan.add_argument("--qat-modules", choices=QAT_MODULES)
+    plan.add_argument("--rollout-qat", choices=QAT_FORMATS,
+                      help="RL rollouts under fake-quantised weights, as `megajoy rl` takes it: with bf16 weights "
+                           "under ZeRO-1, their kept values")
+    plan.add_argument("--rollout-qat-modules", choices=QAT_MODULES, default="routed-experts")
 
 
 def run(args) -> int:
@@ -63,7 +69,9 @@ def run(args) -> int:
                                   recompute_num_layers=args.recompute_num_layers or job.train.recompute_num_layers,
                                   recompute_modules=args.recompute_modules or job.train.recompute_modules),
         parallel=dataclasses.replace(job.parallel, use_distributed_optimizer=args.use_distributed_optimizer or
-                                     job.parallel.use_distributed_optimizer))
+                                     job.parallel.use_distributed_optimizer),
+        quant=dataclasses.replace(job.quant, qat=args.qat or job.quant.qat,
+                                  qat_modules=args.qat_modules or job.quant.qat_modules))
     stats = measure(meta_model(job.model), seq_length=args.seq_length)
     plan = _memory_plan(args, job) if _wants_plan(args) else None
     if args.json:
@@ -113,6 +121,10 @@ def _layout_text(args, job) -> str:
         parts.append("recompute " + " ".join(Recompute.of(job.train).modules))
     elif job.train.recompute_granularity:
         parts.append(f"recompute {job.train.recompute_method} {job.train.recompute_num_layers}")
+    if job.quant.qat:
+        parts.append(f"QAT {job.quant.qat} {job.quant.qat_modules}")
+    if args.rollout_qat:
+        parts.append(f"rollouts {args.rollout_qat} {args.rollout_qat_modules}")
     return " x ".join(parts[:4]) + "".join(", " + p for p in parts[4:])
 
 
@@ -131,8 +143,9 @@ def _memory_plan(args, job):
     per_step = (args.global_batch_size // (args.micro_batch_size * dp)) if args.global_batch_size else pp
     return plan_memory(job.model, parallel, tp * pp * dp, args.micro_batch_size, args.seq_length, per_step,
                        _activation_format(args, job), params_dtype=job.train.params_dtype,
-                       optimizer=job.optimizer, qat_modules=job.quant.qat_modules if job.quant.qat else None,
-                       recompute=Recompute.of(job.train))
+                       optimizer=job.optimizer, qat=(job.quant.qat, job.quant.qat_modules) if job.quant.qat else None,
+                       recompute=Recompute.of(job.train),
+                       rollout_qat=(args.rollout_qat, args.rollout_qat_modules) if args.rollout_qat else None)
 
 
 def _b(n: float) -> str:

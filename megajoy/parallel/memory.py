@@ -99,21 +99,20 @@ def rank_model(model_cfg: ModelConfig, parallel_cfg, world: int, rank: int, seq_
         return JoyAIForCausalLM(model_cfg, pc), pc
 
 
-def state_bytes(model, pc, params_dtype: str = "fp32", optimizer=None, qat_modules: str | None = None,
+def state_bytes(model, pc, params_dtype: str = "fp32", optimizer=None, fake_quant: tuple = (),
                 specs: dict | None = None, bucket_mb: float = 25.0) -> tuple[int, int, int]:
     """(parameter, gradient, optimizer) bytes of this rank, as the trainer allocates them. `optimizer`: the
     OptimizerConfig (default AdamW). Gradients are fp32. AdamW keeps two moments, and under ZeRO-1 the
     rank's fp32 slice of the weights; Muon's matrices keep one momentum on the rank that orthogonalises
     them. With params_dtype bf16 the parameters are the bf16 copies plus whole fp32 masters, or, under
     ZeRO-1, plus only the Muon matrices this rank owns (AdamW's fp32 slices count as optimizer state), and
-    under QAT of `qat_modules` the bf16 fake-quantised values its weights keep in place of whole fp32
-    masters (see megajoy.optim.master_weights). `specs`:
-    the modules' parameter_specs, when already at hand; `bucket_mb`: ZeRO-1's bucket size, each bucket
-    sharded on its own."""
+    the bf16 fake-quantised values the weights keep in place of whole fp32 masters (`kept_fake_quant_elements`
+    of `fake_quant`, the (format, modules) selections a run quantises: training's QAT, RL's --rollout-qat).
+    `specs`: the modules' parameter_specs, when already at hand; `bucket_mb`: ZeRO-1's bucket size, each
+    bucket sharded on its own."""
     from megajoy.optim.muon import assign_owners
     from megajoy.parallel.mappings import group_rank
     from megajoy.parallel.muon import muon_entries
-    from megajoy.quant.qat import quantised_weights
 
     params = list(model.named_parameters())
     specs = specs or parameter_specs(model, pc)
@@ -132,17 +131,19 @@ def state_bytes(model, pc, params_dtype: str = "fp32", optimizer=None, qat_modul
     for expert, group in ((False, "dp_cp"), (True, "edp")):
         for bucket in buckets([(n, p) for n, p in adam if specs[n].expert == expert], int(bucket_mb * 2**20)):
             adam_owned += owned_elements([p.numel() for _, p in bucket], pc.size(group), group_rank(pc.groups[group]))
-    kept = sum(p.numel() for _, p in quantised_weights(model, qat_modules)) if qat_modules else 0
+    kept = kept_fake_quant_elements(model, fake_quant)
     param_bytes = 2 * numel + 4 * owned_matrices + 2 * kept if bf16 else 4 * numel
     return param_bytes, 4 * numel, 12 * adam_owned + 4 * owned_matrices
 
 
 def plan_memory(model_cfg: ModelConfig, parallel_cfg, world: int, micro_batch_size: int, seq_length: int,
                 micro_batches_per_step: int, fmt: ActivationFormat | None = None, params_dtype: str = "fp32",
-                optimizer=None, qat_modules: str | None = None, recompute=None) -> list[RankMemory]:
+                optimizer=None, qat: tuple[str, str] | None = None, recompute=None,
+                rollout_qat: tuple[str, str] | None = None) -> list[RankMemory]:
     """One entry per pipeline stage, for the stage's rank that holds the most: the stage's modules are
     built once, and each of its ranks' share counted from its own place (ZeRO-1 slices, Muon's owners).
-    `fmt`: how the step keeps activations (default: a GPU's, under bf16 autocast, with these weights)."""
+    `fmt`: how the step keeps activations (default: a GPU's, under bf16 autocast, with these weights).
+    `qat`, `rollout_qat`: (format, modules) of training's QAT and of RL's rollouts under quantised weights."""
     fmt = fmt or ActivationFormat.of(params_dtype=params_dtype)
     if fmt.weights != (2 if params_dtype == "bf16" else 4):
         raise ValueError(f"activation format {fmt} does not hold {params_dtype} weights")
@@ -154,18 +155,29 @@ def plan_memory(model_cfg: ModelConfig, parallel_cfg, world: int, micro_batch_si
         for rank in range(world):
             place = planning_context(parallel_cfg, world, rank, model_cfg, seq_length)
             if place.coords["pp"] == stage:
-                shares[rank] = state_bytes(model, place, params_dtype, optimizer, qat_modules, specs,
-                                           parallel_cfg.ddp_bucket_size_mb)
+                shares[rank] = state_bytes(model, place, params_dtype, optimizer, [q for q in (qat, rollout_qat) if q],
+                                           specs, parallel_cfg.ddp_bucket_size_mb)
         rank = max(shares, key=lambda r: (sum(shares[r]), -r))
         params, grads, optim = shares[rank]
         in_flight = micro_batches_in_flight(pc, micro_batches_per_step)
         per_micro = stage_activation_bytes(model, pc, micro_batch_size, seq_length, fmt, recompute)
         working = backward_working_bytes(model, pc, micro_batch_size, seq_length, fmt, recompute)
         layers = tuple(i for s in model.stages for i in s.layers)
-        copies = weight_copy_bytes(model, fmt, qat_modules, pc.distributed_optimizer, recompute)
+        copies = weight_copy_bytes(model, fmt, qat[1] if qat else None, pc.distributed_optimizer, recompute)
         plan.append(RankMemory(rank, stage, layers, params, grads, optim, int(per_micro * in_flight), in_flight,
                                copies, working))
     return plan
+
+
+def kept_fake_quant_elements(model, fake_quant) -> int:
+    """Elements of fake-quantised values that bf16 weights over ZeRO-1's shards keep (MasterWeights.keep_fake_quant):
+    one copy per format of every weight a (format, modules) selection quantises in it."""
+    from megajoy.quant.qat import quantised_weights
+
+    by_format = {}
+    for fmt, modules in fake_quant:
+        by_format.setdefault(fmt, {}).update({id(p): p.numel() for _, p in quantised_weights(model, modules)})
+    return sum(n for weights in by_format.values() for n in weights.values())
 
 
 def weight_copy_bytes(model, fmt: ActivationFormat, qat_modules: str | None = None,

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megajoy.config import QAT_FORMATS
 from megajoy.kernels.backend import WeightCache, autocast_dtype, cast_as_autocast
-
-FORMATS = ("int4", "q4_0", "q8_0")
 
 
 @dataclass(frozen=True)
@@ -29,8 +28,8 @@ class WeightFormat:
 
     @classmethod
     def of(cls, name: str, group: int = 64) -> "WeightFormat":
-        if name not in FORMATS:
-            raise ValueError(f"quantisation format {name!r} must be one of {FORMATS}")
+        if name not in QAT_FORMATS:
+            raise ValueError(f"quantisation format {name!r} must be one of {QAT_FORMATS}")
         if name != "int4":
             group = 32  # ggml's block size
         if group not in (32, 64):

@@ -9,16 +9,15 @@ every rank (a tensor-parallel shard of a row-parallel weight holds part of that 
 
 from torch import nn
 
+from megajoy.config import QAT_MODULES
 from megajoy.model.moe import GroupedExperts
 from megajoy.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megajoy.quant.formats import WeightFormat
 
-MODULES = ("routed-experts", "experts", "linear")
-
 
 def qat_targets(model: nn.Module, which: str) -> list[tuple[str, nn.Module]]:
-    if which not in MODULES:
-        raise ValueError(f"--qat-modules {which!r} must be one of {MODULES}")
+    if which not in QAT_MODULES:
+        raise ValueError(f"--qat-modules {which!r} must be one of {QAT_MODULES}")
     out = []
     for name, module in model.named_modules():
         if isinstance(module, GroupedExperts):

@@ -1,7 +1,7 @@
 """Training flags with Megatron-LM's names, each mapped onto a config field. Values given on the
 command line become `section.field` overrides (applied before `--set`)."""
 
-from megajoy.config import RECOMPUTE_MODULES
+from megajoy.config import QAT_FORMATS, QAT_MODULES, RECOMPUTE_MODULES
 
 # (flags, config path, argparse keyword arguments)
 TRAINING_FLAGS = [
@@ -69,9 +69,9 @@ TRAINING_FLAGS = [
     (["--ddp-bucket-size-mb"], "parallel.ddp_bucket_size_mb", dict(type=float)),
     (["--async-save"], "parallel.async_save", dict(action="store_const", const=True)),
     (["--no-async-save"], "parallel.async_save", dict(action="store_const", const=False)),
-    (["--qat"], "quant.qat", dict(choices=["int4", "q4_0", "q8_0"])),
+    (["--qat"], "quant.qat", dict(choices=QAT_FORMATS)),
     (["--qat-start-iter"], "quant.qat_start_iter", dict(type=int)),
-    (["--qat-modules"], "quant.qat_modules", dict(choices=["routed-experts", "experts", "linear"])),
+    (["--qat-modules"], "quant.qat_modules", dict(choices=QAT_MODULES)),
     (["--qat-group"], "quant.qat_group", dict(type=int, choices=[32, 64])),
     (["--fp8"], "quant.fp8", dict(choices=["off", "tensorwise", "blockwise"])),
     (["--fp8-backend"], "quant.fp8_backend", dict(choices=["torch", "te", "emulate"])),

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megajoy.cli import add_config_arguments
+from megajoy.config import QAT_FORMATS, QAT_MODULES
 from megajoy.data.packing import stack
 from megajoy.stages import sft
 from megajoy.stages.flags import add_training_flags
@@ -266,10 +267,9 @@ def add_arguments(parser) -> None:
                        help="policy updates (steps) on each rollout batch")
     group.add_argument("--max-new-tokens", type=int, default=40)
     group.add_argument("--temperature", type=float, default=1.0)
-    group.add_argument("--rollout-qat", choices=["int4", "q4_0", "q8_0"], default=None,
+    group.add_argument("--rollout-qat", choices=QAT_FORMATS, default=None,
                        help="sample rollouts with fake-quantised weights (the update stays in full precision)")
-    group.add_argument("--rollout-qat-modules", choices=["routed-experts", "experts", "linear"],
-                       default="routed-experts")
+    group.add_argument("--rollout-qat-modules", choices=QAT_MODULES, default="routed-experts")
     group.add_argument("--curriculum", action="store_true",
                        help="Gaussian pass-rate curriculum over domains (profiles every training prompt first)")
     group.add_argument("--curriculum-rollouts", type=int, default=10)
