@@ -586,3 +586,26 @@ def test_gguf_export_refusals(hf_dir, tmp_path, capsys):
     assert "no tokenizer.json" in capsys.readouterr().err
     assert not (tmp_path / "m.gguf").exists()
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_outputs_that_are_not_models_are_not_replaced(hf_dir, tmp_path, capsys):
+    """An output whose replacement would delete what is not a model is refused, before anything is written:
+    a training run converted onto itself (its checkpoints and logs would go), a directory of other files, a
+    file where a directory goes and the reverse. A model directory, the input's own included, is replaced."""
+    run = tmp_path / "run"
+    assert convert("--input", hf_dir, "--output", run / "checkpoints" / "iter_0000001", "--to", "megajoy") == 0
+    (run / "checkpoints" / "latest").write_text("iter_0000001")
+    (run / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    (tmp_path / "file").write_text("keep me")
+    refused = {(run, "megajoy"): "contains the input", (tmp_path / "notes", "hf"): "holds no model",
+               (tmp_path / "file", "hf"): "is not a directory", (tmp_path / "notes", "gguf"): "is a directory"}
+    for (output, to), message in refused.items():
+        assert convert("--input", run, "--output", output, "--to", to) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(os.listdir(run)) == ["checkpoints", "metrics.jsonl"]
+    assert (tmp_path / "notes" / "todo.txt").read_text() == (tmp_path / "file").read_text() == "keep me"
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]
+    assert convert("--input", hf_dir, "--output", hf_dir, "--to", "hf", "--dtype", "fp32") == 0
+    assert convert("--input", hf_dir, "--output", tmp_path / "back", "--to", "megajoy") == 0

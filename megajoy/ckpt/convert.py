@@ -1,6 +1,8 @@
 """Checkpoint conversion (the engine behind tools/convert_ckpt.py): any input a `CheckpointView` opens,
 to megajoy's own directory, a Hugging Face directory or a GGUF file, one tensor at a time."""
 
+import os
+
 import torch
 
 from megajoy.ckpt import gguf_export, hf, native
@@ -18,6 +20,7 @@ def convert(src: str, dst: str, to: str, dtype: str | None = None, int4_group: i
     if int4_group and to != "hf":
         raise ValueError("--int4 applies to --to hf (an INT4 export for serving engines)")
     view = open_view(src)
+    check_output(dst, to, view.source)
     if to == "hf":
         hf.save_hf_dir(dst, view, DTYPES[dtype or "bf16"], max_shard_bytes, int4_group)
     elif to == "megajoy":
@@ -26,3 +29,25 @@ def convert(src: str, dst: str, to: str, dtype: str | None = None, int4_group: i
         fallbacks = gguf_export.save_gguf(dst, view, gguf_type, DTYPES[dtype or "bf16"], tokenizer_pre)
         return [f"{name}: rows are not whole 32-wide blocks, written as f16" for name in fallbacks]
     return []
+
+
+def check_output(dst: str, to: str, source: str) -> None:
+    """Refuse an output whose replacement would delete what is not a model: a file where a directory goes
+    (or the reverse), a directory holding other things, or one holding the input (a training run's
+    directory, whose checkpoints and logs would go with it). A model directory is replaced whole, the
+    input's own included (it is read before the rename)."""
+    from megajoy.ckpt.native import CONFIG_NAME
+
+    dst, source = os.path.abspath(dst), os.path.abspath(source)
+    if to == "gguf":
+        if os.path.isdir(dst):
+            raise ValueError(f"output {dst} is a directory: --to gguf writes a file")
+        return
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise ValueError(f"output {dst} exists and is not a directory: --to {to} writes a directory")
+    if dst != source and os.path.commonpath([dst, source]) == dst:
+        raise ValueError(f"output {dst} contains the input {source}: replacing it would delete the input")
+    if os.path.isdir(dst) and os.listdir(dst) and not any(
+            os.path.exists(os.path.join(dst, name)) for name in ("config.json", CONFIG_NAME)):
+        raise ValueError(f"output {dst} is a directory that holds no model (no config.json or {CONFIG_NAME}): "
+                         "refusing to replace it")
