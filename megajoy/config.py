@@ -125,6 +125,8 @@ class ModelConfig:
                  f"num_nextn_predict_layers={self.num_nextn_predict_layers} must be >= 0")
         _require(self.rms_norm_eps > 0, f"rms_norm_eps={self.rms_norm_eps} must be > 0")
         _require(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be > 0")
+        _require(self.rope_interleave, "rope_interleave=false is not supported: megajoy rotates interleaved pairs, "
+                                       "as DeepSeek-V3's checkpoints are laid out")
         _require(0 <= self.bos_token_id < self.vocab_size and 0 <= self.eos_token_id < self.vocab_size,
                  f"bos_token_id={self.bos_token_id} / eos_token_id={self.eos_token_id} must lie in "
                  f"[0, vocab_size={self.vocab_size})")

@@ -609,3 +609,29 @@ def test_outputs_that_are_not_models_are_not_replaced(hf_dir, tmp_path, capsys):
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]
     assert convert("--input", hf_dir, "--output", hf_dir, "--to", "hf", "--dtype", "fp32") == 0
     assert convert("--input", hf_dir, "--output", tmp_path / "back", "--to", "megajoy") == 0
+
+
+def test_configs_megajoy_would_read_differently_from_transformers_are_refused(hf_dir, tmp_path, capsys):
+    """A config.json without a field that shapes the model (megajoy's JoyAI defaults and transformers'
+    DeepSeek-V3 ones differ: n_group 1 against 8, ...), with rope_interleave false (megajoy rotates
+    interleaved pairs) or unusable token ids is refused by name; without rope settings it gets the rope_theta
+    transformers gives it, and without num_nextn_predict_layers no MTP layer, as transformers builds it."""
+    from transformers import DeepseekV3Config
+
+    from megajoy.ckpt.hf import model_config_from_hf
+
+    original = json.loads((hf_dir / "config.json").read_text())
+    edits = {"n_group": ({"n_group": None}, "no 'n_group'"),
+             "rope_interleave": ({"rope_interleave": False}, "rope_interleave=false is not supported"),
+             "eos": ({"eos_token_id": []}, "eos_token_id must be a token id"),
+             "bos": ({"bos_token_id": None}, "bos_token_id must be a token id")}
+    for name, (edit, message) in edits.items():
+        config = {k: v for k, v in {**original, **edit}.items() if not (name == "n_group" and k == "n_group")}
+        (hf_dir / "config.json").write_text(json.dumps(config))
+        assert convert("--input", hf_dir, "--output", tmp_path / name, "--to", "megajoy") == 2, name
+        assert message in capsys.readouterr().err, name
+        assert not (tmp_path / name).exists()
+    bare = {k: v for k, v in original.items() if k not in ("rope_theta", "rope_parameters", "num_nextn_predict_layers")}
+    cfg = model_config_from_hf(bare)
+    assert cfg.rope_theta == DeepseekV3Config(**bare).rope_parameters["rope_theta"]  # megajoy's default is JoyAI's
+    assert cfg.num_nextn_predict_layers == 0

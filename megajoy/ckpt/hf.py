@@ -44,17 +44,37 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> dict:
     return d
 
 
+# Fields that shape the model, whose defaults differ between megajoy (JoyAI's) and transformers
+# (DeepSeek-V3's): a config without them is refused rather than read as either model.
+SHAPE_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+    "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group",
+)
+HF_ROPE_THETA = 10000.0  # DeepseekV3Config's, where config.json gives none
+
+
 def model_config_from_hf(d: Mapping, source: str = "config.json") -> ModelConfig:
     if d.get("model_type") not in ("deepseek_v3", "joyai", None):
         raise ValueError(f"{source}: model_type {d.get('model_type')!r} is not a DeepSeek-V3-family model")
+    missing = [k for k in SHAPE_FIELDS if k not in d]
+    if missing:
+        raise ValueError(f"{source}: no {missing[0]!r} ({len(missing)} model-shaping field(s) missing: "
+                         f"{', '.join(missing)}); megajoy's and transformers' defaults differ, so it does not guess")
     kwargs = {k: d[k] for k in HF_FIELDS if k in d}
+    kwargs.setdefault("num_nextn_predict_layers", 0)  # transformers builds no MTP layer
     params = d.get("rope_parameters")  # transformers 5 writes rope settings here
     if isinstance(params, dict):
-        kwargs.setdefault("rope_theta", params.get("rope_theta", ModelConfig.rope_theta))
+        kwargs.setdefault("rope_theta", params.get("rope_theta", HF_ROPE_THETA))
         if params.get("rope_type", "default") != "default" and not kwargs.get("rope_scaling"):
             kwargs["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
-    if isinstance(kwargs.get("eos_token_id"), list):
-        kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+    kwargs.setdefault("rope_theta", HF_ROPE_THETA)
+    for token in ("bos_token_id", "eos_token_id"):
+        value = kwargs.get(token)
+        if isinstance(value, list):
+            value = kwargs[token] = value[0] if value else None
+        if token in kwargs and not isinstance(value, int):
+            raise ValueError(f"{source}: {token} must be a token id (or a non-empty list of them), got {d[token]!r}")
     try:
         return ModelConfig(**kwargs)
     except (TypeError, ValueError) as e:
