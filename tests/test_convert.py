@@ -635,3 +635,20 @@ def test_configs_megajoy_would_read_differently_from_transformers_are_refused(hf
     cfg = model_config_from_hf(bare)
     assert cfg.rope_theta == DeepseekV3Config(**bare).rope_parameters["rope_theta"]  # megajoy's default is JoyAI's
     assert cfg.num_nextn_predict_layers == 0
+
+
+@pytest.mark.parametrize("variant, message", [
+    (dict(attention_bias=True), "has no attention biases"),
+    (dict(n_shared_experts=0), "needs a shared expert in every MoE layer"),
+    (dict(rope_scaling={k: v for k, v in YARN.items() if not k.startswith("mscale")}),
+     "mscale None, mscale_all_dim None"),
+    (dict(rope_scaling=dict(YARN, mscale=0.707)), "mscale 0.707, mscale_all_dim 1.0")],
+    ids=["attention_bias", "no_shared_expert", "yarn_without_mscale", "yarn_two_mscales"])
+def test_gguf_refuses_what_llama_cpp_would_compute_differently(variant, message, tmp_path, tokenizer_file, capsys):
+    """Configurations llama.cpp's deepseek2 does not compute as megajoy and transformers do are refused
+    before anything is written (a review found llama.cpp unable to load a file without shared experts, and
+    its logits 1.5e-4 to 1.6e-3 off with YaRN unless mscale equals mscale_all_dim)."""
+    export_hf(random_model(gguf_config(**variant), seed=3), tmp_path / "hf", tokenizer=tokenizer_file)
+    assert convert("--input", tmp_path / "hf", "--output", tmp_path / "m.gguf", "--to", "gguf") == 2
+    assert message in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["hf"]

@@ -237,6 +237,20 @@ def add_model_metadata(writer, cfg, file_type: int) -> None:
         writer.add_rope_scaling_yarn_log_mul(0.1 * scaling.get("mscale_all_dim", 0.0))
 
 
+def llama_cpp_unsupported(cfg) -> str | None:
+    """What of this configuration llama.cpp's deepseek2 does not compute, if anything."""
+    scaling = cfg.rope_scaling or {}
+    if cfg.attention_bias:
+        return "has no attention biases (attention_bias=true)"
+    if cfg.n_shared_experts == 0 and cfg.first_k_dense_replace < cfg.num_hidden_layers:
+        return "needs a shared expert in every MoE layer (n_shared_experts=0)"
+    if scaling.get("type", scaling.get("rope_type")) == "yarn" and (
+            "mscale" not in scaling or scaling.get("mscale") != scaling.get("mscale_all_dim")):
+        return (f"scales YaRN attention by one mscale, given as mscale_all_dim (rope_scaling has mscale "
+                f"{scaling.get('mscale')}, mscale_all_dim {scaling.get('mscale_all_dim')})")
+    return None
+
+
 def add_tokenizer(writer, tokenizer_file: str, cfg, pre: str | None) -> None:
     """Byte-level BPE as llama.cpp's `gpt2` tokenizer model: tokens by id (ids the tokenizer does not
     use padded as unused), token types, merges, special token ids."""
@@ -312,8 +326,9 @@ def save_gguf(path: str, view, gguf_type: str = "f16", rest_dtype: torch.dtype =
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"--gguf-type {gguf_type!r} must be one of {GGUF_TYPES}")
     cfg = view.cfg
-    if cfg.attention_bias:
-        raise ValueError(f"{view.source}: llama.cpp's deepseek2 has no attention biases (attention_bias=true)")
+    unsupported = llama_cpp_unsupported(cfg)
+    if unsupported:
+        raise ValueError(f"{view.source}: llama.cpp's deepseek2 {unsupported}; it would not run this model as it is")
     if view.tokenizer is None:
         raise ValueError(f"{view.source}: no tokenizer.json beside the weights; a GGUF file must carry its tokenizer")
     tensors, fallbacks = gguf_tensors(view, gguf_type, rest_dtype)
