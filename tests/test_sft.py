@@ -138,6 +138,43 @@ def test_bad_conversations_are_counted_and_reported(tmp_path, tokenizer_file):
         load_conversations(str(path), tokenizer, 40)
 
 
+def test_wrong_typed_fields_are_malformed_and_bad_bytes_named(tmp_path, tokenizer_file):
+    """Fields of the wrong JSON type are counted as malformed (before, a traceback naming no line, or the
+    tools string listed one "tool" per character); a UTF-8 byte-order mark is skipped; a line that is not
+    UTF-8 is an error naming the file and line."""
+    from megajoy.data.preference import load_pairs
+    from megajoy.data.prompts import load_prompts
+
+    user, assistant = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
+    good = {"messages": [user, assistant]}
+    bad = [{"messages": [user, dict(assistant, tool_calls={"function": {"name": "f", "arguments": {}}})]},
+           {"messages": [user, dict(assistant, tool_calls=[{"function": {"name": "f", "arguments": "[1, 2]"}}])]},
+           {"messages": [user, dict(assistant, tool_calls=["f"])]},
+           {"messages": [user, dict(assistant, reasoning_content=5)]},
+           {"messages": [user, assistant], "tools": "calc"}, {"messages": ["hi", assistant]}]
+    tokenizer = ChatTokenizer(tokenizer_file, 320)
+    path = tmp_path / "chat.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(x) + "\n" for x in [good, *bad]).encode())
+    samples, report = load_conversations(str(path), tokenizer, 100)
+    assert len(samples) == 1 and dict(report.dropped) == {"malformed": len(bad)}
+    assert report.first_lines == {"malformed": 2}
+    pairs = tmp_path / "pairs.jsonl"
+    write_jsonl(str(pairs), [{"prompt": "hi", "chosen": ["hello"], "rejected": "no"},
+                             {"prompt": ["hi"], "chosen": "a", "rejected": "b"},
+                             {"prompt": "hi", "chosen": "a", "rejected": "b"}])
+    kept, report = load_pairs(str(pairs), tokenizer, 100)
+    assert len(kept) == 1 and dict(report.dropped) == {"malformed": 2}
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(str(prompts), [{"prompt": "2+2", "answer": None}, {"prompt": "2+2", "answer": "4", "tools": "calc"},
+                               {"prompt": "2+2", "answer": 4}])
+    kept, report = load_prompts(str(prompts), tokenizer, 100)
+    assert [p.answer for p in kept] == ["4"] and dict(report.dropped) == {"no_answer": 1, "malformed": 1}
+    with open(path, "ab") as f:
+        f.write(b'{"messages": "\xff"}\n')
+    with pytest.raises(ValueError, match=rf"{path}:{len(bad) + 2}: invalid UTF-8"):
+        load_conversations(str(path), tokenizer, 100)
+
+
 def test_chat_template_command_marks_trained_tokens(tmp_path, tokenizer_file, capsys):
     write_jsonl(str(tmp_path / "c.jsonl"), [{"messages": [{"role": "user", "content": "hi"},
                                                          {"role": "assistant", "content": "the cat"}]}])
@@ -175,7 +212,9 @@ def test_sft_refuses_missing_tokenizer_and_empty_data(tmp_path, tokenizer_file, 
     write_jsonl(str(tmp_path / "empty.jsonl"), [{"messages": [{"role": "user", "content": "hi"}]}])
     assert main(["sft", "--init", str(tmp_path / "bare"), "--tokenizer", tokenizer_file, "--data",
                  str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "b")]) == 2
-    assert "no training rows: every conversation was dropped" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'empty.jsonl'}: no training rows: every conversation was dropped" in err
+    assert "1 dropped: no assistant (first at line 1)" in err  # the load report says why
 
 
 def sft_args(init, out, *extra):

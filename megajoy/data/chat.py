@@ -54,7 +54,9 @@ def thinking_mode(conversation: dict, mode: str = "auto") -> bool:
         return mode == "on"
     if "thinking" in conversation:
         return bool(conversation["thinking"])
-    return any(m.get("reasoning_content") for m in conversation.get("messages", []) if m.get("role") == "assistant")
+    messages = conversation.get("messages")
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and m.get("role") == "assistant" and m.get("reasoning_content") for m in messages)
 
 
 def render(conversation: dict, mode: str = "auto", generation_prompt: bool = False,
@@ -66,9 +68,10 @@ def render(conversation: dict, mode: str = "auto", generation_prompt: bool = Fal
     if not isinstance(messages, list) or not messages:
         raise ConversationError("malformed", "\"messages\" must be a non-empty list")
     for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            role = m.get("role") if isinstance(m, dict) else m
-            raise ConversationError("unknown_role", f"unknown role {role!r} (expected one of {ROLES})")
+        if not isinstance(m, dict):
+            raise ConversationError("malformed", f"a message must be an object, got {m!r}")
+        if m.get("role") not in ROLES:
+            raise ConversationError("unknown_role", f"unknown role {m.get('role')!r} (expected one of {ROLES})")
     if not generation_prompt and not any(m["role"] == "assistant" for m in messages[train_from:]):
         raise ConversationError("no_assistant", "no assistant turn to train on")
     thinking = thinking_mode(conversation, mode)
@@ -89,6 +92,8 @@ def render(conversation: dict, mode: str = "auto", generation_prompt: bool = Fal
 
 def system_prompt(messages: list[dict], tools) -> str:
     text = "".join(_text(m) for m in messages if m["role"] == "system")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ConversationError("malformed", f"\"tools\" must be a list of objects, got {tools!r}")
     if tools:
         listing = "\n".join(json.dumps(t, ensure_ascii=False, sort_keys=True) for t in tools)
         text += "\n\n# Tools\n<tools>\n" + listing + "\n</tools>"
@@ -96,15 +101,19 @@ def system_prompt(messages: list[dict], tools) -> str:
 
 
 def _assistant(m: dict, thinking: bool, trained: bool = True) -> list[Piece]:
-    answer = _text(m) + "".join(tool_call_text(call) for call in m.get("tool_calls") or [])
+    calls, reasoning = m.get("tool_calls") or [], m.get("reasoning_content") or ""
+    if not isinstance(calls, list):
+        raise ConversationError("malformed", f"\"tool_calls\" must be a list, got {type(calls).__name__}")
+    if not isinstance(reasoning, str):
+        raise ConversationError("malformed", f"\"reasoning_content\" must be a string, got {type(reasoning).__name__}")
+    answer = _text(m) + "".join(tool_call_text(call) for call in calls)
     if thinking:
-        return [Piece(ASSISTANT + THINK, False),
-                Piece((m.get("reasoning_content") or "") + END_THINK + answer + EOS_TOKEN, trained)]
+        return [Piece(ASSISTANT + THINK, False), Piece(reasoning + END_THINK + answer + EOS_TOKEN, trained)]
     return [Piece(ASSISTANT + END_THINK, False), Piece(answer + EOS_TOKEN, trained)]
 
 
 def tool_call_text(call: dict) -> str:
-    function = call.get("function", call)
+    function = call.get("function", call) if isinstance(call, dict) else None
     if not isinstance(function, dict) or "name" not in function:
         raise ConversationError("malformed", f"tool call {call!r} has no function name")
     arguments = function.get("arguments") or {}
@@ -113,6 +122,8 @@ def tool_call_text(call: dict) -> str:
             arguments = json.loads(arguments)
         except json.JSONDecodeError:
             raise ConversationError("malformed", f"tool call arguments {arguments!r} are not JSON") from None
+    if not isinstance(arguments, dict):
+        raise ConversationError("malformed", f"tool call arguments {arguments!r} are not a JSON object")
     params = "".join(f"<parameter={k}>\n{v if isinstance(v, str) else json.dumps(v)}\n</parameter>\n"
                      for k, v in arguments.items())
     return f"{TOOL_CALL}\n<function={function['name']}>\n{params}</function>\n{END_TOOL_CALL}"

@@ -24,7 +24,7 @@ def load_prompts(path: str, tokenizer: ChatTokenizer, max_tokens: int, mode: str
     for number, obj in read_jsonl(path):
         if isinstance(obj.get("prompt"), str) and "messages" not in obj:
             obj = dict(obj, messages=[{"role": "user", "content": obj["prompt"]}])
-        if "answer" not in obj:
+        if obj.get("answer") is None:  # absent, or null (which would be checked against the text "None")
             report.count("no_answer", number)
             continue
         verifier = obj.get("verifier", "math")

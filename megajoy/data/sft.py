@@ -52,8 +52,12 @@ def read_jsonl(path: str):
     """(line number, object) for every non-empty line; a line that is not a JSON object is an error."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark allowed up front
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{number}: invalid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
             if not line.strip():
                 continue
             try:

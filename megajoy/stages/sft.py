@@ -62,6 +62,8 @@ def load_chat_data(job, args, tokenizer_path: str) -> dict:
     tokenizer = ChatTokenizer(tokenizer_path, job.model.vocab_size)
     path = data_file(job, args)
     samples, report = load_conversations(path, tokenizer, job.data.seq_length + 1, args.overlong, args.thinking)
+    if not samples:
+        raise ValueError(f"{path}: no training rows: every conversation was dropped ({report.summary(path)})")
     train, valid = split_held_out(samples, min(args.valid_conversations, len(samples) // 10), job.train.seed)
     return {"tokenizer": tokenizer, "report": report.summary(path), "train": train, "valid": valid}
 
