@@ -29,8 +29,7 @@ def check_torchtitan(cfg) -> None:
         raise RuntimeError(f"--torchtitan is written against TorchTitan {RELEASE}, found {found}")
     unsupported = {"rope_scaling": cfg.rope_scaling is not None,  # TorchTitan applies YaRN only past its length
                    "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": cfg.attention_bias,
-                   "hidden_act": cfg.hidden_act != "silu", "aux_loss_alpha": cfg.aux_loss_alpha > 0,
-                   "rope_interleave": not cfg.rope_interleave}
+                   "hidden_act": cfg.hidden_act != "silu", "aux_loss_alpha": cfg.aux_loss_alpha > 0}
     if any(unsupported.values()):
         raise ValueError("--torchtitan: TorchTitan's DeepSeek-V3 has no equal of this config's "
                          + ", ".join(k for k, v in unsupported.items() if v))

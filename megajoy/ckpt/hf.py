@@ -65,7 +65,8 @@ def model_config_from_hf(d: Mapping, source: str = "config.json") -> ModelConfig
     kwargs.setdefault("num_nextn_predict_layers", 0)  # transformers builds no MTP layer
     params = d.get("rope_parameters")  # transformers 5 writes rope settings here
     if isinstance(params, dict):
-        kwargs.setdefault("rope_theta", params.get("rope_theta", HF_ROPE_THETA))
+        if "rope_theta" in params:
+            kwargs.setdefault("rope_theta", params["rope_theta"])
         if params.get("rope_type", "default") != "default" and not kwargs.get("rope_scaling"):
             kwargs["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
     kwargs.setdefault("rope_theta", HF_ROPE_THETA)

@@ -188,7 +188,7 @@ class RowSchedule:
 
     def __init__(self, rows: list[Batch], seed: int):
         if not rows:
-            raise ValueError("no training rows: every conversation was dropped")
+            raise ValueError("RowSchedule: no rows to serve (the stages refuse empty data first, naming the file)")
         self.rows, self.seed = rows, seed
         self._epoch, self._order = None, None
 
