@@ -198,6 +198,11 @@ class DataConfig:
     def __post_init__(self):
         _require(self.seq_length > 0, f"seq_length={self.seq_length} must be positive")
         _require(self.builtin_corpus_mb > 0, f"builtin_corpus_mb={self.builtin_corpus_mb} must be positive")
+        from megajoy.data.gpt import parse_blend, parse_split
+
+        parse_split(self.split)
+        if self.data_path is not None:
+            parse_blend(self.data_path)
 
 
 @dataclass

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from helpers import load_tool, synthetic_documents, write_jsonl
-from megajoy.data.gpt import build_gpt_datasets, parse_blend
+from megajoy.config import DataConfig
+from megajoy.data.gpt import build_gpt_datasets, parse_blend, parse_split
 from megajoy.data.indexed import check_indexed_dataset
 from megajoy.data.packing import document_positions, pack_samples
 from megajoy.data.tokenizer import TokenizerInfo, load_tokenizer
@@ -63,12 +64,82 @@ def test_preprocess_strict_leaves_no_output(tmp_path, tokenizer_file, capsys):
     assert not [p for p in os.listdir(tmp_path) if p.startswith("o_")]
 
 
+def test_preprocess_skips_blank_lines_and_a_byte_order_mark(tmp_path, tokenizer_file, capsys):
+    """A BOM before line 1 and blank lines are not documents and not errors, even under --strict: the
+    output equals that of the same documents without them."""
+    docs = synthetic_documents(6, seed=3)
+    write_jsonl(tmp_path / "clean.jsonl", docs)
+    lines = (tmp_path / "clean.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "messy.jsonl").write_text("\ufeff" + lines[0] + "\n" + "".join(lines[1:4]) + "  \r\n\n" +
+                                          "".join(lines[4:]), encoding="utf-8")
+    tool = load_tool("preprocess_data")
+    for name in ("clean", "messy"):
+        assert tool.main(["--input", str(tmp_path / f"{name}.jsonl"), "--output-prefix", str(tmp_path / name),
+                          "--tokenizer", tokenizer_file, "--strict"]) == 0
+    assert "6 documents" in capsys.readouterr().out
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"messy_text_document{ext}").read_bytes() == \
+            (tmp_path / f"clean_text_document{ext}").read_bytes()
+
+
+def test_failed_preprocessing_writes_nothing_and_keeps_earlier_output(tmp_path, tokenizer_file, capsys):
+    """Every key's files appear together or not at all; a failed run leaves the previous good output of
+    the same prefix byte for byte, and no temporary files."""
+    tool = load_tool("preprocess_data")
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text("".join(json.dumps({"text": d, "title": d[:9]}) + "\n" for d in synthetic_documents(5, seed=4)))
+    bad.write_text(good.read_text() + json.dumps({"text": "has no title"}) + "\n")
+    args = ["--output-prefix", str(tmp_path / "o"), "--tokenizer", tokenizer_file, "--json-keys", "text", "title"]
+    assert tool.main(["--input", str(good)] + args) == 0
+    before = {p: (tmp_path / p).read_bytes() for p in os.listdir(tmp_path) if p.startswith("o_")}
+    assert sorted(before) == ["o_text_document.bin", "o_text_document.idx", "o_title_document.bin",
+                              "o_title_document.idx"]
+    capsys.readouterr()
+
+    assert tool.main(["--input", str(bad), "--strict"] + args) == 2
+    assert "line 6: no 'title' field (--strict: no output written)" in capsys.readouterr().err
+    assert {p: (tmp_path / p).read_bytes() for p in os.listdir(tmp_path) if p.startswith("o_")} == before
+    (tmp_path / "junk.jsonl").write_text("[1]\n{}\n")
+    assert tool.main(["--input", str(tmp_path / "junk.jsonl")] + args) == 2
+    assert "no tokens for key 'text'" in capsys.readouterr().err
+    assert {p: (tmp_path / p).read_bytes() for p in os.listdir(tmp_path) if p.startswith("o_")} == before
+
+    assert tool.main(["--input", str(tmp_path)] + args) == 2
+    assert f"input {tmp_path} is a directory" in capsys.readouterr().err
+
+
 def test_parse_blend():
     assert parse_blend(["0.7", "a", "0.3", "b"]) == (["a", "b"], [0.7, 0.3])
     assert parse_blend(["0.7 a 0.3 b"]) == (["a", "b"], [0.7, 0.3])
     assert parse_blend(["a", "b"]) == (["a", "b"], None)
     with pytest.raises(ValueError, match="must alternate"):
         parse_blend(["0.7", "a", "0.3"])
+
+
+@pytest.mark.parametrize("blend", [["-1", "a", "2", "b"], ["0", "a", "1", "b"], ["nan", "a"], ["inf", "a"]])
+def test_blend_weights_megatron_would_refuse_are_named(blend):
+    """megatron-core's BlendedDataset asserts every weight is positive, with no message."""
+    with pytest.raises(ValueError, match=r"--data-path .*weights must be positive"):
+        DataConfig(data_path=blend)
+
+
+def test_split_parses_as_megatron_core_does_and_nonsense_is_refused():
+    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+
+    for split in ("98,2,0", "969, 30, 1", "1", "3,1", "90/10/0", "0.5,0.25,0.25"):
+        assert parse_split(split) == pytest.approx(parse_and_normalize_split(split), abs=1e-15)
+    for split, message in [("abc", "up to three"), ("1,2,3,4", "up to three"), ("0,0,0", "not all zero"),
+                           ("98,-2", "non-negative"), ("nan,1", "finite")]:
+        with pytest.raises(ValueError, match=rf"--split '{split}'.*{message}"):
+            DataConfig(split=split)
+
+
+def test_a_tokenizer_directory_reads_its_tokenizer_json(tmp_path, tokenizer_file):
+    """`--tokenizer DIR` (a Hugging Face model directory) means DIR/tokenizer.json everywhere."""
+    directory = os.path.dirname(tokenizer_file)
+    assert TokenizerInfo.from_file(directory) == TokenizerInfo.from_file(tokenizer_file)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/tokenizer.json does not exist"):
+        TokenizerInfo.from_file(str(tmp_path))
 
 
 def _write_prefix(path, documents, eod=1):
@@ -139,6 +210,7 @@ def test_builtin_corpus_is_built_once_and_cached(tmp_path, monkeypatch):
     (lambda p: os.truncate(p + ".idx", os.path.getsize(p + ".idx") - 8), "truncated or corrupt"),
     (lambda p: os.truncate(p + ".bin", os.path.getsize(p + ".bin") - 2), "the pair does not match"),
     (lambda p: os.remove(p + ".bin"), ".bin does not exist"),
+    (lambda p: _write_prefix(p, []), "the dataset holds no tokens"),
 ])
 def test_damaged_files_are_named(tmp_path, damage, message):
     prefix = _write_prefix(tmp_path / "d", [[3, 4, 5]] * 4)

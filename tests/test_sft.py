@@ -141,7 +141,7 @@ def test_bad_conversations_are_counted_and_reported(tmp_path, tokenizer_file):
 def test_wrong_typed_fields_are_malformed_and_bad_bytes_named(tmp_path, tokenizer_file):
     """Fields of the wrong JSON type are counted as malformed (before, a traceback naming no line, or the
     tools string listed one "tool" per character); a UTF-8 byte-order mark is skipped; a line that is not
-    UTF-8 is an error naming the file and line."""
+    UTF-8 is an error naming the file and line, and so is a directory given as the file."""
     from megajoy.data.preference import load_pairs
     from megajoy.data.prompts import load_prompts
 
@@ -173,6 +173,8 @@ def test_wrong_typed_fields_are_malformed_and_bad_bytes_named(tmp_path, tokenize
         f.write(b'{"messages": "\xff"}\n')
     with pytest.raises(ValueError, match=rf"{path}:{len(bad) + 2}: invalid UTF-8"):
         load_conversations(str(path), tokenizer, 100)
+    with pytest.raises(ValueError, match=rf"data file {tmp_path} is a directory"):
+        load_conversations(str(tmp_path), tokenizer, 100)
 
 
 def test_chat_template_command_marks_trained_tokens(tmp_path, tokenizer_file, capsys):

@@ -5,8 +5,10 @@
       [--json-keys text] [--workers 4]
 
 writes data/docs_text_document.bin / .idx (EOD appended to every document) for
-`megajoy pretrain --data-path data/docs_text_document --tokenizer tokenizer.json`. A malformed line is
-reported with its number and counted; `--strict` stops at the first one instead, leaving no output.
+`megajoy pretrain --data-path data/docs_text_document --tokenizer tokenizer.json`. Blank lines are
+skipped. A malformed line is reported with its number and counted; `--strict` stops at the first one
+instead. The files of every key appear together, once all are complete: a failed run writes nothing and
+leaves earlier output under the same prefix as it was.
 """
 
 import argparse
@@ -15,18 +17,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megajoy.data.indexed import Unreadable, write_indexed_dataset  # noqa: E402
+from megajoy.data.indexed import MalformedItem, all_or_none, write_indexed_dataset  # noqa: E402
+from megajoy.data.jsonl import check_input_file, decoded_lines  # noqa: E402
 from megajoy.data.tokenizer import TokenizerInfo  # noqa: E402
-
-
-def numbered_lines(path: str):
-    """(line number, text) for each line; undecodable bytes become a line the parser will reject."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                yield number, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                yield number, Unreadable(f"invalid UTF-8 at byte {e.start}")
 
 
 def main(argv=None) -> int:
@@ -34,7 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--input", required=True, help="a JSONL file, one document per line")
     parser.add_argument("--output-prefix", required=True, help="output path without the _KEY_document suffix")
     parser.add_argument("--tokenizer", "--tokenizer-model", dest="tokenizer", required=True,
-                        help="a Hugging Face tokenizer.json")
+                        help="a Hugging Face tokenizer.json, or a directory holding one")
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="fields holding the text (default: text)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     parser.add_argument("--append-eod", dest="append_eod", action="store_true", default=True,
@@ -43,25 +36,32 @@ def main(argv=None) -> int:
     parser.add_argument("--eod-token", default=None, help="the EOD token's text, if the tokenizer's is not found")
     parser.add_argument("--strict", action="store_true", help="fail on the first malformed line")
     args = parser.parse_args(argv)
+    prefixes = {key: f"{args.output_prefix}_{key}_document" for key in dict.fromkeys(args.json_keys)}
     try:
-        if not os.path.exists(args.input):
-            raise FileNotFoundError(f"input {args.input} does not exist")
+        check_input_file(args.input, "input")
         info = TokenizerInfo.from_file(args.tokenizer, args.eod_token)
-        for key in args.json_keys:
-            prefix = f"{args.output_prefix}_{key}_document"
-            report = write_indexed_dataset(numbered_lines(args.input), prefix, args.tokenizer, info.eod,
-                                           info.vocab_size, json_key=key, workers=args.workers,
-                                           append_eod=args.append_eod, progress=f"{args.input} [{key}]")
-            print(report.summary(f"{prefix}.bin/.idx"))
-            if args.strict and report.bad_lines:
-                for ext in (".bin", ".idx"):
-                    os.remove(prefix + ext)
-                line, why = report.bad_lines[0]
-                raise ValueError(f"{args.input}: line {line}: {why} (--strict: no output written)")
+        with all_or_none(prefixes.values()):
+            reports = {key: write_one_key(args, info, key, prefix) for key, prefix in prefixes.items()}
     except (ValueError, FileNotFoundError) as e:
         print(f"preprocess_data: error: {e}", file=sys.stderr)
         return 2
+    for key, prefix in prefixes.items():
+        print(reports[key].summary(f"{prefix}.bin/.idx"))
     return 0
+
+
+def write_one_key(args, info: TokenizerInfo, key: str, prefix: str):
+    """The staged dataset of one JSON key; a ValueError when it would be unusable."""
+    try:
+        report = write_indexed_dataset(decoded_lines(args.input), prefix, info.path, info.eod, info.vocab_size,
+                                       json_key=key, workers=args.workers, append_eod=args.append_eod,
+                                       progress=f"{args.input} [{key}]", strict=args.strict, commit=False)
+    except MalformedItem as e:
+        raise ValueError(f"{args.input}: {e} (--strict: no output written)") from None
+    if report.tokens == 0:
+        raise ValueError(f"{args.input}: no tokens for key {key!r} ({report.summary(args.input)}); "
+                         f"no output written")
+    return report
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ def marked_text(tokenizer, sample) -> str:
 
 def run(args) -> int:
     from megajoy.data.chat import ConversationError, render
-    from megajoy.data.sft import ChatTokenizer, read_jsonl
+    from megajoy.data.jsonl import read_jsonl
+    from megajoy.data.sft import ChatTokenizer
 
     tokenizer = ChatTokenizer(args.tokenizer, vocab_size=1 << 30)
     shown = 0

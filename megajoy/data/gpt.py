@@ -3,6 +3,7 @@ blended with weights in Megatron's syntax (`0.7 pathA 0.3 pathB`), split into tr
 
 import contextlib
 import logging
+import math
 import os
 
 import torch.distributed as dist
@@ -20,13 +21,32 @@ def parse_blend(items: list[str]) -> tuple[list[str], list[float] | None]:
         float(items[0])
     except ValueError:
         return items, None
+    given = " ".join(items)
     if len(items) % 2:
-        raise ValueError(f"--data-path {' '.join(items)}: weights and prefixes must alternate (WEIGHT PREFIX ...)")
-    weights, prefixes = items[0::2], items[1::2]
+        raise ValueError(f"--data-path {given}: weights and prefixes must alternate (WEIGHT PREFIX ...)")
     try:
-        return prefixes, [float(w) for w in weights]
+        weights = [float(w) for w in items[0::2]]
     except ValueError:
-        raise ValueError(f"--data-path {' '.join(items)}: {weights} are not all numbers") from None
+        raise ValueError(f"--data-path {given}: {items[0::2]} are not all numbers") from None
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ValueError(f"--data-path {given}: the weights must be positive numbers (leave a prefix out rather than "
+                         f"give it weight 0)")
+    return items[1::2], weights
+
+
+def parse_split(split: str) -> list[float]:
+    """Megatron's --split '98,2,0' (or '98/2/0'; missing shares are 0) -> train, valid, test fractions."""
+    parts = [part.strip() for part in split.replace("/", ",").split(",")]
+    try:
+        shares = [float(part) for part in parts]
+    except ValueError:
+        shares = []
+    if not 1 <= len(shares) <= 3:
+        raise ValueError(f"--split {split!r}: expected up to three comma-separated shares: train,valid,test")
+    if not all(math.isfinite(s) and s >= 0 for s in shares) or sum(shares) <= 0:
+        raise ValueError(f"--split {split!r}: the shares must be finite, non-negative and not all zero")
+    shares += [0.0] * (3 - len(shares))
+    return [share / sum(shares) for share in shares]
 
 
 def build_gpt_datasets(blend: list[str], split: str, seq_length: int, train_samples: int, valid_samples: int,
@@ -42,7 +62,8 @@ def build_gpt_datasets(blend: list[str], split: str, seq_length: int, train_samp
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
     os.makedirs(cache_dir, exist_ok=True)
     config = GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=split,
+        random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights),
+        split=",".join(f"{share:.12f}" for share in parse_split(split)),
         path_to_cache=cache_dir, tokenizer=MegatronTokenizerShim(tokenizer), reset_position_ids=False,
         reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
     )

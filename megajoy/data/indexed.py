@@ -6,6 +6,7 @@ uint8 dtype code, uint64 sequence count, uint64 document count, then int32 seque
 sequence byte offsets and int64 document indices.
 """
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -15,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from megajoy.data.jsonl import Unreadable
 
 _MAGIC = b"MMIDIDX\x00\x00"
 _DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
@@ -47,10 +50,6 @@ def _init_worker(tokenizer_path: str, json_key: str | None) -> None:
 
     global _worker_tokenizer, _worker_key
     _worker_tokenizer, _worker_key = load_tokenizer(tokenizer_path), json_key
-
-
-class Unreadable(str):
-    """An input item that could not be read (its text is the reason), reported like a malformed line."""
 
 
 def _parse(raw: str) -> tuple[str | None, str | None]:
@@ -90,23 +89,33 @@ def _chunks(items: Iterable[tuple[int, str]], size: int) -> Iterator[list[tuple[
         yield chunk
 
 
+class MalformedItem(ValueError):
+    def __init__(self, line: int, why: str):
+        super().__init__(f"line {line}: {why}")
+        self.line, self.why = line, why
+
+
 def write_indexed_dataset(items: Iterable[tuple[int, str]], prefix: str, tokenizer_path: str, eod: int,
                           vocab_size: int, json_key: str | None = None, workers: int = 1,
-                          append_eod: bool = True, progress: str | None = None) -> WriteReport:
+                          append_eod: bool = True, progress: str | None = None, strict: bool = False,
+                          commit: bool = True) -> WriteReport:
     """Tokenize numbered items (JSONL lines when `json_key` is set, raw texts otherwise) into
-    PREFIX.bin / PREFIX.idx. Files appear under their final names only once complete."""
+    PREFIX.bin / PREFIX.idx. A malformed item is reported and skipped, or with `strict` raises
+    MalformedItem. The files are written under temporary names and appear under their final ones only
+    once complete; with `commit=False` they stay temporary until an enclosing `all_or_none` ends."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
     from tqdm import tqdm
 
     report = WriteReport()
-    bin_tmp, idx_tmp = prefix + ".bin.tmp", prefix + ".idx.tmp"
-    builder = IndexedDatasetBuilder(bin_tmp, dtype=DType.optimal_dtype(vocab_size))
+    builder = IndexedDatasetBuilder(_staged(prefix)[0], dtype=DType.optimal_dtype(vocab_size))
     try:
         with _encoder(tokenizer_path, json_key, workers) as encode:
             bar = tqdm(desc=progress, unit="doc", disable=progress is None, file=sys.stderr)
             for results in encode(_chunks(items, 64)):
                 for line_no, ids, why in results:
                     if ids is None:
+                        if strict:
+                            raise MalformedItem(line_no, why)
                         report.bad_lines.append((line_no, why))
                         print(f"{progress or prefix}: line {line_no}: {why}", file=sys.stderr)
                         continue
@@ -119,16 +128,45 @@ def write_indexed_dataset(items: Iterable[tuple[int, str]], prefix: str, tokeniz
                     report.tokens += len(ids)
                 bar.update(len(results))
             bar.close()
-        builder.finalize(idx_tmp)
+        builder.finalize(_staged(prefix)[1])
     except BaseException:
         builder.data_file.close()
-        for path in (bin_tmp, idx_tmp):
-            if os.path.exists(path):
-                os.remove(path)
+        _discard(prefix)
         raise
+    if commit:
+        _commit(prefix)
+    return report
+
+
+def _staged(prefix: str) -> tuple[str, str]:
+    return prefix + ".bin.tmp", prefix + ".idx.tmp"
+
+
+@contextlib.contextmanager
+def all_or_none(prefixes: Iterable[str]):
+    """Datasets written inside the block with `commit=False` all appear when it ends, or, when it
+    raises, none of them does and earlier files under the same names stay as they were."""
+    prefixes = list(prefixes)
+    try:
+        yield
+    except BaseException:
+        for prefix in prefixes:
+            _discard(prefix)
+        raise
+    for prefix in prefixes:
+        _commit(prefix)
+
+
+def _commit(prefix: str) -> None:
+    bin_tmp, idx_tmp = _staged(prefix)
     os.replace(bin_tmp, prefix + ".bin")
     os.replace(idx_tmp, prefix + ".idx")  # last: the pair is loadable only from here on
-    return report
+
+
+def _discard(prefix: str) -> None:
+    for path in _staged(prefix):
+        if os.path.exists(path):
+            os.remove(path)
 
 
 class _encoder:
@@ -180,6 +218,8 @@ def check_indexed_dataset(prefix: str) -> tuple[int, int]:
     if os.path.getsize(bin_path) != tokens * itemsize:
         raise ValueError(f"{bin_path}: {os.path.getsize(bin_path)} bytes, but {idx_path} lists {tokens} tokens of "
                          f"{itemsize} bytes; the pair does not match")
+    if tokens == 0:
+        raise ValueError(f"data prefix {prefix}: the dataset holds no tokens")
     return max(n_doc - 1, 0), tokens
 
 

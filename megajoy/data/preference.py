@@ -12,8 +12,9 @@ document ids alone.
 from dataclasses import dataclass
 
 from megajoy.data.chat import ConversationError, render, thinking_mode
+from megajoy.data.jsonl import read_jsonl
 from megajoy.data.packing import Batch
-from megajoy.data.sft import ChatTokenizer, LoadReport, Sample, best_fit_decreasing, packed_row, read_jsonl
+from megajoy.data.sft import ChatTokenizer, LoadReport, Sample, best_fit_decreasing, packed_row
 
 
 @dataclass

@@ -5,7 +5,8 @@ the assistant's turn left open. Lines that cannot be used are counted by reason 
 from dataclasses import dataclass
 
 from megajoy.data.chat import ConversationError, render
-from megajoy.data.sft import ChatTokenizer, LoadReport, read_jsonl
+from megajoy.data.jsonl import read_jsonl
+from megajoy.data.sft import ChatTokenizer, LoadReport
 
 VERIFIER_NAMES = ("math", "calculator")
 

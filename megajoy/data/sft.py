@@ -7,8 +7,6 @@ that is not JSON stops loading with its file and line number.
 """
 
 import bisect
-import json
-import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megajoy.data.chat import TEMPLATE_TOKENS, ConversationError, render
+from megajoy.data.jsonl import read_jsonl
 from megajoy.data.packing import Batch, stack
 from megajoy.data.tokenizer import PAD_TOKEN, load_tokenizer
 
@@ -46,27 +45,6 @@ class LoadReport:
         for reason, n in sorted(self.dropped.items()):
             parts.append(f"{n} dropped: {reason.replace('_', ' ')} (first at line {self.first_lines[reason]})")
         return f"{path}: " + "; ".join(parts)
-
-
-def read_jsonl(path: str):
-    """(line number, object) for every non-empty line; a line that is not a JSON object is an error."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"data file {path} does not exist")
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark allowed up front
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{number}: invalid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
-            yield number, obj
 
 
 def split_held_out(items: list, count: int, seed: int) -> tuple[list, list]:

@@ -20,11 +20,17 @@ PAD_TOKEN = "<｜▁pad▁｜>"
 SPECIAL_TOKENS = [BOS_TOKEN, EOS_TOKEN, PAD_TOKEN]
 
 
-def load_tokenizer(path: str) -> Tokenizer:
+def tokenizer_file(path: str) -> str:
+    """The tokenizer.json that `path` names: the file itself, or the one in a model directory."""
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer file {path} does not exist")
+    return path
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    path = tokenizer_file(path)
     try:
         return Tokenizer.from_file(path)
     except Exception as e:  # the tokenizers library raises a bare Exception on malformed files
@@ -43,6 +49,7 @@ class TokenizerInfo:
 
     @classmethod
     def from_file(cls, path: str, eod_token: str | None = None) -> "TokenizerInfo":
+        path = tokenizer_file(path)
         tok = load_tokenizer(path)
         eod = _find_token(tok, [eod_token] if eod_token else [EOS_TOKEN, "</s>", "<|endoftext|>", "<eos>"])
         if eod is None:
