@@ -652,3 +652,17 @@ def test_gguf_refuses_what_llama_cpp_would_compute_differently(variant, message,
     assert convert("--input", tmp_path / "hf", "--output", tmp_path / "m.gguf", "--to", "gguf") == 2
     assert message in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_shard_sizes_read_as_transformers_reads_them(capsys):
+    """--max-shard-size takes Hugging Face's units (GB decimal, GiB binary); sizes that are not a positive
+    number of bytes are an argument error, not a traceback."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    parse_size = load_tool("convert_ckpt").parse_size
+    for text in ("5GB", "2GiB", "500MB", "40KB", "7MiB", "3KiB"):
+        assert parse_size(text) == convert_file_size_to_int(text), text
+    for text in ("infGB", "nanGB", "-5GB", "0GB", "0.5B", "lots"):
+        with pytest.raises(SystemExit):
+            convert("--input", "x", "--output", "y", "--to", "hf", f"--max-shard-size={text}")
+        assert f"{text!r} is not a positive size" in capsys.readouterr().err

@@ -11,6 +11,7 @@ read, converted and written one at a time; the output appears complete or not at
 """
 
 import argparse
+import math
 import os
 import sys
 
@@ -27,10 +28,13 @@ def parse_size(text: str) -> int:
     for unit, factor in units.items():
         if upper.endswith(unit):
             try:
-                return int(float(upper[:-len(unit)]) * factor)
+                size = float(upper[:-len(unit)]) * factor
             except ValueError:
                 break
-    raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
+            if math.isfinite(size) and size >= 1:
+                return int(size)
+            break
+    raise argparse.ArgumentTypeError(f"{text!r} is not a positive size like 5GB, 500MB or 2GiB")
 
 
 def main(argv=None) -> int:
