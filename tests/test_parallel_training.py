@@ -271,7 +271,7 @@ MUON_LAYOUTS = {
     "tp2": (2, ["--tp", "2"], []),
     "tp2_sp_per_head": (2, ["--tp", "2", "--sequence-parallel"], ["--muon-per-head"]),
     "ep2_dp2": (2, ["--ep", "2"], []),
-    "dp4_zero": (4, ["--use-distributed-optimizer"], []),
+    "dp4_zero": (4, ["--use-distributed-optimizer", "--ddp-bucket-size-mb", "0.01"], []),  # Muon's broadcasts in buckets
     "tp2_ep2_dp2_zero": (4, ["--tp", "2", "--ep", "2", "--use-distributed-optimizer"], []),
     "pp2_tp2_dp2": (8, ["--pp", "2", "--tp", "2"], DEEP),
 }

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megajoy.parallel.optimizer import buckets
 from megajoy.quant.formats import keep_fake_quant, kept_formats, write_from_master
 
 COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -116,8 +117,9 @@ class MuonMatrices:
     Under bf16 weights with ZeRO-1 (`release`), a matrix's fp32 master lives on its owner only: the owner
     applies the update and broadcasts the new bf16 weights (half the bytes of an fp32 update)."""
 
-    def __init__(self, entries: list[MuonEntry], cfg, rank: int, ns_dtype: torch.dtype):
+    def __init__(self, entries: list[MuonEntry], cfg, rank: int, ns_dtype: torch.dtype, bucket_mb: float = 25.0):
         self.entries, self.cfg, self.rank, self.ns_dtype = entries, cfg, rank, ns_dtype
+        self.bucket_bytes = int(bucket_mb * 2**20)
         assign_owners(entries)
         self.group = {"params": [e.param for e in entries], "lr": cfg.lr, "lr_mult": 1.0, "optimizer": "muon"}
         self.momentum: dict[str, torch.Tensor] = {}
@@ -131,15 +133,15 @@ class MuonMatrices:
     @torch.no_grad()
     def step(self) -> None:
         active = [e for e in self.entries if e.param.grad is not None]
-        updates = {e.name: self._orthogonalised_update(e) for e in active if self.owns(e)}
-        self.orthogonalised = sorted(updates)
+        self.orthogonalised = sorted(e.name for e in active if self.owns(e))
         if self.copies is None:  # every replica applies the owner's update to its whole fp32 weight
-            for e, update in self._from_owners(active, lambda e: updates[e.name], torch.float32):
+            for e, update in self._from_owners(active, self._orthogonalised_update, torch.float32):
                 self._apply(e, update)
+                del update  # before the next matrix's update is computed
             return
         for e in active:  # the owners step their fp32 masters and send the new bf16 weights
-            if e.name in updates:
-                self._apply(e, updates[e.name])
+            if self.owns(e):
+                self._apply(e, self._orthogonalised_update(e))
         self._refresh_copies(active)
 
     def _apply(self, e: MuonEntry, update: torch.Tensor) -> None:
@@ -158,24 +160,35 @@ class MuonMatrices:
         return e.layout.from_matrices(o.float(), g)
 
     def _from_owners(self, entries: list[MuonEntry], value, dtype: torch.dtype):
-        """Yield (entry, value(entry)) on every replica, `value` called on each matrix's owner only: one
-        broadcast per owner and group, in the same order on every rank. Consume each pair before the
-        next: a group's buffer lives only until then."""
+        """Yield (entry, value(entry)) on every replica, `value` called on each matrix's owner only. A
+        matrix without replicas is computed when its turn comes. The others go in buckets of one owner's
+        matrices, one broadcast each, in the same order on every rank; each owner computes all its buckets
+        first, so the ranks compute at once. Consume each pair before the next: a received bucket lives
+        only until then."""
         by_owner = {}
         for e in entries:
             if len(e.dp_ranks) == 1:
                 yield e, value(e)
             else:
                 by_owner.setdefault((tuple(e.dp_ranks), e.owner), []).append(e)
-        for (ranks, owner), members in sorted(by_owner.items()):
-            sizes = [e.param.numel() for e in members]
-            if ranks[owner] == self.rank:
-                flat = torch.cat([value(e).reshape(-1).to(dtype) for e in members])
-            else:
-                flat = torch.empty(sum(sizes), dtype=dtype, device=members[0].param.device)
-            dist.broadcast(flat, src=ranks[owner], group=members[0].dp_group)
-            for e, piece in zip(members, flat.split(sizes)):
+        sends = [(ranks[owner], [e for e, _ in bucket]) for (ranks, owner), members in sorted(by_owner.items())
+                 for bucket in buckets([(e, e.param) for e in members], self.bucket_bytes)]
+        filled = {i: self._filled(bucket, value, dtype) for i, (src, bucket) in enumerate(sends) if src == self.rank}
+        for i, (src, bucket) in enumerate(sends):
+            sizes = [e.param.numel() for e in bucket]
+            flat = filled.pop(i, None)
+            if flat is None:
+                flat = torch.empty(sum(sizes), dtype=dtype, device=bucket[0].param.device)
+            dist.broadcast(flat, src=src, group=bucket[0].dp_group)
+            for e, piece in zip(bucket, flat.split(sizes)):
                 yield e, piece.view(e.param.shape)
+
+    @staticmethod
+    def _filled(bucket: list[MuonEntry], value, dtype: torch.dtype) -> torch.Tensor:
+        flat = torch.empty(sum(e.param.numel() for e in bucket), dtype=dtype, device=bucket[0].param.device)
+        for e, piece in zip(bucket, flat.split([e.param.numel() for e in bucket])):
+            piece.copy_(value(e).reshape(-1))
+        return flat
 
     # ------------------------------------------------------------------ bf16 weights over owned masters
     def release(self, copies: dict) -> None:

@@ -78,7 +78,7 @@ class MuonOptimizer(ParallelOptimizer):
         dtype = cfg.muon_ns_dtype
         ns_dtype = (torch.bfloat16 if pc.device.type == "cuda" else torch.float32) if dtype == "auto" else (
             torch.bfloat16 if dtype == "bf16" else torch.float32)
-        self.muon = MuonMatrices(entries, cfg, pc.rank, ns_dtype)
+        self.muon = MuonMatrices(entries, cfg, pc.rank, ns_dtype, self.bucket_bytes / 2**20)
         return None
 
     @property
