@@ -218,3 +218,10 @@ def test_damaged_files_are_named(tmp_path, damage, message):
     with pytest.raises((ValueError, FileNotFoundError)) as e:
         check_indexed_dataset(prefix)
     assert message in str(e.value) and str(tmp_path / "d") in str(e.value)
+
+
+def test_a_prefix_given_with_its_extension_is_named(tmp_path):
+    """Megatron's --data-path takes PREFIX, not PREFIX.bin: the error says which prefix was meant."""
+    prefix = _write_prefix(tmp_path / "d", [[3, 4, 5]] * 4)
+    with pytest.raises(FileNotFoundError, match=rf"without its extension: {prefix}\)$"):
+        check_indexed_dataset(prefix + ".bin")

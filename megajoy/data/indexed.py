@@ -198,7 +198,10 @@ def check_indexed_dataset(prefix: str) -> tuple[int, int]:
     idx_path, bin_path = prefix + ".idx", prefix + ".bin"
     for path in (idx_path, bin_path):
         if not os.path.exists(path):
-            raise FileNotFoundError(f"data prefix {prefix}: {path} does not exist")
+            hint = ""
+            if prefix.endswith((".bin", ".idx")) and os.path.exists(prefix[:-4] + ".idx"):
+                hint = f" (a prefix names the pair without its extension: {prefix[:-4]})"
+            raise FileNotFoundError(f"data prefix {prefix}: {path} does not exist{hint}")
     size = os.path.getsize(idx_path)
     header_size = len(_MAGIC) + 8 + 1 + 8 + 8
     with open(idx_path, "rb") as f:
