@@ -182,6 +182,7 @@ class MuonMatrices:
             dist.broadcast(flat, src=src, group=bucket[0].dp_group)
             for e, piece in zip(bucket, flat.split(sizes)):
                 yield e, piece.view(e.param.shape)
+            del flat, piece  # before the next bucket is allocated
 
     @staticmethod
     def _filled(bucket: list[MuonEntry], value, dtype: torch.dtype) -> torch.Tensor:
