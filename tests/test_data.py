@@ -3,13 +3,14 @@ the built-in tokenizer and corpus, and the errors for bad files."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from helpers import load_tool, synthetic_documents, write_jsonl
-from megajoy.config import DataConfig
+from megajoy.config import DataConfig, load_job_config
 from megajoy.data.gpt import build_gpt_datasets, parse_blend, parse_split
 from megajoy.data.indexed import check_indexed_dataset
 from megajoy.data.packing import document_positions, pack_samples
@@ -123,21 +124,32 @@ def test_blend_weights_megatron_would_refuse_are_named(blend):
         DataConfig(data_path=blend)
 
 
-def test_split_parses_as_megatron_core_does_and_nonsense_is_refused():
+def test_split_parses_as_megatron_core_does_and_nonsense_is_refused(tmp_path):
     from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
 
-    for split in ("98,2,0", "969, 30, 1", "1", "3,1", "90/10/0", "0.5,0.25,0.25"):
+    from megajoy.ckpt.native import CONFIG_NAME, read_job_config
+
+    for split in ("98,2,0", "969, 30, 1", "1", "3,1", "90/10/0", "0.5,0.25,0.25", "98 2 0", "98,2,0,", "[98, 2, 0]"):
         assert parse_split(split) == pytest.approx(parse_and_normalize_split(split), abs=1e-15)
-    for split, message in [("abc", "up to three"), ("1,2,3,4", "up to three"), ("0,0,0", "not all zero"),
-                           ("98,-2", "non-negative"), ("nan,1", "finite")]:
-        with pytest.raises(ValueError, match=rf"--split '{split}'.*{message}"):
+        assert DataConfig(split=split).split == split  # megatron-core gets the text as given
+    for split, message in [("abc", "up to three"), ("1,2,3,4", "up to three"), ("0,0,0", "all zero"),
+                           ("98,-2", "up to three"), ("nan,1", "up to three"), ("1e2,1", "up to three"),
+                           ("1.2.3", "up to three")]:
+        with pytest.raises(ValueError, match=re.escape(f"--split {split!r}: ") + f".*{message}"):
             DataConfig(split=split)
+    (tmp_path / CONFIG_NAME).write_text("data:\n  split: abc\n")  # a checkpoint's config names its file
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / CONFIG_NAME}: --split 'abc'")):
+        read_job_config(str(tmp_path))
 
 
 def test_a_tokenizer_directory_reads_its_tokenizer_json(tmp_path, tokenizer_file):
     """`--tokenizer DIR` (a Hugging Face model directory) means DIR/tokenizer.json everywhere."""
+    from megajoy.stages.sft import stage_tokenizer
+
     directory = os.path.dirname(tokenizer_file)
     assert TokenizerInfo.from_file(directory) == TokenizerInfo.from_file(tokenizer_file)
+    job = load_job_config("tiny", None, [f"data.tokenizer={directory}"])
+    assert stage_tokenizer(job) == tokenizer_file  # what SFT, DPO and RL copy into their checkpoints
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}/tokenizer.json does not exist"):
         TokenizerInfo.from_file(str(tmp_path))
 

@@ -5,6 +5,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 
 import torch.distributed as dist
 
@@ -35,18 +36,20 @@ def parse_blend(items: list[str]) -> tuple[list[str], list[float] | None]:
 
 
 def parse_split(split: str) -> list[float]:
-    """Megatron's --split '98,2,0' (or '98/2/0'; missing shares are 0) -> train, valid, test fractions."""
-    parts = [part.strip() for part in split.replace("/", ",").split(",")]
+    """Megatron's --split '98,2,0' -> train, valid, test fractions. Read as megatron-core reads it (every
+    run of digits and dots is a share, missing shares are 0), refusing what it would misread silently:
+    signs, exponents, letters."""
+    unread = re.sub(r"[.0-9]+|[\s,/\[\]()]", "", split)
     try:
-        shares = [float(part) for part in parts]
-    except ValueError:
-        shares = []
-    if not 1 <= len(shares) <= 3:
-        raise ValueError(f"--split {split!r}: expected up to three comma-separated shares: train,valid,test")
-    if not all(math.isfinite(s) and s >= 0 for s in shares) or sum(shares) <= 0:
-        raise ValueError(f"--split {split!r}: the shares must be finite, non-negative and not all zero")
-    shares += [0.0] * (3 - len(shares))
-    return [share / sum(shares) for share in shares]
+        values = [float(share) for share in re.findall(r"[.0-9]+", split)]
+    except ValueError:  # "1.2.3"
+        values = []
+    if unread or not 1 <= len(values) <= 3:
+        raise ValueError(f"--split {split!r}: expected up to three shares, train,valid,test (e.g. 98,2,0)")
+    if sum(values) <= 0:
+        raise ValueError(f"--split {split!r}: the shares are all zero")
+    values += [0.0] * (3 - len(values))
+    return [value / sum(values) for value in values]
 
 
 def build_gpt_datasets(blend: list[str], split: str, seq_length: int, train_samples: int, valid_samples: int,
@@ -63,7 +66,7 @@ def build_gpt_datasets(blend: list[str], split: str, seq_length: int, train_samp
     os.makedirs(cache_dir, exist_ok=True)
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights),
-        split=",".join(f"{share:.12f}" for share in parse_split(split)),
+        split=split,
         path_to_cache=cache_dir, tokenizer=MegatronTokenizerShim(tokenizer), reset_position_ids=False,
         reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
     )
