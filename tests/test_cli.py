@@ -135,6 +135,9 @@ def test_init_stores_the_tokenizer(tmp_path, tokenizer_file):
     assert main(argv + [a for o in TINY_MODEL_OVERRIDES for a in ("--set", o)]) == 0
     _, _, tokenizer = load_model_dir(str(tmp_path / "c"))
     assert open(tokenizer).read() == open(tokenizer_file).read()
+    directory = ["init", "--out", str(tmp_path / "e"), "--tokenizer", os.path.dirname(tokenizer_file)]
+    assert main(directory + [a for o in TINY_MODEL_OVERRIDES for a in ("--set", o)]) == 0  # DIR/tokenizer.json
+    assert open(load_model_dir(str(tmp_path / "e"))[2]).read() == open(tokenizer_file).read()
     assert main(argv + ["--set", "model.vocab_size=100", "--out", str(tmp_path / "d")]) == 2
 
 

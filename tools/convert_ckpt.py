@@ -22,13 +22,15 @@ from megajoy.ckpt.gguf_export import GGUF_TYPES  # noqa: E402
 
 
 def parse_size(text: str) -> int:
-    """'5GB' -> 5e9 bytes (decimal units as Hugging Face writes them; KiB / MiB / GiB binary)."""
+    """'5GB' -> 5e9 bytes, as transformers reads sizes: KB / MB / GB decimal, KiB / MiB / GiB binary, and a
+    lowercase b for bits ('5Gb' = 625e6 bytes)."""
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
     upper = text.strip().upper()
+    bits = text.strip().endswith("b")  # "5Gb": gigabits, as transformers reads it
     for unit, factor in units.items():
         if upper.endswith(unit):
             try:
-                size = float(upper[:-len(unit)]) * factor
+                size = float(upper[:-len(unit)]) * factor / (8 if bits else 1)
             except ValueError:
                 break
             if math.isfinite(size) and size >= 1:

@@ -119,7 +119,9 @@ def build_job(args, defaults=DEFAULTS):
 def stage_tokenizer(job) -> str:
     """--tokenizer, else the tokenizer stored with the --init checkpoint."""
     if job.data.tokenizer:
-        return job.data.tokenizer
+        from megajoy.data.tokenizer import tokenizer_file
+
+        return tokenizer_file(job.data.tokenizer)
     if job.checkpoint.init:
         path = os.path.join(resolve_checkpoint(job.checkpoint.init), "tokenizer.json")
         if os.path.exists(path):
