@@ -9,7 +9,8 @@ def add_arguments(parser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tokenizer", default=None, help="a Hugging Face tokenizer.json (or a directory holding one) to store with the weights")
+    parser.add_argument("--tokenizer", default=None,
+                        help="a Hugging Face tokenizer.json (or a directory holding one) to store with the weights")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
 
 

@@ -65,8 +65,7 @@ def build_gpt_datasets(blend: list[str], split: str, seq_length: int, train_samp
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
     os.makedirs(cache_dir, exist_ok=True)
     config = GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights),
-        split=split,
+        random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=split,
         path_to_cache=cache_dir, tokenizer=MegatronTokenizerShim(tokenizer), reset_position_ids=False,
         reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
     )

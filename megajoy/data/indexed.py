@@ -90,9 +90,7 @@ def _chunks(items: Iterable[tuple[int, str]], size: int) -> Iterator[list[tuple[
 
 
 class MalformedItem(ValueError):
-    def __init__(self, line: int, why: str):
-        super().__init__(f"line {line}: {why}")
-        self.line, self.why = line, why
+    """A malformed input item under `strict`: 'line N: why'."""
 
 
 def write_indexed_dataset(items: Iterable[tuple[int, str]], prefix: str, tokenizer_path: str, eod: int,
@@ -115,7 +113,7 @@ def write_indexed_dataset(items: Iterable[tuple[int, str]], prefix: str, tokeniz
                 for line_no, ids, why in results:
                     if ids is None:
                         if strict:
-                            raise MalformedItem(line_no, why)
+                            raise MalformedItem(f"line {line_no}: {why}")
                         report.bad_lines.append((line_no, why))
                         print(f"{progress or prefix}: line {line_no}: {why}", file=sys.stderr)
                         continue
