@@ -5,6 +5,7 @@ section validates itself at construction, so a bad value fails before any work s
 that names the field and what it must be.
 """
 
+import copy
 import dataclasses
 import math
 import types
@@ -408,7 +409,11 @@ class JobConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "JobConfig":
-        return _build(cls, data, source)
+        """Build from plain sections; an error names `source` (a file, an override) and the field."""
+        try:
+            return _build(cls, data, cls.__name__)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
 
 def preset_model(name: str) -> ModelConfig:
@@ -427,15 +432,42 @@ def model_overrides(model: ModelConfig) -> list[str]:
 def load_job_config(preset: str | None = None, yaml_path: str | None = None,
                     overrides: list[str] = (), defaults: dict | None = None) -> JobConfig:
     """Section defaults (a stage's), the preset's model, the YAML file's sections, then
-    `section.field=value` overrides, in that order."""
-    data = dataclasses.asdict(JobConfig())
-    _merge(data, defaults or {})
-    data["model"] = dataclasses.asdict(preset_model(preset or "tiny"))
+    `section.field=value` overrides, in that order. An error names the layer that brought it in."""
+    layers = _config_layers(preset, yaml_path, overrides, defaults)
+    try:
+        return _build(JobConfig, _stack(layers), JobConfig.__name__)
+    except ValueError as e:
+        raise ValueError(f"{_culprit(layers, str(e))}: {e}") from None
+
+
+def _config_layers(preset, yaml_path, overrides, defaults) -> list[tuple[str, dict]]:
+    base = dataclasses.asdict(JobConfig())
+    _merge(base, copy.deepcopy(defaults or {}))
+    preset = preset or "tiny"
+    layers = [("defaults", base), (f"preset {preset}", {"model": dataclasses.asdict(preset_model(preset))})]
     if yaml_path:
-        _merge(data, _read_yaml(yaml_path))
-    for item in overrides:
-        _merge(data, _parse_override(item))
-    return JobConfig.from_dict(data, source=yaml_path or "overrides")
+        layers.append((yaml_path, _read_yaml(yaml_path)))
+    layers += [(f"override {item}", _parse_override(item)) for item in overrides]
+    return layers
+
+
+def _stack(layers: list[tuple[str, dict]]) -> dict:
+    data: dict = {}
+    for _, layer in layers:
+        _merge(data, copy.deepcopy(layer))
+    return data
+
+
+def _culprit(layers: list[tuple[str, dict]], error: str) -> str:
+    """The first layer after which the stacked config fails with `error`: the one that set the bad value
+    (a later layer may fix an earlier one's, so the first failure alone is not the answer)."""
+    for n in range(1, len(layers)):
+        try:
+            _build(JobConfig, _stack(layers[:n]), JobConfig.__name__)
+        except ValueError as e:
+            if str(e) == error:
+                return layers[n - 1][0]
+    return layers[-1][0]
 
 
 def _read_yaml(path: str) -> dict:
@@ -474,19 +506,21 @@ def _merge(base: dict, extra: dict) -> None:
             base[key] = value
 
 
-def _build(cls, data: dict, source: str):
-    """Construct dataclass `cls` from a plain mapping, checking names and types on the way."""
+def _build(cls, data: dict, where: str):
+    """Construct dataclass `cls` (at `where`, e.g. JobConfig.model) from a plain mapping, checking names
+    and types on the way."""
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: {cls.__name__} needs a mapping, got {data!r}")
+        raise ValueError(f"{where} needs a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{source}: unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, f"{source}: {cls.__name__}.{name}")
-    return cls(**kwargs)
+        raise ValueError(f"{where}: unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+    kwargs = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # the section's own check names the field, not the section
+        raise ValueError(f"{where}: {e}") from None
 
 
 def _coerce(tp, value, where: str):

@@ -68,16 +68,46 @@ def test_set_overrides_and_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.hiden_size=96"], "unknown ModelConfig field(s) ['hiden_size']"),
-    (["model.hidden_size=big"], "ModelConfig.hidden_size='big' must be an integer"),
-    (["model.norm_topk_prob=3"], "norm_topk_prob=3 must be true or false"),
+    (["model.hiden_size=96"], "override model.hiden_size=96: JobConfig.model: unknown ModelConfig field(s) "
+                              "['hiden_size']"),
+    (["model.hidden_size=big"], "override model.hidden_size=big: JobConfig.model.hidden_size='big' must be an "
+                                "integer"),
+    (["model.norm_topk_prob=3"], "JobConfig.model.norm_topk_prob=3 must be true or false"),
     (["hidden_size=96"], "expected SECTION.FIELD=VALUE"),
-    (["model.num_attention_heads=6", "model.num_hidden_layers=0"], "num_hidden_layers=0 must be a positive integer"),
+    (["model.num_attention_heads=6", "model.num_hidden_layers=0"],
+     "override model.num_hidden_layers=0: JobConfig.model: num_hidden_layers=0 must be a positive integer"),
 ])
 def test_override_errors(overrides, message):
     with pytest.raises(ValueError) as e:
         load_job_config("tiny", None, overrides)
     assert message in str(e.value)
+
+
+def test_an_error_names_the_layer_that_brought_the_bad_value(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  n_routed_experts: 12\n  n_group: 4\n  topk_group: 2\n")
+    # The YAML is valid; an override that breaks it is named, not the file.
+    with pytest.raises(ValueError) as e:
+        load_job_config("tiny", str(path), ["model.n_group=5"])
+    assert str(e.value).startswith("override model.n_group=5: JobConfig.model: n_routed_experts=12 is not "
+                                   "divisible by n_group=5")
+    # An unknown field given by an override is not the file's either.
+    with pytest.raises(ValueError, match=r"^override train\.lr=1: JobConfig\.train: unknown TrainConfig"):
+        load_job_config("tiny", str(path), ["train.lr=1"])
+    # A file's bad value names the file, before and after the overrides that leave it bad.
+    path.write_text("model:\n  n_routed_experts: 10\n  n_group: 4\n")
+    with pytest.raises(ValueError) as e:
+        load_job_config("tiny", str(path), ["model.hidden_size=96"])
+    assert str(e.value) == f"{path}: JobConfig.model: n_routed_experts=10 is not divisible by n_group=4"
+    # An override may repair the file (no error); a later one that breaks something else is named.
+    assert load_job_config("tiny", str(path), ["model.n_group=2"]).model.n_group == 2
+    with pytest.raises(ValueError) as e:
+        load_job_config("tiny", str(path), ["model.n_group=2", "model.qk_rope_head_dim=15"])
+    assert str(e.value).startswith("override model.qk_rope_head_dim=15: JobConfig.model: qk_rope_head_dim=15")
+    # The whole job's own checks (across sections) are named too.
+    with pytest.raises(ValueError, match=r"^override train\.recompute_granularity=full: JobConfig: recompute"):
+        load_job_config("tiny", None, ["parallel.pipeline_model_parallel_size=2",
+                                       "parallel.pipeline_schedule=zero-bubble", "train.recompute_granularity=full"])
 
 
 def test_bad_yaml_files(tmp_path):

@@ -138,7 +138,7 @@ def test_split_parses_as_megatron_core_does_and_nonsense_is_refused(tmp_path):
         with pytest.raises(ValueError, match=re.escape(f"--split {split!r}: ") + f".*{message}"):
             DataConfig(split=split)
     (tmp_path / CONFIG_NAME).write_text("data:\n  split: abc\n")  # a checkpoint's config names its file
-    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / CONFIG_NAME}: --split 'abc'")):
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / CONFIG_NAME}: JobConfig.data: --split 'abc'")):
         read_job_config(str(tmp_path))
 
 

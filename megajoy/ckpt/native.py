@@ -68,10 +68,7 @@ def read_job_config(directory: str) -> JobConfig:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({e})") from None
-    try:
-        return JobConfig.from_dict(data, source=path)
-    except ValueError as e:  # a section's own check names the field, not the file
-        raise ValueError(str(e) if path in str(e) else f"{path}: {e}") from None
+    return JobConfig.from_dict(data, source=path)
 
 
 def load_model_dir(directory: str) -> tuple[JobConfig, dict[str, torch.Tensor], str | None]:
