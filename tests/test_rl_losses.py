@@ -126,3 +126,57 @@ def test_group_advantages_by_hand():
     adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0]]))
     assert adv[0].tolist() == pytest.approx([0.866025, -0.866025, -0.866025, 0.866025], abs=1e-5)
     assert adv[1].tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+PER_TRAJECTORY = {"fiberpo": fiberpo_loss, "grpo": grpo_loss, "gspo": lambda *a: gspo_loss(*a, epsilon_low=0.01,
+                                                                                                 epsilon_high=0.01)}
+
+
+@pytest.mark.parametrize("name", sorted(PER_TRAJECTORY))
+def test_a_row_without_response_tokens_is_no_trajectory(name):
+    """A padding row (no response token) counts in no mean: the loss is the mean over the others of each
+    one's own loss, and the RL stage's sum over micro-batches (each scaled by its share of trajectories)
+    is the same however the rows are split. Before, the empty row counted as a zero trajectory in its
+    micro-batch's mean: -0.62 as one batch, -0.67 in halves, -0.83 one row at a time."""
+    loss_fn = PER_TRAJECTORY[name]
+    log_ratio = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.05
+    mask = torch.ones(4, 5, dtype=torch.float64)
+    mask[1] = 0
+    mask[3, 3:] = 0
+    advantages = torch.tensor([1.0, 0.7, -0.5, 2.0], dtype=torch.float64)
+    own = [loss_fn(log_ratio[i:i + 1], advantages[i:i + 1], mask[i:i + 1])[0].item() for i in (0, 2, 3)]
+    for splits in ([[0, 1, 2, 3]], [[0, 1], [2, 3]], [[0], [1], [2], [3]], [[1], [0, 2, 3]]):
+        total = sum(loss_fn(log_ratio[rows], advantages[rows], mask[rows])[0].item()
+                    * (mask[rows].sum(-1) > 0).sum().item() / 3 for rows in splits)
+        assert total == pytest.approx(sum(own) / 3, abs=1e-12), splits
+    assert abs(sum(own)) > 0.1
+
+
+def test_fiberpo_regime_shares_count_trajectories_only():
+    log_ratio = torch.tensor([[0.2, 0.0, 0.7], [0.0, 0.0, 0.0], [0.01, -0.01, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    _, stats = fiberpo_loss(log_ratio, torch.ones(3, dtype=torch.float64), mask)
+    # row 0: log s+ = 0.3 >= (1 + 1/3) 0.12 (zeroed), log s- = 0 (passes); u = -0.1, -0.3, 0.4, all clipped.
+    # Row 2 inside every budget. Before, the empty row 1 counted as a third, G-I and L-I.
+    assert (stats["regime_G-I"], stats["regime_G-II"], stats["regime_L-I"], stats["regime_L-III"]) == (0.5, 0.5, 0.5, 0.5)
+
+
+@pytest.mark.parametrize("name, loss_fn", sorted({**PER_TRAJECTORY, "ppo-clip": ppo_clip_loss}.items()))
+def test_policy_losses_refuse_misshaped_inputs_and_survive_empty_batches(name, loss_fn):
+    log_ratio, mask = torch.zeros(3, 4), torch.ones(3, 4)
+    for advantages, bad_mask in ((torch.ones(3, 1), mask), (torch.ones(3, 4), mask), (torch.ones(1), mask),
+                                 (torch.ones(3), torch.ones(3, 5))):
+        with pytest.raises(ValueError, match=r"advantages \[B\] \(one per trajectory\), got log_ratio \(3, 4\)"):
+            loss_fn(log_ratio, advantages, bad_mask)
+    # Nothing to learn from: zero loss, diagnostics 0 rather than NaN (they are summed into the step's metrics).
+    loss, stats = loss_fn(torch.randn(3, 4), torch.ones(3), torch.zeros(3, 4))
+    assert loss.item() == 0 and stats and all(v == 0 for k, v in stats.items() if not k.startswith("regime_"))
+
+
+def test_equal_fractional_rewards_give_zero_advantages():
+    """Eight rewards of 0.1 have a float32 mean one bit off 0.1; divided by their std (~1e-8) that left an
+    advantage of -0.0074 for the whole group."""
+    adv = group_advantages(torch.tensor([[0.1] * 8, [0.7] * 8, [0.1, 0.2] * 4]))
+    assert adv[:2].abs().max().item() == 0
+    assert adv[2].tolist() == pytest.approx([-0.05 / (math.sqrt(0.02 / 7) + 1e-6), 0.05 / (math.sqrt(0.02 / 7) + 1e-6)] * 4,
+                                            rel=1e-5)

@@ -27,6 +27,29 @@ def masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     return (x_BT * mask_BT).sum(-1) / mask_BT.sum(-1).clamp(min=1)
 
 
+def trajectory_mean(x_B: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """Mean over the rows with at least one response token: a row without any is no trajectory (a padding
+    row), and counting it would make the loss depend on how a batch is split into micro-batches."""
+    present = (mask_BT.sum(-1) > 0).to(x_B.dtype)
+    return (x_B * present).sum() / present.sum().clamp(min=1)
+
+
+def _mean_or_zero(values: torch.Tensor) -> float:
+    """A diagnostic's mean over the selected tokens or trajectories; 0 when there are none (not NaN, which
+    would spread through the step's metrics)."""
+    return values.float().mean().item() if values.numel() else 0.0
+
+
+def check_inputs(log_ratio_BT: torch.Tensor, advantages_B: torch.Tensor, mask_BT: torch.Tensor) -> None:
+    """One advantage per trajectory, log-ratios and mask [B, T] alike: anything else would broadcast into
+    a wrong loss without an error."""
+    b = log_ratio_BT.shape[0] if log_ratio_BT.dim() == 2 else None
+    if b is None or tuple(mask_BT.shape) != tuple(log_ratio_BT.shape) or tuple(advantages_B.shape) != (b,):
+        raise ValueError(f"policy loss: expected log_ratio and mask [B, T] and advantages [B] (one per trajectory), "
+                         f"got log_ratio {tuple(log_ratio_BT.shape)}, mask {tuple(mask_BT.shape)}, advantages "
+                         f"{tuple(advantages_B.shape)}")
+
+
 def gate(x: torch.Tensor, budget: float, length: torch.Tensor) -> torch.Tensor:
     """g(x, C, T) elementwise (x, T broadcast together)."""
     rollback = torch.sign(x) * (length + 1) * budget - length * x
@@ -93,40 +116,48 @@ def local_regime(clipped_BT: torch.Tensor, mask_BT: torch.Tensor) -> list[str]:
 
 
 def fiberpo_loss(log_ratio_BT, advantages_B, mask_BT, c_plus=0.12, c_minus=0.08, epsilon=0.05):
+    check_inputs(log_ratio_BT, advantages_B, mask_BT)
     terms = fiber_terms(log_ratio_BT, mask_BT, c_plus, c_minus, epsilon)
-    objective = masked_mean(terms.weight * advantages_B[:, None], mask_BT.to(terms.weight.dtype)).mean()
+    objective = trajectory_mean(masked_mean(terms.weight * advantages_B[:, None], mask_BT.to(terms.weight.dtype)),
+                                mask_BT)
     mask = mask_BT.bool()
-    stats = {"mean_abs_u": terms.u.detach().abs()[mask].mean().item(),
-             "token_clip_fraction": terms.clipped[mask].float().mean().item()}
+    stats = {"mean_abs_u": _mean_or_zero(terms.u.detach().abs()[mask]),
+             "token_clip_fraction": _mean_or_zero(terms.clipped[mask])}
+    present = mask.any(-1).tolist()
     for names, labels in ((GLOBAL_REGIMES, global_regime(terms.channels)),
                           (LOCAL_REGIMES, local_regime(terms.clipped, mask_BT))):
+        labels = [label for label, kept in zip(labels, present) if kept]
         for name in names:
-            stats[f"regime_{name}"] = labels.count(name) / len(labels)
+            stats[f"regime_{name}"] = labels.count(name) / max(len(labels), 1)
     return -objective, stats
 
 
 def grpo_loss(log_ratio_BT, advantages_B, mask_BT, epsilon=0.2):
     """DeepSeekMath's GRPO surrogate: per token min(r A, clip(r, 1 -+ eps) A), token mean per trajectory,
     mean over trajectories (no KL term)."""
+    check_inputs(log_ratio_BT, advantages_B, mask_BT)
     per_token, clipped = _clipped_surrogate(log_ratio_BT, advantages_B[:, None], epsilon, epsilon)
     mask = mask_BT.to(per_token.dtype)
-    return -masked_mean(per_token, mask).mean(), {"token_clip_fraction": clipped[mask_BT.bool()].float().mean().item()}
+    return -trajectory_mean(masked_mean(per_token, mask), mask_BT), {
+        "token_clip_fraction": _mean_or_zero(clipped[mask_BT.bool()])}
 
 
 def ppo_clip_loss(log_ratio_BT, advantages_B, mask_BT, epsilon=0.2):
     """PPO-clip with the mean over all tokens of the batch (each token weighs the same)."""
+    check_inputs(log_ratio_BT, advantages_B, mask_BT)
     per_token, clipped = _clipped_surrogate(log_ratio_BT, advantages_B[:, None], epsilon, epsilon)
     mask = mask_BT.to(per_token.dtype)
     return -(per_token * mask).sum() / mask.sum().clamp(min=1), {
-        "token_clip_fraction": clipped[mask_BT.bool()].float().mean().item()}
+        "token_clip_fraction": _mean_or_zero(clipped[mask_BT.bool()])}
 
 
 def gspo_loss(log_ratio_BT, advantages_B, mask_BT, epsilon_low=3e-4, epsilon_high=4e-4):
     """GSPO (Zheng et al. 2025): the sequence ratio s = exp(mean_t log r_t), clipped to
     [1 - eps_low, 1 + eps_high], in the PPO surrogate per trajectory; mean over trajectories."""
+    check_inputs(log_ratio_BT, advantages_B, mask_BT)
     seq_log_ratio = masked_mean(log_ratio_BT, mask_BT.to(log_ratio_BT.dtype))
     per_seq, clipped = _clipped_surrogate(seq_log_ratio, advantages_B, epsilon_low, epsilon_high)
-    return -per_seq.mean(), {"sequence_clip_fraction": clipped.float().mean().item()}
+    return -trajectory_mean(per_seq, mask_BT), {"sequence_clip_fraction": _mean_or_zero(clipped[mask_BT.bool().any(-1)])}
 
 
 def _clipped_surrogate(log_ratio, advantages, eps_low, eps_high):
@@ -140,7 +171,11 @@ POLICY_LOSSES = {"fiberpo": fiberpo_loss, "grpo": grpo_loss, "gspo": gspo_loss, 
 
 
 def group_advantages(rewards_PN: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO's advantages: each reward minus its group's (prompt's) mean, over the group's std."""
+    """GRPO's advantages: each reward minus its group's (prompt's) mean, over the group's std. A group whose
+    rewards are all equal has nothing to prefer: exactly 0 (in float arithmetic the mean of equal fractional
+    rewards may differ from them in the last bit, which the division by a tiny std would blow up)."""
     mean = rewards_PN.mean(-1, keepdim=True)
     std = rewards_PN.std(-1, keepdim=True)
-    return (rewards_PN - mean) / (std + eps)
+    advantages = (rewards_PN - mean) / (std + eps)
+    undecided = (rewards_PN == rewards_PN[..., :1]).all(-1, keepdim=True)
+    return torch.where(undecided, torch.zeros_like(advantages), advantages)
