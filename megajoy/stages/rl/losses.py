@@ -157,7 +157,8 @@ def gspo_loss(log_ratio_BT, advantages_B, mask_BT, epsilon_low=3e-4, epsilon_hig
     check_inputs(log_ratio_BT, advantages_B, mask_BT)
     seq_log_ratio = masked_mean(log_ratio_BT, mask_BT.to(log_ratio_BT.dtype))
     per_seq, clipped = _clipped_surrogate(seq_log_ratio, advantages_B, epsilon_low, epsilon_high)
-    return -trajectory_mean(per_seq, mask_BT), {"sequence_clip_fraction": _mean_or_zero(clipped[mask_BT.bool().any(-1)])}
+    present = mask_BT.bool().any(-1)
+    return -trajectory_mean(per_seq, mask_BT), {"sequence_clip_fraction": _mean_or_zero(clipped[present])}
 
 
 def _clipped_surrogate(log_ratio, advantages, eps_low, eps_high):
