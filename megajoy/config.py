@@ -440,6 +440,13 @@ def load_job_config(preset: str | None = None, yaml_path: str | None = None,
         raise ValueError(f"{_culprit(layers, str(e))}: {e}") from None
 
 
+def with_recipe(defaults: dict, recipe: dict | None) -> dict:
+    """A stage's section defaults with a preset's recipe (its published settings) over them."""
+    out = copy.deepcopy(defaults)
+    _merge(out, copy.deepcopy(recipe or {}))
+    return out
+
+
 def _config_layers(preset, yaml_path, overrides, defaults) -> list[tuple[str, dict]]:
     base = dataclasses.asdict(JobConfig())
     _merge(base, copy.deepcopy(defaults or {}))

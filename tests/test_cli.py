@@ -150,3 +150,26 @@ def test_joyai_presets_default_to_muon():
         assert build_job(args).optimizer.optimizer == optimizer
     args = parser.parse_args(["pretrain", "--preset", "joyai-flash", "--optimizer", "adamw"])
     assert build_job(args).optimizer.optimizer == "adamw"
+
+
+def test_dpo_and_rl_follow_the_published_recipe_for_the_joyai_presets():
+    """JOYAI.md: DPO 1,000 steps at LR 1e-6 cosine to 1e-7, global batch 256; RL at LR 1e-6. The tiny preset
+    keeps the CPU demo's settings, and flags still win. Before, both stages ran the demo's LR 1e-4 on any
+    preset."""
+    from megajoy.stages import dpo
+    from megajoy.stages.rl import stage as rl
+
+    parser = build_parser()
+    for preset in ("joyai-flash", "joyai-slice"):
+        job = dpo.build_job(parser.parse_args(["dpo", "--preset", preset]))
+        o, t = job.optimizer, job.train
+        assert (o.lr, o.min_lr, o.lr_decay_style, t.train_iters, t.global_batch_size) == (1e-6, 1e-7, "cosine", 1000,
+                                                                                           256)
+        job = rl.build_job(parser.parse_args(["rl", "--preset", preset]))
+        o, t = job.optimizer, job.train
+        assert (o.lr, o.min_lr, o.lr_decay_style, t.micro_batch_size, t.global_batch_size) == (1e-6, 1e-6, "constant",
+                                                                                                1, 64)
+    job = dpo.build_job(parser.parse_args(["dpo"]))
+    assert (job.optimizer.lr, job.train.train_iters, job.train.global_batch_size) == (1e-4, 60, 8)
+    job = rl.build_job(parser.parse_args(["rl", "--preset", "joyai-flash", "--lr", "3e-6"]))
+    assert (job.optimizer.lr, rl.build_job(parser.parse_args(["rl"])).optimizer.lr) == (3e-6, 1e-4)

@@ -22,6 +22,13 @@ from megajoy.train.trainer import Stage, Trainer
 DEFAULTS = {"optimizer": {"lr": 1e-4, "min_lr": 1e-5, "lr_warmup_iters": 5, "lr_decay_style": "cosine"},
             "data": {"seq_length": 512}, "train": {"train_iters": 60, "global_batch_size": 8, "micro_batch_size": 4,
                                                   "eval_interval": 20, "eval_iters": 2}, "checkpoint": {"out": "runs/dpo"}}
+# JOYAI.md section 6 for the JoyAI presets: 1,000 steps, LR 1e-6 cosine to 1e-7, global batch 256 (here
+# packed rows of 4,096 tokens, each holding at least one pair).
+RECIPES = {"joyai-flash": {"optimizer": {"lr": 1e-6, "min_lr": 1e-7, "lr_decay_style": "cosine"},
+                           "data": {"seq_length": 4096},
+                           "train": {"train_iters": 1000, "global_batch_size": 256, "micro_batch_size": 1,
+                                     "eval_interval": 100}}}
+RECIPES["joyai-slice"] = RECIPES["joyai-flash"]
 DEMO_FILE = "demo_dpo.jsonl"
 
 
@@ -179,6 +186,10 @@ def add_arguments(parser) -> None:
                        help="held-out prompts scored by greedy exact match before and after (0: off)")
 
 
+def build_job(args):
+    return sft.build_job(args, DEFAULTS, RECIPES)
+
+
 def run(args) -> int:
     from megajoy.data.demo import preference_pairs
     from megajoy.launch import setup_parallel
@@ -187,7 +198,7 @@ def run(args) -> int:
 
     if not 0 <= args.label_smoothing < 0.5:
         raise ValueError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
-    job = sft.build_job(args, DEFAULTS)
+    job = build_job(args)
     pc = setup_parallel(job)
     with rank0_first(pc):
         tokenizer_path = sft.prepare_files(job, args, pc.rank, DEMO_FILE,

@@ -103,11 +103,13 @@ def add_arguments(parser) -> None:
                        help="held-out conversations scored by greedy exact match before and after (0: off)")
 
 
-def build_job(args, defaults=DEFAULTS):
-    """The job: the stage's defaults, the model of the --init checkpoint (or the preset), then flags."""
+def build_job(args, defaults=DEFAULTS, recipes: dict | None = None):
+    """The job: the stage's defaults (under `recipes`' entry for --preset, where the stage has one), the
+    model of the --init checkpoint (or the preset), then flags."""
     from megajoy.ckpt.native import read_job_config
-    from megajoy.config import load_job_config, model_overrides
+    from megajoy.config import load_job_config, model_overrides, with_recipe
 
+    defaults = with_recipe(defaults, (recipes or {}).get(args.preset or "tiny"))
     overrides = flag_overrides(args) + args.overrides
     job = load_job_config(args.preset, args.config, overrides, defaults=defaults)
     if not job.checkpoint.init:

@@ -28,6 +28,10 @@ DEFAULTS = {"optimizer": {"lr": 1e-4, "min_lr": 1e-4, "lr_warmup_iters": 0, "lr_
                           "weight_decay": 0.0},
             "train": {"train_iters": 80, "micro_batch_size": 16, "eval_interval": 20, "log_interval": 1},
             "checkpoint": {"out": "runs/rl"}}
+# JOYAI.md section 5 for the JoyAI presets: learning rate 1e-6 (held constant, as the demo's), one
+# trajectory per micro-batch.
+RECIPES = {"joyai-flash": {"optimizer": {"lr": 1e-6, "min_lr": 1e-6}, "train": {"micro_batch_size": 1}}}
+RECIPES["joyai-slice"] = RECIPES["joyai-flash"]
 DEMO_FILE = "demo_rl.jsonl"
 # Losses normalised per token of the whole batch; the others per trajectory.
 TOKEN_NORMALISED = {"ppo-clip"}
@@ -280,14 +284,15 @@ def add_arguments(parser) -> None:
 
 def build_job(args, dp: int = 1):
     """One step updates on the whole rollout batch: the global batch is prompts x rollouts; the default
-    micro-batch is the largest of at most 16 rows that divides each rank's share."""
-    import copy
+    micro-batch is the largest of at most 16 rows (the demo's; the JoyAI recipe's 1) that divides each rank's
+    share."""
+    from megajoy.config import with_recipe
 
     if args.rollouts_per_prompt < 2:
         raise ValueError("--rollouts-per-prompt must be at least 2 (advantages are normalised within a group)")
     trajectories = args.prompts_per_step * args.rollouts_per_prompt
     per_rank = max(trajectories // dp, 1)
-    defaults = copy.deepcopy(DEFAULTS)
+    defaults = with_recipe(DEFAULTS, RECIPES.get(args.preset or "tiny"))
     micro = max(m for m in range(1, min(defaults["train"]["micro_batch_size"], per_rank) + 1) if per_rank % m == 0)
     defaults["train"].update(global_batch_size=trajectories, micro_batch_size=micro)
     job = sft.build_job(args, defaults)
