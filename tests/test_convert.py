@@ -611,6 +611,33 @@ def test_outputs_that_are_not_models_are_not_replaced(hf_dir, tmp_path, capsys):
     assert convert("--input", hf_dir, "--output", tmp_path / "back", "--to", "megajoy") == 0
 
 
+def test_outputs_that_are_the_inputs_files_links_or_unwritable(hf_dir, tmp_path, capsys):
+    """A GGUF written over one of the input's own files is refused (before, the weights file became the
+    GGUF and the input was lost); a .gguf beside them is fine. An output that is a symbolic link to a model
+    directory is replaced by the new model, the link's target left as it was (before: an OSError from
+    rmtree on the moved-aside link, after the model had been written). A path the file system refuses is
+    one error line, not a traceback."""
+    kept = {name: (hf_dir / name).read_bytes() for name in ("model.safetensors", "config.json")}
+    for name in kept:
+        assert convert("--input", hf_dir, "--output", hf_dir / name, "--to", "gguf") == 2
+        assert "is a file of the input" in capsys.readouterr().err
+    assert {name: (hf_dir / name).read_bytes() for name in kept} == kept
+    assert convert("--input", hf_dir, "--output", hf_dir / "model.gguf", "--to", "gguf") == 0
+    assert convert("--input", hf_dir, "--output", tmp_path / "v1", "--to", "hf") == 0
+    v1 = {p.name: p.read_bytes() for p in (tmp_path / "v1").iterdir()}
+    (tmp_path / "current").symlink_to(tmp_path / "v1")
+    assert convert("--input", hf_dir, "--output", tmp_path / "current", "--to", "hf", "--dtype", "fp32") == 0
+    assert not (tmp_path / "current").is_symlink() and (tmp_path / "current" / "config.json").exists()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "v1").iterdir()} == v1
+    assert (tmp_path / "current" / "model.safetensors").read_bytes() != v1["model.safetensors"]  # fp32, not bf16
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]
+    (tmp_path / "file").write_text("keep me")
+    for to, output in (("hf", tmp_path / "file" / "out"), ("gguf", tmp_path / "file" / "m.gguf")):
+        assert convert("--input", hf_dir, "--output", output, "--to", to) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("convert_ckpt: error: ") and "Traceback" not in err and str(tmp_path / "file") in err
+
+
 def test_configs_megajoy_would_read_differently_from_transformers_are_refused(hf_dir, tmp_path, capsys):
     """A config.json without a field that shapes the model (megajoy's JoyAI defaults and transformers'
     DeepSeek-V3 ones differ: n_group 1 against 8, ...), with rope_interleave false (megajoy rotates

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     try:
         notes = convert(args.input, args.output, args.to, args.dtype, args.int4_group if args.int4 else None,
                         args.gguf_type, args.gguf_tokenizer_pre, args.max_shard_size)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, or the file system refused (permissions, a full disk)
         print(f"convert_ckpt: error: {e}", file=sys.stderr)
         return 2
     for note in notes:

@@ -51,11 +51,14 @@ def temporary_sibling(final_path: str) -> str:
 def replace_directory(tmp: str, final_path: str) -> None:
     """fsync `tmp`, then make it `final_path` in one rename (moving an existing one aside first)."""
     fsync_tree(tmp)
-    if os.path.exists(final_path):
+    if os.path.lexists(final_path):
         old = f"{final_path}.old-{uuid.uuid4().hex[:8]}"
         os.rename(final_path, old)
         os.rename(tmp, final_path)
-        shutil.rmtree(old)
+        if os.path.islink(old):  # the link is replaced; what it pointed to stays
+            os.unlink(old)
+        else:
+            shutil.rmtree(old)
     else:
         os.rename(tmp, final_path)
     _fsync_dir(os.path.dirname(os.path.abspath(final_path)))

@@ -33,15 +33,18 @@ def convert(src: str, dst: str, to: str, dtype: str | None = None, int4_group: i
 
 def check_output(dst: str, to: str, source: str) -> None:
     """Refuse an output whose replacement would delete what is not a model: a file where a directory goes
-    (or the reverse), a directory holding other things, or one holding the input (a training run's
-    directory, whose checkpoints and logs would go with it). A model directory is replaced whole, the
-    input's own included (it is read before the rename)."""
+    (or the reverse), a directory holding other things, one holding the input (a training run's
+    directory, whose checkpoints and logs would go with it), or one of the input's own files. A model
+    directory is replaced whole, the input's own included (it is read before the rename)."""
     from megajoy.ckpt.native import CONFIG_NAME
 
     dst, source = os.path.abspath(dst), os.path.abspath(source)
     if to == "gguf":
         if os.path.isdir(dst):
             raise ValueError(f"output {dst} is a directory: --to gguf writes a file")
+        if os.path.exists(dst) and os.path.commonpath([dst, source]) == source and not dst.endswith(".gguf"):
+            raise ValueError(f"output {dst} is a file of the input {source}: writing the GGUF there would destroy "
+                             "the input (name a .gguf file)")
         return
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise ValueError(f"output {dst} exists and is not a directory: --to {to} writes a directory")
