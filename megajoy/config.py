@@ -411,7 +411,7 @@ class JobConfig:
     def from_dict(cls, data: dict, source: str = "config") -> "JobConfig":
         """Build from plain sections; an error names `source` (a file, an override) and the field."""
         try:
-            return _build(cls, data, cls.__name__)
+            return build_checked(cls, data, cls.__name__)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
 
@@ -435,7 +435,7 @@ def load_job_config(preset: str | None = None, yaml_path: str | None = None,
     `section.field=value` overrides, in that order. An error names the layer that brought it in."""
     layers = _config_layers(preset, yaml_path, overrides, defaults)
     try:
-        return _build(JobConfig, _stack(layers), JobConfig.__name__)
+        return build_checked(JobConfig, _stack(layers), JobConfig.__name__)
     except ValueError as e:
         raise ValueError(f"{_culprit(layers, str(e))}: {e}") from None
 
@@ -470,7 +470,7 @@ def _culprit(layers: list[tuple[str, dict]], error: str) -> str:
     (a later layer may fix an earlier one's, so the first failure alone is not the answer)."""
     for n in range(1, len(layers)):
         try:
-            _build(JobConfig, _stack(layers[:n]), JobConfig.__name__)
+            build_checked(JobConfig, _stack(layers[:n]), JobConfig.__name__)
         except ValueError as e:
             if str(e) == error:
                 return layers[n - 1][0]
@@ -513,7 +513,7 @@ def _merge(base: dict, extra: dict) -> None:
             base[key] = value
 
 
-def _build(cls, data: dict, where: str):
+def build_checked(cls, data: dict, where: str):
     """Construct dataclass `cls` (at `where`, e.g. JobConfig.model) from a plain mapping, checking names
     and types on the way."""
     if not isinstance(data, dict):
@@ -532,7 +532,7 @@ def _build(cls, data: dict, where: str):
 
 def _coerce(tp, value, where: str):
     if dataclasses.is_dataclass(tp):
-        return value if isinstance(value, tp) else _build(tp, value, where)
+        return value if isinstance(value, tp) else build_checked(tp, value, where)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)

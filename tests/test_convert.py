@@ -136,15 +136,19 @@ def hf_model(num_nextn_predict_layers=0, seed=0):
     return model
 
 
-def test_import_of_a_transformers_checkpoint(tmp_path):
+def test_import_of_a_transformers_checkpoint(tmp_path, capsys):
     """A directory written by transformers' save_pretrained (sharded) imports; megajoy's logits equal
-    transformers', and exporting the import gives transformers back every tensor it saved."""
+    transformers', and exporting the import gives transformers back every tensor it saved. With
+    transformers' default num_nextn_predict_layers=1 it saves no MTP layer: the import has none, and says
+    so (before: "16 tensor(s) missing", though transformers loads its own directory)."""
     from transformers import AutoModelForCausalLM
 
-    reference = hf_model()
+    reference = hf_model(num_nextn_predict_layers=1)
     reference.save_pretrained(tmp_path / "tf", max_shard_size="200KB")
     assert os.path.exists(tmp_path / "tf" / "model.safetensors.index.json")
+    assert json.loads((tmp_path / "tf" / "config.json").read_text())["num_nextn_predict_layers"] == 1
     assert convert("--input", tmp_path / "tf", "--output", tmp_path / "mj", "--to", "megajoy") == 0
+    assert "num_nextn_predict_layers=1 but the weights hold no MTP layer" in capsys.readouterr().err
     job, state, _ = load_model_dir(str(tmp_path / "mj"))
     assert job.model.n_group == 2 and job.model.num_nextn_predict_layers == 0
     model = create_model(job.model, seed=None)
@@ -404,6 +408,7 @@ LLAMA_CONFIGS = {
     "yarn_mscale_0.707": dict(rope_scaling=dict(YARN, factor=8.0, original_max_position_embeddings=8, mscale=0.707,
                                                 mscale_all_dim=0.707), routed_scaling_factor=1.0),
     "group_limited": dict(n_group=4, topk_group=2, num_experts_per_tok=3),
+    "greedy_group_limited": dict(topk_method="greedy", n_group=4, topk_group=2, num_experts_per_tok=3),
     "no_q_lora_two_dense_two_shared": dict(q_lora_rank=None, first_k_dense_replace=2, num_hidden_layers=4,
                                            n_shared_experts=2),
     "no_norm_scale_1.7": dict(norm_topk_prob=False, routed_scaling_factor=1.7),
@@ -651,13 +656,20 @@ def test_configs_megajoy_would_read_differently_from_transformers_are_refused(hf
     edits = {"n_group": ({"n_group": None}, "no 'n_group'"),
              "rope_interleave": ({"rope_interleave": False}, "rope_interleave=false is not supported"),
              "eos": ({"eos_token_id": []}, "eos_token_id must be a token id"),
-             "bos": ({"bos_token_id": None}, "bos_token_id must be a token id")}
+             "bos": ({"bos_token_id": None}, "bos_token_id must be a token id"),
+             # before: "'>' not supported between instances of 'str' and 'int'", naming no field
+             "eps": ({"rms_norm_eps": "small"}, "config.rms_norm_eps='small' must be a number"),
+             "theta": ({"rope_theta": None}, "config.rope_theta=None must be a number"),
+             "mtp": ({"num_nextn_predict_layers": None}, "config.num_nextn_predict_layers=None must be an integer")}
     for name, (edit, message) in edits.items():
         config = {k: v for k, v in {**original, **edit}.items() if not (name == "n_group" and k == "n_group")}
         (hf_dir / "config.json").write_text(json.dumps(config))
         assert convert("--input", hf_dir, "--output", tmp_path / name, "--to", "megajoy") == 2, name
         assert message in capsys.readouterr().err, name
         assert not (tmp_path / name).exists()
+    (hf_dir / "config.json").write_text(json.dumps([original]))  # before: an AttributeError traceback
+    assert convert("--input", hf_dir, "--output", tmp_path / "list", "--to", "megajoy") == 2
+    assert "config.json: expected a JSON object of config fields, got a list" in capsys.readouterr().err
     bare = {k: v for k, v in original.items() if k not in ("rope_theta", "rope_parameters", "num_nextn_predict_layers")}
     cfg = model_config_from_hf(bare)
     assert cfg.rope_theta == DeepseekV3Config(**bare).rope_parameters["rope_theta"]  # megajoy's default is JoyAI's

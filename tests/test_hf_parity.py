@@ -18,6 +18,8 @@ CONFIGS = {
     "two_dense_two_shared_full_q": dict(first_k_dense_replace=2, num_hidden_layers=4, n_shared_experts=2,
                                         q_lora_rank=None),
     "group_limited": dict(n_group=4, topk_group=2, num_experts_per_tok=3),
+    # greedy picks experts without the (nonzero) bias, which transformers always adds: exported as zero
+    "greedy_group_limited": dict(topk_method="greedy", n_group=4, topk_group=2, num_experts_per_tok=3),
     "attention_bias_no_mtp": dict(attention_bias=True, num_nextn_predict_layers=0),
 }
 

@@ -14,7 +14,8 @@ TARGETS = ("hf", "megajoy", "gguf")
 
 def convert(src: str, dst: str, to: str, dtype: str | None = None, int4_group: int | None = None,
             gguf_type: str = "f16", tokenizer_pre: str | None = None, max_shard_bytes: int = 5 * 10**9) -> list[str]:
-    """Returns notes for the user (tensors that fell back to another type)."""
+    """Returns notes for the user (what was read differently from the input's config, tensors that fell
+    back to another type)."""
     if to not in TARGETS:
         raise ValueError(f"unknown target {to!r} (one of {TARGETS})")
     if int4_group and to != "hf":
@@ -27,8 +28,8 @@ def convert(src: str, dst: str, to: str, dtype: str | None = None, int4_group: i
         native.save_model_dir(dst, view, DTYPES[dtype or "fp32"], max_shard_bytes)
     else:
         fallbacks = gguf_export.save_gguf(dst, view, gguf_type, DTYPES[dtype or "bf16"], tokenizer_pre)
-        return [f"{name}: rows are not whole 32-wide blocks, written as f16" for name in fallbacks]
-    return []
+        return [*view.notes, *(f"{name}: rows are not whole 32-wide blocks, written as f16" for name in fallbacks)]
+    return list(view.notes)
 
 
 def check_output(dst: str, to: str, source: str) -> None:

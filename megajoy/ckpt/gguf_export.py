@@ -109,7 +109,7 @@ def gguf_tensors(view, gguf_type: str, rest_dtype: torch.dtype = torch.bfloat16
         gguf_name = names.get_name(base)
         if gguf_name is None or suffix not in (".weight", ".bias"):
             raise ValueError(f"{view.source}: tensor {view.display_name(name)!r} has no llama.cpp deepseek2 name")
-        add(gguf_name + suffix, name, view.dense_shape(name), lambda name=name: iter((view.dense(name),)))
+        add(gguf_name + suffix, name, view.dense_shape(name), lambda name=name: iter((view.served(name),)))
     for layer in view.moe_layers():
         _add_experts(view, layer, names, add)
     return out, chooser.fallbacks

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
-from megajoy.config import ModelConfig
+from megajoy.config import ModelConfig, build_checked
 
 
 # Hugging Face config.json fields megajoy's ModelConfig carries under the same names.
@@ -55,6 +55,8 @@ HF_ROPE_THETA = 10000.0  # DeepseekV3Config's, where config.json gives none
 
 
 def model_config_from_hf(d: Mapping, source: str = "config.json") -> ModelConfig:
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{source}: expected a JSON object of config fields, got a {type(d).__name__}")
     if d.get("model_type") not in ("deepseek_v3", "joyai", None):
         raise ValueError(f"{source}: model_type {d.get('model_type')!r} is not a DeepSeek-V3-family model")
     missing = [k for k in SHAPE_FIELDS if k not in d]
@@ -76,9 +78,9 @@ def model_config_from_hf(d: Mapping, source: str = "config.json") -> ModelConfig
             value = kwargs[token] = value[0] if value else None
         if token in kwargs and not isinstance(value, int):
             raise ValueError(f"{source}: {token} must be a token id (or a non-empty list of them), got {d[token]!r}")
-    try:
-        return ModelConfig(**kwargs)
-    except (TypeError, ValueError) as e:
+    try:  # each field's type checked, so that an error names the field
+        return build_checked(ModelConfig, kwargs, "config")
+    except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
 
 
@@ -140,7 +142,7 @@ def hf_entries(view, dtype: torch.dtype, int4=None) -> list:
         for name in names:
             keep_fp32 = name.endswith("e_score_correction_bias")
             entries.append(TensorEntry(to_hf_name(name, cfg), torch.float32 if keep_fp32 else dtype,
-                                       view.dense_shape(name), _reader(view.dense, name)))
+                                       view.dense_shape(name), _reader(view.served, name)))
         if layer in view.moe_layers():
             entries.extend(_expert_entries(view, layer, dtype, int4))
     head = "embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"

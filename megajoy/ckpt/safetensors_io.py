@@ -110,33 +110,14 @@ def _write_entry(f, entry: TensorEntry) -> None:
 # ------------------------------------------------------------------------------------------ reading
 
 class SafetensorsFile:
-    """One .safetensors file: header parsed at open, tensors read on demand with positioned reads."""
+    """One .safetensors file: header parsed and checked at open, tensors read on demand with positioned reads."""
 
     def __init__(self, path: str):
         self.path, self._fd = path, None
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(f"{path}: unreadable safetensors file (shorter than its 8-byte header length)")
-            (length,) = struct.unpack("<Q", head)
-            if 8 + length > size:
-                raise ValueError(f"{path}: truncated safetensors file (header of {length} bytes, file of {size})")
-            try:
-                header = json.loads(f.read(length))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}: unreadable safetensors header ({e})") from None
-        self.data_start = 8 + length
-        header.pop("__metadata__", None)
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        for name, info in header.items():
-            if info.get("dtype") not in CODE_DTYPES:
-                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-            begin, end = info["data_offsets"]
-            if self.data_start + end > size:
-                raise ValueError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte "
-                                 f"{self.data_start + end}, the file has {size}")
-            self.entries[name] = (CODE_DTYPES[info["dtype"]], tuple(info["shape"]), begin, end)
+        header, self.data_start = _read_header(path)
+        data_size = os.path.getsize(path) - self.data_start
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {
+            name: _parse_entry(path, name, info, data_size) for name, info in header.items()}
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -173,6 +154,56 @@ class SafetensorsFile:
         self.close()
 
 
+def _read_header(path: str) -> tuple[dict, int]:
+    """The header's tensor entries (without `__metadata__`) and where the data section starts."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: unreadable safetensors file (shorter than its 8-byte header length)")
+        (length,) = struct.unpack("<Q", head)
+        if 8 + length > size:
+            raise ValueError(f"{path}: truncated safetensors file (header of {length} bytes, file of {size})")
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: header is a JSON {type(header).__name__}, expected an object of tensor entries")
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def _parse_entry(path: str, name: str, info, data_size: int) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, checked: offsets within the data section, spanning
+    exactly the bytes the shape and dtype need."""
+    where = f"{path}: tensor {name!r}"
+    missing = [key for key in ("dtype", "shape", "data_offsets") if not isinstance(info, dict) or key not in info]
+    if missing:
+        raise ValueError(f"{where}: header entry {info!r:.100} lacks {', '.join(missing)}; expected an object "
+                         f"with dtype, shape and data_offsets")
+    code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(code, str) or code not in CODE_DTYPES:
+        raise ValueError(f"{where}: dtype {code!r}, expected one of {', '.join(CODE_DTYPES)}")
+    if not _naturals(shape):
+        raise ValueError(f"{where}: shape {shape!r}, expected a list of non-negative integers")
+    if not _naturals(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise ValueError(f"{where}: data_offsets {offsets!r}, expected [begin, end] with 0 <= begin <= end")
+    begin, end = offsets
+    if end > data_size:
+        raise ValueError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {end} of the data "
+                         f"section, which holds {data_size}")
+    nbytes = math.prod(shape) * CODE_DTYPES[code].itemsize
+    if end - begin != nbytes:
+        raise ValueError(f"{where}: data_offsets {offsets} span {end - begin} bytes, expected {nbytes} "
+                         f"(shape {shape} of {code})")
+    return CODE_DTYPES[code], tuple(shape), begin, end
+
+
+def _naturals(value) -> bool:
+    return isinstance(value, list) and all(type(x) is int and x >= 0 for x in value)
+
+
 class SafetensorsDir:
     """Lazy view of a directory holding `model.safetensors` or an index with its shards."""
 
@@ -185,6 +216,9 @@ class SafetensorsDir:
                     weight_map = json.load(f)["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{index_path}: not a safetensors index ({e})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ValueError(f"{index_path}: weight_map {weight_map!r:.80}, expected an object mapping tensor "
+                                 f"names to file names")
             for filename in sorted(set(weight_map.values())):
                 if not os.path.exists(os.path.join(directory, filename)):
                     raise FileNotFoundError(f"{index_path}: shard {os.path.join(directory, filename)} is missing")
@@ -206,6 +240,10 @@ class SafetensorsDir:
         if name not in self.weight_map:
             raise KeyError(f"{self.directory}: no tensor {name!r}")
         return self.files[self.weight_map[name]]
+
+    def path(self, name: str) -> str:
+        """The file holding tensor `name`."""
+        return self._file(name).path
 
     def load(self, name: str) -> torch.Tensor:
         return self._file(name).read(name)

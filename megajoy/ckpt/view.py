@@ -11,6 +11,7 @@ Opening a view checks every tensor against the config: missing, unknown or mis-s
 reported by the name they have in the input.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from collections.abc import Mapping
 import torch
 
 from megajoy.ckpt import hf as names
-from megajoy.ckpt.safetensors_io import SafetensorsDir
+from megajoy.ckpt.safetensors_io import DTYPE_CODES, SafetensorsDir
 from megajoy.config import JobConfig, ModelConfig
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -32,6 +33,7 @@ class CheckpointView:
     job: JobConfig
     tokenizer: str | None
     source: str
+    notes: tuple[str, ...] = ()  # for the user: what the conversion reads differently from the input's config
 
     @property
     def cfg(self) -> ModelConfig:
@@ -52,6 +54,14 @@ class CheckpointView:
     def display_name(self, name: str) -> str:
         """How the input calls a megajoy tensor, for error messages."""
         return name
+
+    def served(self, name: str) -> torch.Tensor:
+        """A tensor as engines that always pick experts by score + bias (transformers, llama.cpp, vLLM) must
+        read it: under topk_method greedy, which picks by score alone, the router bias is zero."""
+        tensor = self.dense(name)
+        if name.endswith("e_score_correction_bias") and self.cfg.topk_method == "greedy":
+            return torch.zeros_like(tensor)
+        return tensor
 
     # ---- shared
 
@@ -146,6 +156,7 @@ class MegajoyView(CheckpointView):
             m = _STACKED.match(name)
             if m and int(m.group(1)) not in self.moe_layers():
                 raise ValueError(f"{self.source}: unknown tensor {name!r} (a layer without routed experts)")
+            _check_tensor(f"{self.source}: tensor {name!r}", self.store.dtype(name), FLOATING)
         return super().check()
 
     def dense_names(self) -> list[str]:
@@ -182,6 +193,9 @@ class MemoryStore:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.state[name].shape)
 
+    def dtype(self, name: str) -> torch.dtype:
+        return self.state[name].dtype
+
     def load(self, name: str) -> torch.Tensor:
         return self.state[name]
 
@@ -207,6 +221,9 @@ class DcpStore:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.meta[name].size)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.meta[name].properties.dtype
 
     def load(self, name: str) -> torch.Tensor:
         from megajoy.ckpt.distributed import read_full_tensors
@@ -246,7 +263,17 @@ class HfView(CheckpointView):
         self._experts: dict[tuple[int, int, str], dict[str, str]] = {}
         for hf_name in self.files.names():
             self._classify(hf_name)
+        if self.cfg.num_nextn_predict_layers and not any(name.startswith("mtp.") for name in self._dense):
+            self._without_mtp()
         self._check_experts()
+
+    def _without_mtp(self) -> None:
+        """transformers builds and saves no MTP layer, yet keeps num_nextn_predict_layers (1 by default) in
+        the config it saves: such a directory converts without MTP, as transformers loads it."""
+        n = self.cfg.num_nextn_predict_layers
+        self.job = dataclasses.replace(self.job, model=dataclasses.replace(self.cfg, num_nextn_predict_layers=0))
+        self.notes = (f"{self.source}: config.json sets num_nextn_predict_layers={n} but the weights hold no MTP "
+                      "layer (transformers saves none): converted without MTP",)
 
     def _classify(self, hf_name: str) -> None:
         m = _HF_EXPERT.match(hf_name)
@@ -258,6 +285,7 @@ class HfView(CheckpointView):
             return  # read beside its weight
         name = names.from_hf_name(hf_name, self.cfg)
         if name is not None:
+            self._expect(hf_name, FLOATING)
             self._dense[name] = hf_name
 
     def _check_experts(self) -> None:
@@ -271,21 +299,41 @@ class HfView(CheckpointView):
         for layer in sorted(moe):
             for e in range(n):
                 for proj in PROJS:
-                    parts = self._experts.get((layer, e, proj), {})
-                    hf_name = f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
-                    if not parts:
-                        raise ValueError(f"{self.source}: tensor {hf_name!r} missing")
-                    shape = self._expert_stored_shape(parts)
-                    if shape != self.expert_shape(proj):
-                        raise ValueError(f"{self.source}: tensor {hf_name!r} has shape {shape}, the config "
-                                         f"expects {self.expert_shape(proj)}")
+                    prefix = f"model.layers.{layer}.mlp.experts.{e}.{proj}."
+                    self._check_expert(prefix, self._experts.get((layer, e, proj), {}), self.expert_shape(proj))
 
-    def _expert_stored_shape(self, parts: dict[str, str]) -> tuple[int, ...]:
+    def _check_expert(self, prefix: str, parts: dict[str, str], expected: tuple[int, int]) -> None:
+        """A floating `weight` of the config's shape, or the parts of an int4 one."""
         if "weight" in parts:
-            return tuple(self.files.shape(parts["weight"]))
-        if "weight_shape" in parts:
-            return tuple(int(x) for x in self.files.load(parts["weight_shape"]).tolist())
-        raise ValueError(f"{self.source}: {sorted(parts.values())[0]!r} without its weight")
+            self._expect(parts["weight"], FLOATING, [expected])
+        elif parts.keys() & set(INT4_PARTS):
+            self._check_int4(prefix, parts, expected)
+        else:
+            raise ValueError(f"{self.source}: tensor {prefix + 'weight'!r} missing")
+
+    def _check_int4(self, prefix: str, parts: dict[str, str], expected: tuple[int, int]) -> None:
+        """compressed-tensors pack-quantized: weight_shape [rows, cols], weight_packed int32 [rows, cols / 8]
+        (8 codes a word), weight_scale [rows, cols / group] with megajoy's int4 groups of 32 or 64."""
+        missing = [part for part in INT4_PARTS if part not in parts]
+        if missing:
+            raise ValueError(f"{self.source}: tensor {prefix + missing[0]!r} missing (an int4 expert has "
+                             f"{', '.join(INT4_PARTS)})")
+        rows, cols = expected
+        if cols % 32:
+            raise ValueError(f"{self.source}: int4 expert {prefix + 'weight_packed'!r}: its input dimension {cols} "
+                             f"is not a multiple of the int4 group (32 or 64)")
+        shape_name, packed, scale = (parts[part] for part in INT4_PARTS)
+        self._expect(shape_name, ("I64", "I32"), [(2,)])
+        stored = tuple(int(x) for x in self.files.load(shape_name).tolist())
+        if stored != expected:
+            raise ValueError(f"{self.files.path(shape_name)}: tensor {shape_name!r} holds {stored}, the config "
+                             f"expects {expected}")
+        self._expect(packed, ("I32",), [(rows, cols // 8)])
+        self._expect(scale, FLOATING, [(rows, cols // group) for group in (32, 64) if cols % group == 0])
+
+    def _expect(self, hf_name: str, codes: tuple[str, ...], shapes: list[tuple[int, ...]] | None = None) -> None:
+        _check_tensor(f"{self.files.path(hf_name)}: tensor {hf_name!r}", self.files.dtype(hf_name), codes,
+                      tuple(self.files.shape(hf_name)), shapes)
 
     def dense_names(self) -> list[str]:
         return list(self._dense)
@@ -301,9 +349,9 @@ class HfView(CheckpointView):
 
     def expert(self, layer: int, e: int, proj: str) -> torch.Tensor:
         parts = self._experts[(layer, e, proj)]
-        if "weight_packed" in parts:
-            return self._unpack_int4(parts)
-        return self._read_weight(parts["weight"])
+        if "weight" in parts:
+            return self._read_weight(parts["weight"])
+        return self._unpack_int4(parts)
 
     def _read_weight(self, hf_name: str) -> torch.Tensor:
         tensor = self.files.load(hf_name)
@@ -311,6 +359,7 @@ class HfView(CheckpointView):
             scale_name = hf_name + "_scale_inv"
             if scale_name not in self.files.weight_map:
                 raise ValueError(f"{self.source}: fp8 tensor {hf_name!r} has no {scale_name!r}")
+            self._expect(scale_name, FLOATING)
             return _dequantize_fp8_blocks(tensor, self.files.load(scale_name), self.quant["block"], hf_name)
         return tensor
 
@@ -346,6 +395,22 @@ def _dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block:
                          f"{tuple(weight.shape)} weight in blocks of {block}")
     scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
     return weight.float() * scale
+
+
+INT4_PARTS = ("weight_shape", "weight_packed", "weight_scale")
+FLOATING = tuple(code for dtype, code in DTYPE_CODES.items() if dtype.is_floating_point)
+
+
+def _check_tensor(where: str, dtype: torch.dtype, codes: tuple[str, ...], shape: tuple[int, ...] = (),
+                  shapes: list[tuple[int, ...]] | None = None) -> None:
+    """Refuse a tensor (`where` names it) unless its dtype is one of `codes` and, given `shapes`, its shape one
+    of them: an integer tensor where a weight belongs would otherwise be cast to garbage without a word."""
+    code = DTYPE_CODES.get(dtype, str(dtype))
+    if code not in codes:
+        wanted = f"a floating-point dtype ({', '.join(codes)})" if codes == FLOATING else " or ".join(codes)
+        raise ValueError(f"{where} has dtype {code}, expected {wanted}")
+    if shapes is not None and shape not in shapes:
+        raise ValueError(f"{where} has shape {shape}, expected {' or '.join(map(str, shapes))}")
 
 
 # ------------------------------------------------------------------------------------------ opening
