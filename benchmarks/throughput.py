@@ -11,9 +11,9 @@ torch.compile (`--compile`). Every variant runs in its own fresh process, so its
                                                         # gloo ranks; GPUs: run the script under torchrun)
 
 MFU counts model FLOPs as `megajoy info` does (3 x forward, causal attention, no MTP) over the peak
-matmul rate measured in the same run (fp32 on a CPU, bf16 on a GPU, where the step runs under bf16
-autocast with fp32 weights as training does; `--params-dtype bf16` adds megajoy with bf16 weights over
-fp32 master weights).
+matmul rate measured in each variant's process after its steps (fp32 on a CPU, bf16 on a GPU, where the
+step runs under bf16 autocast with fp32 weights as training does; `--params-dtype bf16` adds megajoy with
+bf16 weights over fp32 master weights).
 Writes benchmarks/results/throughput.json, .md and .png.
 """
 
@@ -150,12 +150,17 @@ def autocast_on(args) -> bool:
     return args.device.startswith("cuda") and not args.bf16 and not args.fp32
 
 
+def matmul_dtype(args) -> torch.dtype:
+    """The dtype of the step's GEMMs, whose measured rate MFU is over."""
+    return torch.bfloat16 if args.bf16 or autocast_on(args) else torch.float32
+
+
 def resident_kb(field: str = "VmRSS") -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def run_variant(name, cfg, state, args, hf_dir, flops_per_token, peak, queue):
+def run_variant(name, cfg, state, args, hf_dir, flops_per_token, queue):
     from megajoy.kernels import backend
 
     backend.configure(backend=args.kernels, cross_entropy_chunk=args.cross_entropy_chunk)
@@ -184,10 +189,14 @@ def run_variant(name, cfg, state, args, hf_dir, flops_per_token, peak, queue):
         tokens_per_s = args.accumulate * args.batch * args.seq_length / seconds
         peak_gb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                    else (resident_kb("VmHWM") - start_kb) * 1024) / 1e9
+        # The matmul rate MFU is over, measured in this process right after its steps: on a shared machine
+        # the rate drifts between variants (a rate taken once, before them all, gave MFUs above 1).
+        rate = measure_floors(device, matmul_dtype(args)).matmul_flops_per_s
         if args.profile:
             print_profile(lambda: step(batches[0][:, :-1], batches[0][:, 1:]), device)
         queue.put({"variant": name, "step_seconds": seconds, "tokens_per_s": tokens_per_s,
-                   "mfu": flops_per_token * tokens_per_s / peak, "peak_memory_gb": peak_gb, **telemetry.summary()})
+                   "mfu": flops_per_token * tokens_per_s / rate, "matmul_flops_per_s": rate, "peak_memory_gb": peak_gb,
+                   **telemetry.summary()})
     except Exception as e:  # recorded, so one failing variant does not hide the others
         queue.put({"variant": name, "error": f"{type(e).__name__}: {e}"})
 
@@ -255,8 +264,6 @@ def main() -> None:
     model = create_model(cfg, seed=0) if baselines else None
     state = None if model is None else {k: v.detach().clone() for k, v in model.state_dict().items()}
     device = torch.device(args.device)
-    low_precision = args.bf16 or autocast_on(args)
-    peak = measure_floors(device, torch.bfloat16 if low_precision else torch.float32).matmul_flops_per_s
     variants = ["megajoy"] + (["megajoy --compile"] if args.compile else [])
     if args.params_dtype == "bf16":
         variants += [v + " --params-dtype bf16" for v in variants]
@@ -269,7 +276,7 @@ def main() -> None:
         ctx = multiprocessing.get_context("spawn")  # a fork after torch's thread pool started can hang
         for name in variants:
             queue = ctx.Queue()
-            process = ctx.Process(target=run_variant, args=(name, cfg, state, args, hf_dir, flops_per_token, peak, queue))
+            process = ctx.Process(target=run_variant, args=(name, cfg, state, args, hf_dir, flops_per_token, queue))
             process.start()
             rows.append(queue.get())
             process.join()
@@ -289,7 +296,7 @@ def main() -> None:
     payload = {"environment": environment(device), "preset": args.preset, "batch": args.batch,
                "micro_batches_per_step": args.accumulate,
                "seq_length": args.seq_length, "dtype": "bf16" if args.bf16 else ("bf16 autocast" if autocast_on(args) else "fp32"),
-               "training_flops_per_token": flops_per_token, "peak_matmul_flops": peak, "results": rows}
+               "training_flops_per_token": flops_per_token, "results": rows}
     write_json(args.out + ".json", payload)
     write_markdown(args.out + ".md", payload, columns)
     plot(args.out + ".png", rows)

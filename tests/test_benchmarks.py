@@ -56,11 +56,15 @@ def test_throughput_variants_beside_transformers(tmp_path):
                            "--out", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = {r["variant"]: r for r in json.loads((tmp_path / "throughput.json").read_text())["results"]}
+    payload = json.loads((tmp_path / "throughput.json").read_text())
+    rows = {r["variant"]: r for r in payload["results"]}
     assert list(rows) == ["megajoy", "megajoy --params-dtype bf16", "transformers", "torchtitan"]
     for row in rows.values():
         assert "error" not in row, row
         assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_memory_gb"] >= 0
+        # MFU over the matmul rate measured in the variant's own process
+        assert math.isclose(row["mfu"], payload["training_flops_per_token"] * row["tokens_per_s"]
+                            / row["matmul_flops_per_s"])
         for base in ("transformers", "torchtitan"):
             assert math.isclose(row[f"ratio_to_{base}"], row["tokens_per_s"] / rows[base]["tokens_per_s"])
     assert (tmp_path / "throughput.md").exists() and (tmp_path / "throughput.png").exists()
