@@ -643,6 +643,36 @@ def test_outputs_that_are_the_inputs_files_links_or_unwritable(hf_dir, tmp_path,
         assert err.startswith("convert_ckpt: error: ") and "Traceback" not in err and str(tmp_path / "file") in err
 
 
+def test_the_tokenizer_config_travels_with_the_tokenizer(hf_dir, tmp_path, data_prefix):
+    """A Hugging Face model's tokenizer_config.json (its chat template) goes wherever its tokenizer goes:
+    into megajoy's model directory and pretraining's checkpoints, back out to Hugging Face as it was, and into
+    the GGUF as tokenizer.chat_template, as llama.cpp's own converter writes it. Before, the export wrote a
+    new one without the template (apply_chat_template: "tokenizer.chat_template is not set")."""
+    from transformers import AutoTokenizer
+
+    from megajoy.ckpt.native import read_job_config
+    from megajoy.config import model_overrides
+
+    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    assert convert("--input", hf_dir, "--output", tmp_path / "mj", "--to", "megajoy") == 0
+    same_model = sets(model_overrides(read_job_config(str(tmp_path / "mj")).model))
+    assert main(["pretrain", "--init", str(tmp_path / "mj"), "--data-path", data_prefix, "--tokenizer",
+                 str(tmp_path / "mj" / "tokenizer.json"), "--train-iters", "1", "--eval-interval", "100",
+                 "--seq-length", "32", "--global-batch-size", "2", "--micro-batch-size", "2",
+                 "--out", str(tmp_path / "run")] + same_model) == 0
+    trained = latest_checkpoint(str(tmp_path / "run"))
+    assert json.loads(open(os.path.join(trained, "tokenizer_config.json")).read()) == config
+    assert convert("--input", tmp_path / "run", "--output", tmp_path / "back", "--to", "hf") == 0
+    assert json.loads((tmp_path / "back" / "tokenizer_config.json").read_text()) == config
+    chat = [{"role": "user", "content": "2+2?"}]
+    rendered = AutoTokenizer.from_pretrained(tmp_path / "back").apply_chat_template(chat, tokenize=False)
+    assert rendered == "<|user|>2+2?<|assistant|>"
+    assert convert("--input", tmp_path / "back", "--output", tmp_path / "m.gguf", "--to", "gguf") == 0
+    assert read_gguf(tmp_path / "m.gguf")[1]["tokenizer.chat_template"] == config["chat_template"]
+
+
 def test_configs_megajoy_would_read_differently_from_transformers_are_refused(hf_dir, tmp_path, capsys):
     """A config.json without a field that shapes the model (megajoy's JoyAI defaults and transformers'
     DeepSeek-V3 ones differ: n_group 1 against 8, ...), with rope_interleave false (megajoy rotates

@@ -2,7 +2,6 @@
 and, when there is one, `tokenizer.json`."""
 
 import os
-import shutil
 
 import torch
 import yaml
@@ -10,6 +9,7 @@ import yaml
 from megajoy.ckpt.atomic import atomic_directory
 from megajoy.ckpt.safetensors_io import SafetensorsDir, write_safetensors_dir
 from megajoy.config import JobConfig
+from megajoy.data.tokenizer import copy_tokenizer
 
 CONFIG_NAME = "config.yaml"
 TOKENIZER_NAME = "tokenizer.json"
@@ -56,7 +56,7 @@ def save_model_dir(directory: str, view, dtype: torch.dtype = torch.float32, max
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             yaml.safe_dump(view.job.to_dict(), f, sort_keys=False)
         if view.tokenizer:
-            shutil.copyfile(view.tokenizer, os.path.join(tmp, TOKENIZER_NAME))
+            copy_tokenizer(view.tokenizer, tmp)
 
 
 def read_job_config(directory: str) -> JobConfig:

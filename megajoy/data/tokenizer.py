@@ -99,10 +99,32 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str) -> None:
     os.replace(tmp, path)
 
 
-def write_hf_tokenizer_files(tokenizer_file: str, directory: str, cfg) -> None:
-    """tokenizer.json plus the tokenizer_config.json that lets `AutoTokenizer` load it."""
-    tok = load_tokenizer(tokenizer_file)
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def tokenizer_config_beside(tokenizer_file: str) -> str | None:
+    """The Hugging Face tokenizer_config.json next to `tokenizer_file` (its chat template, special tokens),
+    if there is one."""
+    path = os.path.join(os.path.dirname(os.path.abspath(tokenizer_file)), TOKENIZER_CONFIG)
+    return path if os.path.isfile(path) else None
+
+
+def copy_tokenizer(tokenizer_file: str, directory: str) -> None:
+    """tokenizer.json into `directory`, with the tokenizer_config.json beside it when there is one: the chat
+    template a Hugging Face model came with goes wherever its tokenizer goes."""
     shutil.copyfile(tokenizer_file, os.path.join(directory, "tokenizer.json"))
+    config = tokenizer_config_beside(tokenizer_file)
+    if config:
+        shutil.copyfile(config, os.path.join(directory, TOKENIZER_CONFIG))
+
+
+def write_hf_tokenizer_files(tokenizer_file: str, directory: str, cfg) -> None:
+    """tokenizer.json plus a tokenizer_config.json that lets `AutoTokenizer` load it: the one that came
+    with the tokenizer, else a minimal one."""
+    copy_tokenizer(tokenizer_file, directory)
+    if tokenizer_config_beside(tokenizer_file):
+        return
+    tok = load_tokenizer(tokenizer_file)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": tok.id_to_token(cfg.bos_token_id),
@@ -113,5 +135,5 @@ def write_hf_tokenizer_files(tokenizer_file: str, directory: str, cfg) -> None:
     pad = tok.token_to_id(PAD_TOKEN)
     if pad is not None:
         config["pad_token"] = PAD_TOKEN
-    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    with open(os.path.join(directory, TOKENIZER_CONFIG), "w") as f:
         json.dump(config, f, indent=2)

@@ -18,7 +18,8 @@ import yaml
 
 from megajoy.ckpt import distributed as dcp_io
 from megajoy.ckpt.atomic import replace_directory, temporary_sibling
-from megajoy.ckpt.native import CONFIG_NAME, TOKENIZER_NAME
+from megajoy.ckpt.native import CONFIG_NAME
+from megajoy.data.tokenizer import copy_tokenizer
 
 LATEST = "latest"
 
@@ -81,7 +82,7 @@ def _write_extras(path: str, job, trainer_state: dict, tokenizer_file: str | Non
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         yaml.safe_dump(job.to_dict(), f, sort_keys=False)
     if tokenizer_file:
-        shutil.copyfile(tokenizer_file, os.path.join(path, TOKENIZER_NAME))
+        copy_tokenizer(tokenizer_file, path)
     with open(os.path.join(path, "trainer_state.json"), "w") as f:
         json.dump(trainer_state, f, indent=2)
     torch.save(rng_state(), os.path.join(path, "rng.pt"))
