@@ -211,6 +211,9 @@ def test_outputs_mtp_switch_router_bias_and_learning(tmp_path, data_prefix, toke
     frozen = tmp_path / "frozen"
     assert main(args(frozen, data_prefix, tokenizer_file, 3, "--freeze-router-bias")) == 0
     assert final_weights(frozen)["layers.1.mlp.gate.e_score_correction_bias"].abs().max() == 0
+    greedy = tmp_path / "greedy"  # picks experts without the bias: it stays zero, as the exports write it
+    assert main(args(greedy, data_prefix, tokenizer_file, 3, "--set", "model.topk_method=greedy")) == 0
+    assert final_weights(greedy)["layers.1.mlp.gate.e_score_correction_bias"].abs().max() == 0
     # The output directory converts directly (its latest checkpoint).
     tool = load_tool("convert_ckpt")
     assert tool.main(["--input", str(out), "--output", str(tmp_path / "hf"), "--to", "hf"]) == 0

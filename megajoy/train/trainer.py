@@ -386,7 +386,7 @@ class Trainer:
         for router in self.routers:
             load = all_reduce_no_grad(router.expert_load.float(), self.pc.group("stage"))
             ratios.append((load.max() / load.mean().clamp(min=1e-9)).item())
-            if not self.job.train.freeze_router_bias:
+            if not self.job.train.freeze_router_bias and self.job.model.topk_method == "noaux_tc":  # greedy: unused
                 router.update_bias(load, self.job.train.router_bias_update_rate)
             router.expert_load.zero_()
         count = self._reduce_statistic(len(ratios), ("pp",))  # a stage's ranks hold the same loads
