@@ -673,6 +673,53 @@ def test_the_tokenizer_config_travels_with_the_tokenizer(hf_dir, tmp_path, data_
     assert read_gguf(tmp_path / "m.gguf")[1]["tokenizer.chat_template"] == config["chat_template"]
 
 
+CHAT_CASES = {"hand-made": {
+    "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                 {"role": "assistant", "content": "a", "reasoning_content": "r1"},
+                 {"role": "user", "content": "more ü"},
+                 {"role": "assistant", "content": "b", "reasoning_content": "r2",
+                  "tool_calls": [{"name": "f", "arguments": {"x": 1, "y": "s", "z": [1, "é"]}}]},
+                 {"role": "tool", "content": "out"}, {"role": "assistant", "content": "done"}],
+    "tools": [{"name": "f", "description": "é", "parameters": {"b": 1, "a": 2}}]}}
+
+
+def test_exported_chat_template_renders_as_megajoy_trains(tmp_path, tokenizer_file):
+    """A chat model's Hugging Face export carries megajoy's template as Jinja: transformers'
+    apply_chat_template gives the tokens megajoy trains on (render + ChatTokenizer), for the demo SFT
+    conversations (thinking, tools, tool results, system prompts) and a hand-made one, with and without
+    the generation prompt, thinking on, off and automatic. Before, the export had no chat template."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from megajoy.config import tiny
+    from megajoy.data.chat import TEMPLATE_TOKENS, render
+    from megajoy.data.demo import sft_conversations
+    from megajoy.data.sft import ChatTokenizer
+    from megajoy.data.tokenizer import write_hf_tokenizer_files
+
+    cfg = dataclasses.replace(tiny(), vocab_size=TEST_VOCAB + len(TEMPLATE_TOKENS))
+    chat = ChatTokenizer(tokenizer_file, cfg.vocab_size)
+    (tmp_path / "run").mkdir()
+    chat.save(str(tmp_path / "run" / "tokenizer.json"))  # where SFT keeps its tokenizer
+    (tmp_path / "hf").mkdir()
+    write_hf_tokenizer_files(str(tmp_path / "run" / "tokenizer.json"), str(tmp_path / "hf"), cfg)
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    checked = 0
+    for conversation in sft_conversations(60, seed=0) + list(CHAT_CASES.values()):
+        for mode in ("auto", "on", "off"):
+            for prompt in (False, True):
+                messages = conversation["messages"][:-1] if prompt else conversation["messages"]
+                pieces = render(dict(conversation, messages=messages), mode, generation_prompt=prompt)
+                thinking = {"on": {"thinking": True}, "off": {"thinking": False}}.get(mode, {})
+                text = hf.apply_chat_template(messages, tools=conversation.get("tools"), add_generation_prompt=prompt,
+                                              tokenize=False, **thinking)
+                assert text == "".join(p.text for p in pieces)
+                assert hf.encode(text, add_special_tokens=False) == chat.encode(pieces).ids
+                checked += 1
+    assert checked == 6 * 61
+
+
 def test_configs_megajoy_would_read_differently_from_transformers_are_refused(hf_dir, tmp_path, capsys):
     """A config.json without a field that shapes the model (megajoy's JoyAI defaults and transformers'
     DeepSeek-V3 ones differ: n_group 1 against 8, ...), with rope_interleave false (megajoy rotates

@@ -253,10 +253,12 @@ def llama_cpp_unsupported(cfg) -> str | None:
 
 def add_tokenizer(writer, tokenizer_file: str, cfg, pre: str | None) -> None:
     """Byte-level BPE as llama.cpp's `gpt2` tokenizer model: tokens by id (ids the tokenizer does not
-    use padded as unused), token types, merges, special token ids."""
+    use padded as unused), token types, merges, special token ids, and the chat template."""
     import json
 
     import gguf
+
+    from megajoy.data.chat import chat_template_for
 
     with open(tokenizer_file, encoding="utf-8") as f:
         spec = json.load(f)
@@ -299,27 +301,9 @@ def add_tokenizer(writer, tokenizer_file: str, cfg, pre: str | None) -> None:
     # megajoy packs documents separated by EOD and never starts a sequence with BOS
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
-    template = _chat_template(tokenizer_file)
+    template = chat_template_for(tokenizer_file)
     if template:
         writer.add_chat_template(template)
-
-
-def _chat_template(tokenizer_file: str):
-    """The chat template of the tokenizer_config.json beside the tokenizer, as llama.cpp's converter
-    carries it (a Jinja string, or a list of named ones)."""
-    import json
-
-    from megajoy.data.tokenizer import tokenizer_config_beside
-
-    path = tokenizer_config_beside(tokenizer_file)
-    if path is None:
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return config.get("chat_template") if isinstance(config, dict) else None
 
 
 def _detect_pre_tokenizer(spec: dict, source: str) -> str:

@@ -129,6 +129,69 @@ def tool_call_text(call: dict) -> str:
     return f"{TOOL_CALL}\n<function={function['name']}>\n{params}</function>\n{END_TOOL_CALL}"
 
 
+# The template above for Hugging Face's apply_chat_template (and engines that read tokenizer_config.json's
+# chat_template): the same text as render(), for messages / tools / add_generation_prompt and `thinking`
+# (true / false; unset: auto, as thinking_mode). Tool-call arguments must be objects (Jinja cannot parse a
+# JSON string); anything render() refuses raises.
+JINJA_TEMPLATE = (
+    "{%- set ns = namespace(system='', last_user=-1, thinking=false) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['content'] is defined and m['content'] is not none and m['content'] is not string -%}"
+    "{{- raise_exception(m['role'] + ' content must be a string') -}}{%- endif -%}"
+    "{%- if m['role'] == 'system' -%}{%- set ns.system = ns.system + (m['content'] or '') -%}{%- endif -%}"
+    "{%- if m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
+    "{%- if m['role'] == 'assistant' and m['reasoning_content'] -%}{%- set ns.thinking = true -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if thinking is defined -%}{%- set ns.thinking = thinking -%}{%- endif -%}"
+    "{{- '" + BOS_TOKEN + "' + ns.system -}}"
+    "{%- if tools -%}{{- '\n\n# Tools\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- '\n' + tool | tojson(sort_keys=true) -}}{%- endfor -%}"
+    "{{- '\n</tools>' -}}{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}{{- '" + USER + "' + (m['content'] or '') -}}"
+    "{%- elif m['role'] == 'tool' -%}{{- '" + TOOL_OUTPUT + "' + (m['content'] or '') + '" + END_TOOL_OUTPUT + "' -}}"
+    "{%- elif m['role'] == 'assistant' -%}"
+    "{%- if ns.thinking and loop.index0 > ns.last_user -%}"
+    "{{- '" + ASSISTANT + THINK + "' + (m['reasoning_content'] or '') + '" + END_THINK + "' -}}"
+    "{%- else -%}{{- '" + ASSISTANT + END_THINK + "' -}}{%- endif -%}"
+    "{{- m['content'] or '' -}}"
+    "{%- for call in m['tool_calls'] or [] -%}"
+    "{%- set f = call['function'] if call['function'] is defined else call -%}"
+    "{%- set arguments = f['arguments'] or {} -%}"
+    "{%- if arguments is string -%}{{- raise_exception('tool call arguments must be a JSON object') -}}{%- endif -%}"
+    "{{- '" + TOOL_CALL + "\n<function=' + f['name'] + '>\n' -}}"
+    "{%- for k, v in arguments.items() -%}"
+    "{{- '<parameter=' + k + '>\n' + (v if v is string else v | tojson(ensure_ascii=true)) + '\n</parameter>\n' -}}"
+    "{%- endfor -%}"
+    "{{- '</function>\n" + END_TOOL_CALL + "' -}}"
+    "{%- endfor -%}"
+    "{{- '" + EOS_TOKEN + "' -}}"
+    "{%- elif m['role'] != 'system' -%}{{- raise_exception('unknown role ' + m['role']) -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '" + ASSISTANT + "' + ('" + THINK + "' if ns.thinking else '" + END_THINK
+    + "') -}}{%- endif -%}"
+)
+
+
+def chat_template_for(tokenizer_file: str):
+    """The chat template a model with this tokenizer is served with: that of the tokenizer_config.json
+    beside it (a Hugging Face model's own; a Jinja string or a list of named ones), else megajoy's when the
+    tokenizer has its template tokens (an SFT, DPO or RL checkpoint's), else None."""
+    from megajoy.data.tokenizer import load_tokenizer, tokenizer_config_beside
+
+    path = tokenizer_config_beside(tokenizer_file)
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return config.get("chat_template") if isinstance(config, dict) else None
+    tokenizer = load_tokenizer(tokenizer_file)
+    return JINJA_TEMPLATE if all(tokenizer.token_to_id(t) is not None for t in TEMPLATE_TOKENS) else None
+
+
 def _text(m: dict) -> str:
     content = m.get("content")
     if content is None:
