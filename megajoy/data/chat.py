@@ -188,7 +188,11 @@ def chat_template_for(tokenizer_file: str):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         return config.get("chat_template") if isinstance(config, dict) else None
-    tokenizer = load_tokenizer(tokenizer_file)
+    return megajoy_chat_template(load_tokenizer(tokenizer_file))
+
+
+def megajoy_chat_template(tokenizer) -> str | None:
+    """JINJA_TEMPLATE if the (loaded) tokenizer has the template's tokens, else None."""
     return JINJA_TEMPLATE if all(tokenizer.token_to_id(t) is not None for t in TEMPLATE_TOKENS) else None
 
 

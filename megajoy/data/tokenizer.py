@@ -121,7 +121,7 @@ def copy_tokenizer(tokenizer_file: str, directory: str) -> None:
 def write_hf_tokenizer_files(tokenizer_file: str, directory: str, cfg) -> None:
     """tokenizer.json plus a tokenizer_config.json that lets `AutoTokenizer` load it: the one that came
     with the tokenizer, else a minimal one (with megajoy's chat template when the tokenizer has its tokens)."""
-    from megajoy.data.chat import chat_template_for  # chat builds on this module
+    from megajoy.data.chat import megajoy_chat_template  # chat builds on this module
 
     copy_tokenizer(tokenizer_file, directory)
     if tokenizer_config_beside(tokenizer_file):
@@ -137,7 +137,7 @@ def write_hf_tokenizer_files(tokenizer_file: str, directory: str, cfg) -> None:
     pad = tok.token_to_id(PAD_TOKEN)
     if pad is not None:
         config["pad_token"] = PAD_TOKEN
-    template = chat_template_for(tokenizer_file)
+    template = megajoy_chat_template(tok)
     if template:
         config["chat_template"] = template
     with open(os.path.join(directory, TOKENIZER_CONFIG), "w") as f:

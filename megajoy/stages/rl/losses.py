@@ -27,10 +27,15 @@ def masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     return (x_BT * mask_BT).sum(-1) / mask_BT.sum(-1).clamp(min=1)
 
 
+def trajectories(mask_BT: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the rows with at least one response token. A row without any is no trajectory (a padding
+    row); counting it would make the loss depend on how a batch is split into micro-batches."""
+    return mask_BT.sum(-1) > 0
+
+
 def trajectory_mean(x_B: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-    """Mean over the rows with at least one response token: a row without any is no trajectory (a padding
-    row), and counting it would make the loss depend on how a batch is split into micro-batches."""
-    present = (mask_BT.sum(-1) > 0).to(x_B.dtype)
+    """Mean over the trajectories (`trajectories`)."""
+    present = trajectories(mask_BT).to(x_B.dtype)
     return (x_B * present).sum() / present.sum().clamp(min=1)
 
 
@@ -123,7 +128,7 @@ def fiberpo_loss(log_ratio_BT, advantages_B, mask_BT, c_plus=0.12, c_minus=0.08,
     mask = mask_BT.bool()
     stats = {"mean_abs_u": _mean_or_zero(terms.u.detach().abs()[mask]),
              "token_clip_fraction": _mean_or_zero(terms.clipped[mask])}
-    present = mask.any(-1).tolist()
+    present = trajectories(mask_BT).tolist()
     for names, labels in ((GLOBAL_REGIMES, global_regime(terms.channels)),
                           (LOCAL_REGIMES, local_regime(terms.clipped, mask_BT))):
         labels = [label for label, kept in zip(labels, present) if kept]
@@ -157,8 +162,8 @@ def gspo_loss(log_ratio_BT, advantages_B, mask_BT, epsilon_low=3e-4, epsilon_hig
     check_inputs(log_ratio_BT, advantages_B, mask_BT)
     seq_log_ratio = masked_mean(log_ratio_BT, mask_BT.to(log_ratio_BT.dtype))
     per_seq, clipped = _clipped_surrogate(seq_log_ratio, advantages_B, epsilon_low, epsilon_high)
-    present = mask_BT.bool().any(-1)
-    return -trajectory_mean(per_seq, mask_BT), {"sequence_clip_fraction": _mean_or_zero(clipped[present])}
+    return -trajectory_mean(per_seq, mask_BT), {
+        "sequence_clip_fraction": _mean_or_zero(clipped[trajectories(mask_BT)])}
 
 
 def _clipped_surrogate(log_ratio, advantages, eps_low, eps_high):

@@ -21,7 +21,7 @@ from megajoy.config import QAT_FORMATS, QAT_MODULES
 from megajoy.data.packing import stack
 from megajoy.stages import sft
 from megajoy.stages.flags import add_training_flags
-from megajoy.stages.rl.losses import POLICY_LOSSES, group_advantages
+from megajoy.stages.rl.losses import POLICY_LOSSES, group_advantages, trajectories
 from megajoy.train.trainer import Stage, Trainer
 
 DEFAULTS = {"optimizer": {"lr": 1e-4, "min_lr": 1e-4, "lr_warmup_iters": 0, "lr_decay_style": "constant",
@@ -219,7 +219,7 @@ class RlStage(Stage):
     # ------------------------------------------------------------------ loss
     def token_counts(self, trainer, batch) -> dict:
         mask = batch.loss_mask
-        return {"trajectories": (mask.sum(-1) > 0).sum(), "tokens": mask.sum()}
+        return {"trajectories": trajectories(mask).sum(), "tokens": mask.sum()}
 
     def objective(self, trainer, out, counts, batch):
         args = self.args
@@ -227,7 +227,7 @@ class RlStage(Stage):
         log_ratio = (-out.lm_token_loss - batch.ref_logps) * mask
         advantages = (batch.advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         loss, stats = POLICY_LOSSES[args.policy_loss](log_ratio, advantages, mask, **self.loss_options())
-        rows, tokens = (mask.sum(-1) > 0).sum(), mask.sum()
+        rows, tokens = trajectories(mask).sum(), mask.sum()
         row_share = rows / counts["trajectories"].clamp(min=1)
         token_share = tokens / counts["tokens"].clamp(min=1)
         scale = token_share if args.policy_loss in TOKEN_NORMALISED else row_share
@@ -290,14 +290,14 @@ def build_job(args, dp: int = 1):
 
     if args.rollouts_per_prompt < 2:
         raise ValueError("--rollouts-per-prompt must be at least 2 (advantages are normalised within a group)")
-    trajectories = args.prompts_per_step * args.rollouts_per_prompt
-    per_rank = max(trajectories // dp, 1)
+    rollouts = args.prompts_per_step * args.rollouts_per_prompt
+    per_rank = max(rollouts // dp, 1)
     defaults = with_recipe(DEFAULTS, RECIPES.get(args.preset or "tiny"))
     micro = max(m for m in range(1, min(defaults["train"]["micro_batch_size"], per_rank) + 1) if per_rank % m == 0)
-    defaults["train"].update(global_batch_size=trajectories, micro_batch_size=micro)
+    defaults["train"].update(global_batch_size=rollouts, micro_batch_size=micro)
     job = sft.build_job(args, defaults)
-    if job.train.global_batch_size != trajectories:
-        raise ValueError(f"--global-batch-size is set by --prompts-per-step x --rollouts-per-prompt = {trajectories}")
+    if job.train.global_batch_size != rollouts:
+        raise ValueError(f"--global-batch-size is set by --prompts-per-step x --rollouts-per-prompt = {rollouts}")
     return job
 
 
