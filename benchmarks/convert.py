@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         shutil.rmtree(paths["back"])
         script = None
         if not args.no_llama_cpp:
-            from benchmarks.llama_cpp_converter import converter_command, converter_path
+            from benchmarks.llama_cpp_reference import converter_command, converter_path
 
             try:
                 script = converter_path()

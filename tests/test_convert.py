@@ -506,7 +506,7 @@ def test_gguf_type_qat_is_the_training_grid(tmp_path, data_prefix, tokenizer_fil
 def test_gguf_matches_llama_cpp_own_converter(tmp_path, tokenizer_file):
     """llama.cpp's convert_hf_to_gguf.py on the same Hugging Face directory writes the same tensors, byte
     for byte, and the same metadata (general.* aside)."""
-    from benchmarks.llama_cpp_converter import converter_command
+    from benchmarks.llama_cpp_reference import converter_command
 
     llama_cpp()  # the reference converter belongs with the llama.cpp tests
     cfg = gguf_config()
@@ -683,41 +683,100 @@ CHAT_CASES = {"hand-made": {
     "tools": [{"name": "f", "description": "é", "parameters": {"b": 1, "a": 2}}]}}
 
 
-def test_exported_chat_template_renders_as_megajoy_trains(tmp_path, tokenizer_file):
-    """A chat model's Hugging Face export carries megajoy's template as Jinja: transformers'
-    apply_chat_template gives the tokens megajoy trains on (render + ChatTokenizer), for the demo SFT
-    conversations (thinking, tools, tool results, system prompts) and a hand-made one, with and without
-    the generation prompt, thinking on, off and automatic. Before, the export had no chat template."""
-    import dataclasses
-
-    from transformers import AutoTokenizer
-
-    from megajoy.config import tiny
-    from megajoy.data.chat import TEMPLATE_TOKENS, render
+def chat_template_cases():
+    """(conversation, thinking mode, generation prompt) for the demo SFT conversations (thinking, tools, tool
+    results, system prompts) and the hand-made one, with and without the generation prompt (the last turn
+    left for the model), thinking on, off and automatic; 6 x 61 in all."""
     from megajoy.data.demo import sft_conversations
-    from megajoy.data.sft import ChatTokenizer
-    from megajoy.data.tokenizer import write_hf_tokenizer_files
 
-    cfg = dataclasses.replace(tiny(), vocab_size=TEST_VOCAB + len(TEMPLATE_TOKENS))
-    chat = ChatTokenizer(tokenizer_file, cfg.vocab_size)
-    (tmp_path / "run").mkdir()
-    chat.save(str(tmp_path / "run" / "tokenizer.json"))  # where SFT keeps its tokenizer
-    (tmp_path / "hf").mkdir()
-    write_hf_tokenizer_files(str(tmp_path / "run" / "tokenizer.json"), str(tmp_path / "hf"), cfg)
-    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
-    checked = 0
     for conversation in sft_conversations(60, seed=0) + list(CHAT_CASES.values()):
         for mode in ("auto", "on", "off"):
             for prompt in (False, True):
                 messages = conversation["messages"][:-1] if prompt else conversation["messages"]
-                pieces = render(dict(conversation, messages=messages), mode, generation_prompt=prompt)
-                thinking = {"on": {"thinking": True}, "off": {"thinking": False}}.get(mode, {})
-                text = hf.apply_chat_template(messages, tools=conversation.get("tools"), add_generation_prompt=prompt,
-                                              tokenize=False, **thinking)
-                assert text == "".join(p.text for p in pieces)
-                assert hf.encode(text, add_special_tokens=False) == chat.encode(pieces).ids
-                checked += 1
+                yield dict(conversation, messages=messages), mode, prompt
+
+
+def trained_text(conversation, mode, prompt) -> str:
+    from megajoy.data.chat import render
+
+    return "".join(p.text for p in render(conversation, mode, generation_prompt=prompt))
+
+
+def thinking_kwargs(mode) -> dict:
+    return {"on": {"thinking": True}, "off": {"thinking": False}}.get(mode, {})
+
+
+@pytest.fixture
+def chat_tokenizer(tmp_path, tokenizer_file):
+    """The tokenizer SFT trains and saves beside its checkpoints (template tokens added), and its config."""
+    import dataclasses
+
+    from megajoy.config import tiny
+    from megajoy.data.chat import TEMPLATE_TOKENS
+    from megajoy.data.sft import ChatTokenizer
+
+    cfg = dataclasses.replace(tiny(), vocab_size=TEST_VOCAB + len(TEMPLATE_TOKENS))
+    chat = ChatTokenizer(tokenizer_file, cfg.vocab_size)
+    (tmp_path / "run").mkdir()
+    chat.save(str(tmp_path / "run" / "tokenizer.json"))
+    return chat, str(tmp_path / "run" / "tokenizer.json"), cfg
+
+
+def test_exported_chat_template_renders_as_megajoy_trains(tmp_path, chat_tokenizer):
+    """A chat model's Hugging Face export carries megajoy's template as Jinja: transformers'
+    apply_chat_template gives the tokens megajoy trains on (render + ChatTokenizer) in every case of
+    chat_template_cases. Before, the export had no chat template."""
+    from transformers import AutoTokenizer
+
+    from megajoy.data.chat import render
+    from megajoy.data.tokenizer import write_hf_tokenizer_files
+
+    chat, tokenizer_json, cfg = chat_tokenizer
+    (tmp_path / "hf").mkdir()
+    write_hf_tokenizer_files(tokenizer_json, str(tmp_path / "hf"), cfg)
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    checked = 0
+    for conversation, mode, prompt in chat_template_cases():
+        text = hf.apply_chat_template(conversation["messages"], tools=conversation.get("tools"),
+                                      add_generation_prompt=prompt, tokenize=False, **thinking_kwargs(mode))
+        assert text == trained_text(conversation, mode, prompt)
+        ids = chat.encode(render(conversation, mode, generation_prompt=prompt)).ids
+        assert hf.encode(text, add_special_tokens=False) == ids
+        checked += 1
     assert checked == 6 * 61
+
+
+def test_gguf_chat_template_renders_in_llama_cpp_as_megajoy_trains(tmp_path, chat_tokenizer):
+    """The template a chat model's GGUF carries, rendered by llama.cpp's own Jinja engine with the context
+    llama-server gives it (bos / eos tokens, enable_thinking on, tools only when there are some, the
+    thinking switch through chat_template_kwargs), is the text megajoy trains on in every case of
+    chat_template_cases; llama.cpp detects tools, tool calls with object arguments and system prompts in it.
+    Before, every conversation with tools failed there ("tojson sort_keys=true not implemented")."""
+    import dataclasses
+
+    from benchmarks.llama_cpp_reference import render_chat_template
+    from megajoy.data.chat import BOS_TOKEN, EOS_TOKEN
+
+    llama_cpp()  # the reference engine belongs with the llama.cpp tests
+    _, tokenizer_json, cfg = chat_tokenizer
+    export_hf(random_model(dataclasses.replace(gguf_config(), vocab_size=cfg.vocab_size), seed=3),
+              tmp_path / "hf", tokenizer=tokenizer_json)
+    assert convert("--input", tmp_path / "hf", "--output", tmp_path / "m.gguf", "--to", "gguf") == 0
+    template = read_gguf(tmp_path / "m.gguf")[1]["tokenizer.chat_template"]
+    cases = list(chat_template_cases())
+    contexts = []
+    for conversation, mode, prompt in cases:
+        context = {"messages": conversation["messages"], "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN,
+                   "enable_thinking": True, **thinking_kwargs(mode)}
+        context.update({"tools": conversation["tools"]} if conversation.get("tools") else {})
+        context.update({"add_generation_prompt": True} if prompt else {})
+        contexts.append(context)
+    caps, texts = render_chat_template(template, contexts)
+    assert [caps[c] for c in ("supports_tools", "supports_tool_calls", "supports_object_arguments",
+                              "supports_system_role", "supports_string_content")] == [True] * 5
+    assert len(texts) == 6 * 61
+    for text, case in zip(texts, cases):
+        assert text == trained_text(*case)
 
 
 def test_configs_megajoy_would_read_differently_from_transformers_are_refused(hf_dir, tmp_path, capsys):

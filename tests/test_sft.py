@@ -49,7 +49,7 @@ def test_tool_calls_in_qwen3_coder_xml():
         {"role": "assistant", "content": "36"}]}
     text = text_of(render(conversation))
     call = "<tool_call>\n<function=calculator>\n<parameter=expression>\n12*3\n</parameter>\n</function>\n</tool_call>"
-    assert '<tools>\n{"function": {"name": "calculator"}, "type": "function"}\n</tools>' in text
+    assert '<tools>\n{"type": "function", "function": {"name": "calculator"}}\n</tools>' in text  # keys as given
     assert ("<｜Assistant｜></think>" + call + EOS + "<｜tool▁output▁begin｜>36<｜tool▁output▁end｜>"
             "<｜Assistant｜></think>36" + EOS) in text
     assert parse_tool_calls(text) == [{"name": "calculator", "arguments": {"expression": "12*3"}}]

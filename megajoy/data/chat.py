@@ -95,7 +95,7 @@ def system_prompt(messages: list[dict], tools) -> str:
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise ConversationError("malformed", f"\"tools\" must be a list of objects, got {tools!r}")
     if tools:
-        listing = "\n".join(json.dumps(t, ensure_ascii=False, sort_keys=True) for t in tools)
+        listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
         text += "\n\n# Tools\n<tools>\n" + listing + "\n</tools>"
     return text
 
@@ -145,7 +145,7 @@ JINJA_TEMPLATE = (
     "{%- if thinking is defined -%}{%- set ns.thinking = thinking -%}{%- endif -%}"
     "{{- '" + BOS_TOKEN + "' + ns.system -}}"
     "{%- if tools -%}{{- '\n\n# Tools\n<tools>' -}}"
-    "{%- for tool in tools -%}{{- '\n' + tool | tojson(sort_keys=true) -}}{%- endfor -%}"
+    "{%- for tool in tools -%}{{- '\n' + tool | tojson -}}{%- endfor -%}"
     "{{- '\n</tools>' -}}{%- endif -%}"
     "{%- for m in messages -%}"
     "{%- if m['role'] == 'user' -%}{{- '" + USER + "' + (m['content'] or '') -}}"
