@@ -190,6 +190,7 @@ class DataConfig:
     data_path: list[str] | None = None  # Megatron blend: ["0.7", "prefA", "0.3", "prefB"]; None = built-in corpus
     split: str = "98,2,0"  # train, valid, test shares (Megatron's --split)
     tokenizer: str | None = None  # a Hugging Face tokenizer.json; None = the built-in BPE
+    eod_token: str | None = None  # the tokenizer's end-of-document token, when not one megajoy looks for
     seq_length: int = 256
     eod_mask_loss: bool = True  # do not train the position whose input is EOD (next document's first token)
     data_cache_path: str | None = None  # where megatron-core caches its sample indices (default OUT/data_cache)

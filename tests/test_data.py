@@ -237,3 +237,96 @@ def test_a_prefix_given_with_its_extension_is_named(tmp_path):
     prefix = _write_prefix(tmp_path / "d", [[3, 4, 5]] * 4)
     with pytest.raises(FileNotFoundError, match=rf"without its extension: {prefix}\)$"):
         check_indexed_dataset(prefix + ".bin")
+
+
+def test_preprocess_reports_a_lone_surrogate_escape_by_line(tmp_path, tokenizer_file, capsys):
+    """'\\ud83d' alone is valid JSON but no text a tokenizer can encode: the line is reported and skipped like
+    invalid UTF-8 (before: a TypeError traceback from the tokenizers library). A paired escape is kept."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "smile \\ud83d\\ude00"}\n{"text": "broken \\ud83d"}\n{"text": "fine"}\n')
+    tool = load_tool("preprocess_data")
+    assert tool.main(["--input", str(path), "--output-prefix", str(tmp_path / "out"), "--tokenizer",
+                      tokenizer_file]) == 0
+    out = capsys.readouterr()
+    assert "line 2: field 'text' holds an unpaired UTF-16 surrogate" in out.err and "2 documents" in out.out
+    tok = load_tokenizer(tokenizer_file)
+    ds = IndexedDataset(str(tmp_path / "out_text_document"))
+    assert [tok.decode(ds[i][:-1].tolist()) for i in range(len(ds))] == ["smile \U0001F600", "fine"]
+
+
+def test_pretrain_takes_the_eod_token_preprocessing_was_given(tmp_path):
+    """A tokenizer whose end-of-document token megajoy does not guess (Llama 3's <|end_of_text|>): data
+    preprocessed with --eod-token trains with `megajoy pretrain --eod-token`, documents split at that token.
+    Before, pretrain refused the tokenizer, naming a flag it did not have."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from megajoy.cli import build_parser
+    from megajoy.data.pretrain import resolve_data
+    from megajoy.stages.pretrain import build_job
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "t.json"))
+    write_jsonl(tmp_path / "in.jsonl", ["hello", "world"])
+    assert load_tool("preprocess_data").main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix",
+                                              str(tmp_path / "d"), "--tokenizer", str(tmp_path / "t.json"),
+                                              "--eod-token", "<|end_of_text|>"]) == 0
+    prefix = str(tmp_path / "d_text_document")
+    args = build_parser().parse_args(["pretrain", "--data-path", prefix, "--tokenizer", str(tmp_path / "t.json"),
+                                      "--eod-token", "<|end_of_text|>"])
+    blend, info = resolve_data(build_job(args))
+    assert blend == [prefix] and info.eod == tok.token_to_id("<|end_of_text|>") == 1
+    ds = IndexedDataset(prefix)
+    assert [int(ds[i][-1]) for i in range(2)] == [info.eod] * 2
+    with pytest.raises(ValueError, match="need --data-path"):
+        resolve_data(build_job(build_parser().parse_args(["pretrain", "--eod-token", "<|end_of_text|>"])))
+
+
+def _write_multimodal(path, documents, modes):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(str(path) + ".bin", dtype=np.uint16, multimodal=True)
+    for doc, mode in zip(documents, modes):
+        builder.add_document(doc, [len(doc)], modes=[mode])
+    builder.finalize(str(path) + ".idx")
+    return str(path)
+
+
+def test_a_text_only_multimodal_index_reads_as_megatron_core_reads_it(tmp_path):
+    """megatron-core's multimodal layout (an int8 mode per sequence after the document indices) with every
+    sequence text: GPTDataset reads it as text, and so does megajoy (before: "truncated or corrupt"). One
+    non-text sequence is refused by name."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    prefix = _write_multimodal(tmp_path / "text", [[3, 4, 5, 1], [6, 7, 1], [8, 1]], [0, 0, 0])
+    ds = IndexedDataset(prefix)
+    assert check_indexed_dataset(prefix) == (len(ds), int(ds.sequence_lengths.sum())) == (3, 9)
+    prefix = _write_multimodal(tmp_path / "image", [[3, 4, 5, 1], [6, 7, 1]], [0, 1])
+    with pytest.raises(ValueError, match=r"image\.idx: a multimodal index in which 1 of 2 sequences are not text"):
+        check_indexed_dataset(prefix)
+
+
+def test_negative_token_ids_are_refused(tmp_path, tokenizer_file):
+    """An int32 dataset (megatron-core's type for vocabularies of 65,500 and more) with a negative id: refused
+    before training, as ids past the vocabulary are (before: accepted, then an IndexError in the embedding)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megajoy.data.pretrain import check_vocab
+
+    def write(name, documents):
+        builder = IndexedDatasetBuilder(str(tmp_path / name) + ".bin", dtype=np.int32)
+        for doc in documents:
+            builder.add_document(doc, [len(doc)])
+        builder.finalize(str(tmp_path / name) + ".idx")
+        return str(tmp_path / name)
+
+    info = TokenizerInfo.from_file(tokenizer_file)
+    with pytest.raises(ValueError, match=r"d\.bin: token id -7 is outside the model's vocab_size=70000"):
+        check_vocab(info, [write("d", [[3, 4, 1], [6, -7, 1]])], 70000)
+    check_vocab(info, [write("ok", [[0, 4, 1], [69999, 1]])], 70000)

@@ -275,3 +275,62 @@ def test_held_out_exact_match_is_shared_between_data_parallel_ranks(tmp_path, to
     one, ep = (json.loads((tmp_path / out / "sft_results.json").read_text()) for out in ("one", "ep"))
     assert one["exact_match_before"] == ep["exact_match_before"] == 0.0
     assert 0 < one["exact_match_after"] < 1 and ep["exact_match_after"] == one["exact_match_after"]
+
+
+def test_a_lone_surrogate_escape_stops_loading_with_its_line(tmp_path, tokenizer_file):
+    """'\\ud83d' alone is valid JSON but no text the tokenizer can encode: before, a TypeError from the
+    tokenizers library, naming neither file nor line. A paired escape (an emoji) is fine."""
+    path = tmp_path / "chat.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "hi \\ud83d\\ude00"}, {"role": "assistant", '
+                    '"content": "ok"}]}\n{"messages": [{"role": "user", "content": "hi \\ud83d"}, '
+                    '{"role": "assistant", "content": "ok"}]}\n')
+    with pytest.raises(ValueError, match=rf"^{path}:2: the line holds an unpaired UTF-16 surrogate"):
+        load_conversations(str(path), ChatTokenizer(tokenizer_file, 320), 64)
+
+
+def _chat_sample_tokenizer(tmp_path, pre_tokenizer, special):
+    from tokenizers import Tokenizer, models, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizer
+    tok.train_from_iterator([f"the answer is yes and no, hello world {i}" for i in range(100)], trainers.BpeTrainer(
+        vocab_size=120, special_tokens=special, initial_alphabet=list("<>|_"), show_progress=False))
+    tok.save(str(tmp_path / "t.json"))
+    return str(tmp_path / "t.json")
+
+
+def test_bos_and_eos_are_added_when_missing(tmp_path):
+    """A tokenizer with other names for its specials (Llama 3's): DeepSeek-V3's BOS and EOS are added with the
+    template's tokens. Before, the EOS the model must learn to end its turn with was spelled out in 20+ tokens."""
+    from tokenizers import pre_tokenizers
+
+    path = _chat_sample_tokenizer(tmp_path, pre_tokenizers.ByteLevel(add_prefix_space=False),
+                                  ["<|begin_of_text|>", "<|end_of_text|>"])
+    chat = ChatTokenizer(path, 200)
+    assert chat.added[:2] == [BOS, EOS] and len(chat.added) == 10
+    sample = chat.encode(render({"messages": [{"role": "user", "content": "hello"},
+                                              {"role": "assistant", "content": "world"}]}))
+    assert sample.ids[0] == chat.tok.token_to_id(BOS)
+    trained = [i for i, t in zip(sample.ids, sample.trained) if t]
+    assert trained == chat.tok.encode("world", add_special_tokens=False).ids + [chat.tok.token_to_id(EOS)]
+
+
+def test_a_conversation_tokenizes_as_apply_chat_template_tokenizes_it(tmp_path):
+    """With a SentencePiece-style tokenizer (Metaspace, prepend_scheme "first", as Mistral's tokenizer.json),
+    the ids equal transformers' apply_chat_template(tokenize=True) with megajoy's template, and the trained
+    tokens are the answers. Before, each piece was tokenized alone and every answer began with an extra '▁'."""
+    from tokenizers import pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from megajoy.data.chat import JINJA_TEMPLATE
+
+    path = _chat_sample_tokenizer(tmp_path, pre_tokenizers.Metaspace(prepend_scheme="first"), ["<unk>", BOS, EOS])
+    chat = ChatTokenizer(path, 200)
+    hf = PreTrainedTokenizerFast(tokenizer_object=chat.tok, chat_template=JINJA_TEMPLATE)
+    messages = [{"role": "user", "content": "the answer"}, {"role": "assistant", "content": "yes"},
+                {"role": "user", "content": "hello"}, {"role": "assistant", "content": "no world"}]
+    sample = chat.encode(render({"messages": messages}, mode="off"))
+    expected = hf.apply_chat_template(messages, tokenize=True, return_dict=True, thinking=False)["input_ids"]
+    assert sample.ids == expected
+    trained = [chat.tok.id_to_token(i) for i, t in zip(sample.ids, sample.trained) if t]
+    assert trained == ["yes", EOS, "no", "▁world", EOS]

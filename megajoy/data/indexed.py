@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megajoy.data.jsonl import Unreadable
+from megajoy.data.jsonl import LONE_SURROGATE, Unreadable, has_lone_surrogate
 
 _MAGIC = b"MMIDIDX\x00\x00"
 _DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
@@ -68,6 +68,8 @@ def _parse(raw: str) -> tuple[str | None, str | None]:
         return None, f"no {_worker_key!r} field"
     if not isinstance(record[_worker_key], str):
         return None, f"field {_worker_key!r} is {type(record[_worker_key]).__name__}, not a string"
+    if has_lone_surrogate(raw, record[_worker_key]):
+        return None, f"field {_worker_key!r} {LONE_SURROGATE}"
     return record[_worker_key], None
 
 
@@ -210,7 +212,10 @@ def check_indexed_dataset(prefix: str) -> tuple[int, int]:
     if version != 1 or code not in _DTYPES:
         raise ValueError(f"{idx_path}: unsupported index version {version} or dtype code {code}")
     expected = header_size + n_seq * (4 + 8) + n_doc * 8
-    if size != expected:
+    multimodal = n_seq > 0 and size == expected + n_seq  # megatron-core's layout: an int8 mode per sequence follows
+    if multimodal:
+        _check_text_modes(idx_path, expected, n_seq)
+    elif size != expected:
         raise ValueError(f"{idx_path}: {size} bytes, but its header ({n_seq} sequences, {n_doc} documents) "
                          f"implies {expected}; the file is truncated or corrupt")
     lengths = np.memmap(idx_path, dtype=np.int32, mode="r", offset=header_size, shape=(n_seq,))
@@ -224,15 +229,25 @@ def check_indexed_dataset(prefix: str) -> tuple[int, int]:
     return max(n_doc - 1, 0), tokens
 
 
-def max_token_id(prefix: str, scan_bytes: int = 2**30) -> tuple[int, bool]:
-    """(largest token id, whether the whole file was scanned): files above `scan_bytes` are checked in
+def _check_text_modes(idx_path: str, offset: int, n_seq: int) -> None:
+    """A multimodal index is read as text (as megatron-core's GPTDataset reads it) when every sequence is text."""
+    modes = np.memmap(idx_path, dtype=np.int8, mode="r", offset=offset, shape=(n_seq,))
+    others = int(np.count_nonzero(modes))
+    if others:
+        raise ValueError(f"{idx_path}: a multimodal index in which {others} of {n_seq} sequences are not text "
+                         f"(mode != 0); megajoy trains on text datasets only")
+
+
+def token_id_range(prefix: str, scan_bytes: int = 2**30) -> tuple[int, int, bool]:
+    """(smallest token id, largest, whether the whole file was scanned): files above `scan_bytes` are checked in
     their first and last `scan_bytes / 2`, which catches a wrong tokenizer without reading terabytes."""
     with open(prefix + ".idx", "rb") as f:
         code = f.read(len(_MAGIC) + 9)[-1]
     data = np.memmap(prefix + ".bin", dtype=_DTYPES[code], mode="r")
     if data.size == 0:
-        return -1, True
+        return 0, -1, True
     if data.nbytes <= scan_bytes:
-        return int(data.max()), True
+        return int(data.min()), int(data.max()), True
     half = scan_bytes // 2 // data.itemsize
-    return int(max(data[:half].max(), data[-half:].max())), False
+    head, tail = data[:half], data[-half:]
+    return int(min(head.min(), tail.min())), int(max(head.max(), tail.max())), False

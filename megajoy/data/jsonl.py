@@ -13,6 +13,21 @@ class Unreadable(str):
     """An input item that could not be read (its text is the reason), reported like a malformed line."""
 
 
+LONE_SURROGATE = "holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), which is no text a tokenizer can encode"
+
+
+def has_lone_surrogate(line: str, value) -> bool:
+    """Whether `value`, parsed from JSON `line`, holds a lone surrogate ("\\ud83d" without its pair): valid
+    JSON that Python parses, but the tokenizers library refuses. Only an escape in the line can make one."""
+    if "\\u" not in line:
+        return False
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def check_input_file(path: str, what: str = "data file") -> None:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} {path} does not exist")
@@ -45,4 +60,6 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
             raise ValueError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise ValueError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+        if has_lone_surrogate(line, obj):
+            raise ValueError(f"{path}:{number}: the line {LONE_SURROGATE}")
         yield number, obj

@@ -5,7 +5,7 @@ stores)."""
 import os
 
 from megajoy.data.gpt import build_gpt_datasets, parse_blend
-from megajoy.data.indexed import check_indexed_dataset, max_token_id
+from megajoy.data.indexed import check_indexed_dataset, token_id_range
 from megajoy.data.packing import Batch, pack_samples
 from megajoy.data.tokenizer import TokenizerInfo
 
@@ -14,15 +14,16 @@ def resolve_data(job) -> tuple[list[str], TokenizerInfo]:
     """(blend, tokenizer) for a job: its --data-path and --tokenizer, or the built-in corpus."""
     data = job.data
     if data.data_path is None:
-        if data.tokenizer is not None:
-            raise ValueError("--tokenizer needs --data-path: the built-in corpus is tokenized with its own tokenizer")
+        if data.tokenizer is not None or data.eod_token is not None:
+            raise ValueError("--tokenizer and --eod-token need --data-path: the built-in corpus is tokenized with its "
+                             "own tokenizer")
         from megajoy.data.corpus import builtin_corpus
 
         manifest = builtin_corpus(job.model.vocab_size, data.builtin_corpus_mb, workers=data.num_workers)
         return [manifest["prefix"]], TokenizerInfo.from_file(manifest["tokenizer"])
     if data.tokenizer is None:
         raise ValueError("--data-path needs --tokenizer (the tokenizer.json the data was preprocessed with)")
-    return list(data.data_path), TokenizerInfo.from_file(data.tokenizer)
+    return list(data.data_path), TokenizerInfo.from_file(data.tokenizer, data.eod_token)
 
 
 def check_vocab(tokenizer: TokenizerInfo, blend: list[str], vocab_size: int) -> None:
@@ -31,10 +32,12 @@ def check_vocab(tokenizer: TokenizerInfo, blend: list[str], vocab_size: int) -> 
                          f"vocab_size={vocab_size}")
     for prefix in parse_blend(blend)[0]:
         check_indexed_dataset(prefix)
-        largest, whole = max_token_id(prefix)
-        if largest >= vocab_size:
+        smallest, largest, whole = token_id_range(prefix)
+        if smallest < 0 or largest >= vocab_size:
             where = "" if whole else " (in the scanned head and tail)"
-            raise ValueError(f"{prefix}.bin: token id {largest}{where} is outside the model's vocab_size={vocab_size}")
+            bad = smallest if smallest < 0 else largest
+            raise ValueError(f"{prefix}.bin: token id {bad}{where} is outside the model's vocab_size={vocab_size} "
+                             f"(ids 0 to {vocab_size - 1})")
 
 
 class PretrainData:

@@ -7,6 +7,7 @@ that is not JSON stops loading with its file and line number.
 """
 
 import bisect
+import itertools
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import torch
 from megajoy.data.chat import TEMPLATE_TOKENS, ConversationError, render
 from megajoy.data.jsonl import read_jsonl
 from megajoy.data.packing import Batch, stack
-from megajoy.data.tokenizer import PAD_TOKEN, load_tokenizer
+from megajoy.data.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, load_tokenizer
 
 
 @dataclass
@@ -58,11 +59,12 @@ def split_held_out(items: list, count: int, seed: int) -> tuple[list, list]:
 
 
 class ChatTokenizer:
-    """A tokenizer.json with the template's special tokens (added when missing)."""
+    """A tokenizer.json with the template's special tokens, DeepSeek-V3's BOS and EOS among them (added when
+    missing)."""
 
     def __init__(self, path: str, vocab_size: int):
         self.tok = load_tokenizer(path)
-        missing = [t for t in TEMPLATE_TOKENS if self.tok.token_to_id(t) is None]
+        missing = [t for t in [BOS_TOKEN, EOS_TOKEN, *TEMPLATE_TOKENS] if self.tok.token_to_id(t) is None]
         if missing:
             self.tok.add_special_tokens(missing)
         if self.tok.get_vocab_size() > vocab_size:
@@ -76,12 +78,14 @@ class ChatTokenizer:
         self.tok.save(path)
 
     def encode(self, pieces) -> Sample:
-        ids, trained = [], []
-        for piece in pieces:
-            piece_ids = self.tok.encode(piece.text, add_special_tokens=False).ids
-            ids.extend(piece_ids)
-            trained.extend([piece.trained] * len(piece_ids))
-        return Sample(ids, trained)
+        """The pieces' text tokenized whole, as a chat template's text is (piece by piece, a SentencePiece-style
+        tokenizer would start each with a space); a token is trained when the piece it starts in is."""
+        text = "".join(piece.text for piece in pieces)
+        encoding = self.tok.encode(text, add_special_tokens=False)
+        ends = list(itertools.accumulate(len(piece.text) for piece in pieces))
+        last = len(pieces) - 1
+        trained = [pieces[min(bisect.bisect_right(ends, start), last)].trained for start, _ in encoding.offsets]
+        return Sample(encoding.ids, trained)
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)

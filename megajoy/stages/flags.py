@@ -32,6 +32,7 @@ TRAINING_FLAGS = [
     (["--data-path"], "data.data_path", dict(nargs="+", metavar="[WEIGHT] PREFIX")),
     (["--split"], "data.split", dict()),
     (["--tokenizer", "--tokenizer-model"], "data.tokenizer", dict(metavar="tokenizer.json")),
+    (["--eod-token"], "data.eod_token", dict(metavar="TOKEN")),
     (["--data-cache-path"], "data.data_cache_path", dict()),
     (["--eod-mask-loss"], "data.eod_mask_loss", dict(action="store_const", const=True)),
     (["--no-eod-mask-loss"], "data.eod_mask_loss", dict(action="store_const", const=False)),
