@@ -128,6 +128,33 @@ def test_generation_needs_the_whole_model_and_prompts(model):
         generate(model, [[1], []])
 
 
+@pytest.mark.parametrize("decode", ["generate", "speculative"])
+def test_bad_prompts_get_one_clear_error(model, decode):
+    """Empty prompts, prompts longer than the context and unknown token ids are refused by name (one process
+    raised an IndexError for an unknown id; a tensor-parallel group, whose embedding reads it as zeros, decoded
+    it silently); a prompt that fills the context exactly decodes as the full forward does."""
+    from megajoy.model.generate import speculative_greedy
+
+    def run(prompt):
+        if decode == "generate":
+            return generate(model, [[1, 2], prompt], SamplingParams(max_new_tokens=3))[1]
+        return speculative_greedy(model, prompt, 3, 2)[0]
+
+    context = model.cfg.max_position_embeddings
+    edge, longer = [t % 256 for t in range(context)], [t % 256 for t in range(context + 1)]
+    for prompt, message in [([], "prompt .* is empty"), ([5, 256, 7], "token id 256, outside the model's vocabulary"),
+                            ([5, -1], "token id -1, outside"), (longer, f"{context + 1} tokens, more than the")]:
+        with pytest.raises(ValueError, match=message):
+            run(prompt)
+    assert run(edge) == greedy(model, edge, 3)
+
+
+@pytest.mark.parametrize("temperature", [-0.5, float("nan")])
+def test_temperature_must_be_a_number_at_least_zero(model, temperature):
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        generate(model, [[1, 2]], SamplingParams(max_new_tokens=2, temperature=temperature))
+
+
 EP_PROMPTS = ([[5, 17, 42], [9, 9]], [[200, 3, 3, 3, 7, 11, 250]])  # rank 0's two rows, rank 1's one
 
 
@@ -292,6 +319,22 @@ def test_verification_keeps_exactly_the_agreeing_drafts(model, wrong_at):
     per_pass = min(wrong_at, k)
     assert stats.accepted == per_pass * stats.verify_passes
     assert stats.verify_passes == -(-12 // (per_pass + 1))  # 12 tokens after the prefill's first
+
+
+def test_speculative_decoding_stops_at_an_accepted_stop_token(model):
+    """A stop token accepted among a pass's drafts ends decoding there, as it ends greedy decoding; the
+    statistics count that one pass, not passes up to max_new_tokens."""
+    from megajoy.model.generate import speculative_greedy
+
+    prompt, k = [9, 8, 7], 3
+    free = greedy(model, prompt, 40)
+    stop = free[2]  # drafted (and accepted) in the first verification pass
+    want = greedy(model, prompt, 40, eos_token_id=stop)
+    drafter = OracleDrafter(free[1:], 99)
+    drafter.prompt_length = len(prompt)
+    got, stats = speculative_greedy(model, prompt, 40, k, stop_token_ids=(stop,), drafter=drafter)
+    assert got == want == free[:free.index(stop) + 1]
+    assert stats.verify_passes == 1 and stats.accepted == k
 
 
 def test_generate_command(tmp_path, tokenizer_file, capsys):

@@ -271,10 +271,28 @@ def left_padded(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.T
 
 
 def check_sampling(params: SamplingParams) -> None:
+    if not 0 <= params.temperature < float("inf"):  # also refuses NaN
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {params.temperature}")
     if not 0 < params.top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
     if params.top_k < 0 or params.max_new_tokens < 1:
         raise ValueError(f"top_k must be >= 0 and max_new_tokens >= 1 (got {params.top_k}, {params.max_new_tokens})")
+
+
+def check_prompts(model, prompts: list[list[int]]) -> None:
+    """Every prompt non-empty, inside the context and made of the model's token ids (a tensor-parallel
+    embedding would silently read an unknown id as zeros)."""
+    cfg = model.cfg
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        if len(prompt) > cfg.max_position_embeddings:
+            raise ValueError(f"prompt {i} has {len(prompt)} tokens, more than the model's context "
+                             f"(max_position_embeddings = {cfg.max_position_embeddings})")
+        unknown = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+        if unknown:
+            raise ValueError(f"prompt {i} has token id {unknown[0]}, outside the model's vocabulary "
+                             f"[0, {cfg.vocab_size})")
 
 
 @torch.no_grad()
@@ -290,8 +308,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams | None = No
     params = params or SamplingParams()
     check_generation_layout(model)
     check_sampling(params)
-    if any(not p for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+    check_prompts(model, prompts)
     if row_ids is not None and len(row_ids) != len(prompts):
         raise ValueError(f"{len(row_ids)} row ids for {len(prompts)} prompts")
     if entropies is not None:
@@ -430,8 +447,7 @@ def speculative_greedy(model, prompt: list[int], max_new_tokens: int, draft_toke
     token. The output is plain greedy decoding's (up to floating-point near-ties: the verification pass
     rounds differently from one-token steps)."""
     check_single_process(model)
-    if not prompt:
-        raise ValueError("the prompt needs at least one token")
+    check_prompts(model, [prompt])
     if draft_tokens < 1 or max_new_tokens < 1:
         raise ValueError(f"draft_tokens and max_new_tokens must be >= 1 (got {draft_tokens}, {max_new_tokens})")
     was_training = model.training
@@ -453,7 +469,8 @@ def _speculative(model, prompt, max_new_tokens, k, stops, drafter):
     out = [int(step.logits[0, -1].argmax())]
     drafter.confirm(step.hidden, ids.new_tensor([prompt[1:] + out]))
     stats = SpeculativeStats()
-    while len(out) < max_new_tokens and out[-1] not in stops:
+    stopped = out[-1] in stops
+    while len(out) < max_new_tokens and not stopped:
         drafts = drafter.draft(k)
         base = cache.length
         tokens = ids.new_tensor([[out[-1]] + drafts])
@@ -470,6 +487,7 @@ def _speculative(model, prompt, max_new_tokens, k, stops, drafter):
         stats.drafted += k
         stats.accepted += accepted
         out.extend(new)
+        stopped = not stops.isdisjoint(new)  # an accepted draft may be the stop, not only the last token
     for i, token in enumerate(out):
         if token in stops:
             out = out[:i + 1]
