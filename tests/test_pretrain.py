@@ -259,6 +259,48 @@ def test_bad_input_errors(tmp_path, data_prefix, tokenizer_file, capsys):
     assert code == 2 and f"{state_file}: listed in checksums.json but missing" in err
 
 
+def test_checkpoint_of_another_model_or_damaged_is_named(tmp_path, data_prefix, tokenizer_file, capsys):
+    """--resume and --init name the checkpoint, the tensor and both shapes for another model's checkpoint; --init
+    verifies checksums as --resume does; an unreadable checksums.json is named."""
+    out = tmp_path / "o"
+    assert main(args(out, data_prefix, tokenizer_file, 2)) == 0
+    ckpt = latest_checkpoint(str(out))
+    capsys.readouterr()
+
+    def run(target, *extra):
+        code = main(args(target, data_prefix, tokenizer_file, 2, *extra))
+        return code, capsys.readouterr().err
+
+    wider = ("--set", "model.hidden_size=64")
+    expected = (f"{ckpt}: tensor 'embed_tokens.weight' has shape [320, 32] in the checkpoint; "
+                "this model expects [320, 64]")
+    for extra in (("--resume", *wider), ("--init", ckpt, *wider)):
+        code, err = run(out if extra[0] == "--resume" else tmp_path / "init", *extra)
+        assert code == 2 and expected in err, err[-2000:]
+    shards = os.path.join(ckpt, "__0_0.distcp")
+    flip_byte(shards, 100)
+    code, err = run(tmp_path / "init", "--init", ckpt)
+    assert code == 2 and f"{shards}: checksum mismatch" in err
+    flip_byte(shards, 100)
+    sums = os.path.join(ckpt, "checksums.json")
+    with open(sums, "r+") as f:
+        f.truncate(20)
+    code, err = run(out, "--resume")
+    assert code == 2 and f"{sums}: unreadable (" in err
+
+
+def test_a_fresh_run_in_a_used_out_keeps_its_checkpoint(tmp_path, data_prefix, tokenizer_file):
+    """A run started afresh where an earlier run saved later steps: --keep-last does not delete the checkpoint it
+    just wrote, and `latest` names it (not the earlier run's)."""
+    out = tmp_path / "o"
+    assert main(args(out, data_prefix, tokenizer_file, 4, "--save-interval", "2")) == 0
+    assert main(args(out, data_prefix, tokenizer_file, 1)) == 0
+    assert sorted(os.listdir(out / "checkpoints")) == ["iter_0000001", "iter_0000002", "iter_0000004", "latest"]
+    newest = latest_checkpoint(str(out))
+    assert os.path.basename(newest) == "iter_0000001"
+    assert trainer_state(newest) == {"consumed_samples": 4, "stage": "pretrain", "step": 1}
+
+
 def flip_byte(path, offset):
     with open(path, "r+b") as f:
         f.seek(offset)

@@ -173,6 +173,31 @@ def test_compare_runs_both_losses_with_the_same_seeds(tmp_path, tiny_init):
     assert json.loads((tmp_path / "compare.json").read_text()).keys() == {"fiberpo", "grpo"}
 
 
+def test_resume_inside_a_rollout_batch_under_the_curriculum(tmp_path, tiny_init):
+    """Stopped after step 3 (inside the second rollout batch) and resumed: step 4 updates on the saved batch and
+    step 5 draws the unbroken run's curriculum prompts; every logged number and the final weights are the same."""
+    from megajoy.ckpt.native import load_model_dir
+    from megajoy.train.checkpoint import latest_checkpoint
+
+    flags = ("--train-iters", "6", "--eval-interval", "6", "--curriculum", "--curriculum-rollouts", "2")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(rl_args(tiny_init, one, *flags)) == 0
+    assert main(rl_args(tiny_init, two, *flags, "--exit-interval", "3")) == 0
+    assert len(json.loads((two / "checkpoints" / "iter_0000003" / "trainer_state.json").read_text())
+               ["rollout"]["rows"][0]) == 16  # 4 prompts x 4 rollouts
+    assert main(rl_args(tiny_init, two, *flags, "--resume")) == 0
+    steps = [{r["step"]: r for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r} for out in (one, two)]
+    assert sorted(steps[0]) == sorted(steps[1]) == [1, 2, 3, 4, 5, 6]
+    assert abs(steps[0][4]["importance_ratio"] - 1) > 1e-6  # a second update of its batch
+    for step, record in steps[0].items():
+        assert record.keys() - {"tokens_per_s"} == steps[1][step].keys() - {"tokens_per_s"}
+        for key in record.keys() - {"tokens_per_s"}:
+            assert record[key] == steps[1][step][key], (step, key)
+    weights = [load_model_dir(latest_checkpoint(str(out)))[1] for out in (one, two)]
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
+
+
 def test_rollouts_under_int4_weights_then_back_to_full_precision():
     from helpers import random_model, small_config
     from megajoy.config import QuantConfig

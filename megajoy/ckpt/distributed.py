@@ -141,6 +141,7 @@ def load_into(model, optimizer, specs: dict[str, ParamSpec], pc, path: str) -> N
             continue
         if f"model.{name}" not in keys:
             raise ValueError(f"{path}: tensor {name!r} is missing from the checkpoint")
+        _check_shape(path, name, shapes[f"model.{name}"], specs[name].global_shape if name in specs else tensor.shape)
         local = torch.empty_like(params[name] if name in params else tensor, device="cpu")
         target[f"model.{name}"] = meshes.wrap(local, specs[name]) if distributed and name in specs else local
     fields = _optimizer_fields(keys)
@@ -169,6 +170,12 @@ def load_into(model, optimizer, specs: dict[str, ParamSpec], pc, path: str) -> N
                 name, field = key[len("optim."):].rsplit(".", 1)
                 loaded.setdefault(name, {})[field] = _local(value) if shapes[key] else float(value)
         optimizer.load_local_state(loaded, path)
+
+
+def _check_shape(path: str, name: str, saved: tuple, expected) -> None:
+    if tuple(saved) != tuple(expected):
+        raise ValueError(f"{path}: tensor {name!r} has shape {list(saved)} in the checkpoint; this model expects "
+                         f"{list(expected)} (a checkpoint of another model configuration?)")
 
 
 def _optimizer_fields(keys) -> dict[str, list[str]]:
@@ -225,8 +232,13 @@ def verify_checksums(path: str) -> None:
     manifest = os.path.join(path, CHECKSUMS)
     if not os.path.exists(manifest):
         raise ValueError(f"{path}: no {CHECKSUMS}; the checkpoint is incomplete")
-    with open(manifest) as f:
-        sums = json.load(f)
+    try:
+        with open(manifest) as f:
+            sums = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{manifest}: unreadable ({e}); the checkpoint is incomplete or corrupt") from None
+    if not isinstance(sums, dict):
+        raise ValueError(f"{manifest}: expected an object of file names and SHA-256 sums")
     for name, expected in sums.items():
         file = os.path.join(path, name)
         if not os.path.exists(file):

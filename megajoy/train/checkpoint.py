@@ -66,7 +66,7 @@ class CheckpointWriter:
             dcp_io.write_checksums(tmp)
             replace_directory(tmp, final)
             _write_latest(checkpoints_dir(self.out), os.path.basename(final))
-            _prune(checkpoints_dir(self.out), self.keep_last)
+            _prune(checkpoints_dir(self.out), self.keep_last, os.path.basename(final))
             print(f"megajoy: checkpoint {final} complete", file=sys.stderr)
 
     def _agree_on_tmp(self, final: str) -> str:
@@ -103,8 +103,10 @@ def _complete_checkpoints(root: str) -> list[str]:
     return sorted(d for d in os.listdir(root) if d.startswith("iter_") and ".tmp-" not in d and ".old-" not in d)
 
 
-def _prune(root: str, keep_last: int) -> None:
-    for name in _complete_checkpoints(root)[:-keep_last]:
+def _prune(root: str, keep_last: int, newest: str) -> None:
+    """Keep the last `keep_last` up to `newest`, the one just saved. Later steps' checkpoints are another run's
+    (a fresh run or one resumed from an earlier step in the same OUT): ranked by name they would evict `newest`."""
+    for name in [n for n in _complete_checkpoints(root) if n <= newest][:-keep_last]:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
@@ -146,6 +148,7 @@ def load_weights(model, specs, pc, path: str) -> None:
 
     checkpoint = resolve_checkpoint(path)
     if dcp_io.is_distributed_checkpoint(checkpoint):
+        _verify_on_rank0(checkpoint, pc)
         dcp_io.load_into(model, None, specs, pc, checkpoint)
         return
     _, state, _ = load_model_dir(checkpoint)

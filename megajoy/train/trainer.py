@@ -55,6 +55,14 @@ class Stage:
         """Metrics of the step beyond the objective's (e.g. RL's rollout statistics)."""
         return {}
 
+    def state(self, trainer: "Trainer") -> dict:
+        """What a resumed run needs beyond the weights, the step and the data position (JSON values, in
+        trainer_state.json). Called on every rank, so it may gather."""
+        return {}
+
+    def load_state(self, trainer: "Trainer", state: dict) -> None:
+        """Restore what `state` saved, from a checkpoint's trainer state."""
+
     def evaluate(self, trainer: "Trainer") -> dict[str, float]:
         """Held-out metrics beyond the validation batches' objective (e.g. generation accuracy)."""
         return {}
@@ -416,7 +424,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_state(self) -> dict:
-        return {"consumed_samples": self.consumed, "stage": self.stage.name}
+        return {"consumed_samples": self.consumed, "stage": self.stage.name, **self.stage.state(self)}
 
     def _save(self) -> None:
         """Every rank stages its shards and writes them (in the background with async saves)."""
@@ -441,6 +449,7 @@ class Trainer:
             state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.specs, self.pc)
             self.optimizer.refresh_from_params()
         self.step, self.consumed = state["step"], state["consumed_samples"]
+        self.stage.load_state(self, state)
         if self.is_logging_rank:
             print(f"megajoy: resumed from {path} (step {self.step})", file=sys.stderr)
         return self.step

@@ -32,7 +32,10 @@ class CurriculumSampler:
         mu = self.mu(progress)
         return [math.exp(-0.5 * ((self.pass_rates[i] - mu) / self.sigma) ** 2) for i in self.by_domain[domain]]
 
-    def sample(self, n: int, progress: float) -> list[int]:
+    def sample(self, n: int, progress: float, rng: random.Random | None = None) -> list[int]:
+        """`rng`: the draws' source (default the sampler's own); a per-step one makes them depend on the step
+        alone, as a resumed run needs."""
+        rng = rng or self.rng
         probabilities = self.domain_probabilities()
-        domains = self.rng.choices(list(probabilities), weights=list(probabilities.values()), k=n)
-        return [self.rng.choices(self.by_domain[d], weights=self.prompt_weights(d, progress))[0] for d in domains]
+        domains = rng.choices(list(probabilities), weights=list(probabilities.values()), k=n)
+        return [rng.choices(self.by_domain[d], weights=self.prompt_weights(d, progress))[0] for d in domains]

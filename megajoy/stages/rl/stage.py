@@ -150,19 +150,19 @@ class RlStage(Stage):
 
     def _choose_prompts(self, trainer) -> list:
         args, step = self.args, trainer.step
+        rng = random.Random(trainer.job.train.seed * 1_000_003 + step)  # the step's own: a resumed run draws the same
         if self.sampler is not None:
-            picked = self.sampler.sample(args.prompts_per_step, step / max(trainer.job.train.train_iters - 1, 1))
+            picked = self.sampler.sample(args.prompts_per_step, step / max(trainer.job.train.train_iters - 1, 1), rng)
         else:
-            picked = random.Random(trainer.job.train.seed * 1_000_003 + step).sample(range(len(self.train)),
-                                                                                    args.prompts_per_step)
-        if trainer.pc.size("world") > 1:  # every rank uses rank 0's choice (the curriculum sampler's state is per rank)
+            picked = rng.sample(range(len(self.train)), args.prompts_per_step)
+        if trainer.pc.size("world") > 1:  # every rank uses rank 0's choice
             box = [picked]
             dist.broadcast_object_list(box, src=0)
             picked = box[0]
         return [self.train[i] for i in picked[self.dp_rank::self.dp]]
 
     def rollout(self, trainer) -> None:
-        from megajoy.data.sft import Sample, packed_row
+        from megajoy.data.sft import Sample
 
         n = self.args.rollouts_per_prompt
         prompts = self._choose_prompts(trainer)
@@ -172,11 +172,9 @@ class RlStage(Stage):
         rewards = torch.tensor(self._rewards(expanded, completions))
         advantages = group_advantages(rewards.view(len(prompts), n)).flatten()
         samples = [Sample(p.ids + c, [False] * len(p.ids) + [True] * len(c)) for p, c in zip(expanded, completions)]
-        # a row's capacity - 1 positions (its inputs), which tensor-parallel ranks split, in a multiple of them
-        tp = trainer.pc.tp_size
-        capacity = -(-(max(len(s.ids) for s in samples) - 1) // tp) * tp + 1
-        rows = [packed_row([s], capacity, self.tokenizer.pad_id) for s in samples]
+        rows = self._rows(trainer, samples)
         self._record_rollout_policy(trainer, rows, advantages)
+        self.samples, self.advantages = samples, advantages.tolist()
         entropy_sum = sum(sum(e) for e in entropies)
         tokens = sum(len(c) for c in completions)
         totals = torch.tensor([float(rewards.sum()), float(len(completions)), float(tokens), entropy_sum],
@@ -187,6 +185,14 @@ class RlStage(Stage):
         self.rollout_stats = {"reward": reward_sum / count, "response_length": tokens / count,
                               "entropy": entropy / max(tokens, 1)}
         self.rows = rows
+
+    def _rows(self, trainer, samples) -> list:
+        from megajoy.data.sft import packed_row
+
+        # a row's capacity - 1 positions (its inputs), which tensor-parallel ranks split, in a multiple of them
+        tp = trainer.pc.tp_size
+        capacity = -(-(max(len(s.ids) for s in samples) - 1) // tp) * tp + 1
+        return [packed_row([s], capacity, self.tokenizer.pad_id) for s in samples]
 
     def _record_rollout_policy(self, trainer, rows, advantages) -> None:
         """Set each row's rollout log-probabilities (the training forward's own numerics: autocast and
@@ -203,6 +209,43 @@ class RlStage(Stage):
             self.rollout(trainer)
         micro = trainer.job.train.micro_batch_size
         return [stack(self.rows[i:i + micro]) for i in range(0, len(self.rows), micro)]
+
+    # ------------------------------------------------------------------ resume inside a rollout batch
+    def state(self, trainer) -> dict:
+        """Saved inside a rollout batch: the batch (every data-parallel rank's rows, as the last pipeline stage
+        holds their log-probabilities), so that a resumed run updates on it as the unbroken run does instead of
+        rolling out again with a later policy."""
+        if self.rows is None or trainer.step % self.args.updates_per_batch == 0:
+            return {}
+        pc = trainer.pc
+        holder = pc.coords["pp"] == pc.size("pp") - 1 and pc.tp_rank == 0 and pc.coords["cp"] == 0
+        mine = (self.dp_rank, [{"ids": s.ids, "trained": s.trained, "advantage": a,
+                                "ref_logps": row.ref_logps[0, :len(s.ids) - 1].tolist()}
+                               for s, a, row in zip(self.samples, self.advantages, self.rows)]) if holder else None
+        shares = [mine]
+        if pc.size("world") > 1:
+            shares = [None] * pc.size("world")
+            dist.all_gather_object(shares, mine, group=pc.group("world"))
+        rows = [rows for _, rows in sorted((s for s in shares if s is not None), key=lambda s: s[0])]
+        return {"rollout": {"rows": rows, "stats": self.rollout_stats}}
+
+    def load_state(self, trainer, state) -> None:
+        from megajoy.data.sft import Sample
+
+        if "rollout" not in state:
+            return
+        saved, n = state["rollout"]["rows"], self.args.rollouts_per_prompt
+        # Prompt j of the batch was rolled out by the saving run's rank j % len(saved): take this rank's prompts.
+        mine = [row for j in range(self.dp_rank, self.args.prompts_per_step, self.dp)
+                for row in saved[j % len(saved)][j // len(saved) * n:(j // len(saved) + 1) * n]]
+        self.samples = [Sample(r["ids"], r["trained"]) for r in mine]
+        self.advantages = [r["advantage"] for r in mine]
+        self.rows = self._rows(trainer, self.samples)
+        for row, saved_row in zip(self.rows, mine):
+            logps = torch.tensor(saved_row["ref_logps"], dtype=torch.float32)
+            row.ref_logps = torch.nn.functional.pad(logps, (0, row.loss_mask.shape[1] - len(logps)))[None]
+            row.advantages = torch.tensor(saved_row["advantage"], dtype=torch.float32) * row.loss_mask
+        self.rollout_stats = state["rollout"]["stats"]
 
     def step_metrics(self, trainer) -> dict:
         return dict(self.rollout_stats)
