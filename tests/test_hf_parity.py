@@ -1,5 +1,7 @@
 """megajoy's forward equals transformers' DeepseekV3ForCausalLM on the same weights (fp32)."""
 
+import zlib
+
 import pytest
 import torch
 
@@ -27,7 +29,7 @@ CONFIGS = {
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_logits_match_transformers(name, tmp_path):
     cfg = small_config(**CONFIGS[name])
-    model = random_model(cfg, seed=hash(name) % 1000)
+    model = random_model(cfg, seed=zlib.crc32(name.encode()) % 1000)  # str hash() changes every run
     hf, info = hf_reference(model, str(tmp_path / "hf"))
     assert info["missing_keys"] == set() or info["missing_keys"] == []
     assert not info["mismatched_keys"]

@@ -219,6 +219,24 @@ def test_sft_refuses_missing_tokenizer_and_empty_data(tmp_path, tokenizer_file, 
     assert "1 dropped: no assistant (first at line 1)" in err  # the load report says why
 
 
+def test_resume_refuses_another_stages_checkpoint(tmp_path, tokenizer_file, data_prefix, capsys):
+    """`pretrain --resume` in an SFT run's OUT is refused before anything loads, pointing at --init (before, it
+    went on to load the SFT weights and optimizer as a pretraining run's and continued from SFT's step)."""
+    from helpers import TINY_MODEL_OVERRIDES
+
+    from megajoy.train.checkpoint import latest_checkpoint
+
+    init_tiny_checkpoint(tmp_path / "init", tokenizer_file)
+    assert main(sft_args(tmp_path / "init", tmp_path / "out", "--train-iters", "1")) == 0
+    capsys.readouterr()
+    code = main(["pretrain", "--resume", "--out", str(tmp_path / "out"), "--data-path", data_prefix, "--tokenizer",
+                 tokenizer_file, "--seq-length", "32", "--train-iters", "2", "--global-batch-size", "2",
+                 "--micro-batch-size", "2"] + [a for o in TINY_MODEL_OVERRIDES for a in ("--set", o)])
+    expected = (f"{latest_checkpoint(str(tmp_path / 'out'))}: saved by `megajoy sft`; `megajoy pretrain --resume` "
+                "continues only its own runs (start from these weights with --init instead)")
+    assert code == 2 and expected in capsys.readouterr().err
+
+
 def sft_args(init, out, *extra):
     return ["sft", "--init", str(init), "--out", str(out), "--train-iters", "3", "--seq-length", "128",
             "--global-batch-size", "4", "--micro-batch-size", "1", "--demo-conversations", "200",

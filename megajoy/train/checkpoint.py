@@ -155,12 +155,20 @@ def load_weights(model, specs, pc, path: str) -> None:
     load_full_model_state(model, state, specs, pc, checkpoint)
 
 
-def load_checkpoint(path: str, model, optimizer, specs, pc) -> dict:
-    """Verify checksums, restore this rank's model and optimizer shards (any saved layout) and the RNG;
-    return the trainer state. Errors name the file."""
+def load_checkpoint(path: str, model, optimizer, specs, pc, stage: str) -> dict:
+    """Verify checksums and that `stage` (pretrain, sft, ...) saved the checkpoint, restore this rank's model and
+    optimizer shards (any saved layout) and the RNG; return the trainer state. Errors name the file."""
     _verify_on_rank0(path, pc)
+    state = _trainer_state(path)
+    if state.get("stage", stage) != stage:
+        raise ValueError(f"{path}: saved by `megajoy {state['stage']}`; `megajoy {stage} --resume` continues only "
+                         f"its own runs (start from these weights with --init instead)")
     dcp_io.load_into(model, optimizer, specs, pc, path)
     set_rng_state(_torch_load(os.path.join(path, "rng.pt")))
+    return state
+
+
+def _trainer_state(path: str) -> dict:
     state_path = os.path.join(path, "trainer_state.json")
     try:
         with open(state_path) as f:

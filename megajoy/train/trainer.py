@@ -446,7 +446,7 @@ class Trainer:
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.checkpoints_dir(self.out)}")
         with self.full_precision():
-            state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.specs, self.pc)
+            state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.specs, self.pc, self.stage.name)
             self.optimizer.refresh_from_params()
         self.step, self.consumed = state["step"], state["consumed_samples"]
         self.stage.load_state(self, state)
