@@ -198,6 +198,31 @@ def test_resume_inside_a_rollout_batch_under_the_curriculum(tmp_path, tiny_init)
         assert torch.equal(tensor, weights[1][name]), name
 
 
+@pytest.mark.parametrize("chunk", [0, 8])
+def test_the_update_trains_the_policy_at_the_sampling_temperature(chunk):
+    """With loss_temperature T (RL sets its --temperature), the per-token loss the rollout log-probabilities and
+    the update read is -log softmax(logits / T) at the label, and its gradients those of that expression, on
+    the plain and the chunked (fused head) cross-entropy; the entropy the rollouts report is the tempered
+    policy's (torch.distributions). Before, both were taken at temperature 1 whatever the sampling one."""
+    from helpers import random_model, rel_err, small_config
+    from megajoy.kernels.backend import kernel_settings
+    from megajoy.model.generate import SamplingParams, sample_step
+
+    model = random_model(small_config(initializer_range=0.2), seed=3).train()
+    ids, labels = torch.randint(0, 256, (2, 12)), torch.randint(0, 256, (2, 12))
+    logits = model(ids, compute_mtp=False).logits
+    want = -torch.log_softmax(logits / 0.6, -1).gather(-1, labels[..., None])[..., 0]
+    want_grads = torch.autograd.grad(want.sum(), model.lm_head.weight)
+    model.loss_temperature = 0.6
+    with kernel_settings(cross_entropy_chunk=chunk):
+        got = model(ids, labels=labels, compute_mtp=False).lm_token_loss
+    got_grads = torch.autograd.grad(got.sum(), model.lm_head.weight)
+    assert rel_err(got, want) < 1e-5 and rel_err(got_grads[0], want_grads[0]) < 1e-5
+    _, entropy = sample_step(logits[:, -1], SamplingParams(temperature=0.6), torch.rand(2), with_entropy=True)
+    reference = torch.distributions.Categorical(logits=logits[:, -1].detach() / 0.6).entropy()
+    assert torch.allclose(entropy, reference, rtol=1e-5)
+
+
 def test_rollouts_under_int4_weights_then_back_to_full_precision():
     from helpers import random_model, small_config
     from megajoy.config import QuantConfig
@@ -329,6 +354,8 @@ def test_first_update_sees_ratio_one_under_bf16_autocast(tmp_path, tiny_init):
 def test_bad_sampling_settings_are_refused(tmp_path, tiny_init, capsys):
     assert main(rl_args(tiny_init, tmp_path, "--rollouts-per-prompt", "1")) == 2
     assert "--rollouts-per-prompt must be at least 2" in capsys.readouterr().err
+    assert main(rl_args(tiny_init, tmp_path, "--temperature", "0")) == 2
+    assert "--temperature must be > 0 (rollouts are sampled), got 0.0" in capsys.readouterr().err
     assert main(["generate", "--ckpt", str(tiny_init), "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
     assert main(["generate", "--ckpt", str(tiny_init), "--prompt", "x", "--mtp-draft", "-1"]) == 2

@@ -253,9 +253,13 @@ def _shift_right(x: torch.Tensor, n: int) -> torch.Tensor:
 
 def sample_step(logits_BV: torch.Tensor, params: SamplingParams, uniforms_B: torch.Tensor | None,
                 with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(next token ids [B], the policy's entropy (temperature 1) there [B] or None)."""
+    """(next token ids [B], the entropy there [B] of the policy at the sampling temperature (1 when greedy),
+    or None)."""
     logits = logits_BV.float()  # fp32 probabilities whatever the logits' dtype
-    entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1) if with_entropy else None
+    entropy = None
+    if with_entropy:
+        tempered = logits / params.temperature if params.temperature > 0 else logits
+        entropy = -(tempered.softmax(-1) * tempered.log_softmax(-1)).sum(-1)
     return sample(logits, params, uniforms_B), entropy
 
 
@@ -299,7 +303,8 @@ def check_prompts(model, prompts: list[list[int]]) -> None:
 def generate(model, prompts: list[list[int]], params: SamplingParams | None = None,
              entropies: list | None = None, row_ids: list[int] | None = None) -> list[list[int]]:
     """The tokens appended to each prompt (a stop token ends a row and is included). If `entropies` is a
-    list, it receives per row the entropy of the policy (temperature 1) at each generated token. A row's
+    list, it receives per row the entropy of the policy at the sampling temperature at each generated token
+    (temperature 1 when greedy). A row's
     samples depend only on the seed, the step and its id in `row_ids` (default 0, 1, ...): give ranks
     that share out a set of prompts the prompts' indices in the set, and they draw what one process
     decoding the whole set draws. The ranks of a tensor-parallel group, or of a pipeline, call this

@@ -113,6 +113,7 @@ class JoyAIForCausalLM(nn.Module):
         self.mtp = nn.ModuleList(
             MTPLayer(cfg, DecoderLayer(cfg, moe=False, pc=pc)) for _ in range(cfg.num_nextn_predict_layers if last else 0))
         self.recompute = None  # activation recomputation (set by the trainer)
+        self.loss_temperature = 1.0  # the LM loss's logits are divided by it (RL: the temperature it samples at)
         # Kept off the module's buffers so dtype casts and meta construction never touch it.
         self._inv_freq, self.rope_amplitude = rope_frequencies(
             cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -230,7 +231,8 @@ class JoyAIForCausalLM(nn.Module):
         if loss_mask is None:
             loss_mask = torch.ones_like(input_ids, dtype=torch.float32)
         if labels is not None:
-            ce_BS = self.head_cross_entropy(h_BSD, labels, logits_BSV)
+            tempered_h_BSD, tempered_logits_BSV = self._tempered(h_BSD, logits_BSV)
+            ce_BS = self.head_cross_entropy(tempered_h_BSD, labels, tempered_logits_BSV)
             mask = loss_mask.float()
             out.lm_loss_sum, out.lm_tokens, out.lm_token_loss = (ce_BS * mask).sum(), mask.sum(), ce_BS
         if compute_mtp and len(self.mtp):
@@ -266,6 +268,14 @@ class JoyAIForCausalLM(nn.Module):
         if self.recompute is not None and self.recompute.full:
             return checkpointed_call(lambda h, e: layer(h, e, seq), h_BSD, next_embeds_BSD)
         return layer(h_BSD, next_embeds_BSD, seq)
+
+    def _tempered(self, h_BSD: torch.Tensor, logits_BSV: torch.Tensor | None) -> tuple:
+        """(h, logits) for the LM loss at loss_temperature T: the head is linear, so logits / T is the head of
+        h / T, which every cross-entropy path (chunked, vocabulary-parallel) takes as it is."""
+        t = self.loss_temperature
+        if t == 1:
+            return h_BSD, logits_BSV
+        return h_BSD / t, None if logits_BSV is None else logits_BSV / t
 
     def head_cross_entropy(self, h_BSD: torch.Tensor, labels_BS: torch.Tensor,
                            logits_BSV: torch.Tensor | None = None) -> torch.Tensor:

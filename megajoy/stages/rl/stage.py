@@ -55,6 +55,9 @@ class RlStage(Stage):
                              f"data-parallel ranks")
         if args.rollout_qat:
             trainer.prepare_fake_quant(self._rollout_format(trainer), args.rollout_qat_modules)
+        # The policy trained is the one sampled: the rollout log-probabilities and the update take the logits
+        # divided by the sampling temperature, as verl and OpenRLHF do.
+        trainer.model.loss_temperature = args.temperature
         self.tokenizer = ChatTokenizer(trainer.tokenizer_file, trainer.job.model.vocab_size)
         path = sft.data_file(trainer.job, args, DEMO_FILE)
         prompts, report = load_prompts(path, self.tokenizer, trainer.job.data.seq_length - args.max_new_tokens,
@@ -333,6 +336,8 @@ def build_job(args, dp: int = 1):
 
     if args.rollouts_per_prompt < 2:
         raise ValueError("--rollouts-per-prompt must be at least 2 (advantages are normalised within a group)")
+    if not 0 < args.temperature < float("inf"):
+        raise ValueError(f"--temperature must be > 0 (rollouts are sampled), got {args.temperature}")
     rollouts = args.prompts_per_step * args.rollouts_per_prompt
     per_rank = max(rollouts // dp, 1)
     defaults = with_recipe(DEFAULTS, RECIPES.get(args.preset or "tiny"))
