@@ -205,6 +205,35 @@ def test_bad_pairs_are_counted_and_reported(tmp_path, tokenizer_file):
         load_pairs(str(path), tokenizer, 60)
 
 
+def test_pairs_with_identical_responses_are_dropped_and_reported(tmp_path, tokenizer_file):
+    """Chosen and rejected the same tokens (as given, or once cut to half a row): no preference to learn."""
+    lines = [{"prompt": "hi", "chosen": "the dog", "rejected": "the dog"},
+             {"prompt": "hi", "chosen": {"role": "assistant", "content": ""}, "rejected": ""},
+             {"prompt": "hi", "chosen": "the dog " * 30 + "ran", "rejected": "the dog " * 30 + "sat"},
+             {"prompt": "hi", "chosen": "the dog", "rejected": "the cat"}]
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(str(path), lines)
+    tokenizer = ChatTokenizer(tokenizer_file, 320)
+    pairs, report = load_pairs(str(path), tokenizer, 60, "truncate")
+    assert report.kept == 1 and report.truncated == 0 and pairs[0].source == lines[3]
+    assert dict(report.dropped) == {"identical_responses": 3} and report.first_lines == {"identical_responses": 1}
+    assert "1 pairs kept; 3 dropped: identical responses (first at line 1)" in report.summary(str(path))
+
+
+def test_a_null_field_is_an_absent_one(tmp_path, tokenizer_file):
+    """As `datasets` exports a file mixing the two prompt forms: the null one is ignored."""
+    lines = [{"prompt": "What is 2 + 2?", "messages": None, "chosen": "4", "rejected": "5"},
+             {"prompt": None, "messages": [{"role": "user", "content": "What is 2 + 2?"}], "chosen": "4",
+              "rejected": "5"}]
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(str(path), lines)
+    tokenizer = ChatTokenizer(tokenizer_file, 320)
+    pairs, report = load_pairs(str(path), tokenizer, 60)
+    assert report.kept == 2 and not report.dropped
+    reference = tokenize_pair({"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}, tokenizer)
+    assert all(p.chosen.ids == reference.chosen.ids and p.rejected.ids == reference.rejected.ids for p in pairs)
+
+
 # ---------------------------------------------------------------------------------------- end to end
 
 def dpo_args(init, out, *extra):

@@ -114,6 +114,26 @@ def test_packing_pads_under_one_percent_on_the_demo_data(tokenizer_file):
     assert len(packed) == math.ceil(tokens / 2049)  # as few rows as the tokens need
 
 
+def test_exact_match_prompts_each_conversation_as_it_was_trained(tokenizer_file, monkeypatch):
+    """Held-out exact match decodes from the trained sequence's tokens up to the answer: `<think>` opens a
+    thinking conversation's answer, `</think>` a non-thinking one's."""
+    import megajoy.model.generate
+    from megajoy.data.demo import arithmetic
+    from megajoy.stages.sft import exact_match
+
+    tokenizer = ChatTokenizer(tokenizer_file, 320)
+    rng = random.Random(0)
+    conversations = [arithmetic(rng, thinking=True), arithmetic(rng, thinking=False)]
+    prompts = []
+    monkeypatch.setattr(megajoy.model.generate, "generate", lambda model, ids, params: prompts.extend(ids) or
+                        [[] for _ in ids])
+    assert exact_match(None, tokenizer, conversations, "auto") == (0, 2)
+    for conversation, prompt in zip(conversations, prompts, strict=True):
+        sample = tokenizer.encode(render(conversation))
+        assert prompt == sample.ids[:sample.trained.index(True)]
+    assert tokenizer.decode(prompts[0]).endswith("<｜Assistant｜><think>")
+
+
 def test_bad_conversations_are_counted_and_reported(tmp_path, tokenizer_file):
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     long = {"messages": [{"role": "user", "content": "the cat " * 40}, {"role": "assistant", "content": "yes"}]}

@@ -29,7 +29,8 @@ class Pair:
 
 
 def prompt_messages(obj: dict) -> list[dict]:
-    prompt = obj.get("messages", obj.get("prompt"))
+    # A null field is an absent one (Hugging Face `datasets` writes a column a row lacks as null).
+    prompt = obj["messages"] if obj.get("messages") is not None else obj.get("prompt")
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list) or not prompt:
@@ -61,7 +62,9 @@ def tokenize_pair(obj: dict, tokenizer: ChatTokenizer, mode: str = "auto") -> Pa
 def load_pairs(path: str, tokenizer: ChatTokenizer, max_tokens: int, overlong: str = "truncate",
                mode: str = "auto") -> tuple[list[Pair], LoadReport]:
     """Pairs whose two sequences fit in `max_tokens` together. Overlong pairs are dropped or have each
-    side cut to half the row, as long as both keep some response tokens."""
+    side cut to half the row, as long as both keep some response tokens. Pairs whose two sequences are the
+    same tokens (as given, or once cut) are dropped: their DPO loss is ln 2 whatever the policy, with no
+    gradient, and they would hold the reward accuracy down."""
     report, pairs = LoadReport("pairs"), []
     for number, obj in read_jsonl(path):
         try:
@@ -69,16 +72,20 @@ def load_pairs(path: str, tokenizer: ChatTokenizer, max_tokens: int, overlong: s
         except ConversationError as e:
             report.count(e.kind, number)
             continue
-        if pair.length > max_tokens:
+        truncated = pair.length > max_tokens
+        if truncated:
             half = max_tokens // 2
             cut = [Sample(s.ids[:half], s.trained[:half]) for s in (pair.chosen, pair.rejected)]
             if overlong == "drop" or not all(any(s.trained[1:]) for s in cut):
                 report.count("too_long", number)
                 continue
             pair = Pair(cut[0], cut[1], obj)
-            report.truncated += 1
+        if pair.chosen.ids == pair.rejected.ids:
+            report.count("identical_responses", number)
+            continue
         pairs.append(pair)
         report.kept += 1
+        report.truncated += truncated
     return pairs, report
 
 

@@ -72,16 +72,24 @@ def exact_match(model, tokenizer, conversations: list[dict], mode: str, max_new_
     """(hits, scored): how many conversations' final assistant answer greedy decoding (batched, latent
     cache) reproduces exactly (after the reasoning, when the model thinks), of those that have an
     "answer". Every rank that decodes together calls it (see generate), with or without conversations."""
-    from megajoy.data.chat import final_answer, render
+    from megajoy.data.chat import final_answer
     from megajoy.data.tokenizer import EOS_TOKEN
     from megajoy.model.generate import SamplingParams, generate
 
     scored = [c for c in conversations if "answer" in c and c["messages"][-1]["role"] == "assistant"]
-    prompts = [tokenizer.encode(render(dict(c, messages=c["messages"][:-1]), mode, generation_prompt=True)).ids
-               for c in scored]
+    prompts = [tokenizer.encode(answer_prompt(c, mode)).ids for c in scored]
     params = SamplingParams(max_new_tokens, stop_token_ids=(tokenizer.tok.token_to_id(EOS_TOKEN),))
     completions = generate(model, prompts, params)
     return sum(final_answer(tokenizer.decode(t)) == c["answer"] for t, c in zip(completions, scored)), len(scored)
+
+
+def answer_prompt(conversation: dict, mode: str) -> list:
+    """The pieces of the conversation up to its final answer, open for generation, in the template mode the
+    whole conversation trains in (its answer's reasoning is what makes a conversation think)."""
+    from megajoy.data.chat import render, thinking_mode
+
+    form = "on" if thinking_mode(conversation, mode) else "off"
+    return render(dict(conversation, messages=conversation["messages"][:-1]), form, generation_prompt=True)
 
 
 # ------------------------------------------------------------------------------------------ command
