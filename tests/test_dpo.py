@@ -165,6 +165,29 @@ def test_pair_formats_share_the_prompt_and_score_only_the_response(tokenizer_fil
     assert tokenizer.decode(pair.rejected.ids).endswith("<｜Assistant｜><think></think>5" + EOS)
 
 
+def test_trl_implicit_prompt_pairs_split_as_trl_splits_them(tokenizer_file, tmp_path):
+    """TRL's implicit-prompt form (whole conversations as chosen and rejected) tokenizes as the explicit pair
+    TRL's own extract_prompt makes of it: the shared turns are the prompt, only the last answers scored.
+    Before, every such line was dropped as malformed."""
+    from trl import extract_prompt
+
+    from megajoy.stages.dpo import chosen_conversation
+
+    tokenizer = ChatTokenizer(tokenizer_file, 320)
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+             {"role": "user", "content": "bye"}]
+    implicit = {"chosen": turns + [{"role": "assistant", "content": "see you"}],
+                "rejected": turns + [{"role": "assistant", "content": "no"}], "answer": "see you"}
+    pair, reference = tokenize_pair(implicit, tokenizer), tokenize_pair(extract_prompt(implicit), tokenizer)
+    assert (pair.chosen.ids, pair.rejected.ids) == (reference.chosen.ids, reference.rejected.ids)
+    assert (pair.chosen.trained, pair.rejected.trained) == (reference.chosen.trained, reference.rejected.trained)
+    assert tokenizer.decode([i for i, t in zip(pair.chosen.ids, pair.chosen.trained) if t]) == "see you" + EOS
+    assert chosen_conversation(pair.source)["messages"] == implicit["chosen"]  # held-out exact match's conversation
+    write_jsonl(str(tmp_path / "pairs.jsonl"), [implicit])
+    pairs, report = load_pairs(str(tmp_path / "pairs.jsonl"), tokenizer, 256)
+    assert report.kept == 1 and pairs[0].chosen.ids == reference.chosen.ids
+
+
 def test_pairs_sit_side_by_side_in_packed_rows(tokenizer_file):
     tokenizer = ChatTokenizer(tokenizer_file, 320)
     pairs = [tokenize_pair({"prompt": f"say {w}", "chosen": w, "rejected": w[::-1]}, tokenizer)

@@ -2,7 +2,9 @@
 
     {"prompt": "..." | [messages], "chosen": ..., "rejected": ...}      (or "messages" for the prompt)
 
-where a response is a string (the assistant's answer), one assistant message, or a list of messages.
+where a response is a string (the assistant's answer), one assistant message, or a list of messages; or
+TRL's implicit-prompt form, {"chosen": [messages], "rejected": [messages]}, whose shared first messages
+are the prompt.
 Each side renders as prompt + response through the chat template, trained (scored) on the response's
 assistant tokens only. Packed rows keep a pair's two sequences side by side: document 2k of a row is
 pair k's chosen sequence, document 2k + 1 its rejected one, so the loss finds the pairs from the
@@ -28,6 +30,20 @@ class Pair:
         return len(self.chosen.ids) + len(self.rejected.ids)
 
 
+def explicit_prompt(obj: dict) -> dict:
+    """A pair in TRL's implicit-prompt form split as TRL's extract_prompt splits it: the messages both sides
+    begin with are the prompt, the rest the responses. Other pairs as they are."""
+    chosen, rejected = obj.get("chosen"), obj.get("rejected")
+    if obj.get("messages") is not None or obj.get("prompt") is not None:
+        return obj
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        return obj
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    return dict(obj, prompt=chosen[:shared], chosen=chosen[shared:], rejected=rejected[shared:])
+
+
 def prompt_messages(obj: dict) -> list[dict]:
     # A null field is an absent one (Hugging Face `datasets` writes a column a row lacks as null).
     prompt = obj["messages"] if obj.get("messages") is not None else obj.get("prompt")
@@ -51,6 +67,7 @@ def response_messages(obj: dict, key: str) -> list[dict]:
 
 def tokenize_pair(obj: dict, tokenizer: ChatTokenizer, mode: str = "auto") -> Pair:
     """Both sides in one template mode (thinking when either side's conversation would think)."""
+    obj = explicit_prompt(obj)
     prompt = prompt_messages(obj)
     sides = [dict(obj, messages=prompt + response_messages(obj, key)) for key in ("chosen", "rejected")]
     if mode == "auto":
