@@ -259,6 +259,16 @@ def test_a_null_field_is_an_absent_one(tmp_path, tokenizer_file):
 
 # ---------------------------------------------------------------------------------------- end to end
 
+def test_loss_settings_that_train_nothing_or_backwards_are_refused(tmp_path, capsys):
+    for flags, message in ((("--beta", "0"), "--beta must be > 0 (0 trains nothing, below 0 the rejected "
+                                             "response), got 0.0"),
+                           (("--beta", "-0.1"), "--beta must be > 0"),
+                           (("--sft-weight", "-1"), "--sft-weight must be >= 0, got -1.0"),
+                           (("--label-smoothing", "0.5"), "--label-smoothing must be in [0, 0.5), got 0.5")):
+        assert main(dpo_args(tmp_path / "init", tmp_path / "out", *flags)) == 2
+        assert message in capsys.readouterr().err
+
+
 def dpo_args(init, out, *extra):
     return ["dpo", "--init", str(init), "--out", str(out), "--train-iters", "12", "--seq-length", "128",
             "--global-batch-size", "4", "--micro-batch-size", "1", "--demo-pairs", "300", "--valid-pairs", "24",

@@ -198,6 +198,10 @@ def run(args) -> int:
 
     if not 0 <= args.label_smoothing < 0.5:
         raise ValueError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    if not 0 < args.beta < float("inf"):
+        raise ValueError(f"--beta must be > 0 (0 trains nothing, below 0 the rejected response), got {args.beta}")
+    if not 0 <= args.sft_weight < float("inf"):
+        raise ValueError(f"--sft-weight must be >= 0, got {args.sft_weight}")
     job = build_job(args)
     pc = setup_parallel(job)
     with rank0_first(pc):
