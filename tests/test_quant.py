@@ -215,6 +215,67 @@ def test_int4_export_decompresses_to_the_qat_weights(tmp_path):
         assert f.get_tensor("model.layers.1.mlp.shared_experts.down_proj.weight").dtype == torch.bfloat16
 
 
+def _compressed_tensors_int4(directory, name: str) -> tuple[torch.Tensor, int]:
+    """compressed-tensors' own decompression of an exported expert weight, and the config's group size."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    config = json.loads((directory / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationConfig.model_validate(config).config_groups["group_0"]
+    files = load_file(str(directory / "model.safetensors"))
+    parts = {k.rsplit(".", 1)[1]: v for k, v in files.items() if k.startswith(name + ".")}
+    return PackedQuantizationCompressor.decompress(parts, scheme)["weight"], scheme.weights.group_size
+
+
+def _compressed_tensors_fake_quant(w: torch.Tensor, group: int) -> torch.Tensor:
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group)
+    groups = w.unflatten(-1, (-1, group))
+    scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+    return fake_quantize(w, scale, zero, args)
+
+
+def test_int4_export_uses_the_group_the_checkpoint_trained_with(tmp_path):
+    """A checkpoint trained with --qat int4 --qat-group 32, exported with --int4 and no --int4-group: groups
+    of 32, so compressed-tensors decompresses it to the weights of its QAT forward."""
+    from megajoy.ckpt.native import load_model_dir
+    from megajoy.cli import main
+
+    ckpt = tmp_path / "ckpt"
+    assert main(["init", "--set", "model.num_hidden_layers=2", "--set", "quant.qat=int4", "--set",
+                 "quant.qat_group=32", "--out", str(ckpt)]) == 0
+    assert load_tool("convert_ckpt").main(["--input", str(ckpt), "--output", str(tmp_path / "hf"), "--to", "hf",
+                                           "--int4"]) == 0
+    _, state, _ = load_model_dir(str(ckpt))
+    weight = state["layers.1.mlp.experts.down_proj"][5]
+    served, group = _compressed_tensors_int4(tmp_path / "hf", "model.layers.1.mlp.experts.5.down_proj")
+    assert group == 32 and torch.equal(served, _compressed_tensors_fake_quant(weight, 32))
+
+
+def test_int4_export_of_an_int4_checkpoint_keeps_its_weights(tmp_path):
+    """INT4 in, INT4 out (same group): the packed codes and scales pass through. Quantising the dequantised
+    weights again would move them (a group's largest value comes back as 7 or 8 steps, not 7.5)."""
+    from megajoy.ckpt.native import load_model_dir
+    from megajoy.cli import main
+
+    convert = load_tool("convert_ckpt").main
+    ckpt, first, second = tmp_path / "ckpt", tmp_path / "int4", tmp_path / "again"
+    assert main(["init", "--set", "model.num_hidden_layers=2", "--out", str(ckpt)]) == 0
+    assert convert(["--input", str(ckpt), "--output", str(first), "--to", "hf", "--int4"]) == 0
+    assert convert(["--input", str(first), "--output", str(second), "--to", "hf", "--int4"]) == 0
+    _, state, _ = load_model_dir(str(ckpt))
+    inter = state["layers.1.mlp.experts.down_proj"].shape[-1]
+    for e, proj, weight in [(2, "gate_proj", state["layers.1.mlp.experts.gate_up_proj"][2, :inter]),
+                            (6, "down_proj", state["layers.1.mlp.experts.down_proj"][6])]:
+        name = f"model.layers.1.mlp.experts.{e}.{proj}"
+        served, group = _compressed_tensors_int4(second, name)
+        assert group == 64 and torch.equal(served, _compressed_tensors_fake_quant(weight, 64)), name
+
+
 def test_fp8_emulation_equals_scaled_mm_on_cpu():
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(64, 256, generator=g), torch.randn(96, 256, generator=g)

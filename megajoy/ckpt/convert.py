@@ -13,23 +13,41 @@ TARGETS = ("hf", "megajoy", "gguf")
 
 
 def convert(src: str, dst: str, to: str, dtype: str | None = None, int4_group: int | None = None,
-            gguf_type: str = "f16", tokenizer_pre: str | None = None, max_shard_bytes: int = 5 * 10**9) -> list[str]:
+            gguf_type: str = "f16", tokenizer_pre: str | None = None, max_shard_bytes: int = 5 * 10**9,
+            int4: bool = False) -> list[str]:
     """Returns notes for the user (what was read differently from the input's config, tensors that fell
-    back to another type)."""
+    back to another type). `int4` (or an `int4_group`): the routed experts packed INT4, in groups of
+    `int4_group`, by default those the checkpoint was trained with (--qat int4 --qat-group), else 64."""
     if to not in TARGETS:
         raise ValueError(f"unknown target {to!r} (one of {TARGETS})")
-    if int4_group and to != "hf":
+    int4 = int4 or bool(int4_group)
+    if int4 and to != "hf":
         raise ValueError("--int4 applies to --to hf (an INT4 export for serving engines)")
     view = open_view(src)
     check_output(dst, to, view.source)
     if to == "hf":
-        hf.save_hf_dir(dst, view, DTYPES[dtype or "bf16"], max_shard_bytes, int4_group)
-    elif to == "megajoy":
+        group, notes = _int4_group(view, int4_group) if int4 else (None, [])
+        hf.save_hf_dir(dst, view, DTYPES[dtype or "bf16"], max_shard_bytes, group)
+        return [*view.notes, *notes]
+    if to == "megajoy":
         native.save_model_dir(dst, view, DTYPES[dtype or "fp32"], max_shard_bytes)
     else:
         fallbacks = gguf_export.save_gguf(dst, view, gguf_type, DTYPES[dtype or "bf16"], tokenizer_pre)
         return [*view.notes, *(f"{name}: rows are not whole 32-wide blocks, written as f16" for name in fallbacks)]
     return list(view.notes)
+
+
+def _int4_group(view, requested: int | None) -> tuple[int, list[str]]:
+    """The INT4 export's group: the one asked for, else the one the checkpoint's INT4 QAT used (so the export
+    holds exactly the weights its forward was trained with), else 64; and a note where those differ."""
+    quant = view.job.quant
+    trained = quant.qat_group if quant.qat == "int4" else None
+    group = requested or trained or 64
+    if quant.qat is None or group == trained:
+        return group, []
+    trained_as = f"--qat {quant.qat}" + (f" --qat-group {trained}" if trained else "")
+    return group, [f"{view.source} was trained with {trained_as}: the INT4 export (groups of {group}) holds other "
+                   "weights than its forward used"]
 
 
 def check_output(dst: str, to: str, source: str) -> None:

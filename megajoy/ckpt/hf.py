@@ -7,6 +7,7 @@ embedding and output head (`embed_tokens`, `shared_head.head`) that inference en
 Tensors are read from a `CheckpointView` (megajoy/ckpt/view.py) and written one at a time.
 """
 
+import functools
 import itertools
 import json
 import os
@@ -184,11 +185,19 @@ def _expert_entries(view, layer: int, dtype: torch.dtype, int4) -> list:
             if int4 is None:
                 entries.append(TensorEntry(name + "weight", dtype, shape, _reader(view.expert, layer, e, proj)))
             else:
-                entries.extend(_packed_entries(name, shape, lambda e=e, proj=proj: view.expert(layer, e, proj), int4))
+                quantize = functools.partial(_int4_expert, view, layer, e, proj, int4)
+                entries.extend(_packed_entries(name, shape, quantize, int4))
     return entries
 
 
-def _packed_entries(prefix: str, shape: tuple[int, int], load, int4) -> list:
+def _int4_expert(view, layer: int, e: int, proj: str, int4) -> tuple[torch.Tensor, torch.Tensor]:
+    """An expert's int4 (codes, scales): as the input holds them where it stores them packed in these groups
+    (quantising their dequantised values again would move them: the max / 7.5 grid is not idempotent)."""
+    stored = view.expert_int4(layer, e, proj, int4.group)
+    return stored if stored is not None else int4.quantize(view.expert(layer, e, proj))
+
+
+def _packed_entries(prefix: str, shape: tuple[int, int], quantize, int4) -> list:
     """NAME.weight_packed / weight_scale / weight_shape, quantising the weight once for the first two."""
     from megajoy.ckpt.safetensors_io import TensorEntry
     from megajoy.quant.pack import pack_int4
@@ -200,7 +209,7 @@ def _packed_entries(prefix: str, shape: tuple[int, int], load, int4) -> list:
 
     def quantized():
         if not cache:
-            cache["q"] = int4.quantize(load())
+            cache["q"] = quantize()
         return cache["q"]
 
     def codes():

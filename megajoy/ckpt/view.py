@@ -55,6 +55,10 @@ class CheckpointView:
         """How the input calls a megajoy tensor, for error messages."""
         return name
 
+    def expert_int4(self, layer: int, e: int, proj: str, group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(int4 codes, scales) where the input stores this expert packed INT4 in groups of `group`, else None."""
+        return None
+
     def served(self, name: str) -> torch.Tensor:
         """A tensor as engines that always pick experts by score + bias (transformers, llama.cpp, vLLM) must
         read it: under topk_method greedy, which picks by score alone, the router bias is zero."""
@@ -363,14 +367,23 @@ class HfView(CheckpointView):
             return _dequantize_fp8_blocks(tensor, self.files.load(scale_name), self.quant["block"], hf_name)
         return tensor
 
+    def expert_int4(self, layer: int, e: int, proj: str, group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        parts = self._experts[(layer, e, proj)]
+        if "weight" in parts:
+            return None
+        codes, scales = self._int4_parts(parts)
+        return (codes, scales) if codes.shape[-1] == scales.shape[-1] * group else None
+
     def _unpack_int4(self, parts: dict[str, str]) -> torch.Tensor:
         from megajoy.quant.formats import WeightFormat
+
+        codes, scales = self._int4_parts(parts)
+        return WeightFormat.of("int4", codes.shape[-1] // scales.shape[-1]).dequantize(codes, scales)
+
+    def _int4_parts(self, parts: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
         from megajoy.quant.pack import unpack_int4
 
-        codes = unpack_int4(self.files.load(parts["weight_packed"]))
-        scales = self.files.load(parts["weight_scale"])
-        group = codes.shape[-1] // scales.shape[-1]
-        return WeightFormat.of("int4", group).dequantize(codes, scales)
+        return unpack_int4(self.files.load(parts["weight_packed"])), self.files.load(parts["weight_scale"])
 
 
 def _quantization(config: dict | None, source: str) -> dict:
