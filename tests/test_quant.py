@@ -213,6 +213,28 @@ def test_int4_export_decompresses_to_the_qat_weights(tmp_path):
             assert torch.equal(decompressed, fmt.fake_quant(weight))
         assert f.get_tensor("model.layers.1.self_attn.o_proj.weight").dtype == torch.bfloat16
         assert f.get_tensor("model.layers.1.mlp.shared_experts.down_proj.weight").dtype == torch.bfloat16
+    assert_every_projection_targeted_or_ignored(config["quantization_config"], keys)
+
+
+def assert_every_projection_targeted_or_ignored(config: dict, tensor_names) -> None:
+    """As vLLM and SGLang load a compressed-tensors checkpoint: each projection (a 2-D weight, or a packed one)
+    must match a target (then it is quantised) or an ignore entry, by compressed-tensors' own name matching,
+    and also vLLM's fused layers (fused_qkv_a_proj, gate_up_proj) through their shards; the routed experts
+    are the targets, everything else ignored. Before, only lm_head was ignored: "Unable to find matching
+    target for model.layers.0.self_attn.q_a_proj"."""
+    from compressed_tensors.utils.match import match_name
+
+    targets, ignore = config["config_groups"]["group_0"]["targets"], config["ignore"]
+    fused = {"fused_qkv_a_proj": ["q_a_proj", "kv_a_proj_with_mqa"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    layers = {n.rsplit(".", 1)[0] for n in tensor_names if n.endswith((".weight", ".weight_packed"))}
+    layers = {n for n in layers if "norm" not in n and not n.endswith("embed_tokens")}
+    layers |= {n.replace("q_a_proj", "fused_qkv_a_proj") for n in layers if n.endswith("q_a_proj")}
+    layers |= {n.replace("gate_proj", "gate_up_proj") for n in layers if n.endswith("mlp.gate_proj")}
+    assert any("experts.0.gate_proj" in n for n in layers) and any("fused_qkv_a_proj" in n for n in layers)
+    for name in layers:
+        targeted = any(match_name(name, t, fused) for t in targets)
+        ignored = any(match_name(name, i, fused) for i in ignore)
+        assert targeted != ignored and targeted == (".mlp.experts." in name), name
 
 
 def _compressed_tensors_int4(directory, name: str) -> tuple[torch.Tensor, int]:

@@ -24,7 +24,10 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def compressed_tensors_config(group: int) -> dict:
-    """config.json's quantization_config: symmetric int4 groups on the routed experts' projections."""
+    """config.json's quantization_config: symmetric int4 groups on the routed experts' projections. vLLM and
+    SGLang refuse a checkpoint with a linear layer that matches neither a target nor an ignore entry ("Unable
+    to find matching target"), so every other projection (attention, shared experts, dense MLPs, the router,
+    MTP's) is listed as ignored, as released INT4 MoE checkpoints list them."""
     return {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
@@ -34,7 +37,9 @@ def compressed_tensors_config(group: int) -> dict:
             "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
                         "group_size": group, "dynamic": False, "observer": "minmax"},
             "input_activations": None, "output_activations": None, "format": "pack-quantized"}},
-        "ignore": ["lm_head"],
+        "ignore": ["lm_head", r"re:.*self_attn\..*", r"re:.*shared_experts\..*",
+                   r"re:.*mlp\.(gate|up|gate_up|down)_proj$", r"re:.*mlp\.gate$", r"re:.*eh_proj$",
+                   r"re:.*shared_head\.head$"],
         "kv_cache_scheme": None,
     }
 
