@@ -168,7 +168,7 @@ INT4_CASES = {
     "packed_as_float": (_set("weight_packed", lambda t: t.float()),
                         "{file}: tensor '{p}weight_packed' has dtype F32, expected I32"),
     "scale_misshaped": (_set("weight_scale", lambda t: t[:-1]),
-                        "{file}: tensor '{p}weight_scale' has shape (31, 2), expected (32, 2) or (32, 1)"),
+                        "{file}: tensor '{p}weight_scale' has shape (31, 2), expected (32, 2)"),
     "scale_as_integer": (_set("weight_scale", lambda t: t.int()),
                          "{file}: tensor '{p}weight_scale' has dtype I32, expected a floating-point dtype"),
     "weight_shape_wrong": (_set("weight_shape", lambda t: torch.tensor([32, 32])),
@@ -182,6 +182,69 @@ def test_damaged_int4_experts_are_named(case, clean_dirs, tmp_path):
     edit, message = INT4_CASES[case]
     edit_tensors(directory / "model.safetensors", edit)
     refused(directory, tmp_path, message.format(directory=directory, file=directory / "model.safetensors", p=EXPERT))
+
+
+def _edit_weights_config(directory, **fields):
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"].update(fields)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+INT4_CONFIG_CASES = {  # compressed-tensors configs megajoy cannot read; before, shape errors or silent garbage
+    "8_bit": (dict(num_bits=8), "{directory}/config.json: quantization_config.config_groups.group_0.weights.num_bits=8 is "
+                                "not supported"),
+    "asymmetric": (dict(symmetric=False), "{directory}/config.json: quantization_config.config_groups."
+                                          "group_0.weights.symmetric=False is not supported"),
+    "channelwise": (dict(strategy="channel", group_size=None), "{directory}/config.json: quantization_"
+                                                               "config.config_groups.group_0.weights.strategy='channel' is not supported"),
+    "other_group": (dict(group_size=64), "{file}: tensor 'model.layers.1.mlp.experts.0.gate_proj.weight_scale' has "
+                                         "shape (32, 2), expected (32, 1)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INT4_CONFIG_CASES))
+def test_int4_configs_megajoy_does_not_read_are_named(case, clean_dirs, tmp_path):
+    directory = copy_of(clean_dirs, "int4", tmp_path)
+    fields, message = INT4_CONFIG_CASES[case]
+    _edit_weights_config(directory, **fields)
+    refused(directory, tmp_path, message.format(directory=directory, file=directory / "model.safetensors"))
+
+
+def test_int4_groups_of_any_size_read_as_compressed_tensors_decompresses_them(clean_dirs, tmp_path):
+    """Experts packed in groups of 16 (no training grid of megajoy's): imported, each equals compressed-tensors'
+    own decompression. Before, "int4 group size 16 must be 32 or 64"."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    from megajoy.quant.formats import WeightFormat
+    from megajoy.quant.pack import pack_int4
+
+    directory = copy_of(clean_dirs, "int4", tmp_path)
+    fmt16, fmt32 = WeightFormat("int4", 16), WeightFormat("int4", 32)
+
+    def regroup(tensors):
+        for prefix in [k[:-len("weight_packed")] for k in tensors if k.endswith("weight_packed")]:
+            codes, scales = fmt16.quantize(fmt32.dequantize(*_unpacked(tensors, prefix)))
+            tensors[prefix + "weight_packed"], tensors[prefix + "weight_scale"] = pack_int4(codes), scales
+
+    edit_tensors(directory / "model.safetensors", regroup)
+    _edit_weights_config(directory, group_size=16)
+    convert(str(directory), str(tmp_path / "out"), "megajoy")
+    _, state, _ = load_model_dir(str(tmp_path / "out"))
+    config = json.loads((directory / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationConfig.model_validate(config).config_groups["group_0"]
+    files = load_file(str(directory / "model.safetensors"))
+    parts = {k.rsplit(".", 1)[1]: v for k, v in files.items() if k.startswith(EXPERT)}
+    reference = PackedQuantizationCompressor.decompress(parts, scheme)["weight"]
+    gate_up = state["layers.1.mlp.experts.gate_up_proj"]
+    assert torch.equal(gate_up[2, gate_up.shape[1] // 2:], reference.float())
+
+
+def _unpacked(tensors, prefix):
+    from megajoy.quant.pack import unpack_int4
+
+    return unpack_int4(tensors[prefix + "weight_packed"]), tensors[prefix + "weight_scale"]
 
 
 # ------------------------------------------------------------------------------------------ clean input

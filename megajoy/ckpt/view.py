@@ -317,15 +317,18 @@ class HfView(CheckpointView):
 
     def _check_int4(self, prefix: str, parts: dict[str, str], expected: tuple[int, int]) -> None:
         """compressed-tensors pack-quantized: weight_shape [rows, cols], weight_packed int32 [rows, cols / 8]
-        (8 codes a word), weight_scale [rows, cols / group] with megajoy's int4 groups of 32 or 64."""
+        (8 codes a word), weight_scale [rows, cols / group], group the quantization_config's group_size."""
         missing = [part for part in INT4_PARTS if part not in parts]
         if missing:
             raise ValueError(f"{self.source}: tensor {prefix + missing[0]!r} missing (an int4 expert has "
                              f"{', '.join(INT4_PARTS)})")
-        rows, cols = expected
-        if cols % 32:
+        if self.quant.get("method") != "int4":
+            raise ValueError(f"{self.source}: int4 expert {prefix + 'weight_packed'!r}, but config.json has no "
+                             f"compressed-tensors pack-quantized quantization_config")
+        rows, cols, group = *expected, self.quant["group"]
+        if cols % group or cols % 8:
             raise ValueError(f"{self.source}: int4 expert {prefix + 'weight_packed'!r}: its input dimension {cols} "
-                             f"is not a multiple of the int4 group (32 or 64)")
+                             f"is not a multiple of quantization_config's group_size {group} (and of 8)")
         shape_name, packed, scale = (parts[part] for part in INT4_PARTS)
         self._expect(shape_name, ("I64", "I32"), [(2,)])
         stored = tuple(int(x) for x in self.files.load(shape_name).tolist())
@@ -333,7 +336,7 @@ class HfView(CheckpointView):
             raise ValueError(f"{self.files.path(shape_name)}: tensor {shape_name!r} holds {stored}, the config "
                              f"expects {expected}")
         self._expect(packed, ("I32",), [(rows, cols // 8)])
-        self._expect(scale, FLOATING, [(rows, cols // group) for group in (32, 64) if cols % group == 0])
+        self._expect(scale, FLOATING, [(rows, cols // group)])
 
     def _expect(self, hf_name: str, codes: tuple[str, ...], shapes: list[tuple[int, ...]] | None = None) -> None:
         _check_tensor(f"{self.files.path(hf_name)}: tensor {hf_name!r}", self.files.dtype(hf_name), codes,
@@ -371,14 +374,13 @@ class HfView(CheckpointView):
         parts = self._experts[(layer, e, proj)]
         if "weight" in parts:
             return None
-        codes, scales = self._int4_parts(parts)
-        return (codes, scales) if codes.shape[-1] == scales.shape[-1] * group else None
+        return self._int4_parts(parts) if group == self.quant["group"] else None
 
     def _unpack_int4(self, parts: dict[str, str]) -> torch.Tensor:
         from megajoy.quant.formats import WeightFormat
 
         codes, scales = self._int4_parts(parts)
-        return WeightFormat.of("int4", codes.shape[-1] // scales.shape[-1]).dequantize(codes, scales)
+        return WeightFormat("int4", self.quant["group"]).dequantize(codes, scales)  # any group size reads
 
     def _int4_parts(self, parts: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
         from megajoy.quant.pack import unpack_int4
@@ -393,9 +395,32 @@ def _quantization(config: dict | None, source: str) -> dict:
     if method == "fp8":
         return {"method": "fp8", "block": tuple(config.get("weight_block_size") or (128, 128))}
     if method == "compressed-tensors" and config.get("format") == "pack-quantized":
-        return {"method": "int4"}
+        return {"method": "int4", "group": _int4_group_size(config, source)}
     raise ValueError(f"{source}: quantization_config with quant_method={method!r} is not supported (bf16/fp16/"
                      f"fp32, fp8 with block scales, or compressed-tensors pack-quantized INT4 are)")
+
+
+def _int4_group_size(config: dict, source: str) -> int:
+    """The group size of a compressed-tensors checkpoint whose every config group is what megajoy reads:
+    symmetric static 4-bit integers in groups along the input, one group size for all."""
+    wanted = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "dynamic": False}
+    sizes = set()
+    for name, group in (config.get("config_groups") or {}).items():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        if not isinstance(weights, dict):
+            raise ValueError(f"{source}: quantization_config.config_groups.{name} has no weights")
+        for field, value in wanted.items():
+            if weights.get(field, value if field == "dynamic" else None) != value:
+                raise ValueError(f"{source}: quantization_config.config_groups.{name}.weights.{field}="
+                                 f"{weights.get(field)!r} is not supported (megajoy reads {wanted})")
+        if weights.get("actorder"):
+            raise ValueError(f"{source}: quantization_config.config_groups.{name}.weights.actorder="
+                             f"{weights['actorder']!r} is not supported")
+        sizes.add(weights.get("group_size"))
+    if len(sizes) != 1 or not all(isinstance(g, int) and g > 0 for g in sizes):
+        raise ValueError(f"{source}: quantization_config needs one positive group_size for its INT4 groups, "
+                         f"got {sorted(map(str, sizes))}")
+    return sizes.pop()
 
 
 def _dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
