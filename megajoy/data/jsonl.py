@@ -6,6 +6,7 @@ report or refuse."""
 
 import json
 import os
+import re
 from collections.abc import Iterator
 
 
@@ -14,12 +15,14 @@ class Unreadable(str):
 
 
 LONE_SURROGATE = "holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), which is no text a tokenizer can encode"
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def has_lone_surrogate(line: str, value) -> bool:
     """Whether `value`, parsed from JSON `line`, holds a lone surrogate ("\\ud83d" without its pair): valid
-    JSON that Python parses, but the tokenizers library refuses. Only an escape in the line can make one."""
-    if "\\u" not in line:
+    JSON that Python parses, but the tokenizers library refuses. Only a surrogate escape in the line can make
+    one, so other lines (ASCII-escaped text included) are not serialised again."""
+    if not _SURROGATE_ESCAPE.search(line):
         return False
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")

@@ -30,13 +30,17 @@ class Pair:
         return len(self.chosen.ids) + len(self.rejected.ids)
 
 
+def given_prompt(obj: dict):
+    """The pair's "messages", else its "prompt", else None. A null field is an absent one (Hugging Face
+    `datasets` writes a column a row lacks as null)."""
+    return obj["messages"] if obj.get("messages") is not None else obj.get("prompt")
+
+
 def explicit_prompt(obj: dict) -> dict:
     """A pair in TRL's implicit-prompt form split as TRL's extract_prompt splits it: the messages both sides
     begin with are the prompt, the rest the responses. Other pairs as they are."""
     chosen, rejected = obj.get("chosen"), obj.get("rejected")
-    if obj.get("messages") is not None or obj.get("prompt") is not None:
-        return obj
-    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+    if given_prompt(obj) is not None or not (isinstance(chosen, list) and isinstance(rejected, list)):
         return obj
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
@@ -45,8 +49,7 @@ def explicit_prompt(obj: dict) -> dict:
 
 
 def prompt_messages(obj: dict) -> list[dict]:
-    # A null field is an absent one (Hugging Face `datasets` writes a column a row lacks as null).
-    prompt = obj["messages"] if obj.get("messages") is not None else obj.get("prompt")
+    prompt = given_prompt(obj)
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list) or not prompt:
