@@ -161,29 +161,33 @@ def test_bad_conversations_are_counted_and_reported(tmp_path, tokenizer_file):
 def test_wrong_typed_fields_are_malformed_and_bad_bytes_named(tmp_path, tokenizer_file):
     """Fields of the wrong JSON type are counted as malformed (before, a traceback naming no line, or the
     tools string listed one "tool" per character); a UTF-8 byte-order mark is skipped; a line that is not
-    UTF-8 is an error naming the file and line, and so is a directory given as the file."""
+    UTF-8 is an error naming the file and line, and so is a directory given as the file. A "thinking" flag
+    must be a JSON boolean (the string "false" used to switch thinking on); null leaves it undecided."""
     from megajoy.data.preference import load_pairs
     from megajoy.data.prompts import load_prompts
 
     user, assistant = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
-    good = {"messages": [user, assistant]}
+    good = [{"messages": [user, assistant]}, {"messages": [user, assistant], "thinking": None}]
     bad = [{"messages": [user, dict(assistant, tool_calls={"function": {"name": "f", "arguments": {}}})]},
            {"messages": [user, dict(assistant, tool_calls=[{"function": {"name": "f", "arguments": "[1, 2]"}}])]},
            {"messages": [user, dict(assistant, tool_calls=["f"])]},
            {"messages": [user, dict(assistant, reasoning_content=5)]},
-           {"messages": [user, assistant], "tools": "calc"}, {"messages": ["hi", assistant]}]
+           {"messages": [user, assistant], "tools": "calc"}, {"messages": ["hi", assistant]},
+           {"messages": [user, assistant], "thinking": "false"}, {"messages": [user, assistant], "thinking": 1}]
     tokenizer = ChatTokenizer(tokenizer_file, 320)
     path = tmp_path / "chat.jsonl"
-    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(x) + "\n" for x in [good, *bad]).encode())
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(x) + "\n" for x in [*good, *bad]).encode())
     samples, report = load_conversations(str(path), tokenizer, 100)
-    assert len(samples) == 1 and dict(report.dropped) == {"malformed": len(bad)}
-    assert report.first_lines == {"malformed": 2}
+    assert len(samples) == 2 and dict(report.dropped) == {"malformed": len(bad)}
+    assert report.first_lines == {"malformed": 3}
+    assert samples[0].ids == samples[1].ids
     pairs = tmp_path / "pairs.jsonl"
     write_jsonl(str(pairs), [{"prompt": "hi", "chosen": ["hello"], "rejected": "no"},
                              {"prompt": ["hi"], "chosen": "a", "rejected": "b"},
+                             {"prompt": "hi", "chosen": "a", "rejected": "b", "thinking": "no"},
                              {"prompt": "hi", "chosen": "a", "rejected": "b"}])
     kept, report = load_pairs(str(pairs), tokenizer, 100)
-    assert len(kept) == 1 and dict(report.dropped) == {"malformed": 2}
+    assert len(kept) == 1 and dict(report.dropped) == {"malformed": 3}
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl(str(prompts), [{"prompt": "2+2", "answer": None}, {"prompt": "2+2", "answer": "4", "tools": "calc"},
                                {"prompt": "2+2", "answer": 4}])
@@ -191,7 +195,7 @@ def test_wrong_typed_fields_are_malformed_and_bad_bytes_named(tmp_path, tokenize
     assert [p.answer for p in kept] == ["4"] and dict(report.dropped) == {"no_answer": 1, "malformed": 1}
     with open(path, "ab") as f:
         f.write(b'{"messages": "\xff"}\n')
-    with pytest.raises(ValueError, match=rf"{path}:{len(bad) + 2}: invalid UTF-8"):
+    with pytest.raises(ValueError, match=rf"{path}:{len(good) + len(bad) + 1}: invalid UTF-8"):
         load_conversations(str(path), tokenizer, 100)
     with pytest.raises(ValueError, match=rf"data file {tmp_path} is a directory"):
         load_conversations(str(tmp_path), tokenizer, 100)

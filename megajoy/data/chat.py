@@ -48,12 +48,15 @@ class Piece:
 
 
 def thinking_mode(conversation: dict, mode: str = "auto") -> bool:
-    """`on` / `off`, or `auto`: the conversation's own "thinking" field, else whether any assistant turn
-    carries reasoning_content."""
+    """`on` / `off`, or `auto`: the conversation's own "thinking" field (true / false; null or absent:
+    undecided), else whether any assistant turn carries reasoning_content."""
     if mode != "auto":
         return mode == "on"
-    if "thinking" in conversation:
-        return bool(conversation["thinking"])
+    flag = conversation.get("thinking")
+    if flag is not None:
+        if not isinstance(flag, bool):
+            raise ConversationError("malformed", f"\"thinking\" must be true, false or null, got {flag!r}")
+        return flag
     messages = conversation.get("messages")
     return isinstance(messages, list) and any(
         isinstance(m, dict) and m.get("role") == "assistant" and m.get("reasoning_content") for m in messages)
