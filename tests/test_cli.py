@@ -60,15 +60,18 @@ PINNED_FLAGS = {
                  "--num-virtual-stages-per-pipeline-rank", "--virtual-pipeline-model-parallel-size", "--pp-schedule",
                  "--pp-layout", "--ep", "--expert-model-parallel-size", "--dp", "--data-parallel-size"},
 }
-PINNED_FLAGS["sft"] = PINNED_FLAGS["pretrain"] | {"--data", "--thinking", "--overlong", "--no-pack",
+# The post-training stages read their own --data, not the pretraining corpus.
+POST_TRAINING_FLAGS = PINNED_FLAGS["pretrain"] - {"--data-path", "--split", "--eod-token", "--data-cache-path",
+                                                  "--eod-mask-loss", "--no-eod-mask-loss"}
+PINNED_FLAGS["sft"] = POST_TRAINING_FLAGS | {"--data", "--thinking", "--overlong", "--no-pack",
                                                   "--valid-conversations", "--demo-conversations",
                                                   "--exact-match-samples"}
-PINNED_FLAGS["rl"] = PINNED_FLAGS["pretrain"] | {
+PINNED_FLAGS["rl"] = POST_TRAINING_FLAGS | {
     "--data", "--policy-loss", "--compare", "--fiber-c-plus", "--fiber-c-minus", "--fiber-epsilon", "--clip-epsilon",
     "--gspo-epsilon-low", "--gspo-epsilon-high", "--prompts-per-step", "--rollouts-per-prompt", "--updates-per-batch",
     "--max-new-tokens", "--temperature", "--rollout-qat", "--rollout-qat-modules", "--curriculum",
     "--curriculum-rollouts", "--thinking", "--valid-prompts", "--demo-prompts"}
-PINNED_FLAGS["dpo"] = PINNED_FLAGS["pretrain"] | {"--data", "--beta", "--label-smoothing", "--sft-weight",
+PINNED_FLAGS["dpo"] = POST_TRAINING_FLAGS | {"--data", "--beta", "--label-smoothing", "--sft-weight",
                                                   "--reference", "--thinking", "--overlong", "--valid-pairs",
                                                   "--demo-pairs", "--exact-match-samples"}
 

@@ -376,3 +376,15 @@ def test_a_conversation_tokenizes_as_apply_chat_template_tokenizes_it(tmp_path):
     assert sample.ids == expected
     trained = [chat.tok.id_to_token(i) for i, t in zip(sample.ids, sample.trained) if t]
     assert trained == ["yes", EOS, "no", "▁world", EOS]
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "rl"])
+def test_post_training_stages_refuse_the_pretraining_corpus_flags(stage, capsys):
+    """The post-training stages read --data; `--data-path` and the other corpus flags used to be accepted
+    and ignored, so `megajoy sft --data-path chat` trained on the built-in demo data without a word."""
+    for flag in (["--data-path", "corpus_text_document"], ["--split", "98,2,0"], ["--eod-token", "</s>"],
+                 ["--data-cache-path", "cache"], ["--eod-mask-loss"]):
+        with pytest.raises(SystemExit) as exit:
+            main([stage, *flag])
+        assert exit.value.code == 2
+        assert f"unrecognized arguments: {' '.join(flag)}" in capsys.readouterr().err

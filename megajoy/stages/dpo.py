@@ -15,7 +15,7 @@ from megajoy.cli import add_config_arguments
 from megajoy.data.packing import held_out_batches, stack
 from megajoy.stages import sft
 from megajoy.stages.dpo_loss import chosen_mask, dpo_terms, pair_count, pair_logps
-from megajoy.stages.flags import add_training_flags
+from megajoy.stages.flags import PRETRAIN_DATA_PATHS, add_training_flags
 from megajoy.train.trainer import Stage, Trainer
 
 # Section defaults: a short CPU-sized run on the built-in demo pairs.
@@ -164,7 +164,7 @@ def chosen_conversation(pair: dict) -> dict:
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
-    add_training_flags(parser)
+    add_training_flags(parser, without=PRETRAIN_DATA_PATHS)
     group = parser.add_argument_group("DPO")
     group.add_argument("--data", default=None, metavar="FILE.jsonl",
                        help="pairs ({\"prompt\" | \"messages\", \"chosen\", \"rejected\"}); default: the built-in demo pairs")

@@ -94,12 +94,17 @@ LAYOUT_PATHS = ("parallel.tensor_model_parallel_size", "parallel.pipeline_model_
                 "parallel.pipeline_layout", "parallel.expert_model_parallel_size", "parallel.data_parallel_size")
 
 
-def add_training_flags(parser, paths: tuple[str, ...] | None = None,
-                       title: str = "training (Megatron-LM names)") -> None:
-    """The flags of TRAINING_FLAGS (only those mapped onto `paths`, if given)."""
+# Flags of the Megatron-format pretraining corpus; the post-training stages read their own JSONL (--data).
+PRETRAIN_DATA_PATHS = ("data.data_path", "data.split", "data.eod_token", "data.data_cache_path",
+                       "data.eod_mask_loss")
+
+
+def add_training_flags(parser, paths: tuple[str, ...] | None = None, title: str = "training (Megatron-LM names)",
+                       without: tuple[str, ...] = ()) -> None:
+    """The flags of TRAINING_FLAGS (only those mapped onto `paths`, if given; none mapped onto `without`)."""
     group = parser.add_argument_group(title)
     for flags, path, kwargs in TRAINING_FLAGS:
-        if paths is None or path in paths:
+        if (paths is None or path in paths) and path not in without:
             group.add_argument(*flags, dest=_dest(path, flags[0]), default=None, **kwargs)
 
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from megajoy.cli import add_config_arguments
 from megajoy.data.packing import held_out_batches
-from megajoy.stages.flags import add_training_flags, flag_overrides
+from megajoy.stages.flags import PRETRAIN_DATA_PATHS, add_training_flags, flag_overrides
 from megajoy.train.checkpoint import resolve_checkpoint
 from megajoy.train.trainer import NextTokenStage, Trainer
 
@@ -96,7 +96,7 @@ def answer_prompt(conversation: dict, mode: str) -> list:
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
-    add_training_flags(parser)
+    add_training_flags(parser, without=PRETRAIN_DATA_PATHS)
     group = parser.add_argument_group("SFT data")
     group.add_argument("--data", default=None, metavar="FILE.jsonl",
                        help="chat JSONL ({\"messages\": [...], \"tools\": [...]}); default: the built-in demo data")

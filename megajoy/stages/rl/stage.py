@@ -20,7 +20,7 @@ from megajoy.cli import add_config_arguments
 from megajoy.config import QAT_FORMATS, QAT_MODULES
 from megajoy.data.packing import stack
 from megajoy.stages import sft
-from megajoy.stages.flags import add_training_flags
+from megajoy.stages.flags import PRETRAIN_DATA_PATHS, add_training_flags
 from megajoy.stages.rl.losses import POLICY_LOSSES, group_advantages, trajectories
 from megajoy.train.trainer import Stage, Trainer
 
@@ -297,7 +297,7 @@ class RlStage(Stage):
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
-    add_training_flags(parser)
+    add_training_flags(parser, without=PRETRAIN_DATA_PATHS)
     group = parser.add_argument_group("RL")
     group.add_argument("--data", default=None, metavar="FILE.jsonl",
                        help="prompts ({\"messages\" | \"prompt\", \"answer\", \"verifier\": math|calculator, "
