@@ -307,3 +307,20 @@ def flip_byte(path, offset):
         byte = f.read(1)
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_non_finite_gradient_stops_training_before_the_weights(tmp_path, data_prefix, tokenizer_file, capsys):
+    """A step whose gradient norm is NaN or inf stops the run with an error (as Megatron-LM's
+    check_for_nan_in_loss_and_grad does) before the optimizer step; the checkpoints saved before it stay
+    finite and `latest` names the last of them. Before, training ran on with NaN weights and saved them."""
+    out = tmp_path / "out"
+    code = main(args(out, data_prefix, tokenizer_file, 4, "--lr", "1e30", "--lr-warmup-iters", "0", "--clip-grad",
+                     "0", "--save-interval", "1"))
+    err = capsys.readouterr().err
+    assert code == 2
+    failed = [r["step"] for r in metrics(out) if "loss" in r]
+    bad_step = (failed[-1] if failed else 0) + 1
+    assert f"megajoy pretrain: error: step {bad_step}: the gradient norm is " in err
+    assert 1 < bad_step <= 4  # the first step's gradient is finite; the weights it makes are not usable
+    assert trainer_state(latest_checkpoint(str(out)))["step"] == bad_step - 1
+    assert all(torch.isfinite(t).all() for t in final_weights(out).values())

@@ -3,6 +3,7 @@ rest: gradient accumulation to the global batch, the schedule, clipping, the opt
 steps, validation, logging, checkpoints, resume and SIGTERM."""
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -192,6 +193,9 @@ class Trainer:
                 self.checkpoints.poll()
                 if self._should_exit():
                     break
+        except FloatingPointError:
+            self.checkpoints.wait()  # an asynchronous save of an earlier step completes
+            raise
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
             bar.close()
@@ -264,6 +268,7 @@ class Trainer:
             self.master_weights.flush_grads()
         self.optimizer.reduce_gradients()
         grad_norm = self.optimizer.clip_gradients(self.job.optimizer.clip_grad)
+        self._refuse_non_finite(grad_norm, totals)
         self.optimizer.step()
         self.optimizer.zero_grad()
         if self.master_weights is not None:
@@ -275,6 +280,15 @@ class Trainer:
         tokens = sum(b.tokens for b in micro_batches) * self.pc.size("dp_cp")
         return {**totals, **self.stage.step_metrics(self), "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                 "seconds": time.perf_counter() - started, **load, **clip}
+
+    def _refuse_non_finite(self, grad_norm: float, totals: dict) -> None:
+        """Stop before a NaN or inf gradient reaches the weights (Megatron-LM's check_for_nan_in_loss_and_grad):
+        every rank sees the same all-reduced norm, so all stop together, and the checkpoints stay finite."""
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(
+                f"step {self.step + 1}: the gradient norm is {grad_norm} (loss {totals.get('loss', float('nan')):.4g}); "
+                "the weights were not updated and the checkpoints saved so far are kept: resume from the last one "
+                "with a lower --lr")
 
     def _qk_clip(self) -> dict:
         tau = self.job.optimizer.qk_clip_tau
