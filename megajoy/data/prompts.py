@@ -23,7 +23,7 @@ class Prompt:
 def load_prompts(path: str, tokenizer: ChatTokenizer, max_tokens: int, mode: str = "auto") -> tuple[list[Prompt], LoadReport]:
     report, prompts = LoadReport("prompts"), []
     for number, obj in read_jsonl(path):
-        if isinstance(obj.get("prompt"), str) and "messages" not in obj:
+        if isinstance(obj.get("prompt"), str) and obj.get("messages") is None:  # null: absent, as for pairs
             obj = dict(obj, messages=[{"role": "user", "content": obj["prompt"]}])
         if obj.get("answer") is None:  # absent, or null (which would be checked against the text "None")
             report.count("no_answer", number)
