@@ -310,6 +310,8 @@ class TrainConfig:
             start, increment, samples = self.rampup_batch_size
             _require(start > 0 and increment > 0 and samples > 0, f"rampup_batch_size={self.rampup_batch_size} "
                      f"must be positive")
+            _require(start <= self.global_batch_size, f"rampup_batch_size starts at {start}, above "
+                     f"global_batch_size={self.global_batch_size}: the batch ramps up to global_batch_size")
             _require((self.global_batch_size - start) % increment == 0,
                      f"global_batch_size - rampup start = {self.global_batch_size - start} is not divisible by "
                      f"the increment {increment}")

@@ -21,16 +21,13 @@ class LaunchEnv:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: 'a[3-5,9],b1' -> 'a3', 'gpu[007-008]' -> 'gpu007'."""
+    """The first host of a SLURM node list (hostlist expressions prefix[ranges]suffix, brackets repeatable):
+    'a[3-5,9],b1' -> 'a3', 'gpu[007-008]' -> 'gpu007', 'node[1-2]-ib' -> 'node1-ib', 'r[1-2]-n[01-04]' -> 'r1-n01'."""
     nodelist = nodelist.strip()
-    match = re.match(r"^([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
-    if match is None:
+    expression = re.match(r"(?:[^,\[\]\s]*\[[^\]]+\])*[^,\[\]\s]*", nodelist).group(0)
+    if not expression:
         raise ValueError(f"SLURM_NODELIST={nodelist!r}: cannot read a host name from it")
-    prefix, ranges = match.group(1), match.group(2)
-    if ranges is None:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    return re.sub(r"\[([^\]]+)\]", lambda ranges: re.split(r"[,-]", ranges.group(1))[0], expression)
 
 
 def launch_env(environ: dict | None = None) -> LaunchEnv:

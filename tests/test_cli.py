@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from helpers import load_tool
@@ -176,3 +177,48 @@ def test_dpo_and_rl_follow_the_published_recipe_for_the_joyai_presets():
     assert (job.optimizer.lr, job.train.train_iters, job.train.global_batch_size) == (1e-4, 60, 8)
     job = rl.build_job(parser.parse_args(["rl", "--preset", "joyai-flash", "--lr", "3e-6"]))
     assert (job.optimizer.lr, rl.build_job(parser.parse_args(["rl"])).optimizer.lr) == (3e-6, 1e-4)
+
+
+def _training_refuses(gbs: int, mbs: int, dp: int, pp: int) -> bool:
+    """Whether the trainer's own batch-layout check refuses these sizes."""
+    import types
+
+    from megajoy.config import ParallelConfig, load_job_config
+    from megajoy.parallel.context import planning_context
+    from megajoy.train.trainer import Trainer
+
+    job = load_job_config("tiny", None, [f"train.global_batch_size={gbs}", f"train.micro_batch_size={mbs}"])
+    pc = planning_context(ParallelConfig(pipeline_model_parallel_size=pp), dp * pp, 0, job.model, 64)
+    try:
+        Trainer._check_batch_layout(types.SimpleNamespace(job=job, pc=pc))
+    except ValueError:
+        return True
+    return False
+
+
+def test_info_plans_only_batch_layouts_training_runs(capsys):
+    """A plan's micro-batches per step are global batch / (micro-batch x DP), as the trainer counts them: before,
+    a global batch smaller than PP x micro-batch x DP planned 0 micro-batches in flight (no activations), and
+    one not divisible planned a step the trainer refuses."""
+    for gbs, mbs, dp, pp in [(1, 1, 2, 2), (2, 1, 2, 2), (3, 1, 2, 1), (6, 2, 2, 2), (8, 1, 2, 2), (12, 2, 3, 2)]:
+        argv = ["info", "--seq-length", "64", "--json", "--global-batch-size", str(gbs), "--micro-batch-size",
+                str(mbs), "--dp", str(dp), "--pp", str(pp)]
+        refused = _training_refuses(gbs, mbs, dp, pp)
+        assert main(argv) == (2 if refused else 0), (gbs, mbs, dp, pp)
+        out = capsys.readouterr().out
+        if not refused:
+            per_step = gbs // (mbs * dp)
+            in_flight = [m["micro_batches_in_flight"] for m in json.loads(out)["memory_plan"]]
+            assert in_flight == [min(per_step, pp - stage) for stage in range(pp)]
+    assert main(["info", "--tp", "1", "--micro-batch-size", "0"]) == 2
+
+
+def test_info_plans_no_job_training_refuses(capsys):
+    """Recomputation under the zero-bubble schedule: `megajoy pretrain` refuses the job, so the plan does too."""
+    from megajoy.config import load_job_config
+
+    with pytest.raises(ValueError, match="zero-bubble"):
+        load_job_config("tiny", None, ["train.recompute_granularity=full", "parallel.pipeline_model_parallel_size=2",
+                                       "parallel.pipeline_schedule=zero-bubble"])
+    assert main(["info", "--pp", "2", "--schedule", "zero-bubble", "--recompute-granularity", "full"]) == 2
+    assert "zero-bubble" in capsys.readouterr().err

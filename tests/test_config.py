@@ -123,3 +123,24 @@ def test_job_config_round_trips_through_dict():
     job = load_job_config("joyai-flash")
     assert JobConfig.from_dict(job.to_dict()) == job
     assert isinstance(job.model, ModelConfig)
+
+
+def test_a_ramp_starting_above_the_global_batch_is_refused():
+    """As megatron-core's ramp-up calculator: accepted exactly where it accepts START INCREMENT SAMPLES. Before, a
+    start above global_batch_size passed (its difference divides the increment in Python) and ran no ramp at all."""
+    from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
+
+    from megajoy.config import TrainConfig
+
+    for start, increment, gbs in [(16, 8, 8), (24, 8, 8), (4, 4, 8), (8, 4, 16), (3, 2, 8), (12, 4, 8)]:
+        try:
+            RampupBatchsizeNumMicroBatchesCalculator(gbs, 1, 1, False, 0, start, increment, 100)
+            megatron_accepts = True
+        except AssertionError:
+            megatron_accepts = False
+        try:
+            TrainConfig(global_batch_size=gbs, micro_batch_size=1, rampup_batch_size=[start, increment, 100])
+            accepted = True
+        except ValueError:
+            accepted = False
+        assert accepted == megatron_accepts, (start, increment, gbs)

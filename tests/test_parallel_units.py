@@ -155,6 +155,17 @@ def test_first_host_of_slurm_node_lists():
     assert first_host("single") == "single"
 
 
+def test_first_host_keeps_what_follows_a_range():
+    """Slurm's hostlist expressions are prefix[ranges]suffix, brackets repeatable (`scontrol show hostnames`
+    expands 'node[1-2]-ib' to node1-ib, node2-ib); before, the first host lost all after its first bracket."""
+    assert first_host("node[1-2]-ib") == "node1-ib"
+    assert first_host("foo[0-4]-eth2,bar1") == "foo0-eth2"
+    assert first_host("rack[01-3]-node[01-2,5]") == "rack01-node01"
+    assert first_host("x[10-11]y[2]z") == "x10y2z"
+    with pytest.raises(ValueError, match="cannot read a host name"):
+        first_host(",a")
+
+
 def test_launch_env_from_torchrun_and_slurm():
     env = launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1234"})
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.source) == (
