@@ -51,3 +51,24 @@ def test_rampup_follows_megatron():
     assert sizes == [2, 2, 2, 2, 4, 4, 6, 6]
     assert total_samples(cfg, 8) == 28
     assert global_batch_size(10**9, SimpleNamespace(global_batch_size=6, rampup_batch_size=None)) == 6
+
+
+def test_rampup_equals_megatron_cores_calculator_at_every_consumed_count():
+    """Every batch size of a sweep of ramps equals megatron-core's RampupBatchsizeNumMicroBatchesCalculator.
+    Before, a floor division of floats put some increments one sample late (batch 7, ramp 1 1 10: 3 at 5
+    samples where Megatron has 4)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
+
+    checked = 0
+    for gbs, start, increment, samples in [(7, 1, 1, 10), (12, 2, 2, 100), (30, 3, 3, 77), (64, 4, 6, 1000)]:
+        megatron = RampupBatchsizeNumMicroBatchesCalculator(gbs, 1, 1, False, 0, start, increment, samples)
+        cfg = SimpleNamespace(global_batch_size=gbs, rampup_batch_size=[start, increment, samples])
+        for consumed in range(samples + 3):
+            megatron.update(consumed, False)
+            assert global_batch_size(consumed, cfg) == megatron.get_current_global_batch_size(), (cfg, consumed)
+            checked += 1
+    assert checked == 10 + 100 + 77 + 1000 + 4 * 3

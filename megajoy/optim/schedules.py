@@ -44,7 +44,8 @@ def global_batch_size(consumed_samples: int, cfg) -> int:
     if increments == 0 or consumed_samples >= ramp_samples:
         return cfg.global_batch_size
     samples_per_increment = ramp_samples / increments
-    return min(cfg.global_batch_size, start + int(consumed_samples // samples_per_increment) * increment)
+    # int(a / b) as Megatron computes it: a // b rounds differently where a / b is within an ulp of an integer
+    return min(cfg.global_batch_size, start + int(consumed_samples / samples_per_increment) * increment)
 
 
 def total_samples(cfg, train_iters: int) -> int:
