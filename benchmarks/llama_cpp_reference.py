@@ -1,5 +1,6 @@
 """llama.cpp's own code, run as a reference (benchmarks and tests): its `convert_hf_to_gguf.py`, and the
-Jinja engine llama.cpp renders chat templates with (common/jinja, compiled here into a small program).
+chat code llama-server renders chat templates and parses replies with (common/chat and the Jinja engine,
+compiled here into a small program against the installed llama-cpp-python's libllama).
 
 Both ship in llama-cpp-python's source package (vendor/llama.cpp). The converter is looked for at
 $MEGAJOY_LLAMA_CPP_CONVERT, then in megajoy's cache; otherwise the source package of the installed
@@ -11,9 +12,11 @@ built-in tokenizer pre-tokenises exactly as GPT-2 does, so the runner tells the 
 megajoy's own export detects, and changes nothing else.
 """
 
+import concurrent.futures
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,9 +26,13 @@ import tempfile
 CACHE = os.path.join(os.environ.get("MEGAJOY_CACHE", os.path.expanduser("~/.cache/megajoy")), "llama.cpp")
 DEFAULT_VERSION = "0.3.36"
 _KEEP = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/",  # the converter
-         "common/jinja/", "common/json.", "common/unicode.", "vendor/nlohmann/", "ggml/include/ggml.h")  # Jinja
-_COMPLETE = ".complete-2"  # written last into an extraction of _KEEP; its number changes with _KEEP
-JINJA_DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama_cpp_jinja.cpp")
+         "common/", "include/", "ggml/include/", "vendor/nlohmann/")  # the chat code
+_COMPLETE = ".complete-3"  # written last into an extraction of _KEEP; its number changes with _KEEP
+CHAT_DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama_cpp_chat.cpp")
+# common/ sources of the chat code; common.cpp's model-loading and sampling neighbours are stubbed in the driver
+CHAT_SOURCES = ("chat.cpp", "chat-auto-parser-generator.cpp", "chat-auto-parser-helpers.cpp", "chat-diff-analyzer.cpp",
+                "chat-peg-parser.cpp", "peg-parser.cpp", "json-schema-to-grammar.cpp", "json-schema.cpp", "json.cpp",
+                "log.cpp", "common.cpp", "unicode.cpp", "trie.cpp")
 
 RUNNER = """
 import importlib.util, os, sys
@@ -97,37 +104,63 @@ def converter_command(hf_dir: str, outfile: str, outtype: str, script: str | Non
             "--outtype", outtype]
 
 
-def jinja_program(version: str | None = None) -> str:
-    """llama_cpp_jinja.cpp built against llama.cpp's Jinja engine (about 30 s with g++ the first time; cached
-    by llama.cpp version and driver source)."""
+def chat_program(version: str | None = None) -> str:
+    """llama_cpp_chat.cpp built against llama.cpp's chat code and the installed llama-cpp-python's libllama
+    (a few minutes with g++ the first time, one compiler per core; cached by llama.cpp version and driver)."""
+    import llama_cpp
+
     source = source_dir(version)
-    with open(JINJA_DRIVER, "rb") as f:
-        program = os.path.join(source, "jinja-render-" + hashlib.sha256(f.read()).hexdigest()[:12])
+    with open(CHAT_DRIVER, "rb") as f:
+        program = os.path.join(source, "llama-chat-" + hashlib.sha256(f.read()).hexdigest()[:12])
     if os.path.exists(program):
         return program
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
-        raise FileNotFoundError("no C++ compiler (g++ or $CXX) to build llama.cpp's Jinja engine")
+        raise FileNotFoundError("no C++ compiler (g++ or $CXX) to build llama.cpp's chat code")
     common = os.path.join(source, "common")
-    sources = [JINJA_DRIVER, os.path.join(common, "json.cpp"), os.path.join(common, "unicode.cpp")]
-    sources += sorted(os.path.join(common, "jinja", f) for f in os.listdir(os.path.join(common, "jinja"))
-                      if f.endswith(".cpp"))
-    includes = [f"-I{os.path.join(source, d)}" for d in ("common", "vendor", "ggml/include")]
-    subprocess.run([compiler, "-std=c++17", "-O1", *includes, *sources, "-o", program + ".partial"], check=True)
+    with open(os.path.join(common, "build-info.cpp.in")) as f:
+        build_info = re.sub(r"@\w+@", "0", f.read())
+    objects = os.path.join(source, "objects")
+    os.makedirs(objects, exist_ok=True)
+    with open(os.path.join(objects, "build-info.cpp"), "w") as f:
+        f.write(build_info)
+    sources = [CHAT_DRIVER, os.path.join(objects, "build-info.cpp")]
+    sources += [os.path.join(common, name) for name in CHAT_SOURCES]
+    sources += sorted(os.path.join(common, d, f) for d in ("jinja", "parsers")
+                      for f in os.listdir(os.path.join(common, d)) if f.endswith(".cpp"))
+    includes = [f"-I{os.path.join(source, d)}" for d in ("common", "include", "ggml/include", "vendor")]
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        built = list(pool.map(lambda src: _compile(compiler, includes, src, objects), sources))
+    lib = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    subprocess.run([compiler, *built, "-o", program + ".partial", f"-L{lib}", f"-Wl,-rpath,{lib}", "-lllama",
+                    "-lggml", "-lggml-base", "-lpthread"], check=True)
     os.replace(program + ".partial", program)
     return program
 
 
-def render_chat_template(template: str, contexts: list[dict], version: str | None = None) -> tuple[dict, list]:
-    """llama.cpp's rendering of `template` for each context (messages, tools, add_generation_prompt, ...):
-    the capabilities llama.cpp detects in the template (which decide how it passes tools and tool calls) and
-    one text per context, or an exception's message prefixed "ERROR: "."""
+def _compile(compiler: str, includes: list[str], source: str, objects: str) -> str:
+    """One object file, kept (by source path and contents) for later builds of the driver."""
+    with open(source, "rb") as f:
+        key = hashlib.sha256(source.encode() + f.read()).hexdigest()[:16]
+    obj = os.path.join(objects, f"{os.path.basename(source)}-{key}.o")
+    if not os.path.exists(obj):
+        subprocess.run([compiler, "-std=c++17", "-O1", *includes, "-c", source, "-o", obj + ".partial"], check=True)
+        os.replace(obj + ".partial", obj)
+    return obj
+
+
+def serve_chat(template: str, requests: list[dict], bos_token: str, eos_token: str,
+               version: str | None = None) -> tuple[dict, list[dict]]:
+    """What llama-server --jinja makes of chat requests with `template` (see llama_cpp_chat.cpp for the fields
+    of a request and of its answer): the capabilities llama.cpp detects in the template (which decide how it
+    passes tools and tool calls), and per request the prompt it renders and the message it parses out of the
+    request's "output", or the "error" llama.cpp raised."""
     with tempfile.TemporaryDirectory() as tmp:
-        template_file, contexts_file = os.path.join(tmp, "template.jinja"), os.path.join(tmp, "contexts.jsonl")
+        template_file, requests_file = os.path.join(tmp, "template.jinja"), os.path.join(tmp, "requests.jsonl")
         with open(template_file, "w") as f:
             f.write(template)
-        with open(contexts_file, "w") as f:
-            f.writelines(json.dumps(c) + "\n" for c in contexts)
-        out = subprocess.run([jinja_program(version), template_file, contexts_file], check=True,
+        with open(requests_file, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in requests)
+        out = subprocess.run([chat_program(version), template_file, bos_token, eos_token, requests_file], check=True,
                              capture_output=True, text=True).stdout.splitlines()
     return json.loads(out[0]), [json.loads(line) for line in out[1:]]

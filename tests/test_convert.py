@@ -683,13 +683,17 @@ CHAT_CASES = {"hand-made": {
     "tools": [{"name": "f", "description": "é", "parameters": {"b": 1, "a": 2}}]}}
 
 
+def chat_conversations():
+    from megajoy.data.demo import sft_conversations
+
+    return sft_conversations(60, seed=0) + list(CHAT_CASES.values())
+
+
 def chat_template_cases():
     """(conversation, thinking mode, generation prompt) for the demo SFT conversations (thinking, tools, tool
     results, system prompts) and the hand-made one, with and without the generation prompt (the last turn
     left for the model), thinking on, off and automatic; 6 x 61 in all."""
-    from megajoy.data.demo import sft_conversations
-
-    for conversation in sft_conversations(60, seed=0) + list(CHAT_CASES.values()):
+    for conversation in chat_conversations():
         for mode in ("auto", "on", "off"):
             for prompt in (False, True):
                 messages = conversation["messages"][:-1] if prompt else conversation["messages"]
@@ -746,37 +750,78 @@ def test_exported_chat_template_renders_as_megajoy_trains(tmp_path, chat_tokeniz
     assert checked == 6 * 61
 
 
-def test_gguf_chat_template_renders_in_llama_cpp_as_megajoy_trains(tmp_path, chat_tokenizer):
-    """The template a chat model's GGUF carries, rendered by llama.cpp's own Jinja engine with the context
-    llama-server gives it (bos / eos tokens, enable_thinking on, tools only when there are some, the
-    thinking switch through chat_template_kwargs), is the text megajoy trains on in every case of
-    chat_template_cases; llama.cpp detects tools, tool calls with object arguments and system prompts in it.
-    Before, every conversation with tools failed there ("tojson sort_keys=true not implemented")."""
+def openai_request(conversation) -> dict:
+    """A conversation as a chat completion request gives it to llama-server: OpenAI tools and tool calls
+    (arguments as JSON text; llama.cpp keeps a tool's name, description and parameters)."""
+    def tool(t):
+        f = t.get("function", t)
+        return {"type": "function", "function": {"name": f["name"], "description": f.get("description", ""),
+                                                 "parameters": f.get("parameters", {})}}
+
+    def message(m):
+        calls = [c.get("function", c) for c in m.get("tool_calls") or []]
+        return dict(m, tool_calls=[{"type": "function", "function": {"name": c["name"], "arguments": json.dumps(
+            c["arguments"])}} for c in calls]) if calls else m
+
+    request = {"messages": [message(m) for m in conversation["messages"]]}
+    return request | ({"tools": [tool(t) for t in conversation["tools"]]} if conversation.get("tools") else {})
+
+
+def test_gguf_chat_template_serves_in_llama_cpp_as_megajoy_trains(tmp_path, chat_tokenizer):
+    """The template a chat model's GGUF carries, through llama.cpp's own chat code as llama-server --jinja runs
+    it: every case of chat_template_cases (as an OpenAI request; thinking through chat_template_kwargs) renders
+    as the text megajoy trains on, and a reply in the form megajoy trains is parsed back into the final
+    message it came from: content, reasoning and tool calls. llama.cpp detects tools, tool calls with object
+    arguments and system prompts in the template. Before, every conversation with tools failed its Jinja
+    ("tojson sort_keys=true not implemented"), and then llama.cpp took the template for Qwen3-Coder's (its
+    source held <tool_call>, <function= and <parameter=) and refused every reply, tools or not, as "output
+    that does not match the expected peg-native format": it expects Qwen's <|im_start|>assistant first."""
     import dataclasses
 
-    from benchmarks.llama_cpp_reference import render_chat_template
+    from benchmarks.llama_cpp_reference import serve_chat
     from megajoy.data.chat import BOS_TOKEN, EOS_TOKEN
 
-    llama_cpp()  # the reference engine belongs with the llama.cpp tests
+    llama_cpp()  # the reference code belongs with the llama.cpp tests
     _, tokenizer_json, cfg = chat_tokenizer
     export_hf(random_model(dataclasses.replace(gguf_config(), vocab_size=cfg.vocab_size), seed=3),
               tmp_path / "hf", tokenizer=tokenizer_json)
     assert convert("--input", tmp_path / "hf", "--output", tmp_path / "m.gguf", "--to", "gguf") == 0
     template = read_gguf(tmp_path / "m.gguf")[1]["tokenizer.chat_template"]
-    cases = list(chat_template_cases())
-    contexts = []
-    for conversation, mode, prompt in cases:
-        context = {"messages": conversation["messages"], "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN,
-                   "enable_thinking": True, **thinking_kwargs(mode)}
-        context.update({"tools": conversation["tools"]} if conversation.get("tools") else {})
-        context.update({"add_generation_prompt": True} if prompt else {})
-        contexts.append(context)
-    caps, texts = render_chat_template(template, contexts)
+    renders = [(openai_request(conversation), mode, prompt) for conversation, mode, prompt in chat_template_cases()]
+    requests = [dict(request, add_generation_prompt=prompt, chat_template_kwargs=thinking_kwargs(mode))
+                for request, mode, prompt in renders]
+    replies = [reply_case(conversation, mode) for conversation in chat_conversations() for mode in ("on", "off")]
+    requests += [request for request, _ in replies]
+    caps, answers = serve_chat(template, requests, BOS_TOKEN, EOS_TOKEN)
     assert [caps[c] for c in ("supports_tools", "supports_tool_calls", "supports_object_arguments",
                               "supports_system_role", "supports_string_content")] == [True] * 5
-    assert len(texts) == 6 * 61
-    for text, case in zip(texts, cases):
-        assert text == trained_text(*case)
+    assert len(answers) == 6 * 61 + 2 * 61
+    for answer, (request, mode, prompt) in zip(answers, renders):
+        assert answer.get("prompt") == trained_text(request, mode, prompt), answer
+    for answer, (request, expected) in zip(answers[len(renders):], replies):
+        assert parsed_reply(answer) == expected, (request, answer)
+
+
+def reply_case(conversation, mode) -> tuple[dict, tuple]:
+    """(a request for the conversation's final answer with megajoy's trained form of that answer as the model's
+    output, the final message as (content, reasoning, tool calls)); llama-server stops at the end token."""
+    from megajoy.data.chat import EOS_TOKEN
+
+    request = openai_request(conversation)
+    final = request["messages"][-1]
+    prompt = dict(request, messages=request["messages"][:-1])
+    before, whole = trained_text(prompt, mode, True), trained_text(request, mode, False)
+    assert whole.startswith(before) and whole.endswith(EOS_TOKEN)
+    calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in final.get("tool_calls", [])]
+    expected = (final.get("content") or "", final.get("reasoning_content", "") if mode == "on" else "", calls)
+    return dict(prompt, output=whole[len(before):-len(EOS_TOKEN)], chat_template_kwargs=thinking_kwargs(mode),
+                parallel_tool_calls=True), expected
+
+
+def parsed_reply(answer) -> tuple:
+    message = answer.get("message", {})
+    calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message.get("tool_calls", [])]
+    return message.get("content") or "", message.get("reasoning_content", ""), calls
 
 
 def test_configs_megajoy_would_read_differently_from_transformers_are_refused(hf_dir, tmp_path, capsys):

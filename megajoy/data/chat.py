@@ -135,7 +135,10 @@ def tool_call_text(call: dict) -> str:
 # The template above for Hugging Face's apply_chat_template (and engines that read tokenizer_config.json's
 # chat_template): the same text as render(), for messages / tools / add_generation_prompt and `thinking`
 # (true / false; unset: auto, as thinking_mode). Tool-call arguments must be objects (Jinja cannot parse a
-# JSON string); anything render() refuses raises.
+# JSON string); anything render() refuses raises. '<parameter=' is assembled from two pieces because llama.cpp
+# hands any template whose source holds <tool_call>, <function= and <parameter= to its Qwen3-Coder parser, which
+# expects Qwen's <|im_start|>assistant before every reply and so refuses all of this template's; without the
+# match it derives the parser from the template itself, and reads replies, reasoning and tool calls right.
 JINJA_TEMPLATE = (
     "{%- set ns = namespace(system='', last_user=-1, thinking=false) -%}"
     "{%- for m in messages -%}"
@@ -164,7 +167,7 @@ JINJA_TEMPLATE = (
     "{%- if arguments is string -%}{{- raise_exception('tool call arguments must be a JSON object') -}}{%- endif -%}"
     "{{- '" + TOOL_CALL + "\n<function=' + f['name'] + '>\n' -}}"
     "{%- for k, v in arguments.items() -%}"
-    "{{- '<parameter=' + k + '>\n' + (v if v is string else v | tojson(ensure_ascii=true)) + '\n</parameter>\n' -}}"
+    "{{- '<param' + 'eter=' + k + '>\n' + (v if v is string else v | tojson(ensure_ascii=true)) + '\n</parameter>\n' -}}"
     "{%- endfor -%}"
     "{{- '</function>\n" + END_TOOL_CALL + "' -}}"
     "{%- endfor -%}"
