@@ -151,6 +151,25 @@ def test_pipeline_layout_equals_single_process(name, tmp_path, data_prefix, toke
     assert_equivalent(run, deep_reference)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--pp-schedule", "interleaved", "--global-batch-size", "10"],
+     "runs a step's micro-batches in 2 equal rounds of about PP=2: batch size 10 / (micro_batch_size x DP) = 5 "
+     "micro-batches per rank is no multiple of 2"),
+    (["--rampup-batch-size", "2", "2", "16"],
+     "needs at least PP=2 micro-batches per step and rank; batch size 2 / (micro_batch_size x DP) = 1")],
+    ids=["interleaved_rounds", "rampup_start"])
+def test_micro_batch_counts_the_pipeline_schedule_refuses_stop_at_start_up(flags, message, tmp_path, data_prefix,
+                                                                           tokenizer_file, capfd):
+    """PP 2 x DP 2: torch's interleaved 1F1B runs n micro-batches in n // PP equal rounds, and 1F1B needs PP of
+    them in every step, the ramp-up's first included. Such a count stops the run before it starts (before, the
+    first step of that size failed in torch, after the setup and the first validation)."""
+    argv = pretrain_args(tmp_path, data_prefix, tokenizer_file, "--pp", "2", "--dp", "2", *flags, *DEEP)
+    with pytest.raises(AssertionError, match="megajoy exited with 2"):
+        run_workers(4, cli_worker, argv)
+    assert message in capfd.readouterr().err
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
 def test_balance_loss_under_tp_sp_ep_dp(tmp_path, data_prefix, tokenizer_file, reference_aux, reference):
     flags = ["--tp", "2", "--ep", "2", "--sequence-parallel", "--set", "model.aux_loss_alpha=0.01"]
     run = run_layout(tmp_path / "aux", data_prefix, tokenizer_file, 4, flags)

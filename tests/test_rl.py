@@ -344,6 +344,23 @@ def test_rl_under_pipeline_parallelism_is_the_one_process_run(tmp_path, warm_ini
     _assert_same_run(tmp_path / "pp", tmp_path / "one", [0, 1, 2, 3, 4, 4])
 
 
+def test_resume_inside_a_rollout_batch_under_the_zero_bubble_schedule(tmp_path, tiny_init):
+    """ZB-V puts the last stage (which alone holds the rollout log-probabilities) on pipeline rank 0, not PP - 1:
+    a run stopped inside a rollout batch and resumed updates on the saved batch as the unbroken run does (before,
+    rank PP - 1 saved its zeros, and the resumed update saw ratios of about exp(log p) instead of 1)."""
+    from megajoy.parallel.spawn import cli_worker, run_workers
+
+    flags = ("--pp", "2", "--pp-schedule", "zero-bubble", "--pp-layout", "1", "0", "1", "0", "--valid-prompts", "2")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_workers(2, cli_worker, rl_args(tiny_init, one, *flags), timeout=180)
+    run_workers(2, cli_worker, rl_args(tiny_init, two, *flags, "--exit-interval", "3"), timeout=180)
+    run_workers(2, cli_worker, rl_args(tiny_init, two, *flags, "--resume"), timeout=180)
+    steps = [{r["step"]: r for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r} for out in (one, two)]
+    assert steps[0][4]["importance_ratio"] != 1  # a second update of its batch
+    for key in ("importance_ratio", "loss", "grad_norm", "entropy"):
+        assert steps[1][4][key] == pytest.approx(steps[0][4][key], rel=1e-6, abs=1e-7), key
+
+
 def test_first_update_sees_ratio_one_under_bf16_autocast(tmp_path, tiny_init):
     """The rollout log-probabilities are taken with the update's own numerics (autocast included)."""
     assert main(rl_args(tiny_init, tmp_path, "--bf16", "--train-iters", "1", "--eval-interval", "100")) == 0

@@ -141,7 +141,7 @@ def _memory_plan(args, job):
                               pipeline_layout=args.pp_layout, sequence_parallel=args.sequence_parallel,
                               use_distributed_optimizer=job.parallel.use_distributed_optimizer)
     dataclasses.replace(job, parallel=parallel)  # the checks training makes of the whole job (JobConfig)
-    per_step = _micro_batches_per_step(args, dp, pp)
+    per_step = _micro_batches_per_step(args, dp, pp, parallel.pipeline_schedule)
     return plan_memory(job.model, parallel, tp * pp * dp, args.micro_batch_size, args.seq_length, per_step,
                        _activation_format(args, job), params_dtype=job.train.params_dtype,
                        optimizer=job.optimizer, qat=(job.quant.qat, job.quant.qat_modules) if job.quant.qat else None,
@@ -149,8 +149,10 @@ def _memory_plan(args, job):
                        rollout_qat=(args.rollout_qat, args.rollout_qat_modules) if args.rollout_qat else None)
 
 
-def _micro_batches_per_step(args, dp: int, pp: int) -> int:
+def _micro_batches_per_step(args, dp: int, pp: int, schedule: str) -> int:
     """Micro-batches per step and DP rank, refused where training refuses them (Trainer._check_batch_layout)."""
+    from megajoy.parallel.pipeline import check_micro_batches
+
     if args.micro_batch_size < 1:
         raise ValueError(f"--micro-batch-size {args.micro_batch_size} must be >= 1")
     if args.global_batch_size is None:
@@ -160,9 +162,7 @@ def _micro_batches_per_step(args, dp: int, pp: int) -> int:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not a positive multiple of "
                          f"micro-batch size x DP = {args.micro_batch_size} x {dp} = {unit}")
     per_step = args.global_batch_size // unit
-    if per_step < pp:
-        raise ValueError(f"pipeline parallelism needs at least PP={pp} micro-batches per step and rank; "
-                         f"--global-batch-size / (micro-batch size x DP) = {per_step}")
+    check_micro_batches(per_step, pp, schedule, f"--global-batch-size {args.global_batch_size}")
     return per_step
 
 

@@ -48,6 +48,14 @@ def global_batch_size(consumed_samples: int, cfg) -> int:
     return min(cfg.global_batch_size, start + int(consumed_samples / samples_per_increment) * increment)
 
 
+def batch_sizes(cfg) -> list[int]:
+    """Every global batch size a run steps with: the ramp-up's, then global_batch_size."""
+    if cfg.rampup_batch_size is None:
+        return [cfg.global_batch_size]
+    start, increment, _ = cfg.rampup_batch_size
+    return list(range(start, cfg.global_batch_size, increment)) + [cfg.global_batch_size]
+
+
 def total_samples(cfg, train_iters: int) -> int:
     """Samples consumed by train_iters steps, following the ramp-up."""
     consumed = 0

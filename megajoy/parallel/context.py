@@ -161,6 +161,11 @@ class ParallelContext:
     def is_logging_rank(self) -> bool:
         return self.rank == 0
 
+    @property
+    def last_stage_pp_rank(self) -> int:
+        """The pipeline rank running the last stage (head and loss): PP - 1, but 0 under ZB-V's V shape."""
+        return self.plan[-1].pp_rank if self.plan else 0
+
     def local_stages(self, num_layers: int) -> tuple:
         """The pipeline stages this rank runs (all of the model when there is no pipeline)."""
         from megajoy.parallel.pipeline import single_stage

@@ -79,6 +79,19 @@ def _even_split(num_layers: int, stages: int) -> list[int]:
     return counts
 
 
+def check_micro_batches(n: int, pp: int, schedule: str, what: str) -> None:
+    """The schedules' limits on a step's `n` micro-batches per rank (from `what`): at least PP; interleaved runs
+    them in max(1, n // PP) equal rounds (torch's ScheduleInterleaved1F1B refuses other counts)."""
+    per_rank = f"{what} / (micro_batch_size x DP) = {n}"
+    if n < pp:
+        raise ValueError(f"pipeline parallelism needs at least PP={pp} micro-batches per step and rank; {per_rank}")
+    rounds = max(1, n // pp)
+    if schedule == "interleaved" and n % rounds:
+        raise ValueError(f"--pp-schedule interleaved runs a step's micro-batches in {rounds} equal rounds of about "
+                         f"PP={pp}: {per_rank} micro-batches per rank is no multiple of {rounds} (use a multiple of "
+                         f"{pp}, or fewer than {2 * pp})")
+
+
 def single_stage(num_layers: int) -> tuple[StageSpec, ...]:
     return (StageSpec(0, 0, tuple(range(num_layers)), True, True),)
 
@@ -168,7 +181,7 @@ class PipelineRunner:
         self.model, self.pc = model, pc
         self.modules = [StageModule(model, spec) for spec in model.stages]
         self.holds_first = any(m.spec.is_first for m in self.modules)
-        self.last_rank = pipeline_peer(pc, pc.plan[-1].pp_rank)
+        self.last_rank = pipeline_peer(pc, pc.last_stage_pp_rank)
         self.schedules: dict[int, object] = {}
         self.on_weight_grads = None  # called after each separate weight-gradient pass (zero-bubble)
 

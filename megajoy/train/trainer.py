@@ -21,12 +21,12 @@ from megajoy.optim.master_weights import MasterWeights
 from megajoy.optim.qk_clip import apply_qk_clip, track_max_logits
 from megajoy.quant.formats import reuse_fake_quant_for
 from megajoy.quant.qat import check_groups, quantised_weights, set_qat
-from megajoy.optim.schedules import global_batch_size, learning_rate
+from megajoy.optim.schedules import batch_sizes, global_batch_size, learning_rate
 from megajoy.parallel.context import ParallelContext
 from megajoy.parallel.mappings import all_reduce_no_grad
 from megajoy.parallel.optimizer import build_parallel_optimizer
 from megajoy.parallel.params import parameter_specs
-from megajoy.parallel.pipeline import PipelineRunner
+from megajoy.parallel.pipeline import PipelineRunner, check_micro_batches
 from megajoy.train import checkpoint as ckpt
 from megajoy.train.metrics import MetricsLog, format_line, plot_losses
 
@@ -161,14 +161,14 @@ class Trainer:
     def _check_batch_layout(self) -> None:
         cfg, dp, pp = self.job.train, self.pc.size("dp_cp"), self.pc.size("pp")
         unit = cfg.micro_batch_size * dp
-        if pp > 1 and cfg.global_batch_size // unit < pp:
-            raise ValueError(f"pipeline parallelism needs at least PP={pp} micro-batches per step and rank; "
-                             f"global_batch_size / (micro_batch_size x DP) = {cfg.global_batch_size // unit}")
         sizes = [cfg.global_batch_size] + (cfg.rampup_batch_size[:2] if cfg.rampup_batch_size else [])
         for size in sizes:
             if size % unit:
                 raise ValueError(f"batch size {size} is not divisible by micro_batch_size x data-parallel size = "
                                  f"{cfg.micro_batch_size} x {dp} = {unit}")
+        if pp > 1:  # at start-up, not at the first step (of a ramp-up) whose count the schedule refuses
+            for size in batch_sizes(cfg):
+                check_micro_batches(size // unit, pp, self.pc.pipeline_schedule, f"batch size {size}")
 
     @property
     def is_logging_rank(self) -> bool:

@@ -221,7 +221,7 @@ class RlStage(Stage):
         if self.rows is None or trainer.step % self.args.updates_per_batch == 0:
             return {}
         pc = trainer.pc
-        holder = pc.coords["pp"] == pc.size("pp") - 1 and pc.tp_rank == 0 and pc.coords["cp"] == 0
+        holder = pc.coords["pp"] == pc.last_stage_pp_rank and pc.tp_rank == 0 and pc.coords["cp"] == 0
         mine = (self.dp_rank, [{"ids": s.ids, "trained": s.trained, "advantage": a,
                                 "ref_logps": row.ref_logps[0, :len(s.ids) - 1].tolist()}
                                for s, a, row in zip(self.samples, self.advantages, self.rows)]) if holder else None
