@@ -94,8 +94,6 @@ def _check_model_fits(layout: Layout, m, sequence_parallel: bool, seq_length: in
             raise ValueError(f"{name}={getattr(m, name)} is not divisible by tensor parallel size {layout.tp}")
     if m.n_routed_experts % layout.ep:
         raise ValueError(f"n_routed_experts={m.n_routed_experts} is not divisible by expert parallel size {layout.ep}")
-    if m.num_hidden_layers < layout.pp:
-        raise ValueError(f"num_hidden_layers={m.num_hidden_layers} is fewer than pipeline stages {layout.pp}")
     if layout.pp > 1 and m.num_nextn_predict_layers > 0 and m.tie_word_embeddings:
         raise ValueError("tie_word_embeddings with pipeline parallelism is not supported (untied, as JoyAI-Flash)")
     if seq_length is not None and layout.tp > 1 and seq_length % layout.tp:
