@@ -54,6 +54,24 @@ def test_preprocess_equals_megatron_builder_and_reports_bad_lines(tmp_path, toke
     assert len(ds) == 30 and tok.decode(ds[3][:-1].tolist()) == docs[3] and ds[3][-1] == info.eod
 
 
+def test_preprocess_takes_megatron_lms_tokenizer_flags(tmp_path, tokenizer_file, capsys):
+    """A Megatron-LM command line (--tokenizer-type HuggingFaceTokenizer --tokenizer-model, --append-eod) writes
+    the files megajoy's own flags write; another tokenizer type is refused by argparse."""
+    write_jsonl(tmp_path / "in.jsonl", synthetic_documents(5, seed=3))
+    tool = load_tool("preprocess_data")
+    common = ["--input", str(tmp_path / "in.jsonl"), "--json-keys", "text"]
+    assert tool.main(common + ["--output-prefix", str(tmp_path / "ours"), "--tokenizer", tokenizer_file]) == 0
+    assert tool.main(common + ["--output-prefix", str(tmp_path / "megatron"), "--tokenizer-type", "HuggingFaceTokenizer",
+                               "--tokenizer-model", tokenizer_file, "--append-eod"]) == 0
+    for ext in (".bin", ".idx"):
+        ours, megatron = (tmp_path / f"{p}_text_document{ext}" for p in ("ours", "megatron"))
+        assert ours.read_bytes() == megatron.read_bytes()
+    with pytest.raises(SystemExit):
+        tool.main(common + ["--output-prefix", str(tmp_path / "x"), "--tokenizer-type", "GPT2BPETokenizer",
+                            "--tokenizer-model", tokenizer_file])
+    assert "invalid choice: 'GPT2BPETokenizer'" in capsys.readouterr().err
+
+
 def test_preprocess_strict_leaves_no_output(tmp_path, tokenizer_file, capsys):
     write_jsonl(tmp_path / "in.jsonl", ["fine"])
     with open(tmp_path / "in.jsonl", "a") as f:

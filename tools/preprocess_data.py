@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output-prefix", required=True, help="output path without the _KEY_document suffix")
     parser.add_argument("--tokenizer", "--tokenizer-model", dest="tokenizer", required=True,
                         help="a Hugging Face tokenizer.json, or a directory holding one")
+    parser.add_argument("--tokenizer-type", choices=["HuggingFaceTokenizer"], default="HuggingFaceTokenizer",
+                        help="for Megatron-LM command lines: the one kind read here")
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="fields holding the text (default: text)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     parser.add_argument("--append-eod", dest="append_eod", action="store_true", default=True,
