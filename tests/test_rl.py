@@ -12,6 +12,7 @@ import torch
 from helpers import init_tiny_checkpoint, say_seven_data
 
 from megajoy.cli import main
+from megajoy.data.chat import Piece
 from megajoy.data.demo import write_jsonl
 from megajoy.stages.rl.curriculum import CurriculumSampler
 from megajoy.stages.rl.losses import fiberpo_loss, ppo_clip_loss
@@ -30,6 +31,27 @@ def test_verifiers():
     assert calculator_reward(call.replace("calculator", "search"), "36") == 0
     assert safe_eval("(2 + 3) * -4 / 2") == -10
     assert safe_eval("__import__('os').getcwd()") is None and safe_eval("1 / 0") is None and safe_eval("2 ** 9") is None
+
+
+def calculator_call(expression: str) -> str:
+    return (f"<tool_call>\n<function=calculator>\n<parameter=expression>\n{expression}\n</parameter>\n"
+            "</function>\n</tool_call>")
+
+
+def test_calculator_verifier_computes_decimals_exactly_and_survives_huge_numbers():
+    # A calculator gives 0.3 for 0.1 + 0.2 and 3.3 for 1.1 * 3 (binary floats: 0.30000000000000004,
+    # 3.3000000000000003)
+    assert calculator_reward(calculator_call("0.1 + 0.2"), "0.3") == 1
+    assert calculator_reward(calculator_call("1.1 * 3"), "3.3") == 1
+    assert calculator_reward(calculator_call("0.1 + 0.2"), "0.30000000000000004") == 0
+    assert calculator_reward(calculator_call("1 / 3"), "0.3333333333333333") == 1  # the answer as a float prints it
+    assert calculator_reward(calculator_call("10 / 4"), "2.5") == 1
+    assert calculator_reward(calculator_call("7"), "7.0") == 1
+    # A sampled completion with a number beyond float's range is wrong, not a crash of the run
+    huge = "1" + "0" * 400
+    assert calculator_reward(calculator_call(huge), "1") == 0
+    assert calculator_reward(calculator_call(huge + " / 3"), "1") == 0
+    assert calculator_reward(calculator_call(huge + " - " + huge + " + 2"), "2") == 1
 
 
 def test_curriculum_sampler():
@@ -69,6 +91,45 @@ def test_bad_prompts_are_counted(tmp_path, tokenizer_file):
     assert [p.answer for p in prompts] == ["2", "12"] and prompts[1].domain == "tool"
     assert dict(report.dropped) == {"no_answer": 1, "unknown_verifier": 1, "unknown_role": 1, "too_long": 1}
     assert report.first_lines == {"no_answer": 2, "unknown_verifier": 3, "unknown_role": 4, "too_long": 5}
+
+
+def test_null_verifier_and_domain_read_as_absent(tmp_path, tokenizer_file):
+    """As for "thinking", "tools" or "messages": a null field is the default, not a verifier named None (the
+    line was dropped) or a curriculum domain "None" apart from the absent field's."""
+    from megajoy.data.prompts import load_prompts
+    from megajoy.data.sft import ChatTokenizer
+
+    lines = [{"prompt": "1 + 1?", "answer": "2", "verifier": None, "domain": None}, {"prompt": "1 + 2?", "answer": "3"},
+             {"prompt": "3 * 4", "answer": "12", "verifier": "calculator", "domain": None}]
+    write_jsonl(str(tmp_path / "p.jsonl"), lines)
+    prompts, report = load_prompts(str(tmp_path / "p.jsonl"), ChatTokenizer(tokenizer_file, 320), 60)
+    assert [(p.answer, p.verifier, p.domain) for p in prompts] == [
+        ("2", "math", "math"), ("3", "math", "math"), ("12", "calculator", "calculator")]
+    assert not report.dropped
+
+
+def test_a_thinking_prompt_is_answered_only_after_its_reasoning_closes(tmp_path, tokenizer_file):
+    """A prompt in thinking mode ends in <think>: a completion without </think> is all reasoning and answers
+    nothing, however its text reads; rewarding it taught the policy to skip the end of its reasoning."""
+    from megajoy.data.prompts import load_prompts
+    from megajoy.data.sft import ChatTokenizer
+    from megajoy.stages.rl.stage import RlStage
+
+    lines = [{"prompt": "What is 3 + 4?", "answer": "7", "thinking": True},
+             {"prompt": "What is 3 + 4?", "answer": "7", "thinking": False},
+             {"tools": [{"name": "calculator"}], "prompt": "Use the calculator: 12 * 3", "answer": "36",
+              "verifier": "calculator", "thinking": True}]
+    write_jsonl(str(tmp_path / "p.jsonl"), lines)
+    stage = RlStage(argparse.Namespace())
+    stage.tokenizer = ChatTokenizer(tokenizer_file, 320)
+    thinking, plain, tool = load_prompts(str(tmp_path / "p.jsonl"), stage.tokenizer, 200)[0]
+    texts = {"7" + EOS: (0, 1), "3 + 4 = 7.</think>7" + EOS: (1, 1), "3 + 4 = 7" + EOS: (0, 0)}
+    for text, (want_thinking, want_plain) in texts.items():
+        ids = [stage.tokenizer.encode([Piece(text, True)]).ids]
+        assert stage._rewards([thinking, plain], ids * 2) == [want_thinking, want_plain], text
+    call = calculator_call("12 * 3") + EOS
+    got = [stage._rewards([tool], [stage.tokenizer.encode([Piece(t, True)]).ids])[0] for t in (call, "</think>" + call)]
+    assert got == [0, 1]
 
 
 @pytest.mark.parametrize("loss", ["fiberpo", "ppo-clip"])
@@ -376,3 +437,17 @@ def test_bad_sampling_settings_are_refused(tmp_path, tiny_init, capsys):
     assert main(["generate", "--ckpt", str(tiny_init), "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
     assert main(["generate", "--ckpt", str(tiny_init), "--prompt", "x", "--mtp-draft", "-1"]) == 2
+
+
+@pytest.mark.parametrize("flag, value", [("--updates-per-batch", "0"), ("--max-new-tokens", "0"),
+                                         ("--curriculum-rollouts", "0"), ("--valid-prompts", "-1")])
+def test_rl_counts_out_of_range_are_refused(flag, value):
+    """Zero updates per batch or curriculum rollouts divided by zero, zero new tokens trained on empty
+    completions, a negative held-out count held out all but one prompt."""
+    from megajoy.stages.rl import stage as rl
+
+    parser = argparse.ArgumentParser()
+    rl.add_arguments(parser)
+    with pytest.raises(ValueError, match=f"{flag} must be at least {0 if flag == '--valid-prompts' else 1}, "
+                                         f"got {value}"):
+        rl.build_job(parser.parse_args([flag, value]))

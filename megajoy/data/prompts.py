@@ -4,7 +4,7 @@ the assistant's turn left open. Lines that cannot be used are counted by reason 
 
 from dataclasses import dataclass
 
-from megajoy.data.chat import ConversationError, render
+from megajoy.data.chat import THINK, ConversationError, render
 from megajoy.data.jsonl import read_jsonl
 from megajoy.data.sft import ChatTokenizer, LoadReport
 
@@ -18,6 +18,7 @@ class Prompt:
     verifier: str
     domain: str
     source: dict
+    thinking: bool = False  # the prompt opens a reasoning block (<think>) for the completion to close
 
 
 def load_prompts(path: str, tokenizer: ChatTokenizer, max_tokens: int, mode: str = "auto") -> tuple[list[Prompt], LoadReport]:
@@ -28,18 +29,20 @@ def load_prompts(path: str, tokenizer: ChatTokenizer, max_tokens: int, mode: str
         if obj.get("answer") is None:  # absent, or null (which would be checked against the text "None")
             report.count("no_answer", number)
             continue
-        verifier = obj.get("verifier", "math")
+        verifier = "math" if obj.get("verifier") is None else obj["verifier"]  # null: absent, as "thinking"
         if verifier not in VERIFIER_NAMES:
             report.count("unknown_verifier", number)
             continue
         try:
-            ids = tokenizer.encode(render(obj, mode, generation_prompt=True)).ids
+            pieces = render(obj, mode, generation_prompt=True)
+            ids = tokenizer.encode(pieces).ids
         except ConversationError as e:
             report.count(e.kind, number)
             continue
         if len(ids) > max_tokens:
             report.count("too_long", number)
             continue
-        prompts.append(Prompt(ids, str(obj["answer"]), verifier, str(obj.get("domain", verifier)), obj))
+        domain = verifier if obj.get("domain") is None else str(obj["domain"])
+        prompts.append(Prompt(ids, str(obj["answer"]), verifier, domain, obj, pieces[-1].text.endswith(THINK)))
         report.kept += 1
     return prompts, report

@@ -149,7 +149,8 @@ class RlStage(Stage):
     def _rewards(self, prompts, completions) -> list[float]:
         from megajoy.stages.rl.rewards import reward
 
-        return [reward(self.tokenizer.decode(c), p.answer, p.verifier) for p, c in zip(prompts, completions)]
+        return [reward(self.tokenizer.decode(c), p.answer, p.verifier, p.thinking)
+                for p, c in zip(prompts, completions)]
 
     def _choose_prompts(self, trainer) -> list:
         args, step = self.args, trainer.step
@@ -338,6 +339,10 @@ def build_job(args, dp: int = 1):
         raise ValueError("--rollouts-per-prompt must be at least 2 (advantages are normalised within a group)")
     if not 0 < args.temperature < float("inf"):
         raise ValueError(f"--temperature must be > 0 (rollouts are sampled), got {args.temperature}")
+    for flag, least in (("updates_per_batch", 1), ("max_new_tokens", 1), ("curriculum_rollouts", 1),
+                        ("valid_prompts", 0)):
+        if getattr(args, flag) < least:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least {least}, got {getattr(args, flag)}")
     rollouts = args.prompts_per_step * args.rollouts_per_prompt
     per_rank = max(rollouts // dp, 1)
     defaults = with_recipe(DEFAULTS, RECIPES.get(args.preset or "tiny"))
