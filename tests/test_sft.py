@@ -116,7 +116,8 @@ def test_packing_pads_under_one_percent_on_the_demo_data(tokenizer_file):
 
 def test_exact_match_prompts_each_conversation_as_it_was_trained(tokenizer_file, monkeypatch):
     """Held-out exact match decodes from the trained sequence's tokens up to the answer: `<think>` opens a
-    thinking conversation's answer, `</think>` a non-thinking one's."""
+    thinking conversation's answer, `</think>` a non-thinking one's; a thinking reply that never closes its
+    reasoning answers nothing (it matched when its reasoning was the answer's text)."""
     import megajoy.model.generate
     from megajoy.data.demo import arithmetic
     from megajoy.stages.sft import exact_match
@@ -132,6 +133,11 @@ def test_exact_match_prompts_each_conversation_as_it_was_trained(tokenizer_file,
         sample = tokenizer.encode(render(conversation))
         assert prompt == sample.ids[:sample.trained.index(True)]
     assert tokenizer.decode(prompts[0]).endswith("<｜Assistant｜><think>")
+    # the answer counts after the reasoning closes: a thinking reply of the bare answer is all reasoning
+    for reply, hits in (("{}", 1), ("so</think>{}", 2)):
+        monkeypatch.setattr(megajoy.model.generate, "generate", lambda model, ids, params: [
+            tokenizer.tok.encode(reply.format(c["answer"]), add_special_tokens=False).ids for c in conversations])
+        assert exact_match(None, tokenizer, conversations, "auto") == (hits, 2), reply
 
 
 def test_bad_conversations_are_counted_and_reported(tmp_path, tokenizer_file):

@@ -211,8 +211,16 @@ def _text(m: dict) -> str:
     return content
 
 
-def final_answer(completion: str) -> str:
-    """The answer of a generated assistant turn: the text after the reasoning, without end of sentence."""
+def opens_reasoning(prompt: list[Piece]) -> bool:
+    """Whether a generation prompt leaves the model inside a reasoning block (thinking mode)."""
+    return prompt[-1].text.endswith(THINK)
+
+
+def final_answer(completion: str, thinking: bool = False) -> str | None:
+    """The answer of a generated assistant turn: the text after the reasoning, without end of sentence; None
+    for a completion of a `thinking` prompt that never closes its reasoning (all of it is reasoning)."""
+    if thinking and END_THINK not in completion:
+        return None
     return completion.split(END_THINK)[-1].replace(EOS_TOKEN, "").strip()
 
 

@@ -4,7 +4,7 @@ the assistant's turn left open. Lines that cannot be used are counted by reason 
 
 from dataclasses import dataclass
 
-from megajoy.data.chat import THINK, ConversationError, render
+from megajoy.data.chat import ConversationError, opens_reasoning, render
 from megajoy.data.jsonl import read_jsonl
 from megajoy.data.sft import ChatTokenizer, LoadReport
 
@@ -43,6 +43,6 @@ def load_prompts(path: str, tokenizer: ChatTokenizer, max_tokens: int, mode: str
             report.count("too_long", number)
             continue
         domain = verifier if obj.get("domain") is None else str(obj["domain"])
-        prompts.append(Prompt(ids, str(obj["answer"]), verifier, domain, obj, pieces[-1].text.endswith(THINK)))
+        prompts.append(Prompt(ids, str(obj["answer"]), verifier, domain, obj, opens_reasoning(pieces)))
         report.kept += 1
     return prompts, report

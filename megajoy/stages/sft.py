@@ -70,17 +70,18 @@ def load_chat_data(job, args, tokenizer_path: str) -> dict:
 
 def exact_match(model, tokenizer, conversations: list[dict], mode: str, max_new_tokens: int = 24) -> tuple[int, int]:
     """(hits, scored): how many conversations' final assistant answer greedy decoding (batched, latent
-    cache) reproduces exactly (after the reasoning, when the model thinks), of those that have an
+    cache) reproduces exactly (after the closed reasoning, when the model thinks), of those that have an
     "answer". Every rank that decodes together calls it (see generate), with or without conversations."""
-    from megajoy.data.chat import final_answer
+    from megajoy.data.chat import final_answer, opens_reasoning
     from megajoy.data.tokenizer import EOS_TOKEN
     from megajoy.model.generate import SamplingParams, generate
 
     scored = [c for c in conversations if "answer" in c and c["messages"][-1]["role"] == "assistant"]
-    prompts = [tokenizer.encode(answer_prompt(c, mode)).ids for c in scored]
+    prompts = [answer_prompt(c, mode) for c in scored]
     params = SamplingParams(max_new_tokens, stop_token_ids=(tokenizer.tok.token_to_id(EOS_TOKEN),))
-    completions = generate(model, prompts, params)
-    return sum(final_answer(tokenizer.decode(t)) == c["answer"] for t, c in zip(completions, scored)), len(scored)
+    completions = generate(model, [tokenizer.encode(p).ids for p in prompts], params)
+    answers = [final_answer(tokenizer.decode(t), opens_reasoning(p)) for t, p in zip(completions, prompts)]
+    return sum(a == c["answer"] for a, c in zip(answers, scored)), len(scored)
 
 
 def answer_prompt(conversation: dict, mode: str) -> list:

@@ -12,7 +12,7 @@ import ast
 import operator
 from fractions import Fraction
 
-from megajoy.data.chat import END_THINK, final_answer, parse_tool_calls
+from megajoy.data.chat import final_answer, parse_tool_calls
 
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
               ast.USub: operator.neg, ast.UAdd: operator.pos}
@@ -74,6 +74,6 @@ def reward(completion: str, answer: str, verifier: str, thinking: bool = False) 
     """`thinking`: the prompt opened a reasoning block for the completion."""
     if verifier not in VERIFIERS:
         raise ValueError(f"unknown verifier {verifier!r} (expected one of {sorted(VERIFIERS)})")
-    if thinking and END_THINK not in completion:
+    if final_answer(completion, thinking) is None:
         return 0.0
     return VERIFIERS[verifier](completion, answer)
