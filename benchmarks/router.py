@@ -21,7 +21,7 @@ SHAPES = {"small": (4096, 128, 16, 4), "joyai": (16384, 2048, 256, 8)}  # tokens
 
 
 def hf_router(cfg, weight, bias):
-    """transformers' router as a function of hidden states -> (weights, ids)."""
+    """transformers' router as a function of hidden states -> (weights, ids), and the router's weight."""
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
@@ -48,7 +48,13 @@ def hf_router(cfg, weight, bias):
         ids, weights = moe.route_tokens_to_experts(out)
         return weights, ids
 
-    return route
+    return route, router.weight
+
+
+def forward_backward(route_weights, x: torch.Tensor, weight: torch.Tensor):
+    """A training step's share of the router: forward, then the gradients of the input and the weight (asked
+    for both: autograd leaves out a gradient no one asks for, which one path's GEMM would and another's not)."""
+    return torch.autograd.grad(route_weights(x).square().sum(), (x, weight))
 
 
 def main() -> None:
@@ -65,7 +71,7 @@ def main() -> None:
     with torch.no_grad():
         router.weight.normal_(0, 0.02)
         router.e_score_correction_bias.normal_(0, 0.01)
-    baseline = hf_router(cfg, router.weight.detach(), router.e_score_correction_bias)
+    baseline, baseline_weight = hf_router(cfg, router.weight.detach(), router.e_score_correction_bias)
     compiled = torch.compile(router)
     x = torch.randn(tokens, hidden, device=args.device, dtype=args.dtype, requires_grad=True)
     ours, theirs = router(x), baseline(x)
@@ -73,18 +79,16 @@ def main() -> None:
     flops = 2 * tokens * hidden * experts
     moved = tokens * hidden * (x.element_size() + 4) + experts * hidden * 4 + tokens * k * 12
 
-    def fwd_bwd(fn):
-        weights = fn(x)
-        return torch.autograd.grad(weights.square().sum(), x)
-
     rows = []
-    for label, factor in (("forward", 1), ("forward + backward", 3)):
-        run = (lambda f: f(x)) if factor == 1 else fwd_bwd
-        base = time_op(lambda: run(lambda t: baseline(t)[0]), args.device)
+    for label, factor in (("forward", 1), ("forward + backward", 3)):  # backward: the x and weight gradients
+        def run(route_weights, weight, factor=factor):
+            return route_weights(x) if factor == 1 else forward_backward(route_weights, x, weight)
+
+        base = time_op(lambda: run(lambda t: baseline(t)[0], baseline_weight), args.device)
         for name, module, kernels in (("megajoy", router, "auto"), ("megajoy torch reference", router, "torch"),
                                       ("megajoy compiled", compiled, "auto")):
             with kernel_settings(backend=kernels):
-                seconds = time_op(lambda: run(lambda t: module(t).weights_TK), args.device)
+                seconds = time_op(lambda: run(lambda t: module(t).weights_TK, router.weight), args.device)
             rows.append(bench_row(f"{name} {label} ({tokens} x {hidden}, top-{k} of {experts})", seconds,
                                   factor * flops, factor * moved, floors, base))
     report("router", f"Router: megajoy vs transformers DeepseekV3 (same experts chosen: {same})", rows, args,

@@ -21,28 +21,32 @@ import torch  # noqa: E402
 from benchmarks.common import environment, print_table, synchronize, write_json  # noqa: E402
 
 
-def trimmed(batch):
+def in_padding(batch, pad_id: int) -> torch.Tensor:
+    """[B, S]: the input positions of the padding document that ends a padded row (a row its conversations
+    fill has none)."""
+    return (batch.document_ids == batch.document_ids[:, -1:]) & (batch.input_ids[:, -1:] == pad_id)
+
+
+def trimmed(batch, pad_id: int):
     """The micro-batch cut to its longest conversation (padding to the longest, not to the row)."""
     from megajoy.data.packing import Batch
 
-    pad_doc = batch.document_ids[:, -1:]
-    length = int((batch.document_ids != pad_doc).sum(dim=1).max()) + 1
+    length = int((~in_padding(batch, pad_id)).sum(dim=1).max())
     return Batch(**{name: t[:, :length] for name, t in batch.tensors().items()})
 
 
-def batches_for(rows, micro: int, seed: int, trim: bool):
+def batches_for(rows, micro: int, seed: int, trim: bool, pad_id: int):
     from megajoy.data.packing import stack
 
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     batches = [stack([rows[i] for i in order[s:s + micro]]) for s in range(0, len(order) - micro + 1, micro)]
-    return [trimmed(b) for b in batches] if trim else batches
+    return [trimmed(b, pad_id) for b in batches] if trim else batches
 
 
 def conversation_tokens(batch, pad_id: int) -> int:
     """Input positions holding conversation tokens (not the padding document that ends a padded row)."""
-    in_pad_doc = (batch.document_ids == batch.document_ids[:, -1:]) & (batch.input_ids[:, -1:] == pad_id)
-    return int(batch.input_ids.numel() - in_pad_doc.sum())
+    return int(batch.input_ids.numel() - in_padding(batch, pad_id).sum())
 
 
 def measure(model, optimizer, batches, device, seconds: float, pad_id: int) -> dict:
@@ -104,8 +108,8 @@ def main() -> None:
         torch.manual_seed(0)
         model = create_model(job.model, device=device).train()
         optimizer = adamw([{"params": list(model.parameters())}], job.optimizer)
-        stats = measure(model, optimizer, batches_for(rows, args.micro_batch_size, 0, trim), device, args.seconds,
-                        tokenizer.pad_id)
+        batches = batches_for(rows, args.micro_batch_size, 0, trim, tokenizer.pad_id)
+        stats = measure(model, optimizer, batches, device, args.seconds, tokenizer.pad_id)
         results.append({"variant": name, "rows": len(rows), **stats})
         print(f"{name}: {stats['conversation_tokens_per_s']:,.0f} conversation tokens/s", file=sys.stderr)
     base = results[1]["conversation_tokens_per_s"]

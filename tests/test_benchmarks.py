@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on CPU at their small shapes and write what RESULTS.md is made
 from: every row timed, held against a positive floor and (where there is one) its baseline."""
 
+import dataclasses
 import json
 import math
 import os
@@ -59,9 +60,19 @@ def test_throughput_variants_beside_transformers(tmp_path):
     payload = json.loads((tmp_path / "throughput.json").read_text())
     rows = {r["variant"]: r for r in payload["results"]}
     assert list(rows) == ["megajoy", "megajoy --params-dtype bf16", "transformers", "torchtitan"]
+    from megajoy.config import tiny
+    from megajoy.model.transformer import JoyAIForCausalLM
+
+    with torch.device("meta"):  # the tiny preset without its MTP module, as the script trains it
+        params = sum(p.numel() for p in JoyAIForCausalLM(dataclasses.replace(tiny(), num_nextn_predict_layers=0))
+                     .parameters())
     for row in rows.values():
         assert "error" not in row, row
-        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_memory_gb"] >= 0
+        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1
+        # the training's memory, not the libraries' (transformers' import alone holds ~200 MB): weights, gradients
+        # and AdamW's two moments (16 bytes a parameter), at most 64 MB more for 64 tokens' activations and
+        # torch's first-step buffers
+        assert 16 * params < row["peak_memory_gb"] * 1e9 < 16 * params + 64e6, row
         # MFU over the matmul rate measured in the variant's own process
         assert math.isclose(row["mfu"], payload["training_flops_per_token"] * row["tokens_per_s"]
                             / row["matmul_flops_per_s"])
@@ -164,3 +175,61 @@ def test_gpu_session_plan_parses_and_resumes(tmp_path):
     assert env["torch"] == torch.__version__ and env["gpu"] == "no GPU"
     assert main(["--only", "env", "--budget-s", "100", "--state", str(state)]) == 0  # done: not run again
     assert json.loads((state / "session.json").read_text())["env"]["seconds"] == record["env"]["seconds"]
+
+
+def test_sft_packing_trims_micro_batches_to_their_longest_conversation():
+    """The "padded to the micro-batch's longest" variant keeps every conversation whole: a row its conversation
+    fills (seq_length or seq_length + 1 tokens) has no padding document, and sets the micro-batch's width."""
+    from megajoy.data.packing import stack
+    from megajoy.data.sft import Sample, pack_rows
+
+    from benchmarks.sft_packing import conversation_tokens, trimmed
+
+    pad, seq = 2, 8
+    fills = [Sample(list(range(10, 10 + n)), [True] * n) for n in (seq + 1, seq)]
+    short = Sample([20, 21, 22, 23], [True] * 4)
+    rows = pack_rows([*fills, short], seq, pad, pack=False)
+    for group in ([rows[0], rows[2]], [rows[1], rows[2]], [rows[0]], [rows[1]]):
+        cut = trimmed(stack(group), pad)
+        assert cut.input_ids.shape == (len(group), seq)
+        assert cut.input_ids[0].tolist() == list(range(10, 10 + seq))
+        assert conversation_tokens(cut, pad) == seq + (4 if len(group) == 2 else 0)
+    cut = trimmed(stack([rows[2], rows[2]]), pad)
+    assert cut.input_ids[:, :4].tolist() == [[20, 21, 22, 23]] * 2 and conversation_tokens(cut, pad) == 8
+
+
+def test_router_benchmark_backward_is_the_same_work_for_both_routers():
+    """router.py's forward + backward: megajoy's router and transformers' (the baseline) each run the forward GEMM
+    and both backward ones (input and weight gradients), the 3 x 2 T H E FLOPs the script counts, and agree."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megajoy.config import ModelConfig
+    from megajoy.model.moe import Router
+
+    from benchmarks.router import forward_backward, hf_router
+
+    class GemmFlops(TorchDispatchMode):
+        flops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                a, b = args[-2], args[-1]
+                self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+            return func(*args, **(kwargs or {}))
+
+    tokens, hidden, experts = 32, 64, 16
+    cfg = ModelConfig(hidden_size=hidden, n_routed_experts=experts, num_experts_per_tok=4, vocab_size=256,
+                      num_hidden_layers=2)
+    router = Router(cfg).train()
+    with torch.no_grad():
+        router.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    baseline, baseline_weight = hf_router(cfg, router.weight.detach(), router.e_score_correction_bias)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    grads = []
+    for route_weights, weight in ((lambda t: router(t).weights_TK, router.weight),
+                                  (lambda t: baseline(t)[0], baseline_weight)):
+        with GemmFlops() as counted:
+            grads.append(forward_backward(route_weights, x, weight))
+        assert counted.flops == 3 * 2 * tokens * hidden * experts
+    for ours, theirs in zip(*grads):
+        assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-7)
