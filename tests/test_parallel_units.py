@@ -242,3 +242,20 @@ def test_adamw_state_loaded_for_a_resume_steps_as_the_saved_optimizer(device):
     resumed.step()
     assert torch.equal(twin, p)
     assert resumed.state[twin]["step"].device == state["step"].device
+
+
+def test_every_batch_size_of_a_ramp_must_split_over_micro_batches_and_dp():
+    """Checked at start-up for each size the ramp steps through (2, 4, 6, 8 here), not at the step that has it."""
+    import types
+
+    from megajoy.config import load_job_config
+    from megajoy.parallel.context import planning_context
+    from megajoy.train.trainer import Trainer
+
+    job = load_job_config("tiny", None, ["train.global_batch_size=8", "train.micro_batch_size=1",
+                                         "train.rampup_batch_size=[2, 2, 16]"])
+    check = Trainer._check_batch_layout
+    check(types.SimpleNamespace(job=job, pc=planning_context(ParallelConfig(), 2, 0, job.model, 64)))
+    with pytest.raises(ValueError, match="batch size 2 is not divisible by micro_batch_size x data-parallel size "
+                                         r"= 1 x 4 = 4"):
+        check(types.SimpleNamespace(job=job, pc=planning_context(ParallelConfig(), 4, 0, job.model, 64)))

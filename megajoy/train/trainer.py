@@ -161,13 +161,11 @@ class Trainer:
     def _check_batch_layout(self) -> None:
         cfg, dp, pp = self.job.train, self.pc.size("dp_cp"), self.pc.size("pp")
         unit = cfg.micro_batch_size * dp
-        sizes = [cfg.global_batch_size] + (cfg.rampup_batch_size[:2] if cfg.rampup_batch_size else [])
-        for size in sizes:
+        for size in batch_sizes(cfg):  # at start-up, not at the first step (of a ramp-up) that cannot run
             if size % unit:
                 raise ValueError(f"batch size {size} is not divisible by micro_batch_size x data-parallel size = "
                                  f"{cfg.micro_batch_size} x {dp} = {unit}")
-        if pp > 1:  # at start-up, not at the first step (of a ramp-up) whose count the schedule refuses
-            for size in batch_sizes(cfg):
+            if pp > 1:
                 check_micro_batches(size // unit, pp, self.pc.pipeline_schedule, f"batch size {size}")
 
     @property
