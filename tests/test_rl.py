@@ -451,3 +451,12 @@ def test_rl_counts_out_of_range_are_refused(flag, value):
     with pytest.raises(ValueError, match=f"{flag} must be at least {0 if flag == '--valid-prompts' else 1}, "
                                          f"got {value}"):
         rl.build_job(parser.parse_args([flag, value]))
+
+
+def test_fewer_training_prompts_than_a_step_draws_are_named(tmp_path, tiny_init, capsys):
+    """Without the curriculum a step draws --prompts-per-step distinct prompts: fewer is refused by count at
+    start-up (it was Python's "Sample larger than population" from the first rollout)."""
+    data = tmp_path / "p.jsonl"
+    write_jsonl(str(data), [{"prompt": f"{i} + 1?", "answer": str(i + 1)} for i in range(5)])
+    assert main(rl_args(tiny_init, tmp_path / "out", "--data", str(data), "--prompts-per-step", "8")) == 2
+    assert f"{data}: 4 training prompts (1 held out), fewer than --prompts-per-step 8" in capsys.readouterr().err

@@ -69,6 +69,9 @@ class RlStage(Stage):
         held_out = min(args.valid_prompts, len(prompts) // 5)
         self.valid = [prompts[i] for i in order[:held_out]]
         self.train = [prompts[i] for i in order[held_out:]]
+        if not args.curriculum and len(self.train) < args.prompts_per_step:  # a step draws distinct prompts
+            raise ValueError(f"{path}: {len(self.train)} training prompts ({held_out} held out), fewer than "
+                             f"--prompts-per-step {args.prompts_per_step}")
         self.dp_rank, self.dp = pc.coords["dp"], pc.size("dp")
         self.eos = self.tokenizer.tok.token_to_id("<｜end▁of▁sentence｜>")
         self.sampler = self._curriculum(trainer) if args.curriculum else None
