@@ -61,8 +61,8 @@ def test_preprocess_takes_megatron_lms_tokenizer_flags(tmp_path, tokenizer_file,
     tool = load_tool("preprocess_data")
     common = ["--input", str(tmp_path / "in.jsonl"), "--json-keys", "text"]
     assert tool.main(common + ["--output-prefix", str(tmp_path / "ours"), "--tokenizer", tokenizer_file]) == 0
-    assert tool.main(common + ["--output-prefix", str(tmp_path / "megatron"), "--tokenizer-type", "HuggingFaceTokenizer",
-                               "--tokenizer-model", tokenizer_file, "--append-eod"]) == 0
+    megatron_flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_file, "--append-eod"]
+    assert tool.main(common + ["--output-prefix", str(tmp_path / "megatron"), *megatron_flags]) == 0
     for ext in (".bin", ".idx"):
         ours, megatron = (tmp_path / f"{p}_text_document{ext}" for p in ("ours", "megatron"))
         assert ours.read_bytes() == megatron.read_bytes()

@@ -198,7 +198,8 @@ def test_wrong_typed_fields_are_malformed_and_bad_bytes_named(tmp_path, tokenize
     write_jsonl(str(prompts), [{"prompt": "2+2", "answer": None}, {"prompt": "2+2", "answer": "4", "tools": "calc"},
                                {"prompt": "2+2", "answer": 4}, {"prompt": "2+2", "answer": 4, "messages": None}])
     kept, report = load_prompts(str(prompts), tokenizer, 100)
-    assert [p.answer for p in kept] == ["4", "4"] and kept[0].ids == kept[1].ids and dict(report.dropped) == {"no_answer": 1, "malformed": 1}
+    assert [p.answer for p in kept] == ["4", "4"] and kept[0].ids == kept[1].ids
+    assert dict(report.dropped) == {"no_answer": 1, "malformed": 1}
     with open(path, "ab") as f:
         f.write(b'{"messages": "\xff"}\n')
     with pytest.raises(ValueError, match=rf"{path}:{len(good) + len(bad) + 1}: invalid UTF-8"):

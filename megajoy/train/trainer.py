@@ -284,7 +284,8 @@ class Trainer:
         every rank sees the same all-reduced norm, so all stop together, and the checkpoints stay finite."""
         if not math.isfinite(grad_norm):
             raise FloatingPointError(
-                f"step {self.step + 1}: the gradient norm is {grad_norm} (loss {totals.get('loss', float('nan')):.4g}); "
+                f"step {self.step + 1}: the gradient norm is {grad_norm} "
+                f"(loss {totals.get('loss', float('nan')):.4g}); "
                 "the weights were not updated and the checkpoints saved so far are kept: resume from the last one "
                 "with a lower --lr")
 
