@@ -199,7 +199,17 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams, uniforms_B: torch.Te
     does not depend on the other rows of its batch."""
     if params.temperature <= 0:
         return logits_BV.argmax(-1)
-    logits = logits_BV.float() / params.temperature
+    return _draw(_tempered(logits_BV, params.temperature), params, uniforms_B)
+
+
+def _tempered(logits_BV: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 logits at the sampling temperature (as they are when greedy)."""
+    logits = logits_BV.float()
+    return logits / temperature if temperature > 0 else logits
+
+
+def _draw(logits: torch.Tensor, params: SamplingParams, uniforms_B: torch.Tensor) -> torch.Tensor:
+    """A draw from tempered fp32 logits after top-k and top-p (see sample)."""
     if params.top_k:
         kept, index = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1)
         logits = torch.full_like(logits, float("-inf")).scatter(-1, index, kept)  # exactly k, ties too
@@ -255,12 +265,10 @@ def sample_step(logits_BV: torch.Tensor, params: SamplingParams, uniforms_B: tor
                 with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(next token ids [B], the entropy there [B] of the policy at the sampling temperature (1 when greedy),
     or None)."""
-    logits = logits_BV.float()  # fp32 probabilities whatever the logits' dtype
-    entropy = None
-    if with_entropy:
-        tempered = logits / params.temperature if params.temperature > 0 else logits
-        entropy = -(tempered.softmax(-1) * tempered.log_softmax(-1)).sum(-1)
-    return sample(logits, params, uniforms_B), entropy
+    logits = _tempered(logits_BV, params.temperature)  # once, for the entropy and the draw
+    entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1) if with_entropy else None
+    tokens = logits.argmax(-1) if params.temperature <= 0 else _draw(logits, params, uniforms_B)
+    return tokens, entropy
 
 
 def left_padded(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
