@@ -222,6 +222,10 @@ class OptimizerConfig:
     lr_wsd_decay_style: str = "linear"  # linear | cosine | 1-sqrt
     lr_wsd_decay_iters: int | None = None  # default: 20% of train_iters
     lr_decay_iters: int | None = None  # default: train_iters
+    # Sample-based runs (train.train_samples): the same lengths in samples, as Megatron's --lr-*-samples
+    lr_warmup_samples: int | None = None  # default: lr_warmup_iters full global batches
+    lr_wsd_decay_samples: int | None = None
+    lr_decay_samples: int | None = None  # default: train_samples
     # Muon (optimizer: muon): the Moonlight / Kimi recipe
     muon_momentum: float = 0.95
     muon_nesterov: bool = True
@@ -246,7 +250,11 @@ class OptimizerConfig:
                  f"lr_decay_style={self.lr_decay_style!r} must be constant, linear, cosine or WSD")
         _require(self.lr_wsd_decay_style in ("linear", "cosine", "1-sqrt"),
                  f"lr_wsd_decay_style={self.lr_wsd_decay_style!r} must be linear, cosine or 1-sqrt")
-        _require(self.lr_warmup_iters >= 0, f"lr_warmup_iters={self.lr_warmup_iters} must be >= 0")
+        for name in ("lr_warmup_iters", "lr_warmup_samples"):
+            _require((getattr(self, name) or 0) >= 0, f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("lr_wsd_decay_iters", "lr_decay_iters", "lr_wsd_decay_samples", "lr_decay_samples"):
+            _require(getattr(self, name) is None or getattr(self, name) > 0, f"{name}={getattr(self, name)} must be "
+                     f"positive")
         _require(self.clip_grad >= 0, f"clip_grad={self.clip_grad} must be >= 0")
 
 
@@ -261,6 +269,9 @@ QAT_MODULES = ("routed-experts", "experts", "linear")
 class TrainConfig:
     # The defaults are the tiny preset's CPU recipe: `megajoy pretrain` with no arguments (README).
     train_iters: int = 320
+    # Megatron's --train-samples: train_iters becomes the number of whole global batches (following the ramp-up)
+    # these samples hold, and the LR schedule counts samples
+    train_samples: int | None = None
     global_batch_size: int = 8
     micro_batch_size: int = 8
     rampup_batch_size: list[int] | None = None  # [start, increment, samples], Megatron's --rampup-batch-size
@@ -315,6 +326,12 @@ class TrainConfig:
             _require((self.global_batch_size - start) % increment == 0,
                      f"global_batch_size - rampup start = {self.global_batch_size - start} is not divisible by "
                      f"the increment {increment}")
+        if self.train_samples is not None:
+            from megajoy.optim.schedules import batch_sizes, iterations_for_samples
+
+            self.train_iters = iterations_for_samples(self, self.train_samples)
+            _require(self.train_iters > 0, f"train_samples={self.train_samples} holds no whole global batch "
+                     f"(the first has {batch_sizes(self)[0]} samples)")
 
 
 @dataclass
@@ -402,6 +419,10 @@ class JobConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
 
     def __post_init__(self):
+        given = [name for name in ("lr_warmup_samples", "lr_wsd_decay_samples", "lr_decay_samples")
+                 if getattr(self.optimizer, name) is not None]
+        _require(not given or self.train.train_samples is not None,
+                 f"{', '.join(given)} count samples: they need a sample-based run (train_samples, --train-samples)")
         _require(not (self.train.recompute_granularity and self.parallel.pipeline_model_parallel_size > 1
                       and self.parallel.pipeline_schedule == "zero-bubble"),
                  "recompute_granularity with pipeline_schedule=zero-bubble is not supported: its split input and "

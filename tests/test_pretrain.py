@@ -2,6 +2,7 @@
 router bias, outputs, and the errors for bad input. Runs a model small enough for many short runs."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from helpers import TINY_MODEL_OVERRIDES, load_tool
 from megajoy.ckpt.distributed import read_full_tensors
@@ -189,6 +191,25 @@ def test_rampup_consumed_samples(tmp_path, data_prefix, tokenizer_file):
                      "--rampup-batch-size", "2", "2", "16")) == 0
     # batch 2 until 8 samples, 4 until 16, then 6: 2+2+2+2+4+4+6+6
     assert trainer_state(latest_checkpoint(str(out)))["consumed_samples"] == 28
+
+
+def test_train_samples_run_steps_and_schedules_in_samples(tmp_path, data_prefix, tokenizer_file, capsys):
+    """Megatron's sample-based flags: 33 samples hold the same 8 steps as above (one more batch of 6 would
+    overflow), and the logged LRs follow warmup and cosine decay counted in samples."""
+    out = tmp_path / "out"
+    argv = args(out, data_prefix, tokenizer_file, 8, "--global-batch-size", "6", "--rampup-batch-size", "2", "2",
+                "16", "--train-samples", "33", "--lr-warmup-samples", "5", "--lr-decay-samples", "24",
+                "--lr-decay-style", "cosine", "--min-lr", "3e-4")
+    i = argv.index("--train-iters")
+    assert main(argv[:i] + argv[i + 2:]) == 0
+    assert trainer_state(latest_checkpoint(str(out)))["consumed_samples"] == 28
+    starts = [0, 2, 4, 6, 8, 12, 16, 22]  # each step's first sample
+    warmup = [3e-3 * min(s + b, 5) / 5 for s, b in zip(starts[:3], [2, 2, 2])]
+    cosine = [3e-4 + 2.7e-3 * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - 5) / 19))) for s in starts[3:]]
+    logged = [record["lr"] for record in sorted(train_records(out).values(), key=lambda r: r["step"])]
+    assert logged == pytest.approx(warmup + cosine, rel=1e-6)
+    assert main(argv) == 2
+    assert "give --train-iters or --train-samples, not both" in capsys.readouterr().err
 
 
 def test_outputs_mtp_switch_router_bias_and_learning(tmp_path, data_prefix, tokenizer_file):

@@ -6,6 +6,7 @@ from megajoy.config import QAT_FORMATS, QAT_MODULES, RECOMPUTE_MODULES
 # (flags, config path, argparse keyword arguments)
 TRAINING_FLAGS = [
     (["--train-iters"], "train.train_iters", dict(type=int)),
+    (["--train-samples"], "train.train_samples", dict(type=int)),
     (["--global-batch-size"], "train.global_batch_size", dict(type=int)),
     (["--micro-batch-size"], "train.micro_batch_size", dict(type=int)),
     (["--rampup-batch-size"], "train.rampup_batch_size", dict(type=int, nargs=3, metavar=("START", "INCREMENT", "SAMPLES"))),
@@ -51,6 +52,9 @@ TRAINING_FLAGS = [
     (["--lr-wsd-decay-style"], "optimizer.lr_wsd_decay_style", dict(choices=["linear", "cosine", "1-sqrt"])),
     (["--lr-wsd-decay-iters"], "optimizer.lr_wsd_decay_iters", dict(type=int)),
     (["--lr-decay-iters"], "optimizer.lr_decay_iters", dict(type=int)),
+    (["--lr-warmup-samples"], "optimizer.lr_warmup_samples", dict(type=int)),
+    (["--lr-wsd-decay-samples"], "optimizer.lr_wsd_decay_samples", dict(type=int)),
+    (["--lr-decay-samples"], "optimizer.lr_decay_samples", dict(type=int)),
     (["--weight-decay"], "optimizer.weight_decay", dict(type=float)),
     (["--clip-grad"], "optimizer.clip_grad", dict(type=float)),
     (["--adam-beta1"], "optimizer.adam_beta1", dict(type=float)),
@@ -117,4 +121,12 @@ def flag_overrides(args) -> list[str]:
         value = getattr(args, _dest(path, flags[0]), None)
         if value is not None:
             overrides.append(f"{path}={json.dumps(value)}")
-    return overrides
+    return overrides + _run_length(args)
+
+
+def _run_length(args) -> list[str]:
+    """--train-iters and --train-samples each set the run's length; the one given replaces a config's other."""
+    iters, samples = getattr(args, "flag__train_iters", None), getattr(args, "flag__train_samples", None)
+    if iters is not None and samples is not None:
+        raise ValueError("give --train-iters or --train-samples, not both: each sets the run's length")
+    return ["train.train_samples=null"] if iters is not None else []

@@ -251,7 +251,7 @@ class Trainer:
         cfg = self.job.train
         started = time.perf_counter()
         global_batch = global_batch_size(self.consumed, cfg)
-        lr = learning_rate(self.step, self.job.optimizer, cfg.train_iters)
+        lr = learning_rate(self.step, self.consumed, self.job.optimizer, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         if self.qat_format is not None and not self._qat_on and self.step >= self.job.quant.qat_start_iter:
