@@ -37,7 +37,7 @@ def quantize(x: torch.Tensor, dtype: torch.dtype, blockwise: bool, block: tuple[
     x = x.float()
     if not blockwise:
         dims = tuple(range(batch_dims, x.dim()))
-        scale = (x.abs().amax(dim=dims, keepdim=True) / fmax).clamp(min=1e-12)
+        scale = (_peak(x, dims) / fmax).clamp(min=1e-12)
         return (x / scale).to(dtype), scale
     rows, cols = block
     # Edge tiles that do not fill a block are zero-padded (DeepSeek-V3 stores ceil(n / 128) scales too).
@@ -45,6 +45,14 @@ def quantize(x: torch.Tensor, dtype: torch.dtype, blockwise: bool, block: tuple[
     tiles = x.unflatten(-1, (-1, cols)).unflatten(-3, (-1, rows))  # [..., R/r, r, C/c, c]
     scale = (tiles.abs().amax(dim=(-3, -1), keepdim=True) / fmax).clamp(min=1e-12)
     return (tiles / scale).to(dtype), scale
+
+
+def _peak(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """max |x| over `dims`, kept; 0 for an empty tensor (an expert-parallel rank that received no tokens),
+    where amax has nothing to reduce and raises."""
+    if x.numel() == 0:
+        return x.new_zeros([1 if d in dims else n for d, n in enumerate(x.shape)])
+    return x.abs().amax(dim=dims, keepdim=True)
 
 
 def fp8_round(x: torch.Tensor, dtype: torch.dtype, blockwise: bool, block=(1, TILE), batch_dims: int = 0):
