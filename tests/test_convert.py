@@ -593,6 +593,21 @@ def test_gguf_export_refusals(hf_dir, tmp_path, capsys):
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
 
 
+def test_gguf_dtype_is_refused_unless_gguf_type_qat(hf_dir, tmp_path, capsys):
+    """--dtype fp32 with --to gguf (and the default --gguf-type f16) wrote f16 weights without a word; it is
+    refused, pointing at --gguf-type, which writes f32 weights equal to the input's."""
+    from safetensors.torch import load_file
+
+    assert convert("--input", hf_dir, "--output", tmp_path / "m.gguf", "--to", "gguf", "--dtype", "fp32") == 2
+    assert "--dtype applies to --to gguf only with --gguf-type qat" in capsys.readouterr().err
+    assert not (tmp_path / "m.gguf").exists()
+    assert convert("--input", hf_dir, "--output", tmp_path / "m.gguf", "--to", "gguf", "--gguf-type", "f32") == 0
+    tensors, _ = read_gguf(tmp_path / "m.gguf")
+    kind, values, _ = tensors["blk.1.attn_output.weight"]
+    assert kind == "F32"
+    assert torch.equal(values, load_file(str(hf_dir / "model.safetensors"))["model.layers.1.self_attn.o_proj.weight"])
+
+
 def test_outputs_that_are_not_models_are_not_replaced(hf_dir, tmp_path, capsys):
     """An output whose replacement would delete what is not a model is refused, before anything is written:
     a training run converted onto itself (its checkpoints and logs would go), a directory of other files, a

@@ -298,6 +298,56 @@ def test_int4_export_of_an_int4_checkpoint_keeps_its_weights(tmp_path):
         assert group == 64 and torch.equal(served, _compressed_tensors_fake_quant(weight, 64)), name
 
 
+def test_int4_group_alone_asks_for_the_int4_export(tmp_path, capsys):
+    """--int4-group without --int4 exports INT4 in that group (before, it was dropped: a bf16 export without
+    a word); with --to gguf it is refused, as --int4 is."""
+    from megajoy.ckpt.native import load_model_dir
+    from megajoy.cli import main
+
+    convert = load_tool("convert_ckpt").main
+    ckpt = tmp_path / "ckpt"
+    assert main(["init", "--set", "model.num_hidden_layers=2", "--out", str(ckpt)]) == 0
+    assert convert(["--input", str(ckpt), "--output", str(tmp_path / "hf"), "--to", "hf", "--int4-group", "32"]) == 0
+    weight = load_model_dir(str(ckpt))[1]["layers.1.mlp.experts.down_proj"][3]
+    served, group = _compressed_tensors_int4(tmp_path / "hf", "model.layers.1.mlp.experts.3.down_proj")
+    assert group == 32 and torch.equal(served, _compressed_tensors_fake_quant(weight, 32))
+    assert convert(["--input", str(ckpt), "--output", str(tmp_path / "m.gguf"), "--to", "gguf", "--int4-group",
+                    "32"]) == 2
+    assert "--int4 and --int4-group apply to --to hf" in capsys.readouterr().err
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_int4_export_of_an_int4_checkpoint_keeps_its_group(tmp_path, capsys):
+    """INT4 in groups of 32 or 16, exported with --int4 and no group: the input's groups, its packed codes and
+    scales unchanged (before, re-quantised in groups of 64 without a word). Asking for another group re-quantises,
+    with a note."""
+    from safetensors.torch import load_file
+
+    from megajoy.ckpt.hf import save_hf_dir
+    from megajoy.ckpt.native import load_model_dir
+    from megajoy.ckpt.view import open_view
+    from megajoy.cli import main
+
+    convert = load_tool("convert_ckpt").main
+    ckpt = tmp_path / "ckpt"
+    assert main(["init", "--set", "model.num_hidden_layers=2", "--out", str(ckpt)]) == 0
+    weight = load_model_dir(str(ckpt))[1]["layers.1.mlp.experts.down_proj"][6]
+    name = "model.layers.1.mlp.experts.6.down_proj"
+    for group in (32, 16):
+        first, second = tmp_path / f"int4_{group}", tmp_path / f"again_{group}"
+        save_hf_dir(str(first), open_view(str(ckpt)), int4_group=group)
+        assert convert(["--input", str(first), "--output", str(second), "--to", "hf", "--int4"]) == 0
+        assert "re-quantised" not in capsys.readouterr().err
+        served, served_group = _compressed_tensors_int4(second, name)
+        assert served_group == group and torch.equal(served, _compressed_tensors_fake_quant(weight, group))
+        before, after = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
+        assert all(torch.equal(after[k], v) for k, v in before.items() if ".mlp.experts." in k)
+    assert convert(["--input", str(tmp_path / "int4_32"), "--output", str(tmp_path / "64"), "--to", "hf",
+                    "--int4-group", "64"]) == 0
+    assert "holds its routed experts as INT4 in groups of 32: re-quantised in groups of 64" in capsys.readouterr().err
+    assert _compressed_tensors_int4(tmp_path / "64", name)[1] == 64
+
+
 def test_fp8_emulation_equals_scaled_mm_on_cpu():
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(64, 256, generator=g), torch.randn(96, 256, generator=g)
@@ -334,6 +384,73 @@ def test_fp8_gradients_round_through_fp8():
         reference_dx = grad @ w  # full precision: FP8 rounding makes the gradient differ a little
         rel = ((dx - reference_dx).norm() / reference_dx.norm()).item()
         assert 1e-4 < rel < 0.1
+
+
+def _fp8_experts(num_experts: int, weights: tuple[torch.Tensor, torch.Tensor]):
+    from megajoy.model.moe import GroupedExperts
+
+    experts = GroupedExperts(num_experts, 64, 32)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(weights[0])
+        experts.down_proj.copy_(weights[1])
+    experts.matmul = Fp8Matmul("tensorwise", "emulate")
+    return experts
+
+
+def _fp8_routing(rank: int):
+    """Rank `rank`'s tokens, all routed to experts 0 and 1 (rank 0's under expert parallelism over 2 ranks)."""
+    g = torch.Generator().manual_seed(10 + rank)
+    return torch.randn(6, 64, generator=g), torch.randint(0, 2, (6, 2), generator=g), torch.rand(6, 2, generator=g)
+
+
+def _fp8_expert_weights():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(4, 64, 64, generator=g) * 0.1, torch.randn(4, 64, 32, generator=g) * 0.1
+
+
+def _fp8_expert_parallel_worker(rank, world):
+    import torch.distributed as dist
+
+    from megajoy.launch import init_distributed, launch_env
+    from megajoy.parallel.expert_parallel import ExpertParallelDispatcher
+
+    init_distributed(launch_env())
+    gate_up, down = _fp8_expert_weights()
+    experts = _fp8_experts(2, (gate_up[2 * rank:2 * rank + 2], down[2 * rank:2 * rank + 2]))
+    x, ids, weights = _fp8_routing(rank)
+    x.requires_grad_()
+    dispatcher = ExpertParallelDispatcher(4, dist.group.WORLD)
+    x_local, counts, meta = dispatcher.dispatch(x, ids)
+    y = dispatcher.combine(experts(x_local, counts), weights, meta)
+    y.sum().backward()
+    return y.detach(), x.grad, experts.gate_up_proj.grad, experts.down_proj.grad, int(counts.sum())
+
+
+def test_fp8_tensorwise_experts_on_a_rank_that_receives_no_tokens():
+    """Expert parallelism over 2 ranks with every token routed to rank 0's experts: rank 1's grouped GEMM
+    gets no rows (before, tensorwise scaling took amax of an empty tensor and raised). Each rank's output and
+    gradients equal one process running all 4 experts on both ranks' tokens; rank 1's experts get zero
+    gradients."""
+    from megajoy.model.moe import TokenDispatcher
+    from megajoy.parallel.spawn import run_workers
+
+    results = run_workers(2, _fp8_expert_parallel_worker)
+    assert [r[4] for r in results] == [24, 0]
+    inputs = [_fp8_routing(rank) for rank in range(2)]
+    x = torch.cat([i[0] for i in inputs]).requires_grad_()
+    ids, weights = torch.cat([i[1] for i in inputs]), torch.cat([i[2] for i in inputs])
+    experts = _fp8_experts(4, _fp8_expert_weights())
+    dispatcher = TokenDispatcher(4)
+    x_perm, counts, meta = dispatcher.dispatch(x, ids)
+    y = dispatcher.combine(experts(x_perm, counts), weights, meta)
+    y.sum().backward()
+    for rank, (y_rank, x_grad, gate_up_grad, down_grad, _) in enumerate(results):
+        rows = slice(6 * rank, 6 * rank + 6)
+        torch.testing.assert_close(y_rank, y[rows].detach())
+        torch.testing.assert_close(x_grad, x.grad[rows])
+        torch.testing.assert_close(gate_up_grad, experts.gate_up_proj.grad[2 * rank:2 * rank + 2])
+        torch.testing.assert_close(down_grad, experts.down_proj.grad[2 * rank:2 * rank + 2])
+    assert experts.down_proj.grad[:2].abs().sum() > 0 and results[1][3].abs().sum() == 0
 
 
 def test_qat_of_te_projections_is_refused():

@@ -52,8 +52,8 @@ def main(argv=None) -> int:
     parser.add_argument("--int4", action="store_true", help="routed experts as packed INT4 with fp32 group scales "
                         "(compressed-tensors pack-quantized, for vLLM / SGLang); other weights in --dtype")
     parser.add_argument("--int4-group", type=int, choices=[32, 64], default=None,
-                        help="INT4 group size (default: the checkpoint's --qat-group if it was trained with --qat "
-                             "int4, else 64)")
+                        help="INT4 group size, implies --int4 (default: an INT4 input's own group, else the "
+                             "checkpoint's --qat-group if it was trained with --qat int4, else 64)")
     parser.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
                         help="largest safetensors shard (hf, megajoy), e.g. 5GB, 500MB, 2GiB (default 5GB)")
     parser.add_argument("--gguf-type", choices=GGUF_TYPES, default="f16",
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
                         help="llama.cpp pre-tokenizer name, when it cannot be detected from tokenizer.json")
     args = parser.parse_args(argv)
     try:
-        notes = convert(args.input, args.output, args.to, args.dtype, args.int4_group if args.int4 else None,
+        notes = convert(args.input, args.output, args.to, args.dtype, args.int4_group,
                         args.gguf_type, args.gguf_tokenizer_pre, args.max_shard_size, int4=args.int4)
     except (ValueError, OSError) as e:  # bad input, or the file system refused (permissions, a full disk)
         print(f"convert_ckpt: error: {e}", file=sys.stderr)

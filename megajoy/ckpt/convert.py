@@ -22,7 +22,10 @@ def convert(src: str, dst: str, to: str, dtype: str | None = None, int4_group: i
         raise ValueError(f"unknown target {to!r} (one of {TARGETS})")
     int4 = int4 or bool(int4_group)
     if int4 and to != "hf":
-        raise ValueError("--int4 applies to --to hf (an INT4 export for serving engines)")
+        raise ValueError("--int4 and --int4-group apply to --to hf (an INT4 export for serving engines)")
+    if to == "gguf" and dtype and gguf_type != "qat":
+        raise ValueError(f"--dtype applies to --to gguf only with --gguf-type qat (the type of the tensors it does not "
+                         f"quantise); name the GGUF's type with --gguf-type (here {gguf_type})")
     view = open_view(src)
     check_output(dst, to, view.source)
     if to == "hf":
@@ -38,16 +41,21 @@ def convert(src: str, dst: str, to: str, dtype: str | None = None, int4_group: i
 
 
 def _int4_group(view, requested: int | None) -> tuple[int, list[str]]:
-    """The INT4 export's group: the one asked for, else the one the checkpoint's INT4 QAT used (so the export
-    holds exactly the weights its forward was trained with), else 64; and a note where those differ."""
-    quant = view.job.quant
+    """The INT4 export's group: the one asked for, else the one an INT4 input's experts are packed in (they
+    pass through unchanged), else the one the checkpoint's INT4 QAT used (so the export holds exactly the
+    weights its forward was trained with), else 64; and a note where the export's grid is not the input's."""
+    quant, stored = view.job.quant, view.int4_group()
     trained = quant.qat_group if quant.qat == "int4" else None
-    group = requested or trained or 64
-    if quant.qat is None or group == trained:
-        return group, []
-    trained_as = f"--qat {quant.qat}" + (f" --qat-group {trained}" if trained else "")
-    return group, [f"{view.source} was trained with {trained_as}: the INT4 export (groups of {group}) holds other "
-                   "weights than its forward used"]
+    group = requested or stored or trained or 64
+    notes = []
+    if stored and group != stored:
+        notes.append(f"{view.source} holds its routed experts as INT4 in groups of {stored}: re-quantised in "
+                     f"groups of {group}, their weights change")
+    if quant.qat is not None and group != trained:
+        trained_as = f"--qat {quant.qat}" + (f" --qat-group {trained}" if trained else "")
+        notes.append(f"{view.source} was trained with {trained_as}: the INT4 export (groups of {group}) holds "
+                     "other weights than its forward used")
+    return group, notes
 
 
 def check_output(dst: str, to: str, source: str) -> None:

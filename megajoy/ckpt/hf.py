@@ -237,7 +237,8 @@ def save_hf_dir(directory: str, view, dtype: torch.dtype = torch.bfloat16, max_s
     from megajoy.quant.formats import WeightFormat
     from megajoy.quant.pack import compressed_tensors_config
 
-    int4 = WeightFormat.of("int4", int4_group) if int4_group else None
+    # Not WeightFormat.of, which allows QAT's groups only: an INT4 input's experts pass through in any group.
+    int4 = WeightFormat("int4", int4_group) if int4_group else None
     entries = hf_entries(view, dtype, int4)
     with atomic_directory(directory) as tmp:
         write_safetensors_dir(tmp, entries, max_shard_bytes)

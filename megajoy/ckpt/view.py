@@ -59,6 +59,10 @@ class CheckpointView:
         """(int4 codes, scales) where the input stores this expert packed INT4 in groups of `group`, else None."""
         return None
 
+    def int4_group(self) -> int | None:
+        """The group size of the input's packed INT4 experts, if it stores them so."""
+        return None
+
     def served(self, name: str) -> torch.Tensor:
         """A tensor as engines that always pick experts by score + bias (transformers, llama.cpp, vLLM) must
         read it: under topk_method greedy, which picks by score alone, the router bias is zero."""
@@ -369,6 +373,9 @@ class HfView(CheckpointView):
             self._expect(scale_name, FLOATING)
             return _dequantize_fp8_blocks(tensor, self.files.load(scale_name), self.quant["block"], hf_name)
         return tensor
+
+    def int4_group(self) -> int | None:
+        return self.quant["group"] if self.quant.get("method") == "int4" else None
 
     def expert_int4(self, layer: int, e: int, proj: str, group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         parts = self._experts[(layer, e, proj)]
