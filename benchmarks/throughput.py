@@ -99,7 +99,9 @@ def build_variant(name: str, cfg, state: dict, device, dtype, hf_dir: str, autoc
         model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).train()
 
         def forward(inputs, labels):
-            logits = model(input_ids=inputs).logits
+            # use_cache=False: the exported config keeps use_cache on for generation, under which every
+            # training forward would also fill (and copy into) a KV cache that nothing reads
+            logits = model(input_ids=inputs, use_cache=False).logits
             return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
     else:
         from megajoy.model import create_model
