@@ -70,3 +70,26 @@ def test_mtp_gradient_reaches_shared_embedding_and_head():
     assert model.embed_tokens.weight.grad.abs().sum() > 0
     assert model.lm_head.weight.grad.abs().sum() > 0
     assert model.layers["0"].self_attn.o_proj.weight.grad.abs().sum() > 0  # through h
+
+
+def test_packed_documents_give_each_depth_the_separate_documents_mtp_loss():
+    """Two MTP depths on a packed row (EOD closing the first document, its position untrained as with
+    eod_mask_loss) score what the two documents score alone: no depth reaches across the EOD into the
+    next document (depth 2 at the token before EOD would read Emb(EOD), Emb(b_0) and predict b_1)."""
+    from megajoy.data.packing import document_positions
+
+    cfg = small_config(num_nextn_predict_layers=2)
+    model = random_model(cfg, seed=2)
+    g = torch.Generator().manual_seed(3)
+    eod = 1
+    stream = torch.randint(2, cfg.vocab_size, (1, 23), generator=g)
+    stream[0, 8] = eod  # document A is stream[0..8], B the rest
+    ids, labels = stream[:, :-1], stream[:, 1:]
+    mask = (ids != eod).float()
+    positions, documents = document_positions(ids, eod)
+    with torch.no_grad():
+        packed = model(ids, positions, documents, labels=labels, loss_mask=mask)
+        alone = [model(ids[:, part], labels=labels[:, part], loss_mask=mask[:, part])
+                 for part in (slice(0, 9), slice(9, 22))]
+    assert packed.mtp_tokens.item() == sum(a.mtp_tokens.item() for a in alone) == ((7 + 12) + (6 + 11)) / 2
+    assert abs(packed.mtp_loss_sum.item() - sum(a.mtp_loss_sum.item() for a in alone)) <= 1e-4

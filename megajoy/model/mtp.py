@@ -37,8 +37,13 @@ def shift_left(t_BS: torch.Tensor, steps: int, fill) -> torch.Tensor:
 
 
 def mtp_loss_mask(loss_mask_BS: torch.Tensor, depth: int) -> torch.Tensor:
-    """Depth k trains position i only where both the main loss mask and its k-shifted copy are set."""
-    return loss_mask_BS * shift_left(loss_mask_BS, depth, 0.0)
+    """Depth k trains position i only where the main loss mask is set at i and at each of the k positions
+    after it. The chain reads t_{i+1} .. t_{i+k}: a masked position in between (the EOD closing a packed
+    document, the next sample's prompt) means its target lies in another document."""
+    mask = loss_mask_BS
+    for step in range(1, depth + 1):
+        mask = mask * shift_left(loss_mask_BS, step, 0.0)
+    return mask
 
 
 def mtp_token_count(loss_mask_BS: torch.Tensor, depths: int) -> torch.Tensor:

@@ -240,8 +240,8 @@ class JoyAIForCausalLM(nn.Module):
         return out
 
     def _mtp_forward(self, out, h_BSD, input_ids, labels, loss_mask, seq, keep_logits) -> None:
-        """Depth k (1-based) sees Emb(t_{i+k}) and predicts t_{i+k+1}; its loss is masked where either
-        the shifted input or the shifted label is (Megatron rolls the loss mask the same way)."""
+        """Depth k (1-based) sees Emb(t_{i+k}) and predicts t_{i+k+1}; its loss is masked where the loss
+        mask is unset anywhere from i to i + k (mtp_loss_mask)."""
         sums, counts, logits = [], [], []
         tokens = labels if labels is not None else shift_left(input_ids, 1, 0)
         for depth, layer in enumerate(self.mtp, start=1):
