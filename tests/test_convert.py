@@ -877,8 +877,9 @@ def test_configs_megajoy_would_read_differently_from_transformers_are_refused(hf
     (dict(n_shared_experts=0), "needs a shared expert in every MoE layer"),
     (dict(rope_scaling={k: v for k, v in YARN.items() if not k.startswith("mscale")}),
      "mscale None, mscale_all_dim None"),
-    (dict(rope_scaling=dict(YARN, mscale=0.707)), "mscale 0.707, mscale_all_dim 1.0")],
-    ids=["attention_bias", "no_shared_expert", "yarn_without_mscale", "yarn_two_mscales"])
+    (dict(rope_scaling=dict(YARN, mscale=0.707)), "mscale 0.707, mscale_all_dim 1.0"),
+    (dict(rope_scaling=dict(YARN, attention_factor=0.8)), "has no YaRN attention_factor")],
+    ids=["attention_bias", "no_shared_expert", "yarn_without_mscale", "yarn_two_mscales", "yarn_attention_factor"])
 def test_gguf_refuses_what_llama_cpp_would_compute_differently(variant, message, tmp_path, tokenizer_file, capsys):
     """Configurations llama.cpp's deepseek2 does not compute as megajoy and transformers do are refused
     before anything is written (a review found llama.cpp unable to load a file without shared experts, and

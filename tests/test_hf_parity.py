@@ -17,6 +17,10 @@ CONFIGS = {
     "no_norm_topk_scale_1.7": dict(norm_topk_prob=False, routed_scaling_factor=1.7),
     "yarn": dict(rope_scaling=YARN),
     "yarn_mscale_0.707": dict(rope_scaling=YARN_V2_LITE, routed_scaling_factor=1.0),
+    # transformers' optional YaRN keys: an explicit cos/sin amplitude, and the ramp's ends left fractional
+    # (with 256 original positions they fall between whole rotary dimensions)
+    "yarn_attention_factor": dict(rope_scaling={**YARN, "attention_factor": 0.8}),
+    "yarn_untruncated": dict(rope_scaling={**YARN, "original_max_position_embeddings": 256, "truncate": False}),
     "two_dense_two_shared_full_q": dict(first_k_dense_replace=2, num_hidden_layers=4, n_shared_experts=2,
                                         q_lora_rank=None),
     "group_limited": dict(n_group=4, topk_group=2, num_experts_per_tok=3),

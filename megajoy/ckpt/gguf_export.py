@@ -248,6 +248,8 @@ def llama_cpp_unsupported(cfg) -> str | None:
             "mscale" not in scaling or scaling.get("mscale") != scaling.get("mscale_all_dim")):
         return (f"scales YaRN attention by one mscale, given as mscale_all_dim (rope_scaling has mscale "
                 f"{scaling.get('mscale')}, mscale_all_dim {scaling.get('mscale_all_dim')})")
+    if "attention_factor" in scaling or not scaling.get("truncate", True):
+        return "has no YaRN attention_factor or truncate=false (rope_scaling sets them)"
     return None
 
 

@@ -28,7 +28,9 @@ def _yarn(inv_freq: torch.Tensor, dim: int, theta: float, rs: dict) -> tuple[tor
     original = rs["original_max_position_embeddings"]
     beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
     mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
-    if mscale and mscale_all_dim:
+    if rs.get("attention_factor") is not None:  # an explicit amplitude, as transformers takes it
+        amplitude = rs["attention_factor"]
+    elif mscale and mscale_all_dim:
         amplitude = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
     else:
         amplitude = yarn_mscale(factor)
@@ -36,8 +38,10 @@ def _yarn(inv_freq: torch.Tensor, dim: int, theta: float, rs: dict) -> tuple[tor
     def correction_dim(rotations: float) -> float:
         return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):  # transformers' option (gpt-oss): the ramp's ends on whole dimensions
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
