@@ -49,7 +49,7 @@ def _tp_layers_worker(rank, world, sp):
     e = vocab(ids, sp)
     e_full = gather_along(e, group, 1, grad_is_partial=False) if sp else e
     logits_local = torch.randn(2 * 8, 16, generator=g).chunk(world, 1)[rank].requires_grad_()
-    targets = torch.randint(0, 16, (16,), generator=g)
+    targets = torch.randint(0, 16, (16,), generator=g).index_fill_(0, torch.tensor([3, 11]), -100)
     ce = vocab_parallel_cross_entropy(logits_local, targets, group)
     ce.sum().backward()
     return y_full.detach(), x.grad, e_full.detach(), ce.detach(), logits_local.grad
@@ -65,8 +65,9 @@ def test_tensor_parallel_layers_match_unsharded(sp):
     y = F.linear(torch.relu(F.linear(x, w1)), w2)
     (y * torch.arange(12.0)).sum().backward()
     logits = torch.randn(16, 16, generator=g, requires_grad=True)
-    targets = torch.randint(0, 16, (16,), generator=g)
+    targets = torch.randint(0, 16, (16,), generator=g).index_fill_(0, torch.tensor([3, 11]), -100)  # ignored
     ce = F.cross_entropy(logits, targets, reduction="none")
+    assert ce[3] == 0 and ce[11] == 0
     ce.sum().backward()
     for rank, (y_tp, x_grad, e_tp, ce_tp, logits_grad) in enumerate(results):
         assert close(y_tp, y) and close(x_grad, x.grad)

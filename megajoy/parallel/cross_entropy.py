@@ -27,22 +27,24 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         sum_exp = exp.sum(dim=-1)
         dist.all_reduce(sum_exp, group=group)
         softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local_target, outside)
+        ignored = target_N < 0
+        ctx.save_for_backward(softmax, local_target, outside, ignored)
         ctx.input_dtype = logits_NV.dtype
-        return torch.log(sum_exp) - target_logit
+        return (torch.log(sum_exp) - target_logit).masked_fill_(ignored, 0.0)
 
     @staticmethod
     def backward(ctx, grad_N):
-        softmax, local_target, outside = ctx.saved_tensors
+        softmax, local_target, outside, ignored = ctx.saved_tensors
         grad = softmax.clone()
         rows = torch.arange(grad.shape[0], device=grad.device)
         grad[rows, local_target] -= (~outside).float()
-        grad.mul_(grad_N.unsqueeze(-1))
+        grad.mul_(grad_N.masked_fill(ignored, 0.0).unsqueeze(-1))
         return grad.to(ctx.input_dtype), None, None
 
 
 def vocab_parallel_cross_entropy(logits_NV: torch.Tensor, target_N: torch.Tensor, group=None) -> torch.Tensor:
-    """Per-token loss [N] in fp32; with one rank, torch's own cross-entropy."""
+    """Per-token loss [N] in fp32; with one rank, torch's own cross-entropy. Negative targets (-100, as
+    F.cross_entropy's ignore_index) give loss 0 and no gradient on every path, as linear_cross_entropy's."""
     if group_size(group) == 1:
         return F.cross_entropy(logits_NV.float(), target_N, reduction="none")
     return _VocabParallelCrossEntropy.apply(logits_NV, target_N, group)
