@@ -72,3 +72,22 @@ def test_attention_sees_bf16_keys_under_autocast(monkeypatch):
         monkeypatch.setattr(mla_module, "cast_as_autocast", lambda t: t)  # the norms' outputs left fp32
         uncast = model(ids).logits
     assert torch.equal(cast, uncast)
+
+
+def test_loss_with_ignored_labels_matches_transformers(tmp_path):
+    """Labels of -100 (Hugging Face's ignore_index) leave those positions out of the loss and its token count,
+    MTP on as well (before, its input embedding read -100 and raised): the mean loss is transformers'."""
+    cfg = small_config()
+    model = random_model(cfg, seed=5)
+    hf, _ = hf_reference(model, str(tmp_path / "hf"))
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    hf_labels = ids.clone()
+    hf_labels[0, :7] = -100  # a prompt
+    hf_labels[1, 15:] = -100  # padding
+    labels = torch.cat([hf_labels[:, 1:], torch.full((2, 1), -100)], dim=1)  # megajoy's labels are shifted
+    with torch.no_grad():
+        out = model(ids, labels=labels)
+        ref = hf(ids, labels=hf_labels).loss
+    assert out.lm_tokens == 17 + 14  # row 0 predicts tokens 7 to 23, row 1 tokens 1 to 14
+    assert abs(out.lm_loss_sum / out.lm_tokens - ref) <= 1e-5 * ref
+    assert out.mtp_tokens == 16 + 13  # depth 1 needs the next position trained as well

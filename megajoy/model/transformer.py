@@ -204,7 +204,8 @@ class JoyAIForCausalLM(nn.Module):
                 return_logits: bool | None = None) -> CausalLMOutput:
         """input_ids [B,S]. Packed rows pass per-document position_ids and document_ids.
 
-        labels[b, i] is the token after input_ids[b, i] (Megatron's convention). With labels, the LM
+        labels[b, i] is the token after input_ids[b, i] (Megatron's convention); -100 there leaves the position
+        untrained, as loss_mask 0 does. With labels, the LM
         loss and (when `compute_mtp`, default: the model has an MTP module) the MTP loss are returned as
         masked sums; logits are kept only when asked for or when there are no labels.
         """
@@ -230,7 +231,8 @@ class JoyAIForCausalLM(nn.Module):
             return out
         if loss_mask is None:
             loss_mask = torch.ones_like(input_ids, dtype=torch.float32)
-        if labels is not None:
+        if labels is not None:  # Hugging Face's ignore_index (-100) marks untrained positions as loss_mask does
+            loss_mask, labels = loss_mask * (labels >= 0), labels.clamp(min=0)
             tempered_h_BSD, tempered_logits_BSV = self._tempered(h_BSD, logits_BSV)
             ce_BS = self.head_cross_entropy(tempered_h_BSD, labels, tempered_logits_BSV)
             mask = loss_mask.float()
