@@ -188,6 +188,23 @@ def test_trl_implicit_prompt_pairs_split_as_trl_splits_them(tokenizer_file, tmp_
     assert report.kept == 1 and pairs[0].chosen.ids == reference.chosen.ids
 
 
+def test_a_cut_implicit_prompt_pair_keeps_its_split_prompt(tokenizer_file, tmp_path):
+    """An overlong pair in TRL's implicit-prompt form, cut to fit the row, still holds the prompt split from
+    it: before, the cut pair kept the line as given (no "prompt"), and the held-out exact match's conversation
+    of it raised ConversationError, stopping `megajoy dpo` at setup."""
+    from megajoy.stages.dpo import chosen_conversation
+
+    tokenizer = ChatTokenizer(tokenizer_file, 320)
+    user = [{"role": "user", "content": "hi"}]
+    implicit = {"chosen": user + [{"role": "assistant", "content": "the dog " * 30}],
+                "rejected": user + [{"role": "assistant", "content": "no"}]}
+    write_jsonl(str(tmp_path / "pairs.jsonl"), [implicit])
+    pairs, report = load_pairs(str(tmp_path / "pairs.jsonl"), tokenizer, 60, "truncate")
+    assert report.kept == 1 and report.truncated == 1
+    assert chosen_conversation(pairs[0].source)["messages"] == implicit["chosen"]
+    assert pairs[0].source["prompt"] == user
+
+
 def test_pairs_sit_side_by_side_in_packed_rows(tokenizer_file):
     tokenizer = ChatTokenizer(tokenizer_file, 320)
     pairs = [tokenize_pair({"prompt": f"say {w}", "chosen": w, "rejected": w[::-1]}, tokenizer)

@@ -99,7 +99,7 @@ def load_pairs(path: str, tokenizer: ChatTokenizer, max_tokens: int, overlong: s
             if overlong == "drop" or not all(any(s.trained[1:]) for s in cut):
                 report.count("too_long", number)
                 continue
-            pair = Pair(cut[0], cut[1], obj)
+            pair = Pair(cut[0], cut[1], pair.source)  # the split pair, as an uncut one keeps
         if pair.chosen.ids == pair.rejected.ids:
             report.count("identical_responses", number)
             continue
