@@ -238,6 +238,19 @@ def test_sft_end_to_end(tmp_path, tokenizer_file):
     assert ChatTokenizer(tokenizer, 320).added == []
 
 
+def test_eval_iters_zero_switches_evaluation_off(tmp_path, tokenizer_file):
+    """Megatron's --eval-iters 0: no validation, also in a stage that scores its whole held-out set (before,
+    SFT and DPO evaluated whatever eval_iters said)."""
+    init_tiny_checkpoint(tmp_path / "init", tokenizer_file)
+    out = tmp_path / "sft"
+    assert main(["sft", "--init", str(tmp_path / "init"), "--out", str(out), "--train-iters", "4", "--seq-length",
+                 "256", "--demo-conversations", "40", "--valid-conversations", "8", "--eval-interval", "2",
+                 "--exact-match-samples", "0", "--eval-iters", "0", "--log-interval", "1"]) == 0
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert not [r for r in records if any(k.startswith("val_") for k in r)]
+
+
 def test_sft_refuses_missing_tokenizer_and_empty_data(tmp_path, tokenizer_file, capsys):
     init_tiny_checkpoint(tmp_path / "bare")  # no tokenizer stored
     assert main(["sft", "--init", str(tmp_path / "bare"), "--out", str(tmp_path / "a")]) == 2

@@ -420,6 +420,8 @@ class Trainer:
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def _evaluate(self) -> dict:
+        if not self.job.train.eval_iters:  # off, as in Megatron-LM; also for stages that score a whole held-out set
+            return {}
         batches = self.stage.valid_micro_batches(self)
         totals = {}
         if batches:
