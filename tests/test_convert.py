@@ -472,7 +472,7 @@ def test_llama_cpp_continues_a_trained_model_as_megajoy_does(trained, tmp_path):
         assert len(set(ours)) > 3  # a real continuation, not one repeated token
 
 
-def test_gguf_type_qat_is_the_training_grid(tmp_path, data_prefix, tokenizer_file):
+def test_gguf_type_qat_is_the_training_grid(tmp_path, data_prefix, tokenizer_file, capsys):
     """A model trained with --qat q4_0: `--gguf-type qat` stores the experts as Q4_0 blocks that dequantise
     to exactly the weights the training forward used, the rest in --dtype; llama.cpp's logits equal the
     QAT forward's."""
@@ -501,6 +501,9 @@ def test_gguf_type_qat_is_the_training_grid(tmp_path, data_prefix, tokenizer_fil
     # ggml multiplies a Q4_0 weight by activations it rounds to Q8_0 blocks, hence no 1e-5 here
     assert rel_err(theirs, qat) <= 5e-3
     assert rel_err(theirs, qat) < rel_err(theirs, master) / 5  # it runs the trained grid, not the master weights
+    capsys.readouterr()
+    assert convert("--input", out, "--output", tmp_path / "q8.gguf", "--to", "gguf", "--gguf-type", "q8_0") == 0
+    assert "was trained with --qat q4_0: its q8_0 weights are not the ones its forward used" in capsys.readouterr().err
 
 
 def test_gguf_matches_llama_cpp_own_converter(tmp_path, tokenizer_file):

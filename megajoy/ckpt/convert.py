@@ -36,7 +36,8 @@ def convert(src: str, dst: str, to: str, dtype: str | None = None, int4_group: i
         native.save_model_dir(dst, view, DTYPES[dtype or "fp32"], max_shard_bytes)
     else:
         fallbacks = gguf_export.save_gguf(dst, view, gguf_type, DTYPES[dtype or "bf16"], tokenizer_pre)
-        return [*view.notes, *(f"{name}: rows are not whole 32-wide blocks, written as f16" for name in fallbacks)]
+        return [*view.notes, *_gguf_grid(view, gguf_type),
+                *(f"{name}: rows are not whole 32-wide blocks, written as f16" for name in fallbacks)]
     return list(view.notes)
 
 
@@ -56,6 +57,16 @@ def _int4_group(view, requested: int | None) -> tuple[int, list[str]]:
         notes.append(f"{view.source} was trained with {trained_as}: the INT4 export (groups of {group}) holds "
                      "other weights than its forward used")
     return group, notes
+
+
+def _gguf_grid(view, gguf_type: str) -> list[str]:
+    """A note where a GGUF quantisation is not the grid the checkpoint's QAT trained on."""
+    qat = view.job.quant.qat
+    if qat is None or gguf_type not in ("q8_0", "q4_0") or gguf_type == qat:
+        return []
+    exact = " (--gguf-type qat writes those exactly)" if qat in ("q8_0", "q4_0") else ""
+    return [f"{view.source} was trained with --qat {qat}: its {gguf_type} weights are not the ones its forward "
+            f"used{exact}"]
 
 
 def check_output(dst: str, to: str, source: str) -> None:
