@@ -114,13 +114,34 @@ def test_sampling_filters():
     cold = sample(logits, SamplingParams(temperature=0.05), torch.rand(4000, generator=g))
     assert (cold == 0).float().mean() > 0.99
     assert sample(logits[:1], SamplingParams(), None).tolist() == [0]
-    ties = torch.zeros(2000, 5)  # five equal logits: top-k keeps exactly k of them
-    assert len(set(sample(ties, SamplingParams(temperature=1.0, top_k=2), torch.rand(2000, generator=g)).tolist())) == 2
+    ties = torch.zeros(2000, 5)  # five equal logits: top-k keeps all of them, as transformers does
+    assert len(set(sample(ties, SamplingParams(temperature=1.0, top_k=2), torch.rand(2000, generator=g)).tolist())) == 5
     # a uniform of 0 or just under 1 still lands on a token of nonzero probability
     edges = sample(logits[:2], SamplingParams(temperature=1.0, top_k=2), torch.tensor([0.0, 1 - 2 ** -24]))
     assert set(edges.tolist()) <= {0, 1}
     diverged = sample(torch.full((2, 5), float("nan")), SamplingParams(temperature=1.0), torch.tensor([0.3, 0.9]))
     assert diverged.max() < 5  # a diverged row still gives a token id inside the vocabulary
+
+
+@pytest.mark.parametrize("top_k, top_p", [(2, 1.0), (7, 1.0), (7, 0.8), (0, 0.6)])
+def test_sampling_draws_what_transformers_warpers_keep(top_k, top_p):
+    """Temperature, top-k and top-p leave the distribution transformers' Temperature / TopK / TopP logits warpers
+    leave, on bf16-rounded logits, where tokens tie at the k-th (top-k kept only k of them, whichever topk
+    returned first). 40,000 evenly spaced uniforms invert the cdf: each token's share is its probability."""
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0, -1.0], [1.5, 1.5, 1.5, 0.5, 0.5, -2.0]])
+    rounded = (torch.randn(6, 24, generator=torch.Generator().manual_seed(4)) * 2).to(torch.bfloat16).float()
+    logits = torch.cat([torch.nn.functional.pad(logits, (0, 18), value=-30.0), rounded])
+    n = 40_000
+    uniforms = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    for row in logits:
+        want = TemperatureLogitsWarper(0.7)(None, row[None].clone())
+        want = TopPLogitsWarper(top_p)(None, TopKLogitsWarper(top_k)(None, want) if top_k else want)
+        want = want.softmax(-1)[0].double()
+        drawn = sample(row.expand(n, -1), SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p), uniforms)
+        assert (torch.bincount(drawn, minlength=24).double() / n - want).abs().max() < 1e-4
 
 
 def test_generation_needs_the_whole_model_and_prompts(model):
@@ -130,9 +151,11 @@ def test_generation_needs_the_whole_model_and_prompts(model):
 
 @pytest.mark.parametrize("decode", ["generate", "speculative"])
 def test_bad_prompts_get_one_clear_error(model, decode):
-    """Empty prompts, prompts longer than the context and unknown token ids are refused by name (one process
-    raised an IndexError for an unknown id; a tensor-parallel group, whose embedding reads it as zeros, decoded
-    it silently); a prompt that fills the context exactly decodes as the full forward does."""
+    """Empty prompts, prompts that with max_new_tokens outrun the context and unknown token ids are refused by
+    name (one process raised an IndexError for an unknown id; a tensor-parallel group, whose embedding reads it
+    as zeros, decoded it silently; a prompt one token short of the context decoded max_new_tokens past it on
+    positions the model never saw, where transformers warns and vLLM refuses); a prompt that with its new
+    tokens fills the context exactly decodes as the full forward does."""
     from megajoy.model.generate import speculative_greedy
 
     def run(prompt):
@@ -141,9 +164,12 @@ def test_bad_prompts_get_one_clear_error(model, decode):
         return speculative_greedy(model, prompt, 3, 2)[0]
 
     context = model.cfg.max_position_embeddings
-    edge, longer = [t % 256 for t in range(context)], [t % 256 for t in range(context + 1)]
+    edge, over, longer = ([t % 256 for t in range(n)] for n in (context - 3, context - 2, context + 1))
+    too_long = "tokens: with max_new_tokens = 3 that is {}, more than the model's context"
     for prompt, message in [([], "prompt .* is empty"), ([5, 256, 7], "token id 256, outside the model's vocabulary"),
-                            ([5, -1], "token id -1, outside"), (longer, f"{context + 1} tokens, more than the")]:
+                            ([5, -1], "token id -1, outside"),
+                            (over, f"{context - 2} " + too_long.format(context + 1)),
+                            (longer, f"{context + 1} " + too_long.format(context + 4))]:
         with pytest.raises(ValueError, match=message):
             run(prompt)
     assert run(edge) == greedy(model, edge, 3)
@@ -361,6 +387,9 @@ def test_generate_command(tmp_path, tokenizer_file, capsys):
         main(["generate", "--ckpt", str(tmp_path / "m")])  # --prompt is required
     assert main(["generate", "--ckpt", str(tmp_path / "m"), "--prompt", "x", "--stop", "the cat"]) == 2
     assert "a stop must be exactly one token" in capsys.readouterr().err
+    # --thinking without --chat decoded a plain continuation, no <think> anywhere
+    assert main(["generate", "--ckpt", str(tmp_path / "m"), "--prompt", "x", "--thinking"]) == 2
+    assert "--thinking opens the chat template's answer with <think>: it needs --chat" in capsys.readouterr().err
 
 
 def test_generate_command_in_bf16_decodes_as_transformers_in_bf16(tmp_path, tokenizer_file, capsys):
@@ -437,3 +466,25 @@ def test_speculative_decoding_refuses_a_split_model(tmp_path, tokenizer_file, ca
         run_workers(2, cli_worker, ["generate", "--ckpt", str(tmp_path), "--prompt", "the cat", "--mtp-draft", "2",
                                     "--pp", "2"], timeout=120)
     assert "speculative decoding runs on one process holding the whole model" in capfd.readouterr().err
+
+
+def test_generate_command_refuses_a_prompt_past_the_context_on_every_rank(tmp_path, tokenizer_file, capfd):
+    """A prompt that with --max-new-tokens outruns max_position_embeddings is refused by its place on the
+    command line, on every data-parallel rank (only the rank whose share held it refused it, as its share's
+    prompt 0, while the other decoded on)."""
+    from helpers import init_tiny_checkpoint
+    from megajoy.commands.generate import load_for_generation, prompt_ids
+    from megajoy.parallel.spawn import cli_worker, run_workers
+
+    init_tiny_checkpoint(tmp_path, tokenizer_file, "model.max_position_embeddings=16")
+    tokenizer = load_for_generation(str(tmp_path))[1]
+    texts = ["the", "the cat sat on the mat"]
+    lengths = [len(prompt_ids(tokenizer, t, False, False)) for t in texts]
+    assert lengths[0] + 10 <= 16 < lengths[1] + 10
+    capfd.readouterr()
+    argv = ["generate", "--ckpt", str(tmp_path), "--prompt", texts[0], "--prompt", texts[1], "--max-new-tokens", "10"]
+    with pytest.raises(AssertionError, match="megajoy exited with 2"):
+        run_workers(2, cli_worker, argv + ["--dp", "2"], timeout=120)
+    err = capfd.readouterr().err
+    refusal = f"prompt 1 has {lengths[1]} tokens: with max_new_tokens = 10 that is {lengths[1] + 10}, more than"
+    assert err.count(refusal) == 2 and "prompt 0" not in err

@@ -88,6 +88,8 @@ def run(args) -> int:
         stops.append(ids[0])
     if args.mtp_draft and args.temperature > 0:
         raise ValueError("--mtp-draft decodes greedily: leave --temperature at 0")
+    if args.thinking and not args.chat:
+        raise ValueError("--thinking opens the chat template's answer with <think>: it needs --chat")
     prompts = [prompt_ids(tokenizer, p, args.chat, args.thinking) for p in args.prompt]
     started = time.perf_counter()
     with bf16_autocast(model.pc.device.type) if args.bf16 else contextlib.nullcontext():
@@ -116,8 +118,11 @@ def _decode_shares(model, prompts: list[list[int]], args, stops: tuple) -> tuple
     and the shares are gathered."""
     import torch.distributed as dist
 
-    from megajoy.model.generate import SamplingParams, generate, speculative_greedy
+    from megajoy.model.generate import SamplingParams, check_prompts, generate, speculative_greedy
 
+    # Every rank checks every prompt: the ranks fail together (not one, leaving the others waiting in a
+    # collective), naming the prompt by its place on the command line rather than in a rank's share.
+    check_prompts(model, prompts, args.max_new_tokens)
     pc = model.pc
     mine = list(range(pc.coords["dp"], len(prompts), pc.size("dp")))
     if args.mtp_draft:

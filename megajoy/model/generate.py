@@ -211,8 +211,10 @@ def _tempered(logits_BV: torch.Tensor, temperature: float) -> torch.Tensor:
 def _draw(logits: torch.Tensor, params: SamplingParams, uniforms_B: torch.Tensor) -> torch.Tensor:
     """A draw from tempered fp32 logits after top-k and top-p (see sample)."""
     if params.top_k:
-        kept, index = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1)
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, index, kept)  # exactly k, ties too
+        # Tokens tied with the k-th stay, as transformers' TopKLogitsWarper keeps them: exactly k would keep
+        # whichever tied tokens topk happens to return (bf16 logits tie at the k-th in most steps).
+        kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
@@ -291,15 +293,17 @@ def check_sampling(params: SamplingParams) -> None:
         raise ValueError(f"top_k must be >= 0 and max_new_tokens >= 1 (got {params.top_k}, {params.max_new_tokens})")
 
 
-def check_prompts(model, prompts: list[list[int]]) -> None:
-    """Every prompt non-empty, inside the context and made of the model's token ids (a tensor-parallel
+def check_prompts(model, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Every prompt non-empty, inside the context with its max_new_tokens (RoPE would decode past it without
+    an error, on positions the model never trained on) and made of the model's token ids (a tensor-parallel
     embedding would silently read an unknown id as zeros)."""
     cfg = model.cfg
     for i, prompt in enumerate(prompts):
         if not prompt:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-        if len(prompt) > cfg.max_position_embeddings:
-            raise ValueError(f"prompt {i} has {len(prompt)} tokens, more than the model's context "
+        if len(prompt) + max_new_tokens > cfg.max_position_embeddings:
+            raise ValueError(f"prompt {i} has {len(prompt)} tokens: with max_new_tokens = {max_new_tokens} that is "
+                             f"{len(prompt) + max_new_tokens}, more than the model's context "
                              f"(max_position_embeddings = {cfg.max_position_embeddings})")
         unknown = [t for t in prompt if not 0 <= t < cfg.vocab_size]
         if unknown:
@@ -321,7 +325,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams | None = No
     params = params or SamplingParams()
     check_generation_layout(model)
     check_sampling(params)
-    check_prompts(model, prompts)
+    check_prompts(model, prompts, params.max_new_tokens)
     if row_ids is not None and len(row_ids) != len(prompts):
         raise ValueError(f"{len(row_ids)} row ids for {len(prompts)} prompts")
     if entropies is not None:
@@ -460,9 +464,9 @@ def speculative_greedy(model, prompt: list[int], max_new_tokens: int, draft_toke
     token. The output is plain greedy decoding's (up to floating-point near-ties: the verification pass
     rounds differently from one-token steps)."""
     check_single_process(model)
-    check_prompts(model, [prompt])
     if draft_tokens < 1 or max_new_tokens < 1:
         raise ValueError(f"draft_tokens and max_new_tokens must be >= 1 (got {draft_tokens}, {max_new_tokens})")
+    check_prompts(model, [prompt], max_new_tokens)
     was_training = model.training
     model.eval()
     try:
