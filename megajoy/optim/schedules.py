@@ -9,10 +9,10 @@ def learning_rate(step: int, consumed_samples: int, opt, train) -> float:
     counts iterations, or samples when the run is sample-based (train.train_samples, Megatron's
     --train-samples): then the *_samples lengths apply, and an *_iters length counts full global batches."""
     if train.train_samples is None:
-        return scheduled_lr(opt, step, 1, opt.lr_warmup_iters, opt.lr_decay_iters or train.train_iters,
+        return _scheduled_lr(opt, step, 1, opt.lr_warmup_iters, opt.lr_decay_iters or train.train_iters,
                             opt.lr_wsd_decay_iters)
     full = train.global_batch_size
-    return scheduled_lr(opt, consumed_samples, global_batch_size(consumed_samples, train),
+    return _scheduled_lr(opt, consumed_samples, global_batch_size(consumed_samples, train),
                         _in_samples(opt.lr_warmup_samples, opt.lr_warmup_iters, full),
                         _in_samples(opt.lr_decay_samples, opt.lr_decay_iters, full) or train.train_samples,
                         _in_samples(opt.lr_wsd_decay_samples, opt.lr_wsd_decay_iters, full))
@@ -22,7 +22,7 @@ def _in_samples(samples: int | None, iters: int | None, global_batch: int) -> in
     return samples if samples is not None else None if iters is None else iters * global_batch
 
 
-def scheduled_lr(opt, done: int, this_step: int, warmup: int, decay: int, wsd_decay: int | None) -> float:
+def _scheduled_lr(opt, done: int, this_step: int, warmup: int, decay: int, wsd_decay: int | None) -> float:
     """The LR of a step that starts `done` units into the schedule and spans `this_step` units: linear warmup
     up to the step's end, so the first step already trains; then the decay, as Megatron's scheduler takes it
     from the step's start."""
