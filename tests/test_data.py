@@ -348,3 +348,79 @@ def test_negative_token_ids_are_refused(tmp_path, tokenizer_file):
     with pytest.raises(ValueError, match=r"d\.bin: token id -7 is outside the model's vocab_size=70000"):
         check_vocab(info, [write("d", [[3, 4, 1], [6, -7, 1]])], 70000)
     check_vocab(info, [write("ok", [[0, 4, 1], [69999, 1]])], 70000)
+
+
+def _build_error_within(seconds, *build_args):
+    """The error build_gpt_datasets raises, run in a forked child: megatron-core loops forever on a split with no
+    tokens, which must fail the test rather than hang it."""
+    import multiprocessing
+    import traceback
+
+    def child(conn):
+        try:
+            build_gpt_datasets(*build_args)
+            conn.send("built")
+        except BaseException as e:
+            conn.send(f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-1)}")
+
+    parent, child_end = multiprocessing.get_context("fork").Pipe()
+    proc = multiprocessing.get_context("fork").Process(target=child, args=(child_end,))
+    proc.start()
+    try:
+        return parent.recv() if parent.poll(seconds) else f"no answer within {seconds} s"
+    finally:
+        proc.kill()
+        proc.join()
+
+
+@pytest.mark.parametrize("weights", ["single", "weighted", "unweighted"])
+def test_a_split_that_leaves_a_prefix_no_documents_is_named(tmp_path, tokenizer_file, weights):
+    """10 documents under --split 98,2,0: round(9.8) = 10 leaves none to validation. megatron-core then loops
+    forever for the validation samples (single prefix, weighted blend; even with no evaluation asked for) or
+    fails an assert (unweighted blend); the prefix and split are named instead."""
+    small = _write_prefix(tmp_path / "small", [[10] * 30 for _ in range(10)])
+    big = _write_prefix(tmp_path / "big", [[20] * 30 for _ in range(200)])
+    blend = {"single": [small], "weighted": ["0.5", big, "0.5", small], "unweighted": [big, small]}[weights]
+    info = TokenizerInfo.from_file(tokenizer_file)
+    error = _build_error_within(30, blend, "98,2,0", 16, 40, 0, 7, info, str(tmp_path / "c"))
+    assert error.startswith(f"ValueError: --split 98,2,0 gives {small} no validation documents (of its 10, "
+                            f"documents 10 to 10)"), error
+    train, _ = build_gpt_datasets(blend, "90,10,0", 16, 40, 8, 7, info, str(tmp_path / "c"))  # round(9.0) = 9
+    assert len(train) >= 40
+
+
+def test_an_unweighted_blend_shorter_than_the_run_is_refused_before_training(tmp_path, tokenizer_file):
+    """Several prefixes without weights blend one epoch of each (megatron-core caps the blend there): 2 x 20
+    documents of 31 tokens give (20 x 31 - 1) // 16 = 38 samples per prefix. Asking for more is refused at
+    build time, not met by an IndexError once training reaches the end of the epoch."""
+    a = _write_prefix(tmp_path / "a", [[10] * 30 for _ in range(20)])
+    b = _write_prefix(tmp_path / "b", [[20] * 30 for _ in range(20)])
+    info = TokenizerInfo.from_file(tokenizer_file)
+    train, _ = build_gpt_datasets([a, b], "100,0,0", 16, 76, 0, 7, info, str(tmp_path / "c"))
+    assert len(train) == 76 and {int(train[i]["tokens"][0]) for i in range(76)} >= {10, 20}
+    with pytest.raises(ValueError, match=rf"^--data-path {a} {b}: 76 training samples, fewer than the 77 the run "
+                                         rf"needs; a blend without weights is one epoch of each prefix"):
+        build_gpt_datasets([a, b], "100,0,0", 16, 77, 0, 7, info, str(tmp_path / "c"))
+
+
+def test_an_empty_text_adds_no_tokens_as_in_megatron_lm(tmp_path, tokenizer_file):
+    """Megatron-LM's preprocess_data.py appends the EOD only to a document with tokens, so an empty "text" adds
+    none to the token stream (before: a lone EOD, which shifted every later sample). The reference follows
+    Megatron-LM's Encoder.encode: tokenize, EOD appended when there are ids, add_document."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
+
+    texts = ["The cat sat.", "", "A dog ran.", "", ""]
+    write_jsonl(tmp_path / "in.jsonl", texts)
+    assert load_tool("preprocess_data").main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix",
+                                              str(tmp_path / "ours"), "--tokenizer", tokenizer_file]) == 0
+    tok, info = load_tokenizer(tokenizer_file), TokenizerInfo.from_file(tokenizer_file)
+    builder = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=DType.optimal_dtype(info.vocab_size))
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        ids += [info.eod] if ids else []
+        builder.add_document(ids, [len(ids)] if ids else [])
+    builder.finalize(str(tmp_path / "ref.idx"))
+    assert (tmp_path / "ours_text_document.bin").read_bytes() == (tmp_path / "ref.bin").read_bytes()
+    ours, ref = IndexedDataset(str(tmp_path / "ours_text_document")), IndexedDataset(str(tmp_path / "ref"))
+    assert ours.sequence_lengths.tolist() == ref.sequence_lengths.tolist() == [len(ours[0]), len(ours[1])]
+    assert int(ours[0][-1]) == int(ours[1][-1]) == info.eod and info.eod not in ours[0][:-1].tolist()

@@ -5,10 +5,10 @@
       [--json-keys text] [--workers 4]
 
 writes data/docs_text_document.bin / .idx (EOD appended to every document) for
-`megajoy pretrain --data-path data/docs_text_document --tokenizer tokenizer.json`. Blank lines are
-skipped. A malformed line is reported with its number and counted; `--strict` stops at the first one
-instead. The files of every key appear together, once all are complete: a failed run writes nothing and
-leaves earlier output under the same prefix as it was.
+`megajoy pretrain --data-path data/docs_text_document --tokenizer tokenizer.json`. Blank lines, and
+(as in Megatron-LM) texts that are empty, add nothing. A malformed line is reported with its number and
+counted; `--strict` stops at the first one instead. The files of every key appear together, once all are
+complete: a failed run writes nothing and leaves earlier output under the same prefix as it was.
 """
 
 import argparse

@@ -13,7 +13,8 @@ import sysconfig
 
 from megajoy.ckpt.atomic import atomic_directory
 
-CORPUS_VERSION = 2  # 2: the chat template tokens are special tokens of the built-in tokenizer
+# 2: the chat template tokens are special tokens of the built-in tokenizer; 3: empty files add no lone EOD
+CORPUS_VERSION = 3
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
 PREFIX_NAME = "corpus_text_document"
 

@@ -9,7 +9,7 @@ import re
 
 import torch.distributed as dist
 
-from megajoy.data.indexed import check_indexed_dataset
+from megajoy.data.indexed import check_indexed_dataset, sequence_lengths
 from megajoy.data.tokenizer import MegatronTokenizerShim, TokenizerInfo
 
 
@@ -70,12 +70,42 @@ def build_gpt_datasets(blend: list[str], split: str, seq_length: int, train_samp
         reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
     )
     # megajoy derives positions, document ids and the EOD loss mask itself (packing.py), vectorised.
+    _check_every_split_holds_tokens(prefixes, split, config.split_matrix)
     with _process_group():
         train, valid, _ = BlendedMegatronDatasetBuilder(
             GPTDataset, [train_samples, valid_samples, 0], lambda: True, config).build()
     if train is None or len(train) == 0:
         raise ValueError(f"--split {split} leaves no training data in {prefixes}")
+    _check_enough_samples(prefixes, {"training": (train, train_samples), "validation": (valid, valid_samples)})
     return train, valid
+
+
+_SPLIT_NAMES = ("training", "validation", "test")
+
+
+def _check_every_split_holds_tokens(prefixes: list[str], split: str, split_matrix: list) -> None:
+    """megatron-core cuts each prefix's documents by the split shares and builds every split with a share; one
+    that gets no tokens of a prefix makes it loop forever looking for samples (weighted or single prefix) or
+    fail an assert (unweighted blend). Name the prefix and split instead."""
+    for prefix in prefixes:
+        lengths = sequence_lengths(prefix)
+        for name, bounds in zip(_SPLIT_NAMES, split_matrix):
+            if bounds is None:
+                continue
+            begin, end = (int(round(bound * len(lengths))) for bound in bounds)  # as megatron-core rounds
+            if int(lengths[begin:end].sum()) == 0:
+                raise ValueError(f"--split {split} gives {prefix} no {name} documents (of its {len(lengths)}, "
+                                 f"documents {begin} to {end}); give the {name} split a larger share, or 0")
+
+
+def _check_enough_samples(prefixes: list[str], splits: dict) -> None:
+    """A blend of several prefixes without weights is one epoch of each (megatron-core caps it there): refuse a
+    run that needs more than that now, not with an IndexError once training reaches the end of the epoch."""
+    for name, (dataset, needed) in splits.items():
+        if dataset is not None and len(dataset) < needed:
+            raise ValueError(f"--data-path {' '.join(prefixes)}: {len(dataset)} {name} samples, fewer than the "
+                             f"{needed} the run needs; a blend without weights is one epoch of each prefix, give "
+                             f"weights (WEIGHT PREFIX ...) to sample more")
 
 
 @contextlib.contextmanager

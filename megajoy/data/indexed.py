@@ -119,10 +119,10 @@ def write_indexed_dataset(items: Iterable[tuple[int, str]], prefix: str, tokeniz
                         report.bad_lines.append((line_no, why))
                         print(f"{progress or prefix}: line {line_no}: {why}", file=sys.stderr)
                         continue
+                    if not ids:  # an empty text: no document, not a lone EOD (Megatron-LM appends none either)
+                        continue
                     if append_eod:
                         ids = ids + [eod]
-                    if not ids:
-                        continue
                     builder.add_document(ids, [len(ids)])
                     report.documents += 1
                     report.tokens += len(ids)
@@ -218,8 +218,7 @@ def check_indexed_dataset(prefix: str) -> tuple[int, int]:
     elif size != expected:
         raise ValueError(f"{idx_path}: {size} bytes, but its header ({n_seq} sequences, {n_doc} documents) "
                          f"implies {expected}; the file is truncated or corrupt")
-    lengths = np.memmap(idx_path, dtype=np.int32, mode="r", offset=header_size, shape=(n_seq,))
-    tokens = int(lengths.sum(dtype=np.int64))
+    tokens = int(sequence_lengths(prefix).sum(dtype=np.int64))
     itemsize = np.dtype(_DTYPES[code]).itemsize
     if os.path.getsize(bin_path) != tokens * itemsize:
         raise ValueError(f"{bin_path}: {os.path.getsize(bin_path)} bytes, but {idx_path} lists {tokens} tokens of "
@@ -227,6 +226,14 @@ def check_indexed_dataset(prefix: str) -> tuple[int, int]:
     if tokens == 0:
         raise ValueError(f"data prefix {prefix}: the dataset holds no tokens")
     return max(n_doc - 1, 0), tokens
+
+
+def sequence_lengths(prefix: str) -> np.ndarray:
+    """The token count of each sequence (here: document) in PREFIX.idx, read from disk as needed."""
+    header_size = len(_MAGIC) + 8 + 1 + 8 + 8
+    with open(prefix + ".idx", "rb") as f:
+        n_seq = struct.unpack("<QBQQ", f.read(header_size)[len(_MAGIC):])[2]
+    return np.memmap(prefix + ".idx", dtype=np.int32, mode="r", offset=header_size, shape=(n_seq,))
 
 
 def _check_text_modes(idx_path: str, offset: int, n_seq: int) -> None:
