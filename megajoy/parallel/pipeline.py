@@ -8,6 +8,8 @@ puts stage s on rank s mod PP (V chunks per rank); zero-bubble uses ZB-V, whose 
 and 2 PP - 1 - s on rank s, so the first and last stages share rank 0 and one embedding.
 """
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -146,7 +148,7 @@ def build_schedule(stage_modules: list[StageModule], pc, schedule: str, n_microb
     stages = [PipelineStage(m, m.spec.index, n_stages, device, group=group,
                             input_args=tokens if m.spec.is_first else hidden_states,
                             output_args=loss if m.spec.is_last else hidden_states) for m in stage_modules]
-    if on_weight_grads is not None:
+    if schedule == "zero-bubble":
         for stage in stages:
             _call_after_weight_passes(stage, on_weight_grads)
     cls = {"1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B, "zero-bubble": ScheduleZBVZeroBubble}[schedule]
@@ -157,14 +159,33 @@ def build_schedule(stage_modules: list[StageModule], pc, schedule: str, n_microb
 
 def _call_after_weight_passes(stage, callback) -> None:
     """Zero-bubble schedules compute weight gradients in a separate pass that adds them into `.grad`
-    itself, outside autograd's accumulation (and its hooks): `callback` runs after each such pass."""
+    itself, outside autograd's accumulation (and its hooks): `callback` (if any) runs after each such pass.
+    The pass keeps the chunk's graph until it ends (see `_weight_pass_keeps_graph`)."""
     weight_pass = stage.backward_weight_one_chunk
 
     def backward_weight_one_chunk(*args, **kwargs):
-        weight_pass(*args, **kwargs)
-        callback()
+        with _weight_pass_keeps_graph():
+            weight_pass(*args, **kwargs)
+        if callback is not None:
+            callback()
 
     stage.backward_weight_one_chunk = backward_weight_one_chunk
+
+
+@contextlib.contextmanager
+def _weight_pass_keeps_graph():
+    """torch's weight pass runs one autograd.grad per group of parameters, each freeing the graph it walks.
+    A weight used at two places of which one feeds the other (the embedding at MTP depths 1 and 2) is reached
+    from the later use through the layers in between, whose graph another group still needs: "backward
+    through the graph a second time". Retained, the graph is freed once the pass drops the chunk's state."""
+    from torch.distributed.pipelining import stage as stage_module
+
+    weight_grads = stage_module.stage_backward_weight
+    stage_module.stage_backward_weight = functools.partial(weight_grads, retain_graph=True)
+    try:
+        yield
+    finally:
+        stage_module.stage_backward_weight = weight_grads
 
 
 def pipeline_peer(pc, pp_rank: int) -> int:
