@@ -37,7 +37,8 @@ PINNED_FLAGS = {
     "init": {"-h", "--help", "--preset", "--config", "--set", "--out", "--seed", "--tokenizer", "--dtype"},
     "pretrain": {
         "-h", "--help", "--preset", "--config", "--set", "--train-iters", "--train-samples", "--global-batch-size",
-        "--micro-batch-size", "--rampup-batch-size", "--seed", "--mtp-start-iter", "--mtp-loss-scaling-factor", "--mtp-loss-weight",
+        "--micro-batch-size", "--rampup-batch-size", "--seed", "--mtp-start-iter", "--mtp-loss-scaling-factor",
+        "--mtp-loss-weight",
         "--moe-router-bias-update-rate", "--router-bias-update-rate", "--freeze-router-bias", "--bf16", "--fp32",
         "--params-dtype", "--kernels", "--cross-entropy-chunk", "--recompute-granularity", "--recompute-method",
         "--recompute-num-layers", "--recompute-modules",
