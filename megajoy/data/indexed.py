@@ -20,6 +20,8 @@ import numpy as np
 from megajoy.data.jsonl import LONE_SURROGATE, Unreadable, has_lone_surrogate
 
 _MAGIC = b"MMIDIDX\x00\x00"
+_HEADER = struct.Struct("<QBQQ")  # version, dtype code, sequences, documents
+_HEADER_SIZE = len(_MAGIC) + _HEADER.size
 _DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
            8: np.uint16}
 
@@ -203,22 +205,21 @@ def check_indexed_dataset(prefix: str) -> tuple[int, int]:
                 hint = f" (a prefix names the pair without its extension: {prefix[:-4]})"
             raise FileNotFoundError(f"data prefix {prefix}: {path} does not exist{hint}")
     size = os.path.getsize(idx_path)
-    header_size = len(_MAGIC) + 8 + 1 + 8 + 8
     with open(idx_path, "rb") as f:
-        head = f.read(header_size)
-    if len(head) < header_size or head[:len(_MAGIC)] != _MAGIC:
+        head = f.read(_HEADER_SIZE)
+    if len(head) < _HEADER_SIZE or head[:len(_MAGIC)] != _MAGIC:
         raise ValueError(f"{idx_path}: not a Megatron index file (bad magic or truncated header)")
-    version, code, n_seq, n_doc = struct.unpack("<QBQQ", head[len(_MAGIC):])
+    version, code, n_seq, n_doc = _HEADER.unpack(head[len(_MAGIC):])
     if version != 1 or code not in _DTYPES:
         raise ValueError(f"{idx_path}: unsupported index version {version} or dtype code {code}")
-    expected = header_size + n_seq * (4 + 8) + n_doc * 8
+    expected = _HEADER_SIZE + n_seq * (4 + 8) + n_doc * 8
     multimodal = n_seq > 0 and size == expected + n_seq  # megatron-core's layout: an int8 mode per sequence follows
     if multimodal:
         _check_text_modes(idx_path, expected, n_seq)
     elif size != expected:
         raise ValueError(f"{idx_path}: {size} bytes, but its header ({n_seq} sequences, {n_doc} documents) "
                          f"implies {expected}; the file is truncated or corrupt")
-    tokens = int(sequence_lengths(prefix).sum(dtype=np.int64))
+    tokens = int(_lengths(idx_path, n_seq).sum(dtype=np.int64))
     itemsize = np.dtype(_DTYPES[code]).itemsize
     if os.path.getsize(bin_path) != tokens * itemsize:
         raise ValueError(f"{bin_path}: {os.path.getsize(bin_path)} bytes, but {idx_path} lists {tokens} tokens of "
@@ -230,10 +231,13 @@ def check_indexed_dataset(prefix: str) -> tuple[int, int]:
 
 def sequence_lengths(prefix: str) -> np.ndarray:
     """The token count of each sequence (here: document) in PREFIX.idx, read from disk as needed."""
-    header_size = len(_MAGIC) + 8 + 1 + 8 + 8
     with open(prefix + ".idx", "rb") as f:
-        n_seq = struct.unpack("<QBQQ", f.read(header_size)[len(_MAGIC):])[2]
-    return np.memmap(prefix + ".idx", dtype=np.int32, mode="r", offset=header_size, shape=(n_seq,))
+        n_seq = _HEADER.unpack(f.read(_HEADER_SIZE)[len(_MAGIC):])[2]
+    return _lengths(prefix + ".idx", n_seq)
+
+
+def _lengths(idx_path: str, n_seq: int) -> np.ndarray:
+    return np.memmap(idx_path, dtype=np.int32, mode="r", offset=_HEADER_SIZE, shape=(n_seq,))
 
 
 def _check_text_modes(idx_path: str, offset: int, n_seq: int) -> None:

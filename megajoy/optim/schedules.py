@@ -10,12 +10,12 @@ def learning_rate(step: int, consumed_samples: int, opt, train) -> float:
     --train-samples): then the *_samples lengths apply, and an *_iters length counts full global batches."""
     if train.train_samples is None:
         return _scheduled_lr(opt, step, 1, opt.lr_warmup_iters, opt.lr_decay_iters or train.train_iters,
-                            opt.lr_wsd_decay_iters)
+                             opt.lr_wsd_decay_iters)
     full = train.global_batch_size
     return _scheduled_lr(opt, consumed_samples, global_batch_size(consumed_samples, train),
-                        _in_samples(opt.lr_warmup_samples, opt.lr_warmup_iters, full),
-                        _in_samples(opt.lr_decay_samples, opt.lr_decay_iters, full) or train.train_samples,
-                        _in_samples(opt.lr_wsd_decay_samples, opt.lr_wsd_decay_iters, full))
+                         _in_samples(opt.lr_warmup_samples, opt.lr_warmup_iters, full),
+                         _in_samples(opt.lr_decay_samples, opt.lr_decay_iters, full) or train.train_samples,
+                         _in_samples(opt.lr_wsd_decay_samples, opt.lr_wsd_decay_iters, full))
 
 
 def _in_samples(samples: int | None, iters: int | None, global_batch: int) -> int | None:
