@@ -453,6 +453,84 @@ def test_fp8_tensorwise_experts_on_a_rank_that_receives_no_tokens():
     assert experts.down_proj.grad[:2].abs().sum() > 0 and results[1][3].abs().sum() == 0
 
 
+def _fp8_mlp_tensors():
+    """An MLP-shaped pair of weights whose halves have different maxima, and an input."""
+    g = torch.Generator().manual_seed(4)
+    w1, w2 = torch.randn(64, 32, generator=g), torch.randn(32, 64, generator=g)
+    w1[3, 7], w2[5, 40] = 9.0, -7.0  # outliers in one shard only (rank 0's rows of w1, rank 1's columns of w2)
+    return torch.randn(2, 6, 32, generator=g), w1, w2
+
+
+def _fp8_mlp(x, first, second, sp, group=None):
+    from megajoy.parallel.mappings import enter_tp
+
+    y = second.forward_exit(torch.relu(first(enter_tp(x, group, sp))), sp)
+    return y
+
+
+def _fp8_tensor_parallel_worker(rank, world, sp):
+    import torch.distributed as dist
+
+    from megajoy.launch import init_distributed, launch_env
+    from megajoy.parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megajoy.parallel.mappings import gather_along, split_along
+
+    init_distributed(launch_env())
+    group = dist.group.WORLD
+    x, w1, w2 = _fp8_mlp_tensors()
+    first, second = ColumnParallelLinear(32, 64, group), RowParallelLinear(64, 32, group)
+    with torch.no_grad():
+        first.weight.copy_(w1.chunk(world, 0)[rank])
+        second.weight.copy_(w2.chunk(world, 1)[rank])
+    first.matmul = second.matmul = Fp8Matmul("tensorwise", "emulate")
+    x.requires_grad_()
+    y = _fp8_mlp(split_along(x, group, 1) if sp else x, first, second, sp, group)
+    y = gather_along(y, group, 1, grad_is_partial=False) if sp else y
+    (y * torch.linspace(-1, 3, 32)).sum().backward()
+    return y.detach(), x.grad, first.weight.grad, second.weight.grad
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_fp8_tensorwise_scales_cover_the_whole_tensor_under_tensor_parallelism(sp):
+    """TP 2 (with and without sequence parallelism) gives the single process's FP8 output and gradients: a
+    sharded operand's scale is the whole tensor's. Before, each rank scaled its own shard, so the rank
+    without the outlier rounded its half of the weight (and of the row-parallel input) more finely."""
+    from megajoy.parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megajoy.parallel.spawn import run_workers
+
+    results = run_workers(2, _fp8_tensor_parallel_worker, sp)
+    x, w1, w2 = _fp8_mlp_tensors()
+    first, second = ColumnParallelLinear(32, 64), RowParallelLinear(64, 32)
+    with torch.no_grad():
+        first.weight.copy_(w1)
+        second.weight.copy_(w2)
+    first.matmul = second.matmul = Fp8Matmul("tensorwise", "emulate")
+    x.requires_grad_()
+    y = _fp8_mlp(x, first, second, sp=False)
+    (y * torch.linspace(-1, 3, 32)).sum().backward()
+    unrounded = torch.relu(x.detach() @ w1.T) @ w2.T
+    assert (y - unrounded).norm() / unrounded.norm() > 1e-3  # FP8 rounding is there to be matched
+    for rank, (y_tp, x_grad, w1_grad, w2_grad) in enumerate(results):
+        torch.testing.assert_close(y_tp, y.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x_grad, x.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(w1_grad, first.weight.grad.chunk(2, 0)[rank], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(w2_grad, second.weight.grad.chunk(2, 1)[rank], rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_blockwise_tiles_never_straddle_tensor_parallel_shards():
+    from megajoy.config import ParallelConfig
+    from megajoy.parallel.memory import rank_model
+    from megajoy.quant.qat import set_fp8
+
+    model, _ = rank_model(small_config(), ParallelConfig(tensor_model_parallel_size=2), 2, 0, 32)
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_b_proj\.weight: \d+ output features on this "
+                                         "rank are not whole 128-wide FP8 blocks"):
+        set_fp8(model, Fp8Matmul("blockwise", "emulate"))
+    assert set_fp8(model, Fp8Matmul("tensorwise", "emulate")) > 0
+    single, _ = rank_model(small_config(), ParallelConfig(), 1, 0, 32)
+    assert set_fp8(single, Fp8Matmul("blockwise", "emulate")) > 0  # whole tensors: partial edge tiles are fine
+
+
 def test_qat_of_te_projections_is_refused():
     """Transformer Engine's Linear takes its weight as its own parameter, so a fake-quantised weight would
     get the gradient and the real one none: refused by name; the routed experts (not TE GEMMs) are fine."""

@@ -21,7 +21,9 @@ class ProjectionHooks:
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         w = self.effective_weight()
-        return self.matmul.linear(x, w) if self.matmul is not None else F.linear(x, w)
+        if self.matmul is None:
+            return F.linear(x, w)
+        return self.matmul.linear(x, w, self.group, self.tp_dim)
 
 
 def shared_input(x: torch.Tensor, *projections: ProjectionHooks) -> tuple[torch.Tensor, ...]:

@@ -15,12 +15,19 @@ gradient is rounded through FP8 too, and the saved operands are the FP8-rounded 
   te       Transformer Engine's fp8_autocast around te.pytorch.Linear for dense projections
 Experts run the emulated rounding around the grouped GEMM on every back-end (a fused FP8 grouped GEMM
 belongs to the GPU kernels).
+
+Under tensor parallelism a tensorwise scale covers the whole tensor, not the rank's shard: the maxima of
+sharded operands (every weight, a row-parallel input, a column-parallel output's gradient) are all-reduced
+over the group, as Transformer Engine reduces amax over it, so the numbers do not depend on the layout.
+Blockwise tiles must not straddle shards: `megajoy.quant.qat.set_fp8` refuses a layout where they would.
 """
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from megajoy.kernels.grouped_gemm import grouped_mm
+from megajoy.parallel.mappings import all_reduce_no_grad, group_size
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 TILE = 128
@@ -29,15 +36,17 @@ BACKENDS = ("torch", "te", "emulate")
 
 
 def quantize(x: torch.Tensor, dtype: torch.dtype, blockwise: bool, block: tuple[int, int] = (1, TILE),
-             batch_dims: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+             batch_dims: int = 0, group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x8, scale) with x8 = (x / scale) in `dtype`. Tensorwise: one scale per tensor (per slice of the
-    first `batch_dims` dims). Blockwise: one per `block` = (rows, cols) tile of the last two dims, the
-    tensor zero-padded to whole tiles (x8 keeps the padding)."""
+    first `batch_dims` dims), over the shards of the tensor-parallel `group` when x is one. Blockwise: one
+    per `block` = (rows, cols) tile of the last two dims, the tensor zero-padded to whole tiles (x8 keeps
+    the padding)."""
     fmax = torch.finfo(dtype).max
     x = x.float()
     if not blockwise:
         dims = tuple(range(batch_dims, x.dim()))
-        scale = (_peak(x, dims) / fmax).clamp(min=1e-12)
+        peak = all_reduce_no_grad(_peak(x, dims), group, dist.ReduceOp.MAX)
+        scale = (peak / fmax).clamp(min=1e-12)
         return (x / scale).to(dtype), scale
     rows, cols = block
     # Edge tiles that do not fill a block are zero-padded (DeepSeek-V3 stores ceil(n / 128) scales too).
@@ -55,9 +64,10 @@ def _peak(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return x.abs().amax(dim=dims, keepdim=True)
 
 
-def fp8_round(x: torch.Tensor, dtype: torch.dtype, blockwise: bool, block=(1, TILE), batch_dims: int = 0):
+def fp8_round(x: torch.Tensor, dtype: torch.dtype, blockwise: bool, block=(1, TILE), batch_dims: int = 0,
+              group=None):
     """x as an FP8 GEMM sees it: quantised, then dequantised (in fp32)."""
-    x8, scale = quantize(x, dtype, blockwise, block, batch_dims)
+    x8, scale = quantize(x, dtype, blockwise, block, batch_dims, group)
     full = x8.float() * scale
     if not blockwise:
         return full
@@ -68,26 +78,27 @@ class _Round(torch.autograd.Function):
     """Forward: round through FP8. Backward: the gradient passes straight through."""
 
     @staticmethod
-    def forward(ctx, x, dtype, blockwise, block, batch_dims):
-        return fp8_round(x, dtype, blockwise, block, batch_dims).to(x.dtype)
+    def forward(ctx, x, dtype, blockwise, block, batch_dims, group=None):
+        return fp8_round(x, dtype, blockwise, block, batch_dims, group).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 class _RoundGradient(torch.autograd.Function):
     """Forward: identity. Backward: the incoming gradient rounded through FP8."""
 
     @staticmethod
-    def forward(ctx, y, dtype, blockwise):
-        ctx.dtype, ctx.blockwise = dtype, blockwise
+    def forward(ctx, y, dtype, blockwise, group=None):
+        ctx.dtype, ctx.blockwise, ctx.group = dtype, blockwise, group
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad):
         flat = grad.reshape(-1, grad.shape[-1])
-        return fp8_round(flat, ctx.dtype, ctx.blockwise).reshape(grad.shape).to(grad.dtype), None, None
+        rounded = fp8_round(flat, ctx.dtype, ctx.blockwise, group=ctx.group)
+        return rounded.reshape(grad.shape).to(grad.dtype), None, None, None
 
 
 class Fp8Matmul:
@@ -104,16 +115,23 @@ class Fp8Matmul:
         self.grad_dtype = E4M3 if self.blockwise else E5M2
         self._te_modules: dict = {}
 
-    def _activation(self, x):
-        return _Round.apply(x.reshape(-1, x.shape[-1]), E4M3, self.blockwise, (1, TILE), 0).reshape(x.shape)
+    def _activation(self, x, group=None):
+        flat = x.reshape(-1, x.shape[-1])
+        return _Round.apply(flat, E4M3, self.blockwise, (1, TILE), 0, group).reshape(x.shape)
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w: torch.Tensor, group=None, tp_dim: int = 0) -> torch.Tensor:
+        """x W^T for a projection whose weight is split over the tensor-parallel `group` along `tp_dim`
+        (0: column-parallel, output features; 1: row-parallel, input features)."""
         if self.backend == "te":
             return self._te_linear(x, w)
+        if self.blockwise or group_size(group) == 1:
+            group = None
+        x_group, grad_group = (group, None) if tp_dim == 1 else (None, group)
         if self.backend == "torch":
-            return _ScaledMmLinear.apply(x, w, self.grad_dtype)
-        y = F.linear(self._activation(x), _Round.apply(w, E4M3, self.blockwise, (TILE, TILE), 0))
-        return _RoundGradient.apply(y, self.grad_dtype, self.blockwise)
+            return _ScaledMmLinear.apply(x, w, self.grad_dtype, x_group, group, grad_group)
+        w = _Round.apply(w, E4M3, self.blockwise, (TILE, TILE), 0, group)
+        y = F.linear(self._activation(x, x_group), w)
+        return _RoundGradient.apply(y, self.grad_dtype, self.blockwise, grad_group)
 
     def grouped(self, x_TK: torch.Tensor, w_EKN: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Experts: FP8 operands with per-expert weight scales (or 128 x 128 blocks) around the grouped GEMM."""
@@ -139,10 +157,10 @@ class _ScaledMmLinear(torch.autograd.Function):
     """Tensorwise FP8 GEMMs through torch._scaled_mm (GPU), bf16 outputs."""
 
     @staticmethod
-    def forward(ctx, x, w, grad_dtype):
-        ctx.grad_dtype = grad_dtype
-        x8, sx = quantize(x.reshape(-1, x.shape[-1]), E4M3, False)
-        w8, sw = quantize(w, E4M3, False)
+    def forward(ctx, x, w, grad_dtype, x_group=None, w_group=None, grad_group=None):
+        ctx.grad_dtype, ctx.grad_group = grad_dtype, grad_group
+        x8, sx = quantize(x.reshape(-1, x.shape[-1]), E4M3, False, group=x_group)
+        w8, sw = quantize(w, E4M3, False, group=w_group)
         ctx.save_for_backward(x8, sx, w8, sw)
         ctx.shape = x.shape
         y = torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)
@@ -151,7 +169,7 @@ class _ScaledMmLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x8, sx, w8, sw = ctx.saved_tensors
-        g8, sg = quantize(grad.reshape(-1, grad.shape[-1]), ctx.grad_dtype, False)
+        g8, sg = quantize(grad.reshape(-1, grad.shape[-1]), ctx.grad_dtype, False, group=ctx.grad_group)
         # _scaled_mm wants its second operand column-major: pass transposed contiguous copies.
         dx = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=sg, scale_b=sw, out_dtype=torch.bfloat16)
         # The weight gradient's inner dimension is the token count, which _scaled_mm wants a multiple of
@@ -160,7 +178,7 @@ class _ScaledMmLinear(torch.autograd.Function):
         g8_t = torch.nn.functional.pad(g8.view(torch.uint8), (0, 0, 0, pad)).view(g8.dtype).t().contiguous()
         x8_p = torch.nn.functional.pad(x8.view(torch.uint8), (0, 0, 0, pad)).view(x8.dtype)
         dw = torch._scaled_mm(g8_t, x8_p.t().contiguous().t(), scale_a=sg, scale_b=sx, out_dtype=torch.bfloat16)
-        return dx.reshape(ctx.shape).to(grad.dtype), dw.to(grad.dtype), None
+        return dx.reshape(ctx.shape).to(grad.dtype), dw.to(grad.dtype), None, None, None, None
 
 
 def check_backend(backend: str) -> None:

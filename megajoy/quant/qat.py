@@ -12,6 +12,8 @@ from torch import nn
 from megajoy.config import QAT_MODULES
 from megajoy.model.moe import GroupedExperts
 from megajoy.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megajoy.parallel.mappings import group_size
+from megajoy.quant.fp8 import TILE
 from megajoy.quant.formats import WeightFormat
 
 
@@ -55,9 +57,21 @@ def set_qat(model: nn.Module, fmt: WeightFormat | None, which: str = "routed-exp
 
 def set_fp8(model: nn.Module, matmul) -> int:
     """FP8 GEMMs (an Fp8Matmul, or None for off) for every projection but the embedding and output head."""
-    count = 0
-    for name, module in model.named_modules():
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear, GroupedExperts)) and name != "lm_head":
-            module.matmul = matmul
-            count += 1
-    return count
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, (ColumnParallelLinear, RowParallelLinear, GroupedExperts)) and name != "lm_head"]
+    if matmul is not None and matmul.blockwise:
+        check_blockwise_shards(targets)
+    for _, module in targets:
+        module.matmul = matmul
+    return len(targets)
+
+
+def check_blockwise_shards(targets: list[tuple[str, nn.Module]]) -> None:
+    """A blockwise FP8 tile (128 x 128 of a weight, 1 x 128 of the activation or gradient along the split
+    features) must lie on one tensor-parallel rank, or the scales would depend on the layout."""
+    for name, module in targets:
+        if group_size(getattr(module, "group", None)) > 1 and module.weight.shape[module.tp_dim] % TILE:
+            side = "output" if module.tp_dim == 0 else "input"
+            raise ValueError(f"{name}.weight: {module.weight.shape[module.tp_dim]} {side} features on this rank "
+                             f"are not whole {TILE}-wide FP8 blocks; use --fp8 tensorwise or a smaller "
+                             "tensor-parallel size")
