@@ -115,6 +115,9 @@ def test_failed_preprocessing_writes_nothing_and_keeps_earlier_output(tmp_path, 
                               "o_title_document.idx"]
     capsys.readouterr()
 
+    assert tool.main(["--input", str(bad), "--output-prefix", str(tmp_path / "lenient")] + args[2:]) == 0
+    assert "different numbers of documents ({'text': 6, 'title': 5})" in capsys.readouterr().err
+
     assert tool.main(["--input", str(bad), "--strict"] + args) == 2
     assert "line 6: no 'title' field (--strict: no output written)" in capsys.readouterr().err
     assert {p: (tmp_path / p).read_bytes() for p in os.listdir(tmp_path) if p.startswith("o_")} == before

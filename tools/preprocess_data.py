@@ -7,8 +7,10 @@
 writes data/docs_text_document.bin / .idx (EOD appended to every document) for
 `megajoy pretrain --data-path data/docs_text_document --tokenizer tokenizer.json`. Blank lines, and
 (as in Megatron-LM) texts that are empty, add nothing. A malformed line is reported with its number and
-counted; `--strict` stops at the first one instead. The files of every key appear together, once all are
-complete: a failed run writes nothing and leaves earlier output under the same prefix as it was.
+counted; `--strict` stops at the first one instead. With several keys, each key's files hold the lines
+that have its text (a note says when the keys' document counts differ). The files of every key appear
+together, once all are complete: a failed run writes nothing and leaves earlier output under the same
+prefix as it was.
 """
 
 import argparse
@@ -49,6 +51,11 @@ def main(argv=None) -> int:
         return 2
     for key, prefix in prefixes.items():
         print(reports[key].summary(f"{prefix}.bin/.idx"))
+    counts = {key: report.documents for key, report in reports.items()}
+    if len(set(counts.values())) > 1:
+        print(f"preprocess_data: note: the keys hold different numbers of documents ({counts}): a line lacking "
+              "a key's text adds nothing to that key's files, so their documents do not pair up by index",
+              file=sys.stderr)
     return 0
 
 
