@@ -143,8 +143,16 @@ class ModelConfig:
         kind = rs.get("type", rs.get("rope_type"))
         _require(kind == "yarn", f"rope_scaling type {kind!r}: only 'yarn' is supported (or null for none)")
         for key in ("factor", "original_max_position_embeddings"):
-            _require(key in rs, f"rope_scaling (yarn) needs '{key}'")
+            _require(rs.get(key) is not None, f"rope_scaling (yarn) needs '{key}'")
+        for key in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                    "mscale_all_dim", "attention_factor"):
+            value = rs.get(key)
+            _require(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)),
+                     f"rope_scaling.{key}={value!r} must be a number")
         _require(rs["factor"] >= 1, f"rope_scaling.factor={rs['factor']} must be >= 1")
+        _require(rs["original_max_position_embeddings"] > 0,
+                 f"rope_scaling.original_max_position_embeddings={rs['original_max_position_embeddings']} "
+                 "must be positive")
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

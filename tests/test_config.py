@@ -47,6 +47,11 @@ def test_yarn_softmax_scale_uses_mscale_all_dim():
     (dict(scoring_func="softmax"), "only 'sigmoid'"),
     (dict(rope_scaling={"type": "linear", "factor": 2}), "only 'yarn'"),
     (dict(rope_scaling={"type": "yarn"}), "needs 'factor'"),
+    (dict(rope_scaling={"type": "yarn", "factor": None, "original_max_position_embeddings": 64}), "needs 'factor'"),
+    (dict(rope_scaling={"type": "yarn", "factor": "4", "original_max_position_embeddings": 64}),
+     "rope_scaling.factor='4' must be a number"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 64, "beta_fast": "32"}),
+     "rope_scaling.beta_fast='32' must be a number"),
     (dict(eos_token_id=5000), "eos_token_id=5000 must lie in [0, vocab_size=4096)"),
 ])
 def test_validation_messages(kw, message):
