@@ -390,6 +390,9 @@ def test_generate_command(tmp_path, tokenizer_file, capsys):
     # --thinking without --chat decoded a plain continuation, no <think> anywhere
     assert main(["generate", "--ckpt", str(tmp_path / "m"), "--prompt", "x", "--thinking"]) == 2
     assert "--thinking opens the chat template's answer with <think>: it needs --chat" in capsys.readouterr().err
+    # --top-k / --top-p at the default temperature 0 were silently unused: greedy decoding ignores them
+    assert main(["generate", "--ckpt", str(tmp_path / "m"), "--prompt", "x", "--top-p", "0.9"]) == 2
+    assert "--temperature 0 decodes greedily: set --temperature above 0" in capsys.readouterr().err
 
 
 def test_generate_command_in_bf16_decodes_as_transformers_in_bf16(tmp_path, tokenizer_file, capsys):

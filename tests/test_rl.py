@@ -434,7 +434,7 @@ def test_bad_sampling_settings_are_refused(tmp_path, tiny_init, capsys):
     assert "--rollouts-per-prompt must be at least 2" in capsys.readouterr().err
     assert main(rl_args(tiny_init, tmp_path, "--temperature", "0")) == 2
     assert "--temperature must be > 0 (rollouts are sampled), got 0.0" in capsys.readouterr().err
-    assert main(["generate", "--ckpt", str(tiny_init), "--prompt", "x", "--top-p", "0"]) == 2
+    assert main(["generate", "--ckpt", str(tiny_init), "--prompt", "x", "--temperature", "1", "--top-p", "0"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
     assert main(["generate", "--ckpt", str(tiny_init), "--prompt", "x", "--mtp-draft", "-1"]) == 2
 

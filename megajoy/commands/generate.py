@@ -72,12 +72,24 @@ def prompt_ids(tokenizer, text: str, chat: bool, thinking: bool) -> list[int]:
     return tokenizer.tok.encode(BOS_TOKEN + text, add_special_tokens=False).ids
 
 
+def check_flags(args) -> None:
+    """Flags that contradict each other, refused before the model loads."""
+    if args.mtp_draft and args.temperature > 0:
+        raise ValueError("--mtp-draft decodes greedily: leave --temperature at 0")
+    if args.temperature == 0 and (args.top_k or args.top_p != 1):
+        raise ValueError("--top-k / --top-p shape sampling, but --temperature 0 decodes greedily: "
+                         "set --temperature above 0 to sample")
+    if args.thinking and not args.chat:
+        raise ValueError("--thinking opens the chat template's answer with <think>: it needs --chat")
+
+
 def run(args) -> int:
     import contextlib
 
     from megajoy.data.tokenizer import EOS_TOKEN
     from megajoy.kernels.backend import bf16_autocast
 
+    check_flags(args)
     model, tokenizer = load_for_generation(args.ckpt, flag_overrides(args), args.bf16)
     stop_text = args.stop or [EOS_TOKEN]
     stops = []
@@ -86,10 +98,6 @@ def run(args) -> int:
         if len(ids) != 1:
             raise ValueError(f"--stop {text!r} is {len(ids)} tokens; a stop must be exactly one token")
         stops.append(ids[0])
-    if args.mtp_draft and args.temperature > 0:
-        raise ValueError("--mtp-draft decodes greedily: leave --temperature at 0")
-    if args.thinking and not args.chat:
-        raise ValueError("--thinking opens the chat template's answer with <think>: it needs --chat")
     prompts = [prompt_ids(tokenizer, p, args.chat, args.thinking) for p in args.prompt]
     started = time.perf_counter()
     with bf16_autocast(model.pc.device.type) if args.bf16 else contextlib.nullcontext():
