@@ -150,3 +150,85 @@ def test_router_gradients_stay_fp32_when_backward_runs_under_autocast():
     want_w, want_x = d_logits.T @ x.detach().double(), d_logits @ router.weight.detach().double()
     assert router.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
     assert rel_err(router.weight.grad.double(), want_w) <= 1e-6 and rel_err(x.grad.double(), want_x) <= 1e-6
+
+
+def _padded_row(cfg, real: int = 20, capacity: int = 33):
+    """(a one-conversation SFT row padded to `capacity` tokens, the same row cut after its last real input)."""
+    from megajoy.data.sft import Sample, packed_row
+
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, cfg.vocab_size, (real,), generator=g).tolist()
+    row = packed_row([Sample(ids, [False] * 5 + [True] * (real - 5))], capacity, pad_id=0)
+    cut = dataclasses.replace(row, **{name: t[:, :real] for name, t in row.tensors().items()})
+    return row, cut
+
+
+def _train_forward_backward(model, batch):
+    """(each router's expert load, {name: gradient}) of a training forward and backward of the LM loss."""
+    model.reset_statistics()
+    model.zero_grad()
+    out = model(batch.input_ids, batch.position_ids, batch.document_ids, batch.labels, batch.loss_mask,
+                compute_mtp=False, padding_mask=batch.padding_mask)
+    out.lm_loss_sum.backward()
+    loads = [m.expert_load.clone() for m in model.modules() if isinstance(m, Router)]
+    return loads, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_padding_changes_no_gradient_and_no_expert_load():
+    """A padded row trains exactly as the row without its padding: the loss masks the tail, attention keeps
+    it in its own document, and the routers leave it out of the expert load (the aux-free bias update's
+    input) and of the sequence-wise balance loss (Megatron-Core's padding_mask). Before, the 12 padding
+    tokens were counted, and the balance loss averaged over them."""
+    from helpers import random_model
+
+    cfg = small_config(aux_loss_alpha=0.1)
+    model = random_model(cfg, seed=2).train()
+    row, cut = _padded_row(cfg)
+    assert int(row.padding_mask.sum()) == 12 and not cut.padding_mask.any()
+    padded_loads, padded_grads = _train_forward_backward(model, row)
+    cut_loads, cut_grads = _train_forward_backward(model, cut)
+    for padded, reference in zip(padded_loads, cut_loads):
+        assert padded.tolist() == reference.tolist() and int(reference.sum()) == 20 * cfg.num_experts_per_tok
+    assert padded_grads.keys() == cut_grads.keys()
+    for name, grad in cut_grads.items():
+        assert rel_err(padded_grads[name], grad) < 1e-5, name
+
+
+def _router_loads_and_grads(model, batch):
+    loads, grads = _train_forward_backward(model, batch)
+    return loads, [grads[name] for name, _ in model.named_parameters() if name.endswith("gate.weight")]
+
+
+def _padded_tensor_parallel_worker(rank, world, sequence_parallel):
+    import torch.distributed as dist
+
+    from helpers import TINY_MODEL_OVERRIDES
+    from megajoy.config import load_job_config
+    from megajoy.launch import setup_parallel
+    from megajoy.model import create_model
+
+    cfg = small_config(aux_loss_alpha=0.1)
+    job = load_job_config("tiny", None, TINY_MODEL_OVERRIDES)
+    job = dataclasses.replace(job, model=cfg, parallel=dataclasses.replace(
+        job.parallel, tensor_model_parallel_size=2, sequence_parallel=sequence_parallel))
+    model = create_model(cfg, pc=setup_parallel(job), seed=2).train()
+    loads, router_grads = _router_loads_and_grads(model, _padded_row(cfg)[0])
+    for t in loads + router_grads:  # each rank routed its half of the sequence
+        dist.all_reduce(t)
+    return loads, router_grads
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_padding_is_left_out_on_each_tensor_parallel_rank(sequence_parallel):
+    """Under TP 2 (the MoE splits the tokens over the ranks, or SP splits the sequence) each rank leaves out
+    its own part of the padding: the summed loads and router gradients are the single process's."""
+    from megajoy.model import create_model
+    from megajoy.parallel.spawn import run_workers
+
+    cfg = small_config(aux_loss_alpha=0.1)
+    loads, grads = _router_loads_and_grads(create_model(cfg, seed=2).train(), _padded_row(cfg)[0])
+    for rank_loads, rank_grads in run_workers(2, _padded_tensor_parallel_worker, sequence_parallel):
+        assert [x.tolist() for x in rank_loads] == [x.tolist() for x in loads]
+        assert len(rank_grads) == len(grads) == 2
+        for got, want in zip(rank_grads, grads):
+            assert rel_err(got, want) < 1e-5

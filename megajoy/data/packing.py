@@ -18,6 +18,8 @@ class Batch:
     # [B, S] log-probability of each label under a fixed model: DPO's reference, RL's rollout policy
     ref_logps: torch.Tensor | None = None
     advantages: torch.Tensor | None = None  # [B, S] RL: each response token's advantage
+    # [B, S] bool, True at padding: the routers leave it out of the expert load and the balance loss
+    padding_mask: torch.Tensor | None = None
 
     def to(self, device) -> "Batch":
         return Batch(**{name: t.to(device, non_blocking=True) for name, t in self.tensors().items()})

@@ -153,7 +153,8 @@ def packed_row(samples: list[Sample], capacity: int, pad_id: int) -> Batch:
     positions += range(pad)
     t = torch.tensor
     return Batch(input_ids=t([ids[:-1]]), labels=t([ids[1:]]), loss_mask=t([trained[1:]], dtype=torch.float32),
-                 position_ids=t([positions[:-1]]), document_ids=t([docs[:-1]]))
+                 position_ids=t([positions[:-1]]), document_ids=t([docs[:-1]]),
+                 padding_mask=t([([False] * (capacity - pad) + [True] * pad)[:-1]]))
 
 
 def padding_fraction(rows: list[Batch], pad_id: int) -> float:

@@ -24,7 +24,8 @@ from megajoy.kernels.swiglu import swiglu_packed
 from megajoy.model.mlp import MLP
 from megajoy.model.recompute import checkpointed_call, is_recomputing, run_discarding
 from megajoy.parallel.context import ParallelContext
-from megajoy.parallel.mappings import all_reduce_no_grad, gather_along, group_size, reduce_from_region, split_along
+from megajoy.parallel.mappings import (all_reduce_no_grad, gather_along, group_rank, group_size, reduce_from_region,
+                                       split_along)
 
 
 @dataclass
@@ -69,12 +70,15 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts, dtype=torch.int64), persistent=False)
 
-    def forward(self, x_TH: torch.Tensor) -> Routing:
+    def forward(self, x_TH: torch.Tensor, padding_T: torch.Tensor | None = None) -> Routing:
+        """`padding_T` (True at padding): tokens routed as the others but left out of the expert load."""
         logits_TE = _Fp32Linear.apply(x_TH, self.weight)
         expert_ids_TK, weights_TK, scores_TE = route(logits_TE, self.e_score_correction_bias, self.cfg)
         if self.training and not is_recomputing():  # counted once, not again in backward's recomputation
-            with torch.no_grad():
-                self.expert_load += count_per_expert(expert_ids_TK, self.expert_load.numel())
+            e = self.expert_load.numel()
+            with torch.no_grad():  # padding counted in an extra bin, dropped (a fixed shape under compile)
+                ids = expert_ids_TK if padding_T is None else expert_ids_TK.masked_fill(padding_T.unsqueeze(1), e)
+                self.expert_load += count_per_expert(ids, e + 1)[:e]
         return Routing(expert_ids_TK, weights_TK, scores_TE)
 
     @torch.no_grad()
@@ -164,19 +168,24 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad, torch.ones_like(aux_loss)
 
 
-def sequence_balance_loss(routing: Routing, batch: int, cfg: ModelConfig, tp_group=None) -> torch.Tensor:
-    """DeepSeek-V3's sequence-wise balance loss, alpha * mean_b sum_e f_be * P_be (a scalar). With the
+def sequence_balance_loss(routing: Routing, batch: int, cfg: ModelConfig, tp_group=None,
+                          padding_T: torch.Tensor | None = None) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss, alpha * mean_b sum_e f_be * P_be (a scalar), over each
+    sequence's tokens but its padding (`padding_T`, True there; as Megatron-Core's padding_mask). With the
     sequence sharded over `tp_group`, per-sequence sums are completed across its ranks."""
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     scores_BSE = routing.scores_TE.view(batch, -1, e)
-    seq = scores_BSE.shape[1] * group_size(tp_group)
-    prob_sum_BE = reduce_from_region((scores_BSE / scores_BSE.sum(-1, keepdim=True)).sum(1), tp_group)
-    ids_BX = routing.expert_ids_TK.view(batch, -1)
+    real_BS = (torch.ones(scores_BSE.shape[:2], device=scores_BSE.device) if padding_T is None
+               else (~padding_T).view(batch, -1).float())
     with torch.no_grad():
-        counts_BE = torch.zeros(batch, e, device=ids_BX.device).scatter_add_(1, ids_BX, torch.ones_like(ids_BX, dtype=torch.float32))
+        seq_B1 = all_reduce_no_grad(real_BS.sum(1, keepdim=True), tp_group).clamp(min=1)
+        ids_BX = routing.expert_ids_TK.view(batch, -1)
+        counts_BE = torch.zeros(batch, e, device=ids_BX.device).scatter_add_(1, ids_BX, real_BS.repeat_interleave(k, 1))
         all_reduce_no_grad(counts_BE, tp_group)
-    frac_BE = counts_BE * (e / (k * seq))
-    return cfg.aux_loss_alpha * (frac_BE * prob_sum_BE / seq).sum(-1).mean()
+    normalised_BSE = scores_BSE / scores_BSE.sum(-1, keepdim=True)
+    prob_sum_BE = reduce_from_region((normalised_BSE * real_BS.unsqueeze(-1)).sum(1), tp_group)
+    frac_BE = counts_BE * e / (k * seq_B1)
+    return cfg.aux_loss_alpha * (frac_BE * prob_sum_BE / seq_B1).sum(-1).mean()
 
 
 class MoE(nn.Module):
@@ -199,13 +208,19 @@ class MoE(nn.Module):
             self.dispatcher = TokenDispatcher(cfg.n_routed_experts)
         self.aux_loss_scale = 1.0  # set by the trainer: 1 / (micro-batches per step x data-parallel ranks)
 
-    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSH: torch.Tensor, padding_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """`padding_mask_BS` (full sequence, True at padding) leaves padding out of the routers' statistics."""
         tp = group_size(self.tp)
         shard_tokens = tp > 1 and not self.sp and (self.training or x_BSH.shape[1] % tp == 0)
         if shard_tokens:
             x_BSH = split_along(x_BSH, self.tp, dim=1)
+        padding_T = None
+        if padding_mask_BS is not None:
+            if shard_tokens or (tp > 1 and self.sp):  # this rank's part of the sequence
+                padding_mask_BS = padding_mask_BS.chunk(tp, dim=1)[group_rank(self.tp)]
+            padding_T = padding_mask_BS.flatten()
         x_TH = x_BSH.flatten(0, 1)
-        routing = self.gate(x_TH)
+        routing = self.gate(x_TH, padding_T)
         # Under autocast, cast the tokens once, before they are copied K times and sent to other ranks (K
         # times fewer bytes cast, half the all-to-all traffic); the experts' GEMMs take that dtype anyway.
         x_perm, tokens_per_expert, meta = self.dispatcher.dispatch(cast_as_autocast(x_TH), routing.expert_ids_TK)
@@ -216,7 +231,7 @@ class MoE(nn.Module):
             y_TH = y_TH + (checkpointed_call(self.shared_experts, x_TH) if recomputed else self.shared_experts(x_TH))
         y_BSH = y_TH.view_as(x_BSH)
         if self.training and self.cfg.aux_loss_alpha > 0:
-            aux = sequence_balance_loss(routing, x_BSH.shape[0], self.cfg, self.tp) * self.aux_loss_scale
+            aux = sequence_balance_loss(routing, x_BSH.shape[0], self.cfg, self.tp, padding_T) * self.aux_loss_scale
             y_BSH = _AttachAuxLoss.apply(y_BSH, aux)
         if shard_tokens:
             y_BSH = gather_along(y_BSH, self.tp, dim=1, grad_is_partial=False)

@@ -38,6 +38,7 @@ class SequenceInfo:
     sin: torch.Tensor
     document_ids: torch.Tensor | None
     document_mask: object | None = None
+    padding_mask: torch.Tensor | None = None  # [B, S] bool, True at padding (see MoE.forward)
 
 
 @dataclass
@@ -74,7 +75,7 @@ class DecoderLayer(nn.Module):
     def forward(self, h_BSD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
         h_BSD = h_BSD + self._normed(self.input_layernorm, lambda x: self.self_attn(x, seq), h_BSD,
                                      reader=self.self_attn.kv_a_proj_with_mqa)
-        return h_BSD + self._normed(self.post_attention_layernorm, self._feed_forward, h_BSD,
+        return h_BSD + self._normed(self.post_attention_layernorm, lambda x: self._feed_forward(x, seq), h_BSD,
                                     reader=self.mlp.gate_proj if isinstance(self.mlp, MLP) else None)
 
     def _normed(self, norm: RMSNorm, block, h_BSD: torch.Tensor, reader) -> torch.Tensor:
@@ -87,9 +88,10 @@ class DecoderLayer(nn.Module):
             return block(norm(h_BSD))
         return run_discarding(norm if reader is None else (lambda x: cast_as_autocast(norm(x))), block, h_BSD)
 
-    def _feed_forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def _feed_forward(self, x_BSD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
         kind = "moe" if isinstance(self.mlp, MoE) else "mlp"
-        return checkpointed_call(self.mlp, x_BSD) if kind in self.recompute_modules else self.mlp(x_BSD)
+        args = (x_BSD, seq.padding_mask) if kind == "moe" else (x_BSD,)
+        return checkpointed_call(self.mlp, *args) if kind in self.recompute_modules else self.mlp(*args)
 
 
 class JoyAIForCausalLM(nn.Module):
@@ -179,11 +181,12 @@ class JoyAIForCausalLM(nn.Module):
                 module.max_logit.zero_()
 
     # ------------------------------------------------------------------ forward pieces
-    def sequence_info(self, position_ids_BS: torch.Tensor, document_ids_BS: torch.Tensor | None) -> SequenceInfo:
+    def sequence_info(self, position_ids_BS: torch.Tensor, document_ids_BS: torch.Tensor | None,
+                      padding_mask_BS: torch.Tensor | None = None) -> SequenceInfo:
         if self._inv_freq.device != position_ids_BS.device:
             self._inv_freq = self._inv_freq.to(position_ids_BS.device)
         cos, sin = rope_cos_sin(position_ids_BS, self._inv_freq, self.rope_amplitude)
-        return SequenceInfo(cos, sin, document_ids_BS, prepare_document_mask(document_ids_BS))
+        return SequenceInfo(cos, sin, document_ids_BS, prepare_document_mask(document_ids_BS), padding_mask_BS)
 
     def run_layers(self, h_BSD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
         return run_decoder_layers(list(self.layers.values()), h_BSD, seq, self.recompute)
@@ -201,8 +204,9 @@ class JoyAIForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None, compute_mtp: bool | None = None,
-                return_logits: bool | None = None) -> CausalLMOutput:
-        """input_ids [B,S]. Packed rows pass per-document position_ids and document_ids.
+                return_logits: bool | None = None, padding_mask: torch.Tensor | None = None) -> CausalLMOutput:
+        """input_ids [B,S]. Packed rows pass per-document position_ids and document_ids, and padded ones a
+        padding_mask (True at padding), which the routers' load and balance loss leave out.
 
         labels[b, i] is the token after input_ids[b, i] (Megatron's convention); -100 there leaves the position
         untrained, as loss_mask 0 does. With labels, the LM
@@ -213,7 +217,7 @@ class JoyAIForCausalLM(nn.Module):
             raise RuntimeError("this rank holds part of a pipeline: run it through its stage modules")
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        seq = self.sequence_info(position_ids, document_ids)
+        seq = self.sequence_info(position_ids, document_ids, padding_mask)
         h_BSD = self.run_layers(self.embed(input_ids), seq)
         return self.finish(h_BSD, input_ids, labels, loss_mask, seq, compute_mtp, return_logits)
 

@@ -118,7 +118,7 @@ class StageModule(nn.Module):
 
     def forward(self, x, **fields):
         model, batch = self.model, Batch(**fields)
-        seq = model.sequence_info(batch.position_ids, batch.document_ids)
+        seq = model.sequence_info(batch.position_ids, batch.document_ids, batch.padding_mask)
         h = model.embed(x) if self.spec.is_first else x
         h = run_decoder_layers([model.layers[str(i)] for i in self.spec.layers], h, seq, model.recompute)
         if not self.spec.is_last:

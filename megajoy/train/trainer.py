@@ -346,8 +346,9 @@ class Trainer:
         parts_sum: dict[str, torch.Tensor] = {}
         for batch in micro_batches:
             batch = batch.to(self.device)
-            out = (model or self.model)(batch.input_ids, batch.position_ids, batch.document_ids, batch.labels, batch.loss_mask,
-                             compute_mtp=compute_mtp, return_logits=False)
+            out = (model or self.model)(batch.input_ids, batch.position_ids, batch.document_ids, batch.labels,
+                                        batch.loss_mask, compute_mtp=compute_mtp, return_logits=False,
+                                        padding_mask=batch.padding_mask)
             loss, parts = objective(out, batch)
             if backward:
                 loss.backward()
