@@ -3,6 +3,7 @@ within 5% of what the forward leaves allocated for backward (fp32, the CPU's mat
 
 import contextlib
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch.utils._pytree import tree_leaves
 from helpers import TINY_MODEL_OVERRIDES
 from megajoy.config import RECOMPUTE_MODULES, ParallelConfig, load_job_config, tiny
 from megajoy.kernels.backend import triton_available
+from megajoy.parallel.context import planning_context
 from megajoy.parallel.memory import ActivationFormat, rank_model, stage_activation_bytes, state_bytes
 from megajoy.parallel.spawn import run_workers
 
@@ -401,6 +403,77 @@ def test_plan_cli_counts_muon_state(capsys):
     assert json.loads(capsys.readouterr().out)["memory_plan"] == plans["muon"]
     assert main(argv[:-1]) == 0
     assert "DP 8, Muon, fp32 weights" in capsys.readouterr().out
+
+
+def test_plan_cli_takes_the_layout_of_the_configuration(capsys):
+    """The layout flags go over the configuration's parallel section, as the other plan flags go over theirs:
+    TP and sequence parallelism set by --set (or a YAML file) are planned, not silently dropped for TP 1."""
+    import json
+
+    from megajoy.cli import main
+    from megajoy.model.recompute import Recompute
+    from megajoy.parallel.memory import plan_memory
+
+    argv = ["info", "--preset", "tiny", "--seq-length", "64", "--optimizer", "adamw", "--dp", "2", "--json"]
+    configured_layout = ["--set", "parallel.tensor_model_parallel_size=2", "--set", "parallel.sequence_parallel=true"]
+    assert main(argv + configured_layout) == 0
+    configured = json.loads(capsys.readouterr().out)["memory_plan"]
+    job = load_job_config("tiny", None, ["optimizer.optimizer=adamw"])
+    layout = ParallelConfig(tensor_model_parallel_size=2, data_parallel_size=2, sequence_parallel=True)
+    expected = plan_memory(job.model, layout, 4, 1, 64, 1, ActivationFormat.of(), optimizer=job.optimizer,
+                           recompute=Recompute.of(job.train))
+    assert configured == json.loads(json.dumps([m.as_dict() for m in expected]))
+    whole = sum(p.numel() for p in rank_model(job.model, ParallelConfig(), 1, 0, 64)[0].parameters())
+    assert configured[0]["parameters"] < 4 * whole  # TP 2 splits the weights
+    assert main(argv[:-1] + ["--set", "parallel.tensor_model_parallel_size=2"]) == 0
+    assert "TP 2 x PP 1 x EP 1 x DP 2" in capsys.readouterr().out
+    for flag in ("--tp", "--dp"):  # a size of 0 is refused, not planned as 1
+        assert main(argv[:-1] + [flag, "0"]) == 2
+        assert "must be >= 1" in capsys.readouterr().err
+
+
+def _chunks_in_flight(schedule_cls, pp: int, virtual: int, n: int, rank: int) -> int:
+    """The most chunk forwards rank `rank` holds before their backward in the action list torch's schedule
+    itself runs (a weight pass, where there is one, ends a chunk's hold)."""
+    from torch.distributed.pipelining.schedules import _ComputationType as Op
+
+    rounds = max(1, n // pp)
+    schedule = SimpleNamespace(pp_group_size=pp, n_local_stages=virtual, num_stages=pp * virtual, _n_microbatches=n,
+                               number_of_rounds=rounds, microbatches_per_round=n // rounds)
+    live = peak = 0
+    for action in filter(None, schedule_cls._calculate_single_rank_operations(schedule, rank)):
+        live += {Op.FORWARD: 1, Op.FULL_BACKWARD: -1, Op.BACKWARD_WEIGHT: -1}.get(action.computation_type, 0)
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("pp, virtual", [(2, 2), (4, 2), (4, 4)])
+def test_micro_batches_in_flight_are_those_the_schedule_holds(pp, virtual):
+    """Interleaved 1F1B and ZB-V hold, on every pipeline rank, what torch's schedules (which training runs)
+    keep before their backward, for every micro-batch count training takes. Before, interleaved counted
+    Megatron's PP x (1 + (PP - 1) / (PP x V)) for every count, but torch's rounds are PP micro-batches only
+    when the count is a multiple of PP: with 6 at PP 4 x V 2 rank 0 holds 6, not the 5.5 planned."""
+    from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B, ScheduleZBVZeroBubble
+
+    from megajoy.parallel.memory import micro_batches_in_flight
+    from megajoy.parallel.pipeline import check_micro_batches
+
+    model = dataclasses.replace(tiny(), num_hidden_layers=pp * virtual)
+    schedules = (("interleaved", ScheduleInterleaved1F1B, virtual), ("zero-bubble", ScheduleZBVZeroBubble, 2))
+    for schedule, cls, v in schedules:
+        parallel = ParallelConfig(pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=v,
+                                  pipeline_schedule=schedule)
+        cases = []
+        for n in range(pp, 3 * pp + 1):
+            try:
+                check_micro_batches(n, pp, schedule, "n")
+            except ValueError:
+                continue
+            cases += [(n, rank, micro_batches_in_flight(planning_context(parallel, pp, rank, model), n),
+                       _chunks_in_flight(cls, pp, v, n, rank) / v) for rank in range(pp)]
+        assert all(planned >= held for _, _, planned, held in cases), (schedule, cases)  # never under
+        if schedule == "interleaved":  # and exactly
+            assert all(planned == held for _, _, planned, held in cases), cases
 
 
 def test_plan_reports_the_stage_rank_that_holds_the_most():

@@ -112,8 +112,11 @@ def _wants_plan(args) -> bool:
 def _layout_text(args, job) -> str:
     from megajoy.model.recompute import Recompute
 
-    parts = [f"{k.upper()} {getattr(args, k) or 1}" for k in ("tp", "pp", "ep", "dp")]
-    if args.sequence_parallel:
+    parallel = _plan_parallel(args, job.parallel)
+    sizes = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+             parallel.expert_model_parallel_size, parallel.data_parallel_size)
+    parts = [f"{name} {size}" for name, size in zip(("TP", "PP", "EP", "DP"), sizes)]
+    if parallel.sequence_parallel:
         parts.append("SP")
     if job.parallel.use_distributed_optimizer:
         parts.append("ZeRO-1")
@@ -128,21 +131,29 @@ def _layout_text(args, job) -> str:
     return " x ".join(parts[:4]) + "".join(", " + p for p in parts[4:])
 
 
+def _plan_parallel(args, configured):
+    """The layout flags over the configuration's parallel section (a YAML file or --set may have set it);
+    DP 1 where neither gives it (training infers it from the world size)."""
+    flags = {"tensor_model_parallel_size": args.tp, "pipeline_model_parallel_size": args.pp,
+             "expert_model_parallel_size": args.ep, "data_parallel_size": args.dp,
+             "virtual_pipeline_model_parallel_size": args.virtual, "pipeline_layout": args.pp_layout}
+    parallel = dataclasses.replace(configured, **{k: v for k, v in flags.items() if v is not None})
+    schedule = args.schedule or ("interleaved" if args.virtual and configured.pipeline_schedule == "1f1b"
+                                 else configured.pipeline_schedule)
+    return dataclasses.replace(parallel, pipeline_schedule=schedule, sequence_parallel=args.sequence_parallel or
+                               configured.sequence_parallel, data_parallel_size=parallel.data_parallel_size or 1)
+
+
 def _memory_plan(args, job):
-    from megajoy.config import ParallelConfig
     from megajoy.model.recompute import Recompute
     from megajoy.parallel.memory import plan_memory
 
-    tp, pp, dp = args.tp or 1, args.pp or 1, args.dp or 1
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                              expert_model_parallel_size=args.ep or 1, data_parallel_size=dp,
-                              virtual_pipeline_model_parallel_size=args.virtual,
-                              pipeline_schedule=args.schedule or ("1f1b" if not args.virtual else "interleaved"),
-                              pipeline_layout=args.pp_layout, sequence_parallel=args.sequence_parallel,
-                              use_distributed_optimizer=job.parallel.use_distributed_optimizer)
+    parallel = _plan_parallel(args, job.parallel)
+    pp, dp = parallel.pipeline_model_parallel_size, parallel.data_parallel_size
+    world = parallel.tensor_model_parallel_size * parallel.context_parallel_size * dp * pp
     dataclasses.replace(job, parallel=parallel)  # the checks training makes of the whole job (JobConfig)
     per_step = _micro_batches_per_step(args, dp, pp, parallel.pipeline_schedule)
-    return plan_memory(job.model, parallel, tp * pp * dp, args.micro_batch_size, args.seq_length, per_step,
+    return plan_memory(job.model, parallel, world, args.micro_batch_size, args.seq_length, per_step,
                        _activation_format(args, job), params_dtype=job.train.params_dtype,
                        optimizer=job.optimizer, qat=(job.quant.qat, job.quant.qat_modules) if job.quant.qat else None,
                        recompute=Recompute.of(job.train),

@@ -209,7 +209,8 @@ def weight_copy_bytes(model, fmt: ActivationFormat, qat_modules: str | None = No
 
 def micro_batches_in_flight(pc, micro_batches_per_step: int) -> float:
     """Micro-batches whose activations a rank holds at its peak. 1F1B: PP - stage on stage `stage`;
-    interleaved 1F1B: PP x (1 + (PP - 1) / (PP x V)) (Megatron's estimate, first rank); ZB-V: PP."""
+    interleaved 1F1B: the chunks torch's ScheduleInterleaved1F1B runs forward before its first backward
+    (warm-up) and one more, over V chunks a micro-batch; ZB-V: PP."""
     pp = pc.size("pp")
     if pp == 1:
         return 1.0
@@ -217,8 +218,12 @@ def micro_batches_in_flight(pc, micro_batches_per_step: int) -> float:
     if pc.pipeline_schedule == "1f1b":
         return float(min(micro_batches_per_step, pp - stage))
     if pc.pipeline_schedule == "interleaved":
+        # Warm-up: (V - 1) rounds plus 2 chunks a rank away from the last. A round is n / max(1, n // PP) micro-batches,
+        # PP only when n is a multiple of PP (then rank 0 holds Megatron's PP x (1 + (PP - 1) / (PP x V))).
         virtual = len(pc.plan) // pp
-        return min(micro_batches_per_step, pp * (1 + (pp - 1) / (pp * virtual)))
+        per_round = micro_batches_per_step // max(1, micro_batches_per_step // pp)
+        chunks = (virtual - 1) * per_round + 2 * (pp - 1 - stage) + 1
+        return min(chunks, micro_batches_per_step * virtual) / virtual
     return float(min(micro_batches_per_step, pp))
 
 
