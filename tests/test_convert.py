@@ -768,6 +768,29 @@ def test_exported_chat_template_renders_as_megajoy_trains(tmp_path, chat_tokeniz
     assert checked == 6 * 61
 
 
+def test_exported_chat_template_masks_the_tokens_megajoy_trains(tmp_path, chat_tokenizer):
+    """transformers' apply_chat_template(return_assistant_tokens_mask=True), which TRL's assistant_only_loss
+    trains with, marks exactly the tokens megajoy's SFT puts a loss on (reasoning, answer, tool calls and the end
+    of sentence of every assistant turn) in every case of chat_template_cases. Before, the template had no
+    {% generation %} block: transformers warned and masked nothing."""
+    from transformers import AutoTokenizer
+
+    from megajoy.data.chat import render
+    from megajoy.data.tokenizer import write_hf_tokenizer_files
+
+    chat, tokenizer_json, cfg = chat_tokenizer
+    (tmp_path / "hf").mkdir()
+    write_hf_tokenizer_files(tokenizer_json, str(tmp_path / "hf"), cfg)
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for conversation, mode, prompt in chat_template_cases():
+        out = hf.apply_chat_template(conversation["messages"], tools=conversation.get("tools"), tokenize=True,
+                                     add_generation_prompt=prompt, return_dict=True,
+                                     return_assistant_tokens_mask=True, **thinking_kwargs(mode))
+        sample = chat.encode(render(conversation, mode, generation_prompt=prompt))
+        assert out["input_ids"] == sample.ids
+        assert out["assistant_masks"] == [int(t) for t in sample.trained]
+
+
 def openai_request(conversation) -> dict:
     """A conversation as a chat completion request gives it to llama-server: OpenAI tools and tool calls
     (arguments as JSON text; llama.cpp keeps a tool's name, description and parameters)."""

@@ -408,3 +408,71 @@ def test_post_training_stages_refuse_the_pretraining_corpus_flags(stage, capsys)
             main([stage, *flag])
         assert exit.value.code == 2
         assert f"unrecognized arguments: {' '.join(flag)}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("base", ["megajoy_bpe", "llama_names"])
+def test_reasoning_and_tool_call_marks_survive_skip_special_tokens(tmp_path, tokenizer_file, base):
+    """A chat model's exported tokenizer, decoded as transformers' text-generation pipeline and vLLM decode
+    replies (skip_special_tokens=True), keeps </think> and the tool-call tags that reasoning and tool-call parsers
+    read, and drops the end of sentence; Qwen3's and DeepSeek-R1's tokenizers mark these tokens "special": false.
+    Before, they were special tokens (reserved so by megajoy's BPE, added so when missing) and vanished."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from megajoy.config import tiny
+    from megajoy.data.tokenizer import write_hf_tokenizer_files
+
+    if base == "llama_names":
+        tokenizer_file = _llama_named_byte_level_bpe(tmp_path)
+    chat = ChatTokenizer(tokenizer_file, 400)
+    chat.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "hf").mkdir()
+    write_hf_tokenizer_files(str(tmp_path / "tokenizer.json"), str(tmp_path / "hf"),
+                             dataclasses.replace(tiny(), vocab_size=400))
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    reply = "yes</think>no<tool_call>\n<function=f>\n<parameter=x>\nyes\n</parameter>\n</function>\n</tool_call>"
+    for tokenizer in (chat.tok, hf):
+        ids = tokenizer.encode(BOS + reply + EOS, add_special_tokens=False)
+        ids = getattr(ids, "ids", ids)
+        assert tokenizer.decode(ids, skip_special_tokens=True) == reply
+    assert hf.decode(hf.encode("<think>yes", add_special_tokens=False), skip_special_tokens=True) == "<think>yes"
+
+
+def _llama_named_byte_level_bpe(tmp_path) -> str:
+    """A byte-level BPE with Llama 3's names for its specials and none of the chat template's tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(["yes and no, the cat"] * 10, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.save(str(tmp_path / "llama.json"))
+    return str(tmp_path / "llama.json")
+
+
+def test_a_chat_model_exports_the_end_of_turn_it_was_trained_with(tmp_path):
+    """SFT from a tokenizer whose own end token is not the template's (Llama 3's names; the template's BOS and
+    EOS are added): the checkpoint and its Hugging Face export name the EOS the model learned to end every turn
+    with, so that transformers' generate (and llama.cpp, from the same ids) stops there. Before, they kept the
+    model's eos_token_id=1, <|end_of_text|>, a token the chat data never holds."""
+    from helpers import load_tool
+    from tokenizers import Tokenizer
+
+    base = _llama_named_byte_level_bpe(tmp_path)
+    init_tiny_checkpoint(tmp_path / "init", base)
+    assert main(["sft", "--init", str(tmp_path / "init"), "--out", str(tmp_path / "sft"), "--train-iters", "1",
+                 "--seq-length", "128", "--demo-conversations", "20", "--valid-conversations", "0",
+                 "--exact-match-samples", "0"]) == 0
+    assert load_tool("convert_ckpt").main(["--input", str(tmp_path / "sft"), "--output", str(tmp_path / "hf"),
+                                           "--to", "hf"]) == 0
+    tok = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
+    n = Tokenizer.from_file(base).get_vocab_size()
+    assert (bos, eos) == (n, n + 1)  # appended to the tokenizer's own tokens
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((tmp_path / "hf" / name).read_text())
+        assert (config["bos_token_id"], config["eos_token_id"]) == (bos, eos), name
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert (config["bos_token"], config["eos_token"]) == (BOS, EOS)

@@ -30,6 +30,9 @@ THINK, END_THINK = "<think>", "</think>"
 TOOL_CALL, END_TOOL_CALL = "<tool_call>", "</tool_call>"
 TOOL_OUTPUT, END_TOOL_OUTPUT = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
 TEMPLATE_TOKENS = [USER, ASSISTANT, THINK, END_THINK, TOOL_CALL, END_TOOL_CALL, TOOL_OUTPUT, END_TOOL_OUTPUT]
+# Marks a reply's reasoning and tool calls are read back by: plain added tokens ("special": false), as in Qwen3's
+# and DeepSeek-R1's tokenizers, so that decoding with skip_special_tokens (transformers' pipelines, vLLM) keeps them.
+TEXT_TOKENS = [THINK, END_THINK, TOOL_CALL, END_TOOL_CALL]
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -134,11 +137,13 @@ def tool_call_text(call: dict) -> str:
 
 # The template above for Hugging Face's apply_chat_template (and engines that read tokenizer_config.json's
 # chat_template): the same text as render(), for messages / tools / add_generation_prompt and `thinking`
-# (true / false; unset: auto, as thinking_mode). Tool-call arguments must be objects (Jinja cannot parse a
-# JSON string); anything render() refuses raises. '<parameter=' is assembled from two pieces because llama.cpp
-# hands any template whose source holds <tool_call>, <function= and <parameter= to its Qwen3-Coder parser, which
-# expects Qwen's <|im_start|>assistant before every reply and so refuses all of this template's; without the
-# match it derives the parser from the template itself, and reads replies, reasoning and tool calls right.
+# (true / false; unset: auto, as thinking_mode), each assistant turn's trained text in a {% generation %} block
+# (return_assistant_tokens_mask, TRL's assistant_only_loss, masks what render() trains; llama.cpp ignores the
+# block). Tool-call arguments must be objects (Jinja cannot parse a JSON string); anything render() refuses raises.
+# '<parameter=' is assembled from two pieces because llama.cpp hands any template whose source holds <tool_call>,
+# <function= and <parameter= to its Qwen3-Coder parser, which expects Qwen's <|im_start|>assistant before every
+# reply and so refuses all of this template's; without the match it derives the parser from the template itself,
+# and reads replies, reasoning and tool calls right.
 JINJA_TEMPLATE = (
     "{%- set ns = namespace(system='', last_user=-1, thinking=false) -%}"
     "{%- for m in messages -%}"
@@ -157,9 +162,10 @@ JINJA_TEMPLATE = (
     "{%- if m['role'] == 'user' -%}{{- '" + USER + "' + (m['content'] or '') -}}"
     "{%- elif m['role'] == 'tool' -%}{{- '" + TOOL_OUTPUT + "' + (m['content'] or '') + '" + END_TOOL_OUTPUT + "' -}}"
     "{%- elif m['role'] == 'assistant' -%}"
-    "{%- if ns.thinking and loop.index0 > ns.last_user -%}"
-    "{{- '" + ASSISTANT + THINK + "' + (m['reasoning_content'] or '') + '" + END_THINK + "' -}}"
-    "{%- else -%}{{- '" + ASSISTANT + END_THINK + "' -}}{%- endif -%}"
+    "{%- set reasons = ns.thinking and loop.index0 > ns.last_user -%}"
+    "{{- '" + ASSISTANT + "' + ('" + THINK + "' if reasons else '" + END_THINK + "') -}}"
+    "{%- generation -%}"
+    "{%- if reasons -%}{{- (m['reasoning_content'] or '') + '" + END_THINK + "' -}}{%- endif -%}"
     "{{- m['content'] or '' -}}"
     "{%- for call in m['tool_calls'] or [] -%}"
     "{%- set f = call['function'] if call['function'] is defined else call -%}"
@@ -173,6 +179,7 @@ JINJA_TEMPLATE = (
     "{{- '</function>\n" + END_TOOL_CALL + "' -}}"
     "{%- endfor -%}"
     "{{- '" + EOS_TOKEN + "' -}}"
+    "{%- endgeneration -%}"
     "{%- elif m['role'] != 'system' -%}{{- raise_exception('unknown role ' + m['role']) -}}"
     "{%- endif -%}"
     "{%- endfor -%}"

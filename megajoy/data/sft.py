@@ -13,8 +13,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from tokenizers import AddedToken, Tokenizer
 
-from megajoy.data.chat import TEMPLATE_TOKENS, ConversationError, render
+from megajoy.data.chat import TEMPLATE_TOKENS, TEXT_TOKENS, ConversationError, render
 from megajoy.data.jsonl import read_jsonl
 from megajoy.data.packing import Batch, stack
 from megajoy.data.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, load_tokenizer
@@ -59,20 +60,28 @@ def split_held_out(items: list, count: int, seed: int) -> tuple[list, list]:
 
 
 class ChatTokenizer:
-    """A tokenizer.json with the template's special tokens, DeepSeek-V3's BOS and EOS among them (added when
-    missing)."""
+    """A tokenizer.json with the template's tokens, DeepSeek-V3's BOS and EOS among them (added when missing):
+    special tokens, but for TEXT_TOKENS, which are plain added tokens (made so where the tokenizer has them as
+    special ones)."""
 
     def __init__(self, path: str, vocab_size: int):
         self.tok = load_tokenizer(path)
         missing = [t for t in [BOS_TOKEN, EOS_TOKEN, *TEMPLATE_TOKENS] if self.tok.token_to_id(t) is None]
-        if missing:
-            self.tok.add_special_tokens(missing)
+        self.tok.add_tokens([AddedToken(t, special=t not in TEXT_TOKENS, normalized=False) for t in missing])
+        self._make_text_tokens_plain()
         if self.tok.get_vocab_size() > vocab_size:
             raise ValueError(f"{path}: with the chat template's tokens {missing} the tokenizer has "
                              f"{self.tok.get_vocab_size()} tokens, more than the model's vocab_size={vocab_size}; "
                              f"use a tokenizer that has them or a model with room for them")
         self.added = missing
         self.pad_id = self.tok.token_to_id(PAD_TOKEN) or 0
+
+    def _make_text_tokens_plain(self) -> None:
+        added = {t.content: t for t in self.tok.get_added_tokens_decoder().values()}
+        special = [t for t in TEXT_TOKENS if t in added and added[t].special]
+        if special:
+            self.tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in special])
+            self.tok = Tokenizer.from_str(self.tok.to_str())  # add_tokens leaves decode's set of specials stale
 
     def save(self, path: str) -> None:
         self.tok.save(path)

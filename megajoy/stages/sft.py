@@ -146,12 +146,16 @@ def data_file(job, args, demo_name: str = "demo_sft.jsonl") -> str:
 
 def prepare_files(job, args, rank: int, demo_name: str = "demo_sft.jsonl", make_demo=None) -> str:
     """Rank 0 writes the stage's tokenizer (template tokens added) into the output directory, and so
-    into every checkpoint, and the demo data when no --data is given. Returns the tokenizer's path."""
+    into every checkpoint, and the demo data when no --data is given. Returns the tokenizer's path. The job's
+    model takes the template's BOS and EOS ids (the model ends every turn with that EOS), which the checkpoints'
+    Hugging Face and GGUF exports stop generation at."""
     from megajoy.data.demo import sft_conversations, write_jsonl
     from megajoy.data.sft import ChatTokenizer
+    from megajoy.data.tokenizer import BOS_TOKEN, EOS_TOKEN
 
     make_demo = make_demo or (lambda: sft_conversations(args.demo_conversations, seed=job.train.seed))
     tokenizer = ChatTokenizer(stage_tokenizer(job), job.model.vocab_size)
+    job.model.bos_token_id, job.model.eos_token_id = (tokenizer.tok.token_to_id(t) for t in (BOS_TOKEN, EOS_TOKEN))
     path = os.path.join(job.checkpoint.out, "tokenizer.json")
     if rank == 0:
         os.makedirs(job.checkpoint.out, exist_ok=True)
