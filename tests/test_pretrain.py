@@ -345,3 +345,68 @@ def test_a_non_finite_gradient_stops_training_before_the_weights(tmp_path, data_
     assert 1 < bad_step <= 4  # the first step's gradient is finite; the weights it makes are not usable
     assert trainer_state(latest_checkpoint(str(out)))["step"] == bad_step - 1
     assert all(torch.isfinite(t).all() for t in final_weights(out).values())
+
+
+def tensorboard_scalars(out, tag):
+    """{step: value} of `tag` as TensorBoard shows the run directory (earlier files' purged records hidden)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {}
+
+
+def test_tensorboard_shows_what_metrics_jsonl_records(tmp_path, data_prefix, tokenizer_file):
+    """After a resume, TensorBoard keeps the records of the checkpoint's own step (the resumed run starts after
+    it); after a fresh run in a used output directory it shows none of the earlier run's. Before, the first
+    lost the checkpoint step's loss and validation, the second mixed both runs' curves."""
+    out = tmp_path / "out"
+
+    def run(iters, *extra):
+        assert main(args(out, data_prefix, tokenizer_file, iters, "--log-interval", "2", "--eval-interval", "2",
+                         *extra)) == 0
+
+    def assert_same_as_jsonl():
+        for tag in ("loss", "val_loss"):
+            want = {r["step"]: r[tag] for r in metrics(out) if tag in r}
+            assert tensorboard_scalars(out, tag) == pytest.approx(want, rel=1e-6), tag
+
+    run(4)
+    run(6, "--resume")
+    assert sorted(tensorboard_scalars(out, "loss")) == [2, 4, 6]
+    assert_same_as_jsonl()
+    run(2, "--seed", "7")
+    assert sorted(tensorboard_scalars(out, "loss")) == [2]
+    assert_same_as_jsonl()
+
+
+def test_steps_before_an_exit_are_logged(tmp_path, data_prefix, tokenizer_file):
+    """The steps an --exit-interval stop (or SIGTERM, the same path) cuts off before their logging interval ends
+    are logged at the last step run, averaged as a log line averages. Before, they were never logged: the
+    resumed run starts a fresh interval after them."""
+    every, stopped = tmp_path / "every", tmp_path / "stopped"
+
+    def run(out, *extra):  # no validation: only the training records matter here
+        assert main(args(out, data_prefix, tokenizer_file, 6, "--eval-iters", "0", *extra)) == 0
+
+    run(every, "--log-interval", "1")
+    per_step = {s: r["loss"] for s, r in train_records(every).items()}
+    run(stopped, "--log-interval", "4", "--exit-interval", "3")
+    run(stopped, "--log-interval", "4", "--resume")
+    logged = {s: r["loss"] for s, r in train_records(stopped).items()}
+    want = {3: sum(per_step[s] for s in (1, 2, 3)) / 3, 4: per_step[4], 6: (per_step[5] + per_step[6]) / 2}
+    assert logged == pytest.approx(want, rel=1e-6)
+
+
+def test_steps_before_a_non_finite_gradient_are_logged(tmp_path, data_prefix, tokenizer_file, capsys):
+    """The losses that led up to a non-finite gradient are logged before the run stops (they were lost when the
+    stop came inside a logging interval)."""
+    diverging = ["--lr", "1e30", "--lr-warmup-iters", "0", "--clip-grad", "0"]
+    assert main(args(tmp_path / "nan_every", data_prefix, tokenizer_file, 4, "--log-interval", "1", *diverging)) == 2
+    capsys.readouterr()
+    finite = {s: r["loss"] for s, r in train_records(tmp_path / "nan_every").items()}
+    assert finite  # the first step's gradient is finite
+    assert main(args(tmp_path / "nan", data_prefix, tokenizer_file, 4, "--log-interval", "10", *diverging)) == 2
+    assert f"error: step {max(finite) + 1}: the gradient norm is " in capsys.readouterr().err
+    logged = {s: r["loss"] for s, r in train_records(tmp_path / "nan").items()}
+    assert logged == pytest.approx({max(finite): sum(finite.values()) / len(finite)}, rel=1e-6)

@@ -24,7 +24,10 @@ class MetricsLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=resume_step)
+            # TensorBoard hides the earlier event files' records from purge_step on: a resumed run's from the
+            # step after its checkpoint (whose own records stay, as in metrics.jsonl), a fresh run's all.
+            purge_step = 0 if resume_step is None else resume_step + 1
+            self.tb = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=purge_step)
         except ImportError:  # tensorboard is a declared dependency; tolerate its absence anyway
             print("megajoy: tensorboard is not installed; writing metrics.jsonl only", file=sys.stderr)
 

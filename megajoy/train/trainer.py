@@ -192,11 +192,13 @@ class Trainer:
                 if self._should_exit():
                     break
         except FloatingPointError:
+            self._log_pending(window)  # the losses that led up to it
             self.checkpoints.wait()  # an asynchronous save of an earlier step completes
             raise
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
             bar.close()
+        self._log_pending(window)
         if saved_at != self.step:
             self._save()
         self.checkpoints.wait()
@@ -208,13 +210,24 @@ class Trainer:
     def _after_step(self, window: "_Window", bar) -> dict | None:
         cfg, record = self.job.train, None
         if self.step % cfg.log_interval == 0 or self.step == cfg.train_iters:
-            record = {**window.flush(self.step), **self._peak_memory()}
-            self.log.write(record)
-            if self.is_logging_rank:
-                tqdm.write(format_line(record, cfg.train_iters), file=sys.stderr)
+            record = self._log_window(window)
         if self.step % cfg.eval_interval == 0 or self.step == cfg.train_iters:
             record = {**(record or {}), **self._evaluate()}
         return record
+
+    def _log_window(self, window: "_Window") -> dict:
+        record = {**window.flush(self.step), **self._peak_memory()}
+        self.log.write(record)
+        if self.is_logging_rank:
+            tqdm.write(format_line(record, self.job.train.train_iters), file=sys.stderr)
+        return record
+
+    def _log_pending(self, window: "_Window") -> None:
+        """Steps a stop (SIGTERM, --exit-interval, a non-finite gradient) cut off before their logging
+        interval ended: logged at the last step, as the end of training logs its partial interval. A resumed
+        run starts after that step, so they would never be logged otherwise."""
+        if window.records:
+            self._log_window(window)
 
     def _peak_memory(self) -> dict:
         """On GPUs, the most memory any rank's allocator has held since the start (Megatron logs the same)."""
