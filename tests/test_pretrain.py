@@ -206,8 +206,11 @@ def test_train_samples_run_steps_and_schedules_in_samples(tmp_path, data_prefix,
     starts = [0, 2, 4, 6, 8, 12, 16, 22]  # each step's first sample
     warmup = [3e-3 * min(s + b, 5) / 5 for s, b in zip(starts[:3], [2, 2, 2])]
     cosine = [3e-4 + 2.7e-3 * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - 5) / 19))) for s in starts[3:]]
-    logged = [record["lr"] for record in sorted(train_records(out).values(), key=lambda r: r["step"])]
-    assert logged == pytest.approx(warmup + cosine, rel=1e-6)
+    records = sorted(train_records(out).values(), key=lambda r: r["step"])
+    assert [record["lr"] for record in records] == pytest.approx(warmup + cosine, rel=1e-6)
+    # Megatron's log line fields: samples consumed after the step, and the step's global batch
+    assert [record["consumed_samples"] for record in records] == starts[1:] + [28]
+    assert [record["global_batch_size"] for record in records] == [2, 2, 2, 2, 4, 4, 6, 6]
     assert main(argv) == 2
     assert "give --train-iters or --train-samples, not both" in capsys.readouterr().err
 

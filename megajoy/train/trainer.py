@@ -216,7 +216,7 @@ class Trainer:
         return record
 
     def _log_window(self, window: "_Window") -> dict:
-        record = {**window.flush(self.step), **self._peak_memory()}
+        record = {**window.flush(self.step), "consumed_samples": self.consumed, **self._peak_memory()}
         self.log.write(record)
         if self.is_logging_rank:
             tqdm.write(format_line(record, self.job.train.train_iters), file=sys.stderr)
@@ -290,7 +290,7 @@ class Trainer:
         self.consumed += global_batch
         tokens = sum(b.tokens for b in micro_batches) * self.pc.size("dp_cp")
         return {**totals, **self.stage.step_metrics(self), "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                "seconds": time.perf_counter() - started, **load, **clip}
+                "global_batch_size": global_batch, "seconds": time.perf_counter() - started, **load, **clip}
 
     def _refuse_non_finite(self, grad_norm: float, totals: dict) -> None:
         """Stop before a NaN or inf gradient reaches the weights (Megatron-LM's check_for_nan_in_loss_and_grad):
@@ -498,9 +498,10 @@ class _Window:
         tokens, seconds = sum(r["tokens"] for r in records), sum(r["seconds"] for r in records)
         last = records[-1]
         out = {"step": step, "tokens_per_s": tokens / max(seconds, 1e-9), "lr": last["lr"],
+               "global_batch_size": last["global_batch_size"],
                "grad_norm": sum(r["grad_norm"] for r in records) / len(records)}
         for key in dict.fromkeys(k for r in records for k in r):  # MTP may switch on inside the window
-            if key not in ("tokens", "seconds", "lr", "grad_norm"):
+            if key not in ("tokens", "seconds", *out):
                 having = [r[key] for r in records if key in r]
                 out[key] = sum(having) / len(having)
         return out
