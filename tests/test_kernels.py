@@ -32,6 +32,25 @@ def test_grouped_mm_native_and_padded_equal_per_expert_loop(k, n):
         assert torch.allclose(gx, rx, atol=1e-5) and torch.allclose(gw, rw, atol=1e-5)
 
 
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 0, 0]], ids=["rows", "no-rows"])
+def test_grouped_mm_backward_takes_the_expanded_gradient_of_a_sum(counts):
+    """out.sum() and out.sum(0) hand back zero-stride gradients, which _grouped_mm's backward refused
+    (eager and compiled, and on a rank that received no tokens): the gradients of the per-expert loop."""
+    from megajoy.kernels.grouped_gemm import _native_grouped_mm_ok
+
+    counts = torch.tensor(counts)
+    x = torch.randn(int(counts.sum()), 8, requires_grad=True)
+    w = torch.randn(4, 8, 16, requires_grad=True)
+    assert _native_grouped_mm_ok(x, w)
+    compiled = torch.compile(lambda a, b: grouped_mm(a, b, counts).sum(), backend="aot_eager", fullgraph=True)
+    ref = _loop_reference(x, w, counts) if len(x) else x @ w[0]
+    for loss, ref_loss in ((grouped_mm(x, w, counts).sum(), ref.sum()), (compiled(x, w), ref.sum()),
+                           (grouped_mm(x, w, counts).sum(0).square().sum(), ref.sum(0).square().sum())):
+        gx, gw = torch.autograd.grad(loss, (x, w))
+        rx, rw = torch.autograd.grad(ref_loss, (x, w), retain_graph=True)
+        assert torch.allclose(gx, rx, atol=1e-5) and torch.allclose(gw, rw, atol=1e-5)
+
+
 def test_permute_groups_by_expert_and_unpermute_sums_weighted():
     x = torch.randn(5, 3)
     ids = torch.tensor([[2, 0], [1, 2], [0, 1], [2, 1], [0, 2]])
@@ -165,6 +184,17 @@ def test_triton_rmsnorm_matches_reference(triton_backend, dtype, n):
     x = torch.randn(3, 37, n, device=DEVICE, dtype=dtype, requires_grad=True)
     w = (1 + 0.1 * torch.randn(n, device=DEVICE)).to(dtype).requires_grad_()
     _compare(lambda a, b: rms_norm(a, b, 1e-6), lambda a, b: rms_norm_reference(a, b, 1e-6), [x, w], dtype)
+
+
+@needs_triton
+def test_triton_rmsnorm_takes_a_strided_weight(triton_backend):
+    """A weight that is a strided view (a column of a wider tensor) and a strided x: the kernels read the
+    weight as one dense row, so a view has to be made dense first (it was read past its elements)."""
+    from megajoy.kernels.rmsnorm import rms_norm, rms_norm_reference
+
+    x = torch.randn(5, 2 * 48, device=DEVICE)[:, ::2].requires_grad_()
+    w = (1 + 0.1 * torch.randn(48, 3, device=DEVICE))[:, 1].requires_grad_()
+    _compare(lambda a, b: rms_norm(a, b, 1e-6), lambda a, b: rms_norm_reference(a, b, 1e-6), [x, w], torch.float32)
 
 
 @needs_triton

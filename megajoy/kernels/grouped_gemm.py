@@ -20,8 +20,26 @@ def grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, tokens_per_expert: torch
         offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
         if x_TK.dtype != torch.bfloat16 and torch.compiler.is_compiling():
             return _opaque_grouped_mm(x_TK, w_EKN, offsets)
-        return torch._grouped_mm(x_TK, w_EKN, offs=offsets)
+        return _DenseGradient.apply(torch._grouped_mm(x_TK, w_EKN, offs=offsets))
     return padded_grouped_mm(x_TK, w_EKN, tokens_per_expert)
+
+
+def _dense(dy: torch.Tensor) -> torch.Tensor:
+    """A gradient with strides _grouped_mm's backward accepts: an expanded one (a sum()'s) has zero strides,
+    which contiguous() keeps where there are no elements (an expert-parallel rank that received no tokens)."""
+    return dy.contiguous() if dy.numel() else torch.zeros(dy.shape, dtype=dy.dtype, device=dy.device)
+
+
+class _DenseGradient(torch.autograd.Function):
+    """Identity whose backward hands a dense gradient on to _grouped_mm's own derivative."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _dense(dy)
 
 
 # torch.compile's fake-tensor rule for _grouped_mm accepts bf16 only, while the CPU kernel also runs fp32.
@@ -54,7 +72,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy_TN):
     x_TK, w_EKN, offsets = ctx.saved_tensors
-    dy_TN = dy_TN.contiguous()
+    dy_TN = _dense(dy_TN)
     dx = _opaque_grouped_mm(dy_TN, w_EKN.transpose(-2, -1), offsets) if ctx.needs_input_grad[0] else None
     dw = _opaque_weight_grad(x_TK, dy_TN, offsets) if ctx.needs_input_grad[1] else None
     return dx, dw, None

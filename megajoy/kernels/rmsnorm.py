@@ -28,6 +28,7 @@ class _TritonRMSNorm(torch.autograd.Function):
         from megajoy.kernels import rmsnorm_triton as k
 
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        weight = weight.contiguous()  # the kernels read it as one dense row
         y2, rstd = k.forward(x2, weight, eps, torch.promote_types(x.dtype, weight.dtype))
         ctx.save_for_backward(x2, weight, rstd)
         return y2.view(*x.shape[:-1], x.shape[-1])
