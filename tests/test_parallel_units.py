@@ -75,6 +75,20 @@ def test_tensor_parallel_layers_match_unsharded(sp):
         assert close(ce_tp, ce) and close(logits_grad, logits.grad.chunk(2, 1)[rank])
 
 
+def test_every_negative_target_is_ignored_on_one_rank():
+    """As on several ranks: -1 or -7 is an ignored target (F.cross_entropy refused it as out of bounds)."""
+    from megajoy.parallel.cross_entropy import vocab_parallel_cross_entropy
+
+    logits = torch.randn(5, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    targets = torch.tensor([3, -1, 15, -7, -100])
+    loss = vocab_parallel_cross_entropy(logits, targets)
+    loss.sum().backward()
+    kept = torch.tensor([0, 2])
+    expected = -torch.log_softmax(logits.detach()[kept], -1)[torch.arange(2), targets[kept]]
+    assert torch.allclose(loss[kept], expected) and loss[[1, 3, 4]].tolist() == [0.0, 0.0, 0.0]
+    assert logits.grad[[1, 3, 4]].abs().sum() == 0
+
+
 def _dispatch_worker(rank, world):
     from megajoy.model.moe import TokenDispatcher
     from megajoy.parallel.expert_parallel import ExpertParallelDispatcher

@@ -46,5 +46,5 @@ def vocab_parallel_cross_entropy(logits_NV: torch.Tensor, target_N: torch.Tensor
     """Per-token loss [N] in fp32; with one rank, torch's own cross-entropy. Negative targets (-100, as
     F.cross_entropy's ignore_index) give loss 0 and no gradient on every path, as linear_cross_entropy's."""
     if group_size(group) == 1:
-        return F.cross_entropy(logits_NV.float(), target_N, reduction="none")
+        return F.cross_entropy(logits_NV.float(), target_N.masked_fill(target_N < 0, -100), reduction="none")
     return _VocabParallelCrossEntropy.apply(logits_NV, target_N, group)
