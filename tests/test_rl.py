@@ -29,6 +29,9 @@ def test_verifiers():
     assert calculator_reward(call + EOS, "36") == 1
     assert calculator_reward(call.replace("12", "13"), "36") == 0
     assert calculator_reward(call.replace("calculator", "search"), "36") == 0
+    # a call written inside the reasoning is not made (engines parse tool calls from the answer only)
+    assert calculator_reward("I could call " + call + " here.</think>36" + EOS, "36") == 0
+    assert calculator_reward("12 times 3.</think>" + call + EOS, "36") == 1
     assert safe_eval("(2 + 3) * -4 / 2") == -10
     assert safe_eval("__import__('os').getcwd()") is None and safe_eval("1 / 0") is None and safe_eval("2 ** 9") is None
 

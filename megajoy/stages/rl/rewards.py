@@ -3,9 +3,10 @@
 A prompt in thinking mode opens a reasoning block: a completion that never closes it (</think>) gave no
 answer, whatever its reasoning says.
 `math`: the final answer (the text after the reasoning's </think>, without the end-of-sentence token)
-equals the expected answer exactly (numbers compared as numbers). `calculator`: the completion calls the
-calculator tool (Qwen3-Coder XML) with an expression whose value is the expected answer, evaluated in exact
-rational arithmetic as a calculator would (0.1 + 0.2 is 0.3).
+equals the expected answer exactly (numbers compared as numbers). `calculator`: the answer (after the
+reasoning: a call the model only thinks about is not made) calls the calculator tool (Qwen3-Coder XML) with an
+expression whose value is the expected answer, evaluated in exact rational arithmetic as a calculator would
+(0.1 + 0.2 is 0.3).
 """
 
 import ast
@@ -59,7 +60,7 @@ def math_reward(completion: str, answer: str) -> float:
 
 
 def calculator_reward(completion: str, answer: str) -> float:
-    for call in parse_tool_calls(completion):
+    for call in parse_tool_calls(final_answer(completion)):
         if call["name"] == "calculator":
             result = safe_eval(call["arguments"].get("expression", ""))
             if result is not None and same_value(result, answer):
