@@ -197,15 +197,18 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams, uniforms_B: torch.Te
     fp32 probabilities whatever the logits' dtype (bf16 weights give bf16 logits). Each row's draw inverts
     its cumulative distribution at its own uniform number in [0, 1) (`step_uniforms`), so a row's token
     does not depend on the other rows of its batch."""
-    if params.temperature <= 0:
-        return logits_BV.argmax(-1)
-    return _draw(_tempered(logits_BV, params.temperature), params, uniforms_B)
+    return _choose(_tempered(logits_BV, params.temperature), params, uniforms_B)
 
 
 def _tempered(logits_BV: torch.Tensor, temperature: float) -> torch.Tensor:
     """fp32 logits at the sampling temperature (as they are when greedy)."""
     logits = logits_BV.float()
     return logits / temperature if temperature > 0 else logits
+
+
+def _choose(logits: torch.Tensor, params: SamplingParams, uniforms_B: torch.Tensor | None) -> torch.Tensor:
+    """The next tokens from tempered fp32 logits: the argmax when greedy, else a draw."""
+    return logits.argmax(-1) if params.temperature <= 0 else _draw(logits, params, uniforms_B)
 
 
 def _draw(logits: torch.Tensor, params: SamplingParams, uniforms_B: torch.Tensor) -> torch.Tensor:
@@ -269,8 +272,7 @@ def sample_step(logits_BV: torch.Tensor, params: SamplingParams, uniforms_B: tor
     or None)."""
     logits = _tempered(logits_BV, params.temperature)  # once, for the entropy and the draw
     entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1) if with_entropy else None
-    tokens = logits.argmax(-1) if params.temperature <= 0 else _draw(logits, params, uniforms_B)
-    return tokens, entropy
+    return _choose(logits, params, uniforms_B), entropy
 
 
 def left_padded(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

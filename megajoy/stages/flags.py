@@ -126,7 +126,8 @@ def flag_overrides(args) -> list[str]:
 
 def _run_length(args) -> list[str]:
     """--train-iters and --train-samples each set the run's length; the one given replaces a config's other."""
-    iters, samples = getattr(args, "flag__train_iters", None), getattr(args, "flag__train_samples", None)
+    iters, samples = (getattr(args, _dest(path, flag), None) for path, flag in
+                      (("train.train_iters", "--train-iters"), ("train.train_samples", "--train-samples")))
     if iters is not None and samples is not None:
         raise ValueError("give --train-iters or --train-samples, not both: each sets the run's length")
     return ["train.train_samples=null"] if iters is not None else []
