@@ -383,6 +383,24 @@ def test_tensorboard_shows_what_metrics_jsonl_records(tmp_path, data_prefix, tok
     assert_same_as_jsonl()
 
 
+def test_resume_drops_a_half_written_last_metrics_record(tmp_path, capsys):
+    """A run killed while appending to metrics.jsonl leaves an unfinished last line: a resume drops it (and the
+    records after its checkpoint) and goes on; an unreadable line elsewhere is named, and the file kept."""
+    from megajoy.train.metrics import MetricsLog, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')
+    MetricsLog(str(tmp_path), resume_step=2).write({"step": 3, "loss": 0.5})
+    assert read_metrics(str(path)) == records[:2] + [{"step": 3, "loss": 0.5}]
+    assert f"{path}:4: dropped an unfinished last record" in capsys.readouterr().err
+    damaged = json.dumps(records[0]) + "\n{oops\n" + json.dumps(records[2]) + "\n"
+    path.write_text(damaged)
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON record"):
+        MetricsLog(str(tmp_path), resume_step=2)
+    assert path.read_text() == damaged
+
+
 def test_steps_before_an_exit_are_logged(tmp_path, data_prefix, tokenizer_file):
     """The steps an --exit-interval stop (or SIGTERM, the same path) cuts off before their logging interval ends
     are logged at the last step run, averaged as a log line averages. Before, they were never logged: the

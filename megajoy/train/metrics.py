@@ -35,8 +35,7 @@ class MetricsLog:
         """A resumed run replays steps after its checkpoint: drop the records the killed run wrote for them."""
         if not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        kept = [json.dumps(r) + "\n" for r in read_metrics(self.path, torn_tail_ok=True) if r["step"] <= step]
         with open(self.path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(self.path + ".tmp", self.path)
@@ -67,9 +66,23 @@ def format_line(record: dict, train_iters: int) -> str:
     return " | ".join(parts)
 
 
-def read_metrics(path: str) -> list[dict]:
+def read_metrics(path: str, torn_tail_ok: bool = False) -> list[dict]:
+    """The records of a metrics.jsonl. With `torn_tail_ok`, an unfinished last line (a run killed while
+    writing it) is dropped with a note; an unreadable line anywhere else is an error naming it."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if torn_tail_ok and number == len(lines):
+                print(f"megajoy: {path}:{number}: dropped an unfinished last record", file=sys.stderr)
+                break
+            raise ValueError(f"{path}:{number}: not a JSON record ({e.msg}): {line[:80]!r}") from None
+    return records
 
 
 def plot_losses(metrics_path: str, png_path: str, title: str = "megajoy") -> None:
