@@ -294,6 +294,8 @@ class TrainConfig:
     eval_iters: int = 8  # validation batches (each global_batch_size rows) per evaluation, as Megatron counts
     exit_interval: int | None = None  # save and stop after a step divisible by this (Megatron's --exit-interval)
     plot: bool = False
+    # Per-device dense peak TFLOP/s that the logged MFU is over; None: the data sheet's bf16 figure for known GPUs
+    peak_tflops: float | None = None
     kernels: str = "auto"  # auto: fast paths on GPUs; torch: reference ops everywhere; triton (see megajoy.kernels)
     cross_entropy_chunk: int | None = None  # fused head + loss in token chunks; None: 4096 on GPUs, off on CPU; 0 off
     # Activation recomputation, as Megatron's flags (megajoy.model.recompute): granularity full | selective | None
@@ -320,6 +322,7 @@ class TrainConfig:
                  f"cross_entropy_chunk={self.cross_entropy_chunk} must be >= 0 (0: off)")
         for name in ("train_iters", "global_batch_size", "micro_batch_size", "log_interval", "eval_interval"):
             _require(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
+        _require(self.peak_tflops is None or self.peak_tflops > 0, f"peak_tflops={self.peak_tflops} must be positive")
         _require(self.eval_iters >= 0, f"eval_iters={self.eval_iters} must be >= 0")
         _require(self.global_batch_size % self.micro_batch_size == 0,
                  f"global_batch_size={self.global_batch_size} is not divisible by micro_batch_size="

@@ -41,7 +41,7 @@ PINNED_FLAGS = {
         "--mtp-loss-weight",
         "--moe-router-bias-update-rate", "--router-bias-update-rate", "--freeze-router-bias", "--bf16", "--fp32",
         "--params-dtype", "--kernels", "--cross-entropy-chunk", "--recompute-granularity", "--recompute-method",
-        "--recompute-num-layers", "--recompute-modules",
+        "--recompute-num-layers", "--recompute-modules", "--peak-tflops",
         "--log-interval", "--eval-interval", "--eval-iters", "--exit-interval", "--plot", "--seq-length",
         "--data-path", "--split", "--tokenizer", "--tokenizer-model", "--eod-token", "--data-cache-path",
         "--eod-mask-loss", "--no-eod-mask-loss", "--optimizer", "--lr", "--min-lr", "--lr-warmup-iters",

@@ -84,6 +84,14 @@ def assert_equivalent(run, reference, rtol=1e-5):
     assert worst[0] <= rtol, worst
 
 
+def assert_same_model_flops(records, ref_records, world):
+    """The logged TFLOP/s per device, times the devices, over the tokens/s: the model FLOPs per token, which
+    no layout changes."""
+    per_token = [r["tflops_per_gpu"] * world / r["tokens_per_s"] for r in records if "loss" in r]
+    want = [r["tflops_per_gpu"] / r["tokens_per_s"] for r in ref_records if "loss" in r]
+    assert per_token == pytest.approx(want, rel=1e-9)
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| over the whole tensor."""
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
@@ -114,7 +122,9 @@ LAYOUTS = {
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_equals_single_process(name, tmp_path, data_prefix, tokenizer_file, reference):
     world, flags = LAYOUTS[name]
-    assert_equivalent(run_layout(tmp_path / name, data_prefix, tokenizer_file, world, flags), reference)
+    run = run_layout(tmp_path / name, data_prefix, tokenizer_file, world, flags)
+    assert_equivalent(run, reference)
+    assert_same_model_flops(run[0], reference[0], world)
 
 
 # Pipeline layouts run an 8-layer model (1 dense + 7 MoE) so that PP 4 x 2 virtual stages get a layer each.
@@ -149,6 +159,7 @@ def test_pipeline_layout_equals_single_process(name, tmp_path, data_prefix, toke
     world, flags = PIPELINE_LAYOUTS[name]
     run = run_layout(tmp_path / name, data_prefix, tokenizer_file, world, flags + DEEP)
     assert_equivalent(run, deep_reference)
+    assert_same_model_flops(run[0], deep_reference[0], world)
 
 
 @pytest.mark.parametrize("flags, message", [

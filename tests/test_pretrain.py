@@ -401,6 +401,36 @@ def test_resume_drops_a_half_written_last_metrics_record(tmp_path, capsys):
     assert path.read_text() == damaged
 
 
+def test_logged_throughput_is_model_flops_over_the_peak(tmp_path, data_prefix, tokenizer_file):
+    """TFLOP/s per device = tokens/s x the FLOPs per token `megajoy info` counts (the MTP head's from
+    --mtp-start-iter on); MFU = that over --peak-tflops. No peak is known for a CPU, so no MFU without it."""
+    from megajoy.config import load_job_config
+    from megajoy.model.stats import measure, meta_model
+
+    out, no_peak = tmp_path / "peak", tmp_path / "no_peak"
+    assert main(args(out, data_prefix, tokenizer_file, 4, "--eval-iters", "0", "--peak-tflops", "0.5")) == 0
+    assert main(args(no_peak, data_prefix, tokenizer_file, 1, "--eval-iters", "0")) == 0
+    stats = measure(meta_model(load_job_config("tiny", None, TINY_MODEL_OVERRIDES).model), seq_length=32)
+    records = train_records(out)
+    for step, record in records.items():
+        flops = stats.training_flops_per_token(with_mtp=step > 3)  # step 4 is the first at --mtp-start-iter 3
+        assert record["tflops_per_gpu"] * 1e12 == pytest.approx(record["tokens_per_s"] * flops, rel=1e-9)
+        assert record["mfu"] == pytest.approx(record["tflops_per_gpu"] / 0.5, rel=1e-12)
+    assert "mfu" not in train_records(no_peak)[1] and train_records(no_peak)[1]["tflops_per_gpu"] > 0
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.4), ("NVIDIA H20", 148.0), ("NVIDIA GH200 480GB", 989.4), ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA L40S", 362.1), ("NVIDIA L4", 121.0), ("NVIDIA B200", 2250.0), ("AMD Instinct MI300X", 1307.4),
+    ("NVIDIA GeForce RTX 4090", None)])
+def test_data_sheet_peak_of_a_device_name(name, tflops):
+    """Names that contain another's (H200 / H20, L40S / L4, GH200 / H200) get their own figure."""
+    from megajoy.train.mfu import bf16_peak_tflops
+
+    assert bf16_peak_tflops(name) == tflops
+
+
 def test_steps_before_an_exit_are_logged(tmp_path, data_prefix, tokenizer_file):
     """The steps an --exit-interval stop (or SIGTERM, the same path) cuts off before their logging interval ends
     are logged at the last step run, averaged as a log line averages. Before, they were never logged: the

@@ -29,6 +29,7 @@ TRAINING_FLAGS = [
     (["--eval-iters"], "train.eval_iters", dict(type=int)),
     (["--exit-interval"], "train.exit_interval", dict(type=int)),
     (["--plot"], "train.plot", dict(action="store_const", const=True)),
+    (["--peak-tflops"], "train.peak_tflops", dict(type=float, metavar="TFLOPS")),
     (["--seq-length"], "data.seq_length", dict(type=int)),
     (["--data-path"], "data.data_path", dict(nargs="+", metavar="[WEIGHT] PREFIX")),
     (["--split"], "data.split", dict()),

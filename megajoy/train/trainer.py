@@ -17,6 +17,7 @@ from megajoy.kernels import backend as kernels
 from megajoy.model import create_model
 from megajoy.model.moe import MoE, Router
 from megajoy.model.recompute import Recompute
+from megajoy.model.stats import measure, meta_model
 from megajoy.optim.master_weights import MasterWeights
 from megajoy.optim.qk_clip import apply_qk_clip, track_max_logits
 from megajoy.quant.formats import reuse_fake_quant_for
@@ -29,6 +30,7 @@ from megajoy.parallel.params import parameter_specs
 from megajoy.parallel.pipeline import PipelineRunner, check_micro_batches
 from megajoy.train import checkpoint as ckpt
 from megajoy.train.metrics import MetricsLog, format_line, plot_losses
+from megajoy.train.mfu import peak_flops_per_s, throughput_metrics
 
 
 class Stage:
@@ -132,6 +134,8 @@ class Trainer:
         self.sigterm_received = False  # set by the signal handler only
         self.stop_requested = False  # the ranks' agreement, from their sigterm_received
         self.routers = [m for m in self.model.modules() if isinstance(m, Router)]
+        self.model_stats = measure(meta_model(job.model), job.data.seq_length)
+        self.peak_flops = peak_flops_per_s(self.device, self.bf16, job.train.peak_tflops)
         # After the optimizer (which holds the fp32 weights), before the stage (whose reference log-probs
         # must come from the weights the policy computes with).
         self.master_weights = None
@@ -216,7 +220,8 @@ class Trainer:
         return record
 
     def _log_window(self, window: "_Window") -> dict:
-        record = {**window.flush(self.step), "consumed_samples": self.consumed, **self._peak_memory()}
+        record = {**window.flush(self.step, self.pc.size("world"), self.peak_flops), "consumed_samples": self.consumed,
+                  **self._peak_memory()}
         self.log.write(record)
         if self.is_logging_rank:
             tqdm.write(format_line(record, self.job.train.train_iters), file=sys.stderr)
@@ -286,11 +291,13 @@ class Trainer:
             self.master_weights.copy_to_model()
         clip = self._qk_clip()
         load = self._update_router_biases()
+        tokens = sum(b.tokens for b in micro_batches) * self.pc.size("dp_cp")
+        flops = tokens * self.model_stats.training_flops_per_token(with_mtp=self.stage.compute_mtp(self))
         self.step += 1
         self.consumed += global_batch
-        tokens = sum(b.tokens for b in micro_batches) * self.pc.size("dp_cp")
         return {**totals, **self.stage.step_metrics(self), "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                "global_batch_size": global_batch, "seconds": time.perf_counter() - started, **load, **clip}
+                "flops": flops, "global_batch_size": global_batch, "seconds": time.perf_counter() - started,
+                **load, **clip}
 
     def _refuse_non_finite(self, grad_norm: float, totals: dict) -> None:
         """Stop before a NaN or inf gradient reaches the weights (Megatron-LM's check_for_nan_in_loss_and_grad):
@@ -493,15 +500,16 @@ class _Window:
     def add(self, record: dict) -> None:
         self.records.append(record)
 
-    def flush(self, step: int) -> dict:
+    def flush(self, step: int, devices: int, peak_flops: float | None) -> dict:
         records, self.records = self.records, []
         tokens, seconds = sum(r["tokens"] for r in records), sum(r["seconds"] for r in records)
         last = records[-1]
         out = {"step": step, "tokens_per_s": tokens / max(seconds, 1e-9), "lr": last["lr"],
                "global_batch_size": last["global_batch_size"],
-               "grad_norm": sum(r["grad_norm"] for r in records) / len(records)}
+               "grad_norm": sum(r["grad_norm"] for r in records) / len(records),
+               **throughput_metrics(sum(r["flops"] for r in records), seconds, devices, peak_flops)}
         for key in dict.fromkeys(k for r in records for k in r):  # MTP may switch on inside the window
-            if key not in ("tokens", "seconds", *out):
+            if key not in ("tokens", "seconds", "flops", *out):
                 having = [r[key] for r in records if key in r]
                 out[key] = sum(having) / len(having)
         return out
