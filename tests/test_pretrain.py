@@ -313,6 +313,35 @@ def test_checkpoint_of_another_model_or_damaged_is_named(tmp_path, data_prefix, 
     assert code == 2 and f"{sums}: unreadable (" in err
 
 
+@pytest.mark.parametrize("specials, eod_flag, bos, eos", [
+    (["<unk>", "<|begin_of_text|>", "<|end_of_text|>"], ["--eod-token", "<|end_of_text|>"], 1, 2),  # Llama 3
+    (["<unk>", "<pad>", "<|endoftext|>"], [], 2, 2)])  # GPT-2: <|endoftext|> is its BOS and EOS
+def test_exports_end_text_with_the_tokenizers_end_of_document(tmp_path, specials, eod_flag, bos, eos):
+    """A model pretrained on another tokenizer's data ends text with that data's end-of-document token: the
+    Hugging Face export's config and generation config name it. Before, they kept DeepSeek's ids 0 and 1."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from helpers import synthetic_documents, write_jsonl
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(synthetic_documents(200, seed=3), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "t.json"))
+    write_jsonl(tmp_path / "in.jsonl", synthetic_documents(300, seed=4))
+    assert load_tool("preprocess_data").main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix",
+                                              str(tmp_path / "d"), "--tokenizer", str(tmp_path / "t.json"),
+                                              *eod_flag]) == 0
+    out = tmp_path / "out"
+    assert main(args(out, str(tmp_path / "d_text_document"), str(tmp_path / "t.json"), 1, *eod_flag)) == 0
+    assert load_tool("convert_ckpt").main(["--input", str(out), "--output", str(tmp_path / "hf"), "--to", "hf"]) == 0
+    for name in ("config.json", "generation_config.json"):
+        with open(tmp_path / "hf" / name) as f:
+            exported = json.load(f)
+        assert (exported["bos_token_id"], exported["eos_token_id"]) == (bos, eos), name
+
+
 def test_a_fresh_run_in_a_used_out_keeps_its_checkpoint(tmp_path, data_prefix, tokenizer_file):
     """A run started afresh where an earlier run saved later steps: --keep-last does not delete the checkpoint it
     just wrote, and `latest` names it (not the earlier run's)."""

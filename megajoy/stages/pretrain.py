@@ -49,6 +49,13 @@ def build_job(args):
                            defaults=RECIPES.get(args.preset or "tiny"))
 
 
+def take_special_token_ids(model_cfg, tokenizer) -> None:
+    """The model ends text with the token the data ends documents with, so exports stop generating there; its
+    BOS is the tokenizer's (or, as GPT-2 has it, that same end-of-text token when the tokenizer has none)."""
+    model_cfg.eos_token_id = tokenizer.eod
+    model_cfg.bos_token_id = tokenizer.eod if tokenizer.bos is None else tokenizer.bos
+
+
 def run(args) -> int:
     from megajoy.data.pretrain import check_vocab, resolve_data
 
@@ -60,6 +67,7 @@ def run(args) -> int:
     with rank0_first(pc):
         blend, tokenizer = resolve_data(job)
     check_vocab(tokenizer, blend, job.model.vocab_size)
+    take_special_token_ids(job.model, tokenizer)
     trainer = Trainer(job, PretrainStage(blend, tokenizer), tokenizer.path, pc)
     summary = trainer.run()
     if "val_loss" in summary and pc.rank == 0:
