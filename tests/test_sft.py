@@ -56,6 +56,26 @@ def test_tool_calls_in_qwen3_coder_xml():
     assert text_of(render(conversation), trained=True) == call + EOS + "36" + EOS
 
 
+def test_tool_call_arguments_read_back_with_their_schema_types():
+    """render() writes non-string arguments as JSON; with the tools' schemas, parsing gives back the values the
+    conversation held. Before, every argument came back as text ("3", "true", '["a"]')."""
+    arguments = {"city": "Oslo", "days": 3, "metric": True, "ratio": 0.5, "tags": ["a", "b"], "code": "007",
+                 "extra": {"x": 1}}
+    properties = {"city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"},
+                  "ratio": {"type": "number"}, "tags": {"type": "array"}, "code": {"type": "string"},
+                  "extra": {"type": "object"}}
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object",
+                                                                                "properties": properties}}}]
+    conversation = {"tools": tools, "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "weather", "arguments": arguments}}]},
+    ]}
+    text = text_of(render(conversation))
+    assert parse_tool_calls(text, tools) == [{"name": "weather", "arguments": arguments}]
+    as_text = parse_tool_calls(text)[0]["arguments"]
+    assert as_text["days"] == "3" and as_text["code"] == "007" and as_text["tags"] == '["a", "b"]'
+
+
 def test_loss_mask_selects_exactly_the_assistant_tokens(tokenizer_file):
     tokenizer = ChatTokenizer(tokenizer_file, 320)
     assert tokenizer.added == []  # megajoy's BPE trainer reserves the template tokens

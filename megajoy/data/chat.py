@@ -232,8 +232,11 @@ def final_answer(completion: str, thinking: bool = False) -> str | None:
     return completion.split(END_THINK)[-1].replace(EOS_TOKEN, "").strip()
 
 
-def parse_tool_calls(text: str) -> list[dict]:
-    """The tool calls in generated text: [{"name": ..., "arguments": {...}}]."""
+def parse_tool_calls(text: str, tools: list[dict] | None = None) -> list[dict]:
+    """The tool calls in generated text: [{"name": ..., "arguments": {...}}]. The template writes non-string
+    arguments as JSON; with the conversation's `tools`, an argument whose schema type is not "string" is read
+    back from JSON (kept as text if it is not JSON), as vLLM's parser for this format does. Without them, every
+    argument is text."""
     import re
 
     calls = []
@@ -241,6 +244,27 @@ def parse_tool_calls(text: str) -> list[dict]:
         function = re.search(r"<function=([^>\n]+)>", block)
         if function is None:
             continue
-        args = dict(re.findall(r"<parameter=([^>\n]+)>\n(.*?)\n</parameter>", block, flags=re.S))
-        calls.append({"name": function.group(1), "arguments": args})
+        name = function.group(1)
+        types = _parameter_types(tools, name)
+        args = {key: _typed_argument(value, types.get(key, "string"))
+                for key, value in re.findall(r"<parameter=([^>\n]+)>\n(.*?)\n</parameter>", block, flags=re.S)}
+        calls.append({"name": name, "arguments": args})
     return calls
+
+
+def _parameter_types(tools: list[dict] | None, name: str) -> dict[str, str]:
+    for tool in tools or ():
+        function = tool.get("function", tool)
+        if function.get("name") == name:
+            properties = (function.get("parameters") or {}).get("properties") or {}
+            return {key: schema.get("type", "string") for key, schema in properties.items()}
+    return {}
+
+
+def _typed_argument(value: str, schema_type) -> object:
+    if schema_type == "string" or (isinstance(schema_type, list) and "string" in schema_type):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
