@@ -190,7 +190,7 @@ def test_balance_loss_under_tp_sp_ep_dp(tmp_path, data_prefix, tokenizer_file, r
 
 
 def test_srun_launch_runs_the_driver(tmp_path, data_prefix, tokenizer_file, reference):
-    """Ranks started by srun (SLURM_* variables only, master from SLURM_NODELIST) train the same way."""
+    """Ranks started by srun (SLURM_* variables only, master from SLURM_STEP_NODELIST) train the same way."""
     run = run_layout(tmp_path / "slurm", data_prefix, tokenizer_file, 4, ["--tp", "2", "--ep", "2"], env_fn=slurm_env)
     assert_equivalent(run, reference)
 

@@ -196,11 +196,38 @@ def test_launch_env_from_torchrun_and_slurm():
     env = launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1234"})
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.source) == (
         3, 8, 1, "h", 1234, "torchrun")
-    env = launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+    env = launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
                       "SLURM_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123"})
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.source) == (
-        5, 8, 1, "gpu07", 20123, "slurm")
+        5, 8, 1, "gpu07", 21230, "slurm")
     assert launch_env({}).source == "single"
+
+
+# What srun sets for the 4 tasks of step 1 of job 123 on the last two nodes of a four-node allocation
+# (Slurm's env_array_for_step: SLURM_NODELIST keeps the job's list, SLURM_NTASKS may hold the job's count).
+STEP = {"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "0",
+        "SLURM_NODELIST": "gpu[01-04]", "SLURM_STEP_NODELIST": "gpu[03-04]", "SLURM_JOB_ID": "123",
+        "SLURM_STEP_ID": "1"}
+
+
+def test_srun_step_meets_on_its_own_first_node_and_port():
+    """Two steps of one job (`srun -N2 ... &` twice) meet each on the first node of its own node list, on ports
+    of their own. Before, both went to the job's first node (not in the second step) on the job's one port."""
+    first, second = launch_env({**STEP, "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_STEP_ID": "0"}), launch_env(STEP)
+    assert (first.master_addr, second.master_addr) == ("gpu01", "gpu03")
+    assert (first.master_port, second.master_port) == (21230, 21231)
+    assert (second.rank, second.world_size, second.source) == (2, 4, "slurm")
+    given = launch_env({**STEP, "MASTER_PORT": "6000", "MASTER_ADDR": "h"})
+    assert (given.master_addr, given.master_port) == ("h", 6000)
+
+
+def test_a_batch_script_without_srun_runs_one_process(capsys):
+    """The batch script itself sees SLURM_PROCID=0 and the job's SLURM_NTASKS but no SLURM_STEP_* variables:
+    run alone, saying so. Before, it waited for 7 ranks that no one would start."""
+    batch = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_NODELIST": "gpu[01-02]", "SLURM_JOB_ID": "123"}
+    env = launch_env(batch)
+    assert (env.rank, env.world_size, env.source) == (0, 1, "single")
+    assert "SLURM_NTASKS=8 but this process was not started by srun" in capsys.readouterr().err
 
 
 def _slurm_groups_worker(rank, world):

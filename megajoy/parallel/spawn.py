@@ -20,12 +20,16 @@ def torchrun_env(rank: int, world: int, port: int) -> dict:
 
 
 def slurm_env(rank: int, world: int, port: int, tasks_per_node: int = 4) -> dict:
-    return {"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(world), "SLURM_LOCALID": str(rank % tasks_per_node),
-            "SLURM_NODELIST": "127.0.0.[1-2]", "SLURM_JOB_ID": "4242", "MASTER_PORT": str(port)}
+    """What srun gives the processes of a step (the master host from the step's node list)."""
+    return {"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(world), "SLURM_STEP_NUM_TASKS": str(world),
+            "SLURM_LOCALID": str(rank % tasks_per_node), "SLURM_NODELIST": "node[1-2]",
+            "SLURM_STEP_NODELIST": "127.0.0.[1-2]", "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0",
+            "MASTER_PORT": str(port)}
 
 
 def _entry(fn, rank, world, env, args, queue):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "SLURM_PROCID", "SLURM_NTASKS"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "SLURM_PROCID", "SLURM_NTASKS",
+                "SLURM_STEP_NUM_TASKS"):
         os.environ.pop(key, None)
     os.environ.update(env)
     import torch
