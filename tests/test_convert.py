@@ -472,6 +472,23 @@ def test_llama_cpp_continues_a_trained_model_as_megajoy_does(trained, tmp_path):
         assert len(set(ours)) > 3  # a real continuation, not one repeated token
 
 
+def test_quantised_export_before_the_qat_start_says_so(tmp_path, data_prefix, tokenizer_file, capsys):
+    """A checkpoint of a --qat run saved before --qat-start-iter was never trained on the grid: its quantised
+    exports (GGUF q4_0 / qat, HF --int4) say so; one step after the start, they do not."""
+    out = tmp_path / "out"
+    pretrain(out, data_prefix, tokenizer_file, 2, "--qat", "q4_0", "--qat-start-iter", "2")
+    capsys.readouterr()
+    exports = [("gguf", "--gguf-type", "q4_0"), ("gguf", "--gguf-type", "qat"), ("hf", "--int4-group", "32")]
+    for target, *flags in exports:
+        assert convert("--input", out, "--output", tmp_path / f"early_{flags[-1]}", "--to", target, *flags) == 0
+        assert "is step 2, before its QAT (--qat q4_0) starts at --qat-start-iter 2" in capsys.readouterr().err
+    pretrain(out, data_prefix, tokenizer_file, 3, "--qat", "q4_0", "--qat-start-iter", "2", "--resume")
+    capsys.readouterr()
+    for target, *flags in exports:
+        assert convert("--input", out, "--output", tmp_path / f"late_{flags[-1]}", "--to", target, *flags) == 0
+        assert "before its QAT" not in capsys.readouterr().err
+
+
 def test_gguf_type_qat_is_the_training_grid(tmp_path, data_prefix, tokenizer_file, capsys):
     """A model trained with --qat q4_0: `--gguf-type qat` stores the experts as Q4_0 blocks that dequantise
     to exactly the weights the training forward used, the rest in --dtype; llama.cpp's logits equal the

@@ -1,6 +1,7 @@
 """Checkpoint conversion (the engine behind tools/convert_ckpt.py): any input a `CheckpointView` opens,
 to megajoy's own directory, a Hugging Face directory or a GGUF file, one tensor at a time."""
 
+import json
 import os
 
 import torch
@@ -31,12 +32,13 @@ def convert(src: str, dst: str, to: str, dtype: str | None = None, int4_group: i
     if to == "hf":
         group, notes = _int4_group(view, int4_group) if int4 else (None, [])
         hf.save_hf_dir(dst, view, DTYPES[dtype or "bf16"], max_shard_bytes, group)
-        return [*view.notes, *notes]
+        return [*view.notes, *notes, *(_qat_not_started(view) if int4 else [])]
     if to == "megajoy":
         native.save_model_dir(dst, view, DTYPES[dtype or "fp32"], max_shard_bytes)
     else:
         fallbacks = gguf_export.save_gguf(dst, view, gguf_type, DTYPES[dtype or "bf16"], tokenizer_pre)
-        return [*view.notes, *_gguf_grid(view, gguf_type),
+        quantised = gguf_type in ("qat", "q8_0", "q4_0")
+        return [*view.notes, *_gguf_grid(view, gguf_type), *(_qat_not_started(view) if quantised else []),
                 *(f"{name}: rows are not whole 32-wide blocks, written as f16" for name in fallbacks)]
     return list(view.notes)
 
@@ -57,6 +59,22 @@ def _int4_group(view, requested: int | None) -> tuple[int, list[str]]:
         notes.append(f"{view.source} was trained with {trained_as}: the INT4 export (groups of {group}) holds "
                      "other weights than its forward used")
     return group, notes
+
+
+def _qat_not_started(view) -> list[str]:
+    """A note where a quantised export is of a checkpoint saved before its run's QAT began: its weights were
+    never trained on the grid, so the export is plain post-training round-to-nearest."""
+    quant = view.job.quant
+    state_path = os.path.join(view.source, "trainer_state.json")
+    if quant.qat is None or not os.path.isfile(state_path):
+        return []
+    with open(state_path) as f:
+        step = json.load(f).get("step")
+    if step is None or step > quant.qat_start_iter:
+        return []
+    return [f"{view.source} is step {step}, before its QAT (--qat {quant.qat}) starts at --qat-start-iter "
+            f"{quant.qat_start_iter}: no step trained on the quantisation grid, so the quantised weights are plain "
+            f"round-to-nearest"]
 
 
 def _gguf_grid(view, gguf_type: str) -> list[str]:
