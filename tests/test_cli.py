@@ -74,7 +74,7 @@ PINNED_FLAGS["rl"] = POST_TRAINING_FLAGS | {
     "--gspo-epsilon-low", "--gspo-epsilon-high", "--prompts-per-step", "--rollouts-per-prompt", "--updates-per-batch",
     "--max-new-tokens", "--temperature", "--rollout-qat", "--rollout-qat-modules", "--curriculum",
     "--curriculum-rollouts", "--thinking", "--valid-prompts", "--demo-prompts"}
-PINNED_FLAGS["dpo"] = POST_TRAINING_FLAGS | {"--data", "--beta", "--label-smoothing", "--sft-weight",
+PINNED_FLAGS["dpo"] = POST_TRAINING_FLAGS | {"--data", "--beta", "--loss-type", "--label-smoothing", "--sft-weight",
                                                   "--reference", "--thinking", "--overlong", "--valid-pairs",
                                                   "--demo-pairs", "--exact-match-samples"}
 

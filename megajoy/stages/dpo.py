@@ -14,7 +14,8 @@ import torch.distributed as dist
 from megajoy.cli import add_config_arguments
 from megajoy.data.packing import held_out_batches, stack
 from megajoy.stages import sft
-from megajoy.stages.dpo_loss import chosen_mask, dpo_terms, pair_count, pair_logps
+from megajoy.stages.dpo_loss import (LOSSES, check_loss_type, chosen_mask, dpo_terms, pair_count, pair_logps,
+                                     pair_token_counts)
 from megajoy.stages.flags import PRETRAIN_DATA_PATHS, add_training_flags
 from megajoy.train.trainer import Stage, Trainer
 
@@ -55,7 +56,8 @@ class DpoStage(Stage):
         else:
             self.fill_reference(trainer, rows + self.valid_rows)
         self.schedule = RowSchedule(rows, trainer.job.train.seed)
-        self.stats = {"rows": len(rows), "pairs": len(data["train"]), "reference": self.args.reference}
+        self.stats = {"rows": len(rows), "pairs": len(data["train"]), "reference": self.args.reference,
+                      "loss_type": self.args.loss_type}
         if trainer.pc.rank == 0:
             print(f"megajoy dpo: {data['report']}", file=sys.stderr)
             print(f"megajoy dpo: {len(data['train'])} pairs in {len(rows)} rows of {trainer.job.data.seq_length} "
@@ -117,7 +119,9 @@ class DpoStage(Stage):
         logps = -out.lm_token_loss
         chosen, rejected, present = pair_logps(logps, batch.loss_mask, batch.document_ids)
         ref_chosen, ref_rejected, _ = pair_logps(batch.ref_logps, batch.loss_mask, batch.document_ids)
-        terms = dpo_terms(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.label_smoothing)
+        chosen_tokens, rejected_tokens = pair_token_counts(batch.loss_mask, batch.document_ids)
+        terms = dpo_terms(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.label_smoothing,
+                          args.loss_type, chosen_tokens, rejected_tokens)
         weight = present.float() / counts["pairs"].clamp(min=1)
         loss = (terms.losses * weight).sum()
         # reward_accuracy: the implicit reward ranks chosen first (TRL's rewards/accuracies; 0 while the
@@ -169,8 +173,11 @@ def add_arguments(parser) -> None:
     group.add_argument("--data", default=None, metavar="FILE.jsonl",
                        help="pairs ({\"prompt\" | \"messages\", \"chosen\", \"rejected\"}); default: the built-in demo pairs")
     group.add_argument("--beta", type=float, default=0.1, help="strength of the KL penalty to the reference")
+    group.add_argument("--loss-type", choices=list(LOSSES), default="sigmoid",
+                       help="the preference loss, as TRL's loss_type of the same name (default: sigmoid, DPO's)")
     group.add_argument("--label-smoothing", type=float, default=0.0,
-                       help="assumed share of flipped preference labels (conservative DPO); 0: plain DPO")
+                       help="assumed share of flipped preference labels (sigmoid: conservative DPO; robust; "
+                            "exo_pair); 0: plain DPO")
     group.add_argument("--sft-weight", type=float, default=0.0,
                        help="weight of a next-token loss on the chosen responses added to the DPO loss")
     group.add_argument("--reference", choices=["cached", "model"], default="cached",
@@ -198,6 +205,7 @@ def run(args) -> int:
 
     if not 0 <= args.label_smoothing < 0.5:
         raise ValueError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    check_loss_type(args.loss_type, args.label_smoothing)
     if not 0 < args.beta < float("inf"):
         raise ValueError(f"--beta must be > 0 (0 trains nothing, below 0 the rejected response), got {args.beta}")
     if not 0 <= args.sft_weight < float("inf"):

@@ -8,9 +8,11 @@ response tokens) and the reference model's rc, rr:
     loss  = -(1 - eps) * log sigmoid(beta * delta) - eps * log sigmoid(-beta * delta)
 
 (Rafailov et al. 2023; eps > 0 is the conservative, label-smoothed form of Mitchell 2023). The implicit
-rewards are beta * (c - rc) and beta * (r - rr).
+rewards are beta * (c - rc) and beta * (r - rr). The other loss types are TRL's of the same names, over the
+log-ratios c - rc and r - rr (ipo and sigmoid_norm over their means per response token).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,11 +34,15 @@ def chosen_mask(loss_mask_BS: torch.Tensor, document_ids_BS: torch.Tensor) -> to
 def pair_logps(token_logps_BS: torch.Tensor, loss_mask_BS: torch.Tensor, document_ids_BS: torch.Tensor):
     """(chosen [B, K], rejected [B, K], present [B, K]): summed log-probabilities of each pair slot's
     responses, and whether the slot holds a pair (both sides scored)."""
-    mask = loss_mask_BS.float()
-    sums = document_sums(token_logps_BS.float() * mask, document_ids_BS)
-    counts = document_sums(mask, document_ids_BS)
-    present = (counts[:, 0::2] > 0) & (counts[:, 1::2] > 0)
-    return sums[:, 0::2], sums[:, 1::2], present
+    sums = document_sums(token_logps_BS.float() * loss_mask_BS.float(), document_ids_BS)
+    chosen_tokens, rejected_tokens = pair_token_counts(loss_mask_BS, document_ids_BS)
+    return sums[:, 0::2], sums[:, 1::2], (chosen_tokens > 0) & (rejected_tokens > 0)
+
+
+def pair_token_counts(loss_mask_BS: torch.Tensor, document_ids_BS: torch.Tensor):
+    """(chosen [B, K], rejected [B, K]): the scored tokens of each pair slot's responses."""
+    counts = document_sums(loss_mask_BS.float(), document_ids_BS)
+    return counts[:, 0::2], counts[:, 1::2]
 
 
 def pair_count(loss_mask_BS: torch.Tensor, document_ids_BS: torch.Tensor) -> torch.Tensor:
@@ -50,9 +56,55 @@ class DpoTerms:
     rejected_rewards: torch.Tensor
 
 
+def _sigmoid(c, r, beta, eps, nc, nr):
+    z = beta * (c - r)
+    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
+
+def _robust(c, r, beta, eps, nc, nr):  # Chowdhury et al. 2024: unbiased under a fraction eps of flipped labels
+    z = beta * (c - r)
+    return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+
+
+def _exo_pair(c, r, beta, eps, nc, nr):  # Ji et al. 2024: KL(policy's pair distribution || [1 - eps, eps])
+    z = beta * (c - r)
+    return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+            + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+
+
+# name: per-pair loss of (chosen log-ratio, rejected log-ratio, beta, label smoothing, chosen / rejected tokens)
+LOSSES = {
+    "sigmoid": _sigmoid,
+    "hinge": lambda c, r, beta, eps, nc, nr: torch.relu(1 - beta * (c - r)),  # SLiC
+    "ipo": lambda c, r, beta, eps, nc, nr: (c / nc.clamp(min=1) - r / nr.clamp(min=1) - 1 / (2 * beta)) ** 2,
+    "robust": _robust,
+    "exo_pair": _exo_pair,
+    "sigmoid_norm": lambda c, r, beta, eps, nc, nr: -F.logsigmoid(beta * (c / nc.clamp(min=1) - r / nr.clamp(min=1))),
+    "nca_pair": lambda c, r, beta, eps, nc, nr: (-F.logsigmoid(beta * c) - 0.5 * F.logsigmoid(-beta * c)
+                                                 - 0.5 * F.logsigmoid(-beta * r)),
+    "bco_pair": lambda c, r, beta, eps, nc, nr: -F.logsigmoid(beta * c) - F.logsigmoid(-beta * r),
+    "sppo_hard": lambda c, r, beta, eps, nc, nr: (c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2,
+    "apo_zero": lambda c, r, beta, eps, nc, nr: 1 - torch.sigmoid(beta * c) + torch.sigmoid(beta * r),
+    "apo_down": lambda c, r, beta, eps, nc, nr: torch.sigmoid(beta * c) + 1 - torch.sigmoid(beta * (c - r)),
+}
+SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair")  # those --label-smoothing applies to
+
+
+def check_loss_type(loss_type: str, label_smoothing: float) -> None:
+    if loss_type not in LOSSES:
+        raise ValueError(f"--loss-type {loss_type!r} is not one of {list(LOSSES)}")
+    if label_smoothing and loss_type not in SMOOTHED_LOSSES:
+        raise ValueError(f"--label-smoothing applies to --loss-type {', '.join(SMOOTHED_LOSSES)}, not {loss_type}")
+    if loss_type == "exo_pair" and not label_smoothing:
+        raise ValueError("--loss-type exo_pair needs --label-smoothing > 0 (the probability it gives the rejected "
+                         "response; 1e-3 in the EXO paper)")
+
+
 def dpo_terms(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-              beta: float = 0.1, label_smoothing: float = 0.0) -> DpoTerms:
+              beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = "sigmoid",
+              chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None) -> DpoTerms:
+    """Per-pair losses and implicit rewards; the token counts are needed by the per-token loss types only."""
     chosen_logratios, rejected_logratios = chosen - ref_chosen, rejected - ref_rejected
-    logits = beta * (chosen_logratios - rejected_logratios)
-    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    losses = LOSSES[loss_type](chosen_logratios, rejected_logratios, beta, label_smoothing, chosen_tokens,
+                               rejected_tokens)
     return DpoTerms(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
