@@ -33,7 +33,10 @@ def job_config_from_args(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from megajoy import __version__
+
     parser = argparse.ArgumentParser(prog="megajoy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)

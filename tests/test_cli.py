@@ -1,7 +1,9 @@
 """The `megajoy` command line: info, init, convert_ckpt round trip, and the pinned set of flags."""
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,10 +15,10 @@ from helpers import load_tool
 from megajoy.cli import build_parser, main
 from megajoy.ckpt.native import load_model_dir
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _flags(parser) -> dict[str, set[str]]:
-    import argparse
-
     out = {}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -224,3 +226,56 @@ def test_info_plans_no_job_training_refuses(capsys):
                                        "parallel.pipeline_schedule=zero-bubble"])
     assert main(["info", "--pp", "2", "--schedule", "zero-bubble", "--recompute-granularity", "full"]) == 2
     assert "zero-bubble" in capsys.readouterr().err
+
+
+def test_version_flag_prints_the_packaged_version():
+    setup = open(os.path.join(ROOT, "setup.py"), encoding="utf-8").read()
+    version = re.search(r'version="([^"]+)"', setup).group(1)
+    result = subprocess.run([sys.executable, "-m", "megajoy", "--version"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.strip() == f"megajoy {version}"
+
+
+def test_help_names_each_value_after_its_flag():
+    """Before, every training flag's value read FLAG__<NAME> (its internal dest) in `--help`."""
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        text = sub.format_help()
+        assert "FLAG__" not in text, name
+    assert "--train-iters TRAIN_ITERS" in subparsers.choices["pretrain"].format_help()
+
+
+@pytest.mark.parametrize("first, second", [("--bf16", "--fp32"), ("--eod-mask-loss", "--no-eod-mask-loss"),
+                                           ("--async-save", "--no-async-save")])
+def test_opposite_switches_together_are_refused(first, second):
+    """Before, the switch listed later in the flag table won whatever the command line's order (`--fp32 --bf16`
+    trained in fp32), silently."""
+    from megajoy.stages.pretrain import build_job
+
+    for pair in ((first, second), (second, first)):
+        with pytest.raises(ValueError, match=f"give {first} or {second}, not both"):
+            build_job(build_parser().parse_args(["pretrain", *pair]))
+
+
+def test_each_switch_alone_still_sets_its_field():
+    from megajoy.stages.pretrain import build_job
+
+    parser = build_parser()
+
+    def job(*flags):
+        return build_job(parser.parse_args(["pretrain", *flags]))
+
+    assert (job("--bf16").train.bf16, job("--fp32").train.bf16, job().train.bf16) == (True, False, None)
+    assert (job("--eod-mask-loss").data.eod_mask_loss, job("--no-eod-mask-loss").data.eod_mask_loss) == (True, False)
+    assert (job("--async-save").parallel.async_save, job("--no-async-save").parallel.async_save) == (True, False)
+
+
+@pytest.mark.parametrize("argv", [["generate", "--prompt", "hi", "--ckpt"], ["sft", "--init"], ["pretrain", "--init"]])
+def test_a_checkpoint_path_that_does_not_exist_is_named(argv, tmp_path, capsys):
+    """Before: `generate` said the (missing) checkpoint stored no tokenizer.json, `--init` that config.yaml was
+    missing from it."""
+    missing = str(tmp_path / "no_such_run")
+    extra = [] if argv[0] == "generate" else ["--out", str(tmp_path / "out"), "--train-iters", "1"]
+    assert main([*argv, missing, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("training --out directory") and f"{missing} does not exist" in err and "\n" not in err

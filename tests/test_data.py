@@ -427,3 +427,21 @@ def test_an_empty_text_adds_no_tokens_as_in_megatron_lm(tmp_path, tokenizer_file
     ours, ref = IndexedDataset(str(tmp_path / "ours_text_document")), IndexedDataset(str(tmp_path / "ref"))
     assert ours.sequence_lengths.tolist() == ref.sequence_lengths.tolist() == [len(ours[0]), len(ours[1])]
     assert int(ours[0][-1]) == int(ours[1][-1]) == info.eod and info.eod not in ours[0][:-1].tolist()
+
+
+def test_preprocess_creates_the_output_prefix_directory(tmp_path, tokenizer_file):
+    """`--output-prefix data/docs` (the tool's own example) into a directory not made yet: before, it failed on an
+    internal temporary file's name."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megajoy.data.tokenizer import TokenizerInfo, load_tokenizer
+
+    docs = synthetic_documents(4, seed=7)
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    prefix = tmp_path / "new" / "data" / "docs"
+    assert load_tool("preprocess_data").main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(prefix),
+                                              "--tokenizer", tokenizer_file]) == 0
+    tok, eod = load_tokenizer(tokenizer_file), TokenizerInfo.from_file(tokenizer_file).eod
+    ds = IndexedDataset(str(prefix) + "_text_document")
+    assert [ds[i].tolist() for i in range(len(ds))] == [tok.encode(d, add_special_tokens=False).ids + [eod]
+                                                        for d in docs]

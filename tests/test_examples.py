@@ -37,3 +37,14 @@ def test_slurm_example_layout_fits(capsys):
     assert main(["info", "--preset", "joyai-flash", *layout, "--dp", str(dp), *planned, "--gpu-memory", "80"]) == 0
     assert "fits in 80 GiB" in capsys.readouterr().out
     assert "srun" in text and "--preset joyai-flash" in text
+
+
+def test_slurm_example_states_the_planned_peak(capsys):
+    text = open(os.path.join(ROOT, "examples", "slurm_pretrain_joyai_flash.sbatch"), encoding="utf-8").read()
+    command = " ".join(line.lstrip("#").strip().rstrip("\\") for line in
+                       re.search(r"#   (megajoy info .*?\n#\s+--micro[^\n]*)", text, re.S).group(1).splitlines())
+    assert main(command.split()[1:]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    peak = float(re.search(r"peak ([\d.]+) GiB per GPU", "\n".join(printed)).group(1))
+    stated = int(re.search(r"peak ~(\d+) GiB of 80 per GPU", text).group(1))
+    assert stated == round(peak)

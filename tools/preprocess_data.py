@@ -44,9 +44,10 @@ def main(argv=None) -> int:
     try:
         check_input_file(args.input, "input")
         info = TokenizerInfo.from_file(args.tokenizer, args.eod_token)
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)  # --output-prefix data/docs
         with all_or_none(prefixes.values()):
             reports = {key: write_one_key(args, info, key, prefix) for key, prefix in prefixes.items()}
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, or the file system refused (permissions, a full disk)
         print(f"preprocess_data: error: {e}", file=sys.stderr)
         return 2
     for key, prefix in prefixes.items():

@@ -110,18 +110,29 @@ def add_training_flags(parser, paths: tuple[str, ...] | None = None, title: str 
     group = parser.add_argument_group(title)
     for flags, path, kwargs in TRAINING_FLAGS:
         if (paths is None or path in paths) and path not in without:
-            group.add_argument(*flags, dest=_dest(path, flags[0]), default=None, **kwargs)
+            group.add_argument(*flags, dest=_dest(path, flags[0]), default=None, **_with_metavar(flags[0], kwargs))
+
+
+def _with_metavar(flag: str, kwargs: dict) -> dict:
+    """A value's placeholder named after the flag (--train-iters TRAIN_ITERS), not after its internal dest."""
+    if "action" in kwargs or "choices" in kwargs or "metavar" in kwargs:
+        return kwargs
+    return {**kwargs, "metavar": flag.lstrip("-").upper().replace("-", "_")}
 
 
 def flag_overrides(args) -> list[str]:
     """`section.field=value` strings for every training flag given on the command line."""
     import json
 
-    overrides = []
+    overrides, given = [], {}
     for flags, path, _ in TRAINING_FLAGS:
         value = getattr(args, _dest(path, flags[0]), None)
-        if value is not None:
-            overrides.append(f"{path}={json.dumps(value)}")
+        if value is None:
+            continue
+        if path in given:  # opposite switches (--bf16 / --fp32): neither may silently win
+            raise ValueError(f"give {given[path]} or {flags[0]}, not both: each sets {path}")
+        given[path] = flags[0]
+        overrides.append(f"{path}={json.dumps(value)}")
     return overrides + _run_length(args)
 
 

@@ -137,6 +137,9 @@ def latest_checkpoint(out: str) -> str | None:
 
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint directory as given, or a training output directory's latest checkpoint."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} does not exist or is not a directory: expected a checkpoint, a model "
+                                "directory or a training --out directory")
     return latest_checkpoint(path) or path
 
 
