@@ -159,10 +159,26 @@ def test_fewer_layers_than_stages_run_with_an_explicit_layout():
     from megajoy.config import tiny
     from megajoy.parallel.context import planning_context
 
+    interleaved = dict(pipeline_model_parallel_size=4, pipeline_schedule="interleaved",
+                       virtual_pipeline_model_parallel_size=2)
     with pytest.raises(ValueError, match="fewer than the 8 pipeline stages .* give --pp-layout with empty stages"):
-        planning_context(ParallelConfig(pipeline_model_parallel_size=8), 8, 0, tiny())
-    cfg = ParallelConfig(pipeline_model_parallel_size=8, pipeline_layout=[1, 0, 1, 0, 0, 1, 0, 1])
-    assert [s.layers for s in planning_context(cfg, 8, 0, tiny()).plan] == [(0,), (), (1,), (), (), (2,), (), (3,)]
+        planning_context(ParallelConfig(**interleaved), 4, 0, tiny())
+    cfg = ParallelConfig(**interleaved, pipeline_layout=[1, 0, 1, 0, 0, 1, 0, 1])
+    assert [s.layers for s in planning_context(cfg, 4, 0, tiny()).plan] == [(0,), (), (1,), (), (), (2,), (), (3,)]
+
+
+def test_a_pipeline_rank_with_nothing_to_hold_is_refused():
+    """A rank whose stages are all empty has no weights: training failed in the optimizer ("empty parameter
+    list") and decoding on its first parameter. The layout check names it; an empty stage beside a full one
+    on the same rank, or one holding only the head, stays fine."""
+    from megajoy.config import tiny
+    from megajoy.parallel.context import planning_context
+
+    cfg = ParallelConfig(pipeline_model_parallel_size=3, pipeline_layout=[2, 0, 2])
+    with pytest.raises(ValueError, match=r"--pp-layout \[2, 0, 2\] leaves pipeline rank\(s\) \[1\] without any layer"):
+        planning_context(cfg, 3, 0, tiny())
+    head_only = ParallelConfig(pipeline_model_parallel_size=2, pipeline_layout=[4, 0])
+    assert [s.layers for s in planning_context(head_only, 2, 0, tiny()).plan] == [(0, 1, 2, 3), ()]
 
 
 def test_sequence_length_must_split_over_tp():

@@ -49,7 +49,18 @@ def plan_stages(num_layers: int, pp: int, virtual: int | None, schedule: str,
         rank = (s if s < pp else 2 * pp - 1 - s) if schedule == "zero-bubble" else s % pp
         stages.append(StageSpec(s, rank, tuple(range(first_layer, first_layer + count)), s == 0, s == n - 1))
         first_layer += count
+    _check_every_rank_holds_weights(stages, pp, counts)
     return tuple(stages)
+
+
+def _check_every_rank_holds_weights(stages: list, pp: int, counts: list[int]) -> None:
+    """Empty stages are fine beside others on the same rank (or with the embedding or head); a rank whose
+    stages are all empty would hold no weights and idle in every step."""
+    idle = [r for r in range(pp) if not any(s.layers or s.is_first or s.is_last for s in stages if s.pp_rank == r)]
+    if idle:
+        raise ValueError(f"--pp-layout {counts} leaves pipeline rank(s) {idle} without any layer, embedding or "
+                         f"head; give every rank a layer (fewer pipeline ranks, or virtual stages beside its empty "
+                         f"ones)")
 
 
 def _virtual_stages(pp: int, virtual: int | None, schedule: str) -> int:
