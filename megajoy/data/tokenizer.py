@@ -57,7 +57,8 @@ class TokenizerInfo:
                              f"'<|endoftext|>', '<eos>'); name it with --eod-token")
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
-        return cls(path, tok.get_vocab_size(), eod, _find_token(tok, [BOS_TOKEN, "<s>", "<bos>", "<|begin_of_text|>"]), digest)
+        bos = _find_token(tok, [BOS_TOKEN, "<s>", "<bos>", "<|begin_of_text|>"])
+        return cls(path, tok.get_vocab_size(), eod, bos, digest)
 
     @property
     def unique_identifiers(self) -> dict:

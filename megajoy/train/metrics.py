@@ -60,7 +60,8 @@ def format_line(record: dict, train_iters: int) -> str:
     parts = [f"step {record['step']}/{train_iters}"]
     for key, fmt in (("loss", "loss {:.4f}"), ("mtp_loss", "mtp {:.4f}"), ("val_loss", "val {:.4f}"),
                      ("lr", "lr {:.2e}"), ("grad_norm", "grad {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
-                     ("tflops_per_gpu", "{:.3g} TFLOP/s/GPU"), ("mfu", "MFU {:.1%}"), ("expert_load_max_mean", "load max/mean {:.2f}")):
+                     ("tflops_per_gpu", "{:.3g} TFLOP/s/GPU"), ("mfu", "MFU {:.1%}"),
+                     ("expert_load_max_mean", "load max/mean {:.2f}")):
         if record.get(key) is not None:
             parts.append(fmt.format(record[key]))
     return " | ".join(parts)
