@@ -239,6 +239,22 @@ def test_chat_template_command_marks_trained_tokens(tmp_path, tokenizer_file, ca
     assert f"tokens, {n} trained" in out
 
 
+def test_chat_template_into_a_closed_pipe_ends_without_a_traceback(tmp_path, tokenizer_file):
+    """`megajoy chat-template ... | head`: the reader goes away before the output is written. Before, the command
+    ended in a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    write_jsonl(str(tmp_path / "c.jsonl"), [{"messages": [{"role": "user", "content": "hi " * 2000},
+                                                         {"role": "assistant", "content": "the cat"}]}] * 20)
+    command = [sys.executable, "-m", "megajoy", "chat-template", "--render", str(tmp_path / "c.jsonl"),
+               "--tokenizer", tokenizer_file]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # long before the interpreter has started and rendered anything
+    err = process.stderr.read()
+    assert process.wait() == 1 and "Traceback" not in err, err
+
+
 def test_sft_end_to_end(tmp_path, tokenizer_file):
     init_tiny_checkpoint(tmp_path / "init", tokenizer_file)
     out = tmp_path / "sft"
