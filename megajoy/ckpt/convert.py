@@ -1,7 +1,6 @@
 """Checkpoint conversion (the engine behind tools/convert_ckpt.py): any input a `CheckpointView` opens,
 to megajoy's own directory, a Hugging Face directory or a GGUF file, one tensor at a time."""
 
-import json
 import os
 
 import torch
@@ -37,7 +36,7 @@ def convert(src: str, dst: str, to: str, dtype: str | None = None, int4_group: i
         native.save_model_dir(dst, view, DTYPES[dtype or "fp32"], max_shard_bytes)
     else:
         fallbacks = gguf_export.save_gguf(dst, view, gguf_type, DTYPES[dtype or "bf16"], tokenizer_pre)
-        quantised = gguf_type in ("qat", "q8_0", "q4_0")
+        quantised = gguf_type in (*gguf_export.BLOCK_TYPES, "qat")
         return [*view.notes, *_gguf_grid(view, gguf_type), *(_qat_not_started(view) if quantised else []),
                 *(f"{name}: rows are not whole 32-wide blocks, written as f16" for name in fallbacks)]
     return list(view.notes)
@@ -64,12 +63,12 @@ def _int4_group(view, requested: int | None) -> tuple[int, list[str]]:
 def _qat_not_started(view) -> list[str]:
     """A note where a quantised export is of a checkpoint saved before its run's QAT began: its weights were
     never trained on the grid, so the export is plain post-training round-to-nearest."""
+    from megajoy.train.checkpoint import TRAINER_STATE, read_trainer_state
+
     quant = view.job.quant
-    state_path = os.path.join(view.source, "trainer_state.json")
-    if quant.qat is None or not os.path.isfile(state_path):
+    if quant.qat is None or not os.path.isfile(os.path.join(view.source, TRAINER_STATE)):  # a training checkpoint
         return []
-    with open(state_path) as f:
-        step = json.load(f).get("step")
+    step = read_trainer_state(view.source).get("step")
     if step is None or step > quant.qat_start_iter:
         return []
     return [f"{view.source} is step {step}, before its QAT (--qat {quant.qat}) starts at --qat-start-iter "
@@ -80,9 +79,9 @@ def _qat_not_started(view) -> list[str]:
 def _gguf_grid(view, gguf_type: str) -> list[str]:
     """A note where a GGUF quantisation is not the grid the checkpoint's QAT trained on."""
     qat = view.job.quant.qat
-    if qat is None or gguf_type not in ("q8_0", "q4_0") or gguf_type == qat:
+    if qat is None or gguf_type not in gguf_export.BLOCK_TYPES or gguf_type == qat:
         return []
-    exact = " (--gguf-type qat writes those exactly)" if qat in ("q8_0", "q4_0") else ""
+    exact = " (--gguf-type qat writes those exactly)" if qat in gguf_export.BLOCK_TYPES else ""
     return [f"{view.source} was trained with --qat {qat}: its {gguf_type} weights are not the ones its forward "
             f"used{exact}"]
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "qat")
+BLOCK_TYPES = ("q8_0", "q4_0")  # ggml's quantisations in 32-wide blocks, which QAT can train on exactly
+GGUF_TYPES = ("f32", "f16", "bf16", *BLOCK_TYPES, "qat")
 _DTYPE_TYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
@@ -49,7 +50,7 @@ def encode(tensor: torch.Tensor, kind: str) -> torch.Tensor:
     from megajoy.quant.formats import WeightFormat
     from megajoy.quant.pack import pack_ggml
 
-    if kind in ("q8_0", "q4_0"):
+    if kind in BLOCK_TYPES:
         fmt = WeightFormat.of(kind)
         return pack_ggml(*fmt.quantize(tensor), fmt)
     dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[kind]
@@ -160,7 +161,7 @@ class _TypeChooser:
             kind = self.qat_format
         else:
             kind = self.rest
-        if kind in ("q8_0", "q4_0") and shape[-1] % 32:
+        if kind in BLOCK_TYPES and shape[-1] % 32:
             self.fallbacks.append(gguf_name)
             return "f16"
         return kind
@@ -177,7 +178,7 @@ def _qat_sources(view) -> tuple[str, set[str]]:
     if quant.qat is None:
         raise ValueError(f"{view.source}: --gguf-type qat needs a checkpoint trained with fake-quant "
                          f"(--qat q4_0 or q8_0); this one has quant.qat=null")
-    if quant.qat not in ("q4_0", "q8_0"):
+    if quant.qat not in BLOCK_TYPES:
         raise ValueError(f"{view.source}: QAT format {quant.qat!r} has no GGUF type with the same grid (its "
                          f"scale is max/7.5 in fp32); train with --qat q4_0 or q8_0 for a GGUF-exact grid")
     sources = set()

@@ -15,7 +15,7 @@ from megajoy.cli import add_config_arguments
 from megajoy.data.packing import held_out_batches, stack
 from megajoy.stages import sft
 from megajoy.stages.dpo_loss import (LOSSES, check_loss_type, chosen_mask, dpo_terms, pair_count, pair_logps,
-                                     pair_token_counts)
+                                     pair_token_counts, present_pairs)
 from megajoy.stages.flags import PRETRAIN_DATA_PATHS, add_training_flags
 from megajoy.train.trainer import Stage, Trainer
 
@@ -117,9 +117,10 @@ class DpoStage(Stage):
     def objective(self, trainer, out, counts, batch):
         args = self.args
         logps = -out.lm_token_loss
-        chosen, rejected, present = pair_logps(logps, batch.loss_mask, batch.document_ids)
-        ref_chosen, ref_rejected, _ = pair_logps(batch.ref_logps, batch.loss_mask, batch.document_ids)
+        chosen, rejected = pair_logps(logps, batch.loss_mask, batch.document_ids)
+        ref_chosen, ref_rejected = pair_logps(batch.ref_logps, batch.loss_mask, batch.document_ids)
         chosen_tokens, rejected_tokens = pair_token_counts(batch.loss_mask, batch.document_ids)
+        present = present_pairs(chosen_tokens, rejected_tokens)
         terms = dpo_terms(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.label_smoothing,
                           args.loss_type, chosen_tokens, rejected_tokens)
         weight = present.float() / counts["pairs"].clamp(min=1)

@@ -32,21 +32,26 @@ def chosen_mask(loss_mask_BS: torch.Tensor, document_ids_BS: torch.Tensor) -> to
 
 
 def pair_logps(token_logps_BS: torch.Tensor, loss_mask_BS: torch.Tensor, document_ids_BS: torch.Tensor):
-    """(chosen [B, K], rejected [B, K], present [B, K]): summed log-probabilities of each pair slot's
-    responses, and whether the slot holds a pair (both sides scored)."""
-    sums = document_sums(token_logps_BS.float() * loss_mask_BS.float(), document_ids_BS)
-    chosen_tokens, rejected_tokens = pair_token_counts(loss_mask_BS, document_ids_BS)
-    return sums[:, 0::2], sums[:, 1::2], (chosen_tokens > 0) & (rejected_tokens > 0)
+    """(chosen [B, K], rejected [B, K]): summed log-probabilities of each pair slot's responses."""
+    return _chosen_and_rejected(document_sums(token_logps_BS.float() * loss_mask_BS.float(), document_ids_BS))
 
 
 def pair_token_counts(loss_mask_BS: torch.Tensor, document_ids_BS: torch.Tensor):
     """(chosen [B, K], rejected [B, K]): the scored tokens of each pair slot's responses."""
-    counts = document_sums(loss_mask_BS.float(), document_ids_BS)
-    return counts[:, 0::2], counts[:, 1::2]
+    return _chosen_and_rejected(document_sums(loss_mask_BS.float(), document_ids_BS))
+
+
+def present_pairs(chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor) -> torch.Tensor:
+    """[B, K]: whether a pair slot holds a pair (both sides scored)."""
+    return (chosen_tokens > 0) & (rejected_tokens > 0)
 
 
 def pair_count(loss_mask_BS: torch.Tensor, document_ids_BS: torch.Tensor) -> torch.Tensor:
-    return pair_logps(torch.zeros_like(loss_mask_BS), loss_mask_BS, document_ids_BS)[2].sum()
+    return present_pairs(*pair_token_counts(loss_mask_BS, document_ids_BS)).sum()
+
+
+def _chosen_and_rejected(sums_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return sums_BD[:, 0::2], sums_BD[:, 1::2]
 
 
 @dataclass
@@ -72,14 +77,19 @@ def _exo_pair(c, r, beta, eps, nc, nr):  # Ji et al. 2024: KL(policy's pair dist
             + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
 
 
+def _per_token_delta(c, r, nc, nr):
+    """The log-ratios' difference over their means per response token (TRL's normalisation for ipo)."""
+    return c / nc.clamp(min=1) - r / nr.clamp(min=1)
+
+
 # name: per-pair loss of (chosen log-ratio, rejected log-ratio, beta, label smoothing, chosen / rejected tokens)
 LOSSES = {
     "sigmoid": _sigmoid,
     "hinge": lambda c, r, beta, eps, nc, nr: torch.relu(1 - beta * (c - r)),  # SLiC
-    "ipo": lambda c, r, beta, eps, nc, nr: (c / nc.clamp(min=1) - r / nr.clamp(min=1) - 1 / (2 * beta)) ** 2,
+    "ipo": lambda c, r, beta, eps, nc, nr: (_per_token_delta(c, r, nc, nr) - 1 / (2 * beta)) ** 2,
     "robust": _robust,
     "exo_pair": _exo_pair,
-    "sigmoid_norm": lambda c, r, beta, eps, nc, nr: -F.logsigmoid(beta * (c / nc.clamp(min=1) - r / nr.clamp(min=1))),
+    "sigmoid_norm": lambda c, r, beta, eps, nc, nr: -F.logsigmoid(beta * _per_token_delta(c, r, nc, nr)),
     "nca_pair": lambda c, r, beta, eps, nc, nr: (-F.logsigmoid(beta * c) - 0.5 * F.logsigmoid(-beta * c)
                                                  - 0.5 * F.logsigmoid(-beta * r)),
     "bco_pair": lambda c, r, beta, eps, nc, nr: -F.logsigmoid(beta * c) - F.logsigmoid(-beta * r),

@@ -22,6 +22,7 @@ from megajoy.ckpt.native import CONFIG_NAME
 from megajoy.data.tokenizer import copy_tokenizer
 
 LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
 
 
 def checkpoints_dir(out: str) -> str:
@@ -83,7 +84,7 @@ def _write_extras(path: str, job, trainer_state: dict, tokenizer_file: str | Non
         yaml.safe_dump(job.to_dict(), f, sort_keys=False)
     if tokenizer_file:
         copy_tokenizer(tokenizer_file, path)
-    with open(os.path.join(path, "trainer_state.json"), "w") as f:
+    with open(os.path.join(path, TRAINER_STATE), "w") as f:
         json.dump(trainer_state, f, indent=2)
     torch.save(rng_state(), os.path.join(path, "rng.pt"))
 
@@ -162,7 +163,7 @@ def load_checkpoint(path: str, model, optimizer, specs, pc, stage: str) -> dict:
     """Verify checksums and that `stage` (pretrain, sft, ...) saved the checkpoint, restore this rank's model and
     optimizer shards (any saved layout) and the RNG; return the trainer state. Errors name the file."""
     _verify_on_rank0(path, pc)
-    state = _trainer_state(path)
+    state = read_trainer_state(path)
     if state.get("stage", stage) != stage:
         raise ValueError(f"{path}: saved by `megajoy {state['stage']}`; `megajoy {stage} --resume` continues only "
                          f"its own runs (start from these weights with --init instead)")
@@ -171,8 +172,8 @@ def load_checkpoint(path: str, model, optimizer, specs, pc, stage: str) -> dict:
     return state
 
 
-def _trainer_state(path: str) -> dict:
-    state_path = os.path.join(path, "trainer_state.json")
+def read_trainer_state(path: str) -> dict:
+    state_path = os.path.join(path, TRAINER_STATE)
     try:
         with open(state_path) as f:
             return json.load(f)
