@@ -73,6 +73,20 @@ def synthetic_documents(n: int, seed: int = 0) -> list[str]:
     return docs
 
 
+def byte_level_bpe(texts, special_tokens: list[str], path, vocab_size: int = 280) -> str:
+    """A byte-level BPE trained on `texts` whose specials are `special_tokens` (ids 0, 1, ...), saved at `path`:
+    another family's tokenizer than megajoy's DeepSeek-named one (megajoy.data.tokenizer.train_bpe)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.save(str(path))
+    return str(path)
+
+
 def write_jsonl(path, docs, key: str = "text") -> None:
     import json
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import load_tool, synthetic_documents, write_jsonl
+from helpers import byte_level_bpe, load_tool, synthetic_documents, write_jsonl
 from megajoy.config import DataConfig, load_job_config
 from megajoy.data.gpt import build_gpt_datasets, parse_blend, parse_split
 from megajoy.data.indexed import check_indexed_dataset
@@ -282,18 +282,13 @@ def test_pretrain_takes_the_eod_token_preprocessing_was_given(tmp_path):
     preprocessed with --eod-token trains with `megajoy pretrain --eod-token`, documents split at that token.
     Before, pretrain refused the tokenizer, naming a flag it did not have."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     from megajoy.cli import build_parser
     from megajoy.data.pretrain import resolve_data
     from megajoy.stages.pretrain import build_job
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(
-        vocab_size=280, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(tmp_path / "t.json"))
+    tok = load_tokenizer(byte_level_bpe(["hello world"] * 10, ["<|begin_of_text|>", "<|end_of_text|>"],
+                                        tmp_path / "t.json"))
     write_jsonl(tmp_path / "in.jsonl", ["hello", "world"])
     assert load_tool("preprocess_data").main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix",
                                               str(tmp_path / "d"), "--tokenizer", str(tmp_path / "t.json"),

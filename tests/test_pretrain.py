@@ -319,16 +319,9 @@ def test_checkpoint_of_another_model_or_damaged_is_named(tmp_path, data_prefix, 
 def test_exports_end_text_with_the_tokenizers_end_of_document(tmp_path, specials, eod_flag, bos, eos):
     """A model pretrained on another tokenizer's data ends text with that data's end-of-document token: the
     Hugging Face export's config and generation config name it. Before, they kept DeepSeek's ids 0 and 1."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from helpers import byte_level_bpe, synthetic_documents, write_jsonl
 
-    from helpers import synthetic_documents, write_jsonl
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(synthetic_documents(200, seed=3), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=specials, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(tmp_path / "t.json"))
+    byte_level_bpe(synthetic_documents(200, seed=3), specials, tmp_path / "t.json", vocab_size=300)
     write_jsonl(tmp_path / "in.jsonl", synthetic_documents(300, seed=4))
     assert load_tool("preprocess_data").main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix",
                                               str(tmp_path / "d"), "--tokenizer", str(tmp_path / "t.json"),

@@ -477,15 +477,10 @@ def test_reasoning_and_tool_call_marks_survive_skip_special_tokens(tmp_path, tok
 
 def _llama_named_byte_level_bpe(tmp_path) -> str:
     """A byte-level BPE with Llama 3's names for its specials and none of the chat template's tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from helpers import byte_level_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train_from_iterator(["yes and no, the cat"] * 10, trainers.BpeTrainer(
-        vocab_size=280, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok.save(str(tmp_path / "llama.json"))
-    return str(tmp_path / "llama.json")
+    return byte_level_bpe(["yes and no, the cat"] * 10, ["<|begin_of_text|>", "<|end_of_text|>"],
+                          tmp_path / "llama.json")
 
 
 def test_a_chat_model_exports_the_end_of_turn_it_was_trained_with(tmp_path):
