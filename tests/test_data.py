@@ -40,7 +40,7 @@ def test_preprocess_equals_megatron_builder_and_reports_bad_lines(tmp_path, toke
     assert "5 malformed line(s) skipped" in out.out and "30 documents" in out.out
     for line in (11, 12, 13, 14, 15):
         assert f"line {line}:" in out.err
-    assert "no 'text' field" in out.err and "invalid UTF-8" in out.err
+    assert "line 12: no field 'text' (it has 'body')" in out.err and "invalid UTF-8" in out.err
 
     tok, info = load_tokenizer(tokenizer_file), TokenizerInfo.from_file(tokenizer_file)
     builder = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=DType.optimal_dtype(info.vocab_size))
@@ -101,6 +101,31 @@ def test_preprocess_skips_blank_lines_and_a_byte_order_mark(tmp_path, tokenizer_
             (tmp_path / f"clean_text_document{ext}").read_bytes()
 
 
+def test_wrong_json_key_stops_early_and_bad_lines_print_a_few(tmp_path, tokenizer_file, capsys):
+    """A --json-keys no line has stops after 1000 lines with the fields the lines do have, writing nothing
+    (it printed one line per input line and went through the whole file); otherwise the first 20 malformed
+    lines are printed and the rest counted."""
+    tool = load_tool("preprocess_data")
+    docs = synthetic_documents(40, seed=6)
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"text": docs[i % 40], "id": i}) + "\n" for i in range(1500)))
+    args = ["--input", str(path), "--output-prefix", str(tmp_path / "o"), "--tokenizer", tokenizer_file]
+    assert tool.main(args + ["--json-keys", "txt"]) == 2
+    err = capsys.readouterr().err
+    assert "1000 lines lack the field and none has it (line 1000: no field 'txt' (it has 'text', 'id'))" in err
+    assert len(re.findall(r"line \d+: no field", err)) == 21  # 20 printed, then the one that stops the run
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("o")]
+
+    with open(path, "a") as f:
+        f.write("not json\n" * 30)
+    assert tool.main(args) == 0
+    out = capsys.readouterr()
+    assert "1500 documents" in out.out and "30 malformed line(s) skipped: line 1501: not valid JSON" in out.out
+    assert "(and 25 more)" in out.out
+    assert len(re.findall(r"line \d+: not valid JSON", out.err)) == 20
+    assert "line 1521 and further malformed lines are counted, not printed" in out.err
+
+
 def test_failed_preprocessing_writes_nothing_and_keeps_earlier_output(tmp_path, tokenizer_file, capsys):
     """Every key's files appear together or not at all; a failed run leaves the previous good output of
     the same prefix byte for byte, and no temporary files."""
@@ -119,7 +144,7 @@ def test_failed_preprocessing_writes_nothing_and_keeps_earlier_output(tmp_path, 
     assert "different numbers of documents ({'text': 6, 'title': 5})" in capsys.readouterr().err
 
     assert tool.main(["--input", str(bad), "--strict"] + args) == 2
-    assert "line 6: no 'title' field (--strict: no output written)" in capsys.readouterr().err
+    assert "line 6: no field 'title' (it has 'text') (--strict: no output written)" in capsys.readouterr().err
     assert {p: (tmp_path / p).read_bytes() for p in os.listdir(tmp_path) if p.startswith("o_")} == before
     (tmp_path / "junk.jsonl").write_text("[1]\n{}\n")
     assert tool.main(["--input", str(tmp_path / "junk.jsonl")] + args) == 2

@@ -6,8 +6,9 @@
 
 writes data/docs_text_document.bin / .idx (EOD appended to every document) for
 `megajoy pretrain --data-path data/docs_text_document --tokenizer tokenizer.json`. Blank lines, and
-(as in Megatron-LM) texts that are empty, add nothing. A malformed line is reported with its number and
-counted; `--strict` stops at the first one instead. With several keys, each key's files hold the lines
+(as in Megatron-LM) texts that are empty, add nothing. Malformed lines are counted and the first 20 reported
+with their numbers; `--strict` stops at the first one instead, and a key that 1000 lines lack while none has
+it (a wrong --json-keys) stops the run. With several keys, each key's files hold the lines
 that have its text (a note says when the keys' document counts differ). The files of every key appear
 together, once all are complete: a failed run writes nothing and leaves earlier output under the same
 prefix as it was.

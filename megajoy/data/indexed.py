@@ -26,19 +26,39 @@ _DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np
            8: np.uint16}
 
 
+MISSING_FIELD = "no field"  # how the reason for a line without the key's field begins
+PRINTED_BAD_LINES = 20  # then malformed lines are only counted: a wrong --json-keys would print every line
+WRONG_KEY_LINES = 1000  # this many lines without the key, and none with it, stop the run
+
+
 @dataclass
 class WriteReport:
     documents: int = 0
     tokens: int = 0
-    bad_lines: list = field(default_factory=list)  # (line number, reason)
+    malformed: int = 0
+    missing_key: int = 0  # malformed lines that lack the key's field
+    bad_lines: list = field(default_factory=list)  # the first few (line number, reason)
 
     def summary(self, source: str) -> str:
         text = f"{source}: {self.documents} documents, {self.tokens} tokens"
-        if self.bad_lines:
-            shown = "; ".join(f"line {n}: {why}" for n, why in self.bad_lines[:5])
-            more = f" (and {len(self.bad_lines) - 5} more)" if len(self.bad_lines) > 5 else ""
-            text += f"; {len(self.bad_lines)} malformed line(s) skipped: {shown}{more}"
+        if self.malformed:
+            shown = "; ".join(f"line {n}: {why}" for n, why in self.bad_lines)
+            more = f" (and {self.malformed - len(self.bad_lines)} more)" if self.malformed > len(self.bad_lines) else ""
+            text += f"; {self.malformed} malformed line(s) skipped: {shown}{more}"
         return text
+
+    def skip(self, line_no: int, why: str, source: str) -> None:
+        self.malformed += 1
+        self.missing_key += why.startswith(MISSING_FIELD)
+        if len(self.bad_lines) < 5:
+            self.bad_lines.append((line_no, why))
+        if self.malformed <= PRINTED_BAD_LINES:
+            print(f"{source}: line {line_no}: {why}", file=sys.stderr)
+        elif self.malformed == PRINTED_BAD_LINES + 1:
+            print(f"{source}: line {line_no} and further malformed lines are counted, not printed", file=sys.stderr)
+        if self.documents == 0 and self.missing_key == WRONG_KEY_LINES and why.startswith(MISSING_FIELD):
+            raise ValueError(f"{source}: {WRONG_KEY_LINES} lines lack the field and none has it (line {line_no}: "
+                             f"{why}); is --json-keys right?")
 
 
 # ------------------------------------------------------------------------------------------ encoding
@@ -67,12 +87,17 @@ def _parse(raw: str) -> tuple[str | None, str | None]:
     if not isinstance(record, dict):
         return None, f"expected a JSON object, got {type(record).__name__}"
     if _worker_key not in record:
-        return None, f"no {_worker_key!r} field"
+        return None, f"{MISSING_FIELD} {_worker_key!r} (it has {_field_names(record)})"
     if not isinstance(record[_worker_key], str):
         return None, f"field {_worker_key!r} is {type(record[_worker_key]).__name__}, not a string"
     if has_lone_surrogate(raw, record[_worker_key]):
         return None, f"field {_worker_key!r} {LONE_SURROGATE}"
     return record[_worker_key], None
+
+
+def _field_names(record: dict, shown: int = 8) -> str:
+    names = ", ".join(repr(k) for k in list(record)[:shown])
+    return (names + (", ..." if len(record) > shown else "")) or "no fields"
 
 
 def _encode_chunk(chunk: list[tuple[int, str]]) -> list[tuple[int, list[int] | None, str | None]]:
@@ -118,8 +143,7 @@ def write_indexed_dataset(items: Iterable[tuple[int, str]], prefix: str, tokeniz
                     if ids is None:
                         if strict:
                             raise MalformedItem(f"line {line_no}: {why}")
-                        report.bad_lines.append((line_no, why))
-                        print(f"{progress or prefix}: line {line_no}: {why}", file=sys.stderr)
+                        report.skip(line_no, why, progress or prefix)
                         continue
                     if not ids:  # an empty text: no document, not a lone EOD (Megatron-LM appends none either)
                         continue
