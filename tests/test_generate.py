@@ -184,9 +184,8 @@ def test_temperature_must_be_a_number_at_least_zero(model, temperature):
 EP_PROMPTS = ([[5, 17, 42], [9, 9]], [[200, 3, 3, 3, 7, 11, 250]])  # rank 0's two rows, rank 1's one
 
 
-def _layout_generate_worker(rank, world, flags, prompts_by_rank, params):
-    """generate() on one rank of a two-rank layout (`flags`: ParallelConfig fields) with its own prompts; how
-    many forwards its first MoE block ran; whether sequence parallelism is back on after it (where it was on)."""
+def _layout_model(flags):
+    """The module's model, on this rank of a layout (`flags`: ParallelConfig fields), and its config."""
     import dataclasses
 
     from helpers import TINY_MODEL_OVERRIDES
@@ -204,12 +203,25 @@ def _layout_generate_worker(rank, world, flags, prompts_by_rank, params):
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(whole[name])
+    return model.eval(), cfg
+
+
+def _first_moe_forwards(model, cfg) -> list:
+    """A list that grows by one at every forward of this rank's first MoE block."""
     forwards = []
     moe_layers = [layer for i, layer in model.layers.items() if cfg.is_moe_layer(int(i))]  # this rank's
     if moe_layers:
         moe_layers[0].mlp.register_forward_hook(lambda *_: forwards.append(1))
+    return forwards
+
+
+def _layout_generate_worker(rank, world, flags, prompts_by_rank, params):
+    """generate() on one rank of a two-rank layout with its own prompts; how many forwards its first MoE
+    block ran; whether sequence parallelism is back on after it (where it was on)."""
+    model, cfg = _layout_model(flags)
+    forwards = _first_moe_forwards(model, cfg)
     sequence_parallel = [m for m in model.modules() if getattr(m, "sp", False)]
-    out = generate(model.eval(), prompts_by_rank[rank], params)
+    out = generate(model, prompts_by_rank[rank], params)
     restored = model.pc.sequence_parallel and len(sequence_parallel) > 0 and all(m.sp for m in sequence_parallel)
     return out, len(forwards), restored
 
@@ -363,6 +375,61 @@ def test_speculative_decoding_stops_at_an_accepted_stop_token(model):
     assert stats.verify_passes == 1 and stats.accepted == k
 
 
+def _recorded_drafts(generate_module) -> list:
+    """A list that receives every draft the MTP drafter makes from now on."""
+    drafts, draft = [], generate_module.MtpDrafter.draft
+
+    def recorded(self, k):
+        drafts.append(draft(self, k))
+        return drafts[-1]
+
+    generate_module.MtpDrafter.draft = recorded
+    return drafts
+
+
+def _layout_speculative_worker(rank, world, flags, prompts_by_rank, k, stops):
+    """speculative_decode() on one rank of a two-rank layout with its own prompts: the tokens, (verification
+    passes, accepted drafts) per prompt, every draft, and how many forwards this rank's first MoE block ran."""
+    import megajoy.model.generate as generate_module
+
+    model, cfg = _layout_model(flags)
+    forwards, drafts = _first_moe_forwards(model, cfg), _recorded_drafts(generate_module)
+    decoded = generate_module.speculative_decode(model, prompts_by_rank[rank], 10, k, stops)
+    return [tokens for tokens, _ in decoded], [(s.verify_passes, s.accepted) for _, s in decoded], drafts, len(forwards)
+
+
+@pytest.mark.parametrize("flags, own_prompts", [
+    (dict(tensor_model_parallel_size=2, sequence_parallel=True), False),
+    (dict(expert_model_parallel_size=2), True),
+    (dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=2), False)],
+    ids=["tp2_sp", "ep2", "tp2_sp_ep2"])
+def test_speculative_decoding_under_tensor_and_expert_parallelism(model, flags, own_prompts, monkeypatch):
+    """MTP-drafted speculative decoding on a tensor-parallel pair (the drafts are argmaxes over the whole
+    vocabulary, of which each rank's head holds half) decodes, drafts and accepts what one process does;
+    so do two expert-parallel ranks decoding their own prompts, rank 0 two and rank 1 one that stops at its
+    second token: the MoE blocks of both run as many forwards as the busier rank's passes (a prefill and
+    the verification passes of each prompt), the other's placeholders included."""
+    import megajoy.model.generate as generate_module
+    from megajoy.parallel.spawn import run_workers
+
+    by_rank = EP_PROMPTS if own_prompts else (EP_PROMPTS[0], EP_PROMPTS[0])
+    stops = (greedy(model, EP_PROMPTS[1][0], 10)[1],)
+    want, want_drafts, draft = [], [], generate_module.MtpDrafter.draft
+    for prompts in by_rank:
+        monkeypatch.setattr(generate_module.MtpDrafter, "draft", draft)  # the unrecorded one again after the test
+        want_drafts.append(_recorded_drafts(generate_module))
+        want.append([generate_module.speculative_greedy(model, p, 10, 2, stops) for p in prompts])
+    passes = [sum(1 + stats.verify_passes for _, stats in rank_want) for rank_want in want]
+    if own_prompts:
+        assert passes[1] < passes[0]
+    results = run_workers(2, _layout_speculative_worker, flags, by_rank, 2, stops, timeout=120)
+    for (tokens, stats, drafts, forwards), rank_want, rank_drafts in zip(results, want, want_drafts):
+        assert tokens == [t for t, _ in rank_want]
+        assert stats == [(s.verify_passes, s.accepted) for _, s in rank_want]
+        assert drafts == rank_drafts and len(drafts) == sum(s.verify_passes for _, s in rank_want)
+        assert forwards == max(passes)
+
+
 def test_generate_command(tmp_path, tokenizer_file, capsys):
     import json
 
@@ -438,8 +505,9 @@ def _cli_stdout(rank, world, argv):
 
 @pytest.mark.parametrize("world, layout, decoding", [
     (2, ["--dp", "2"], ["--temperature", "1.2", "--seed", "3"]), (2, ["--tp", "2"], []),
-    (4, ["--pp", "2", "--ep", "2"], ["--temperature", "1.2", "--seed", "3"]), (2, ["--dp", "2"], ["--mtp-draft", "2"])],
-    ids=["dp2_sampled", "tp2", "pp2_ep2_dp2_sampled", "dp2_mtp_draft"])
+    (4, ["--pp", "2", "--ep", "2"], ["--temperature", "1.2", "--seed", "3"]), (2, ["--dp", "2"], ["--mtp-draft", "2"]),
+    (2, ["--tp", "2"], ["--mtp-draft", "2"]), (2, ["--ep", "2"], ["--mtp-draft", "2"])],
+    ids=["dp2_sampled", "tp2", "pp2_ep2_dp2_sampled", "dp2_mtp_draft", "tp2_mtp_draft", "ep2_dp2_mtp_draft"])
 def test_generate_command_under_a_layout_prints_the_one_process_output(tmp_path_factory, tokenizer_file, world,
                                                                         layout, decoding):
     """`megajoy generate` on several ranks (each loading its share of a model directory's weights):
@@ -468,7 +536,7 @@ def test_speculative_decoding_refuses_a_split_model(tmp_path, tokenizer_file, ca
     with pytest.raises(AssertionError, match="megajoy exited with 2"):
         run_workers(2, cli_worker, ["generate", "--ckpt", str(tmp_path), "--prompt", "the cat", "--mtp-draft", "2",
                                     "--pp", "2"], timeout=120)
-    assert "speculative decoding runs on one process holding the whole model" in capfd.readouterr().err
+    assert "speculative decoding runs under data, tensor and expert parallelism, not pipeline" in capfd.readouterr().err
 
 
 def test_generate_command_refuses_a_prompt_past_the_context_on_every_rank(tmp_path, tokenizer_file, capfd):

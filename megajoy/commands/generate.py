@@ -26,7 +26,8 @@ def add_arguments(parser) -> None:
                         help="stop token (text of one token); default: the end-of-sentence token")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mtp-draft", type=int, default=0, metavar="K",
-                        help="greedy decoding with K tokens drafted by the MTP module per verification pass")
+                        help="greedy decoding with K tokens drafted by the MTP module per verification pass "
+                             "(under --dp, --tp, --ep; not --pp)")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt (text, token ids, stats)")
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 weights and latent cache (half the fp32 checkpoint's memory), computing under "
@@ -126,7 +127,7 @@ def _decode_shares(model, prompts: list[list[int]], args, stops: tuple) -> tuple
     and the shares are gathered."""
     import torch.distributed as dist
 
-    from megajoy.model.generate import SamplingParams, check_prompts, generate, speculative_greedy
+    from megajoy.model.generate import SamplingParams, check_prompts, generate, speculative_decode
 
     # Every rank checks every prompt: the ranks fail together (not one, leaving the others waiting in a
     # collective), naming the prompt by its place on the command line rather than in a rank's share.
@@ -134,7 +135,7 @@ def _decode_shares(model, prompts: list[list[int]], args, stops: tuple) -> tuple
     pc = model.pc
     mine = list(range(pc.coords["dp"], len(prompts), pc.size("dp")))
     if args.mtp_draft:
-        decoded = [speculative_greedy(model, prompts[i], args.max_new_tokens, args.mtp_draft, stops) for i in mine]
+        decoded = speculative_decode(model, [prompts[i] for i in mine], args.max_new_tokens, args.mtp_draft, stops)
     else:
         params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, stops, args.seed)
         decoded = [(tokens, None) for tokens in generate(model, [prompts[i] for i in mine], params, row_ids=mine)]

@@ -18,6 +18,7 @@ V value dim.
 """
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -107,11 +108,6 @@ def absorbed_attention(mla, x_BSD: torch.Tensor, cos, sin, cache: LatentCache, m
 def decoder_step(layer, h_BSD, cos, sin, cache, mask):
     h_BSD = h_BSD + absorbed_attention(layer.self_attn, layer.input_layernorm(h_BSD), cos, sin, cache, mask)
     return h_BSD + layer.mlp(layer.post_attention_layernorm(h_BSD))
-
-
-def check_single_process(model) -> None:
-    if model.pc.ep_size > 1 or model.pc.tp_size > 1 or model.pc.size("pp") > 1 or model.pc.size("cp") > 1:
-        raise ValueError("speculative decoding runs on one process holding the whole model (no TP, EP, PP or CP)")
 
 
 def check_generation_layout(model) -> None:
@@ -425,7 +421,8 @@ class MtpDrafter:
         x = self.mtp.eh_proj(torch.cat((self.mtp.enorm(self.model.embed(next_ids_BS)), self.mtp.hnorm(hidden_BSD)), -1))
         out = self.mtp.norm(decoder_step(self.mtp.decoder, x, rope.cos, rope.sin, self.cache, mask))
         self.cache.advance(next_ids_BS.shape[1])
-        return out, self.model.lm_head(out[:, -1]).float().argmax(-1)
+        # the whole vocabulary's logits (a tensor-parallel head holds a slice of it)
+        return out, self.model.full_logits(self.model.head(out[:, -1])).float().argmax(-1)
 
     def confirm(self, hidden_BSD: torch.Tensor, next_ids_BS: torch.Tensor) -> None:
         """Entries for newly confirmed positions: their main hidden states and the tokens that follow."""
@@ -458,31 +455,71 @@ class SpeculativeStats:
         return (self.accepted + self.verify_passes) / max(self.verify_passes, 1)
 
 
+def check_speculative_layout(model) -> None:
+    if model.pc.size("pp") > 1 or model.pc.size("cp") > 1:
+        raise ValueError("speculative decoding runs under data, tensor and expert parallelism, not pipeline or "
+                         "context parallelism (the MTP module drafts from the whole model's last hidden state)")
+
+
 @torch.no_grad()
 def speculative_greedy(model, prompt: list[int], max_new_tokens: int, draft_tokens: int,
                        stop_token_ids=(), drafter=None) -> tuple[list[int], SpeculativeStats]:
     """Greedy decoding of one prompt where the MTP module drafts `draft_tokens` tokens and the main model
     checks them all in one pass; the longest agreeing prefix is kept, plus the main model's own next
     token. The output is plain greedy decoding's (up to floating-point near-ties: the verification pass
-    rounds differently from one-token steps)."""
-    check_single_process(model)
+    rounds differently from one-token steps). `drafter` stands in for the MTP module (tests)."""
+    return speculative_decode(model, [prompt], max_new_tokens, draft_tokens, stop_token_ids, drafter)[0]
+
+
+@torch.no_grad()
+def speculative_decode(model, prompts: list[list[int]], max_new_tokens: int, draft_tokens: int,
+                       stop_token_ids=(), drafter=None) -> list[tuple[list[int], SpeculativeStats]]:
+    """`speculative_greedy` of each prompt in turn. The ranks of a tensor-parallel group call this together
+    with the same prompts; those of an expert-parallel group together, each with its own prompts (or
+    none): every main-model pass is one exchange of the group's MoE layers, so a rank whose passes are
+    over runs placeholder ones until the group's are (the MTP module is dense and exchanges nothing)."""
+    check_speculative_layout(model)
     if draft_tokens < 1 or max_new_tokens < 1:
         raise ValueError(f"draft_tokens and max_new_tokens must be >= 1 (got {draft_tokens}, {max_new_tokens})")
-    check_prompts(model, [prompt], max_new_tokens)
+    check_prompts(model, prompts, max_new_tokens)
     was_training = model.training
     model.eval()
+    results = []
     try:
-        return _speculative(model, prompt, max_new_tokens, draft_tokens, set(stop_token_ids), drafter)
+        with whole_sequences(model):
+            passes = itertools.chain.from_iterable(
+                _speculative(model, prompt, max_new_tokens, draft_tokens, set(stop_token_ids), drafter, results)
+                for prompt in prompts)
+            _in_lockstep(model, passes)
     finally:
         model.train(was_training)
+    return results
 
 
-def _speculative(model, prompt, max_new_tokens, k, stops, drafter):
+def _in_lockstep(model, passes) -> None:
+    """Runs `passes`, which pauses before each main-model pass, to its end; under expert parallelism each
+    rank of the group runs a placeholder pass whenever it has none of its own and another rank has."""
+    device, placeholder = next(model.parameters()).device, None
+    ahead = next(passes, False)
+    while not all_done(torch.tensor([not ahead], device=device), model):
+        if ahead:
+            ahead = next(passes, False)
+            continue
+        placeholder = placeholder or LatentCache([layer.self_attn for layer in model.layers.values()], 1, 1, device,
+                                                 next(model.parameters()).dtype)
+        placeholder.truncate(0)
+        token = torch.zeros(1, 1, dtype=torch.long, device=device)  # token 0 at position 0
+        cached_forward(model, token, token, token == 0, placeholder)
+
+
+def _speculative(model, prompt, max_new_tokens, k, stops, drafter, results):
+    """Decodes one prompt into `results`, pausing (yielding True) before each main-model pass."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     capacity = len(prompt) + max_new_tokens + k + 1
     cache = LatentCache([layer.self_attn for layer in model.layers.values()], 1, capacity, device, dtype)
     drafter = drafter or MtpDrafter(model, capacity, device, dtype)
     ids = torch.tensor([prompt], device=device)
+    yield True
     step = cached_forward(model, ids, torch.arange(len(prompt), device=device)[None], torch.ones_like(ids, dtype=torch.bool),
                           cache)
     out = [int(step.logits[0, -1].argmax())]
@@ -493,6 +530,7 @@ def _speculative(model, prompt, max_new_tokens, k, stops, drafter):
         drafts = drafter.draft(k)
         base = cache.length
         tokens = ids.new_tensor([[out[-1]] + drafts])
+        yield True
         step = cached_forward(model, tokens, torch.arange(base, base + k + 1, device=device)[None],
                               torch.ones_like(tokens, dtype=torch.bool), cache)
         targets = step.logits[0].argmax(-1).tolist()
@@ -511,4 +549,4 @@ def _speculative(model, prompt, max_new_tokens, k, stops, drafter):
         if token in stops:
             out = out[:i + 1]
             break
-    return out[:max_new_tokens], stats
+    results.append((out[:max_new_tokens], stats))
