@@ -173,3 +173,68 @@ def test_qk_clip_brings_a_head_below_tau():
     after = attn.max_logit
     assert after[0] == pytest.approx(tau, rel=1e-4)  # scaled by exactly tau / S
     assert torch.allclose(after[1:], before[1:], rtol=1e-5)  # other heads untouched
+
+
+def test_max_logit_leaves_padding_out():
+    """A padded row (SFT, RL) tracks the largest logit of its tokens only, as the same row without its
+    padding does: logits among pad tokens are no data. Before, they raised heads' maxima (here 0.0268 ->
+    0.0318 in layer 0, head 2), enough for QK-clip to shrink a head that no real logit brought to tau."""
+    from helpers import random_model, small_config
+    from megajoy.model.mla import MLA
+    from megajoy.optim.qk_clip import track_max_logits
+
+    model = random_model(small_config(), seed=3).train()
+    track_max_logits(model, True)
+    layers = [m for m in model.modules() if isinstance(m, MLA)]
+    real, width = 10, 24
+    ids = torch.randint(0, model.cfg.vocab_size, (1, width), generator=torch.Generator().manual_seed(0))
+    ids[:, real:] = 7
+    positions = torch.cat([torch.arange(real), torch.arange(width - real)])[None]
+    documents = (torch.arange(width) >= real).long()[None]
+    model(ids, positions, documents, torch.roll(ids, -1, 1), padding_mask=documents.bool())
+    padded = [m.max_logit.clone() for m in layers]
+    for m in layers:
+        m.max_logit.zero_()
+    model(ids[:, :real], positions[:, :real], documents[:, :real], torch.roll(ids, -1, 1)[:, :real])
+    for got, want in zip(padded, [m.max_logit for m in layers]):
+        assert torch.allclose(got, want, rtol=1e-6, atol=0)
+
+
+def test_max_logit_scores_are_computed_a_block_of_queries_at_a_time(monkeypatch):
+    """The tracked maximum never holds all [B, H, S, S] scores at once (2 GiB a layer for JoyAI's 32 heads at
+    4K tokens, TiBs at the 128K of long-context training): blocks of queries, the largest tensor within
+    the budget, and the same per-head maximum over causal, same-document, non-padding pairs as a float64
+    computation of all scores."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from helpers import random_model, small_config
+    from megajoy.model import mla
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            self.largest = max([self.largest, *sizes])
+            return out
+
+    budget = 2 ** 13
+    monkeypatch.setattr(mla, "MAX_LOGIT_BLOCK_ELEMENTS", budget, raising=False)
+    attn = random_model(small_config()).train().layers["0"].self_attn
+    g = torch.Generator().manual_seed(5)
+    batch, seq, heads = 2, 40, attn.num_heads  # blocks of 2^13 // (2 * 4 * 40) = 25 queries: 25 + 15
+    q, k = (torch.randn(batch, seq, heads, attn.nope_dim + attn.rope_dim, generator=g) * 3 for _ in range(2))
+    documents = torch.tensor([[0] * 12 + [1] * 20 + [2] * 8, [0] * 30 + [1] * 10])
+    padding = torch.zeros(batch, seq, dtype=torch.bool)
+    padding[0, 32:] = padding[1, 30:] = True
+    with LargestTensor() as mode:
+        attn._record_max_logit(q, k, documents, padding)
+    assert 0 < mode.largest <= budget
+    scores = torch.einsum("bshd,bthd->bhst", q.double(), k.double()) * attn.softmax_scale
+    real = ~padding
+    allowed = (torch.ones(seq, seq, dtype=torch.bool).tril() & (documents[:, :, None] == documents[:, None, :])
+               & real[:, :, None] & real[:, None, :])
+    want = scores.masked_fill(~allowed[:, None], float("-inf")).amax(dim=(0, 2, 3)).clamp(min=0)
+    assert want.max() > 20 and torch.allclose(attn.max_logit.double(), want, rtol=1e-6)

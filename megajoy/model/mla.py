@@ -24,6 +24,8 @@ from megajoy.parallel.mappings import enter_tp, group_size
 
 # The latent norms use DeepSeek-V3's fixed epsilon, not rms_norm_eps (as its reference code does).
 LATENT_NORM_EPS = 1e-6
+# QK-clip's logit tracking computes at most this many fp32 scores at once (256 MiB).
+MAX_LOGIT_BLOCK_ELEMENTS = 2 ** 26
 
 
 class MLA(nn.Module):
@@ -107,7 +109,7 @@ class MLA(nn.Module):
         """Core attention of the local heads (`core_attn`), [B,S,H,V]."""
         v_BSHV = kv_BSHX[..., self.nope_dim:]
         if self.track_max_logit and self.training and not is_recomputing():
-            self._record_max_logit(q_BSHQ, k_BSHQ, seq.document_ids)
+            self._record_max_logit(q_BSHQ, k_BSHQ, seq.document_ids, seq.padding_mask)
 
         def core(q, k, v):
             return attention(q, k, v, self.softmax_scale, seq.document_ids, seq.document_mask)
@@ -116,13 +118,25 @@ class MLA(nn.Module):
             core(q_BSHQ, k_BSHQ, v_BSHV))
 
     @torch.no_grad()
-    def _record_max_logit(self, q_BSHQ: torch.Tensor, k_BSHQ: torch.Tensor, document_ids_BS) -> None:
-        """max over allowed (query, key) pairs of scale * q.k, per head (recomputes the scores)."""
-        with torch.autocast(q_BSHQ.device.type, enabled=False):  # autocast would run this bmm in bf16
-            scores_BHST = torch.einsum("bshd,bthd->bhst", q_BSHQ.float(), k_BSHQ.float()) * self.softmax_scale
-        seq = scores_BHST.shape[-1]
-        allowed = torch.ones(seq, seq, dtype=torch.bool, device=scores_BHST.device).tril()
-        if document_ids_BS is not None:
-            allowed = allowed & (document_ids_BS.unsqueeze(2) == document_ids_BS.unsqueeze(1)).unsqueeze(1)
-        peak_H = scores_BHST.masked_fill(~allowed, float("-inf")).amax(dim=(0, 2, 3))
+    def _record_max_logit(self, q_BSHQ: torch.Tensor, k_BSHQ: torch.Tensor, document_ids_BS,
+                          padding_mask_BS=None) -> None:
+        """max over allowed (query, key) pairs of scale * q.k, per head (recomputes the scores, a block of
+        queries at a time: all [B, H, S, S] at once would be 2 GiB a layer at 4K tokens, TiBs at 128K).
+        Padding (`padding_mask_BS`, True there) is no data: its logits must not make QK-clip shrink a head."""
+        batch, seq, heads, _ = q_BSHQ.shape
+        block = max(1, MAX_LOGIT_BLOCK_ELEMENTS // (batch * heads * seq))
+        keys = k_BSHQ.float()
+        positions = torch.arange(seq, device=q_BSHQ.device)
+        real_BS = None if padding_mask_BS is None else ~padding_mask_BS.to(q_BSHQ.device, torch.bool)
+        peak_H = torch.full((heads,), float("-inf"), device=q_BSHQ.device)
+        for start in range(0, seq, block):
+            rows = slice(start, start + block)
+            with torch.autocast(q_BSHQ.device.type, enabled=False):  # autocast would run this bmm in bf16
+                scores_BHST = torch.einsum("bshd,bthd->bhst", q_BSHQ[:, rows].float(), keys).mul_(self.softmax_scale)
+            allowed = (positions[rows, None] >= positions[None, :])[None, None]
+            if document_ids_BS is not None:
+                allowed = allowed & (document_ids_BS[:, rows, None] == document_ids_BS[:, None, :]).unsqueeze(1)
+            if real_BS is not None:
+                allowed = allowed & (real_BS[:, None, rows, None] & real_BS[:, None, None, :])
+            peak_H = torch.maximum(peak_H, scores_BHST.masked_fill_(~allowed, float("-inf")).amax(dim=(0, 2, 3)))
         self.max_logit.copy_(torch.maximum(self.max_logit, peak_H.to(self.max_logit.dtype)))
