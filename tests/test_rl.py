@@ -15,7 +15,7 @@ from megajoy.cli import main
 from megajoy.data.chat import Piece
 from megajoy.data.demo import write_jsonl
 from megajoy.stages.rl.curriculum import CurriculumSampler
-from megajoy.stages.rl.losses import fiberpo_loss, ppo_clip_loss
+from megajoy.stages.rl.losses import fiber_terms, fiberpo_loss, ppo_clip_loss
 from megajoy.stages.rl.rewards import calculator_reward, math_reward, safe_eval
 
 EOS = "<｜end▁of▁sentence｜>"
@@ -454,6 +454,23 @@ def test_rl_counts_out_of_range_are_refused(flag, value):
     rl.add_arguments(parser)
     with pytest.raises(ValueError, match=f"{flag} must be at least {0 if flag == '--valid-prompts' else 1}, "
                                          f"got {value}"):
+        rl.build_job(parser.parse_args([flag, value]))
+
+
+@pytest.mark.parametrize("flag, value", [("--fiber-epsilon", "-0.05"), ("--fiber-c-plus", "0"),
+                                         ("--fiber-c-minus", "nan"), ("--clip-epsilon", "-0.2"),
+                                         ("--gspo-epsilon-low", "-0.0003"), ("--gspo-epsilon-high", "0")])
+def test_rl_clip_budgets_out_of_range_are_refused(flag, value):
+    """A clip or budget <= 0 turned the policy loss into a constant without an error: FiberPO's fiber factor
+    with epsilon -0.05 is clamp(x, 0.05, -0.05) = -0.05 for every term, so r_fiber = 1 for every token,
+    and GRPO with epsilon -0.2 clipped every ratio to 0.8."""
+    from megajoy.stages.rl import stage as rl
+
+    log_ratio, mask = torch.tensor([[0.3, -0.02, 0.01]]), torch.ones(1, 3)
+    assert torch.equal(fiber_terms(log_ratio, mask, 0.12, 0.08, -0.05).r_fiber, torch.ones(1, 3))
+    parser = argparse.ArgumentParser()
+    rl.add_arguments(parser)
+    with pytest.raises(ValueError, match=f"{flag} must be > 0, got {float(value)}"):
         rl.build_job(parser.parse_args([flag, value]))
 
 

@@ -346,6 +346,11 @@ def build_job(args, dp: int = 1):
                         ("valid_prompts", 0)):
         if getattr(args, flag) < least:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least {least}, got {getattr(args, flag)}")
+    # A budget or clip <= 0 inverts the clamp's bounds: every ratio would be clipped to a constant, silently.
+    for flag in ("fiber_c_plus", "fiber_c_minus", "fiber_epsilon", "clip_epsilon", "gspo_epsilon_low",
+                 "gspo_epsilon_high"):
+        if not 0 < getattr(args, flag) < float("inf"):
+            raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
     rollouts = args.prompts_per_step * args.rollouts_per_prompt
     per_rank = max(rollouts // dp, 1)
     defaults = with_recipe(DEFAULTS, RECIPES.get(args.preset or "tiny"))
