@@ -122,6 +122,65 @@ def test_expert_parallel_dispatch_combine_round_trip():
     assert sum(r[4] for r in results) == 4 * 10 * 3  # every token copy arrived somewhere
 
 
+def _skewed_moe(routing: str):
+    """An MoE block (8 experts, top 3, balance loss on) with random weights, its input and a loss weight.
+    'one_rank': the bias sends every token to experts 0-2 (under EP 4, ranks 2 and 3 receive nothing);
+    'ties': every expert scores the same for every token."""
+    from helpers import small_config
+    from megajoy.model.moe import MoE
+
+    g = torch.Generator().manual_seed(0)
+    moe = MoE(small_config(num_experts_per_tok=3, aux_loss_alpha=0.1)).train()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        if routing == "one_rank":
+            moe.gate.e_score_correction_bias.copy_(torch.tensor([9.0, 9, 9, 0, 0, 0, 0, 0]))
+        else:
+            moe.gate.weight.copy_(moe.gate.weight[:1].expand_as(moe.gate.weight))
+    return moe, torch.randn(4, 6, 64, generator=g), torch.randn(4, 6, 64, generator=g)
+
+
+def _skewed_moe_worker(rank, world, routing):
+    from megajoy.model.moe import MoE
+    from megajoy.parallel.context import build_context
+
+    _init(rank, world)
+    pc = build_context(ParallelConfig(expert_model_parallel_size=world), rank, world, torch.device("cpu"))
+    ref, x, weight = _skewed_moe(routing)
+    moe = MoE(ref.cfg, pc).train()
+    moe.aux_loss_scale = 1 / world  # the trainer's 1 / (micro-batches x data-parallel ranks)
+    with torch.no_grad():
+        for name, p in moe.named_parameters():
+            full = ref.get_parameter(name)
+            p.copy_(full.chunk(world)[rank] if name.startswith("experts.") else full)
+        moe.gate.e_score_correction_bias.copy_(ref.gate.e_score_correction_bias)
+    x = x.chunk(world)[rank].requires_grad_()  # each data-parallel rank its own sequence
+    y = moe(x)
+    (y * weight.chunk(world)[rank]).sum().backward()
+    grads = {n: p.grad for n, p in moe.named_parameters()}
+    for name, grad in grads.items():
+        if not name.startswith("experts."):  # replicated: summed over the data-parallel ranks
+            dist.all_reduce(grad)
+    return y.detach(), x.grad, grads, moe.gate.expert_load
+
+
+@pytest.mark.parametrize("routing", ["one_rank", "ties"])
+def test_expert_parallel_moe_with_idle_ranks_matches_one_process(routing):
+    """The whole MoE block (router, balance loss, EP 4 dispatch, experts, shared expert) with skewed routing:
+    outputs, input gradients, every weight's gradient and the summed expert load equal one process's."""
+    ref, x, weight = _skewed_moe(routing)
+    y_want = ref(x.requires_grad_())
+    (y_want * weight).sum().backward()
+    results = run_workers(4, _skewed_moe_worker, routing)
+    assert sum(r[3] for r in results).tolist() == ref.gate.expert_load.tolist()
+    for rank, (y, x_grad, grads, _) in enumerate(results):
+        assert close(y, y_want.detach()[rank:rank + 1], 1e-5) and close(x_grad, x.grad[rank:rank + 1], 1e-5)
+        for name, p in ref.named_parameters():
+            want = p.grad.chunk(4)[rank] if name.startswith("experts.") else p.grad
+            assert close(grads[name], want, 1e-5) if want.norm() > 0 else grads[name].norm() == 0, name
+
+
 # ------------------------------------------------------------------------------------------------ grid
 
 def test_layout_coordinates_and_groups():
