@@ -293,6 +293,7 @@ class TrainConfig:
     eval_interval: int = 80
     eval_iters: int = 8  # validation batches (each global_batch_size rows) per evaluation, as Megatron counts
     exit_interval: int | None = None  # save and stop after a step divisible by this (Megatron's --exit-interval)
+    exit_duration_in_mins: float | None = None  # save and stop once the run has lasted this long (Megatron's flag)
     plot: bool = False
     # Per-device dense peak TFLOP/s that the logged MFU is over; None: the data sheet's bf16 figure for known GPUs
     peak_tflops: float | None = None
@@ -324,6 +325,8 @@ class TrainConfig:
             _require(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
         _require(self.peak_tflops is None or self.peak_tflops > 0, f"peak_tflops={self.peak_tflops} must be positive")
         _require(self.eval_iters >= 0, f"eval_iters={self.eval_iters} must be >= 0")
+        _require(self.exit_duration_in_mins is None or self.exit_duration_in_mins > 0,
+                 f"exit_duration_in_mins={self.exit_duration_in_mins} must be positive")
         _require(self.global_batch_size % self.micro_batch_size == 0,
                  f"global_batch_size={self.global_batch_size} is not divisible by micro_batch_size="
                  f"{self.micro_batch_size}")

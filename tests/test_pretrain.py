@@ -157,12 +157,14 @@ def test_sigterm_saves_and_exits_zero(tmp_path, data_prefix, tokenizer_file):
 def test_a_sigterm_during_the_stop_vote_is_not_lost(monkeypatch):
     """A SIGTERM whose handler runs while the ranks vote on stopping (between reading the flag and
     storing the outcome) stops the run at the next vote: it is not overwritten by the vote's outcome."""
+    from megajoy.config import load_job_config
     from megajoy.parallel.context import ParallelContext
     from megajoy.train import trainer as trainer_module
 
     trainer = trainer_module.Trainer.__new__(trainer_module.Trainer)  # only the vote's state
     trainer.device, trainer.pc = torch.device("cpu"), ParallelContext.single(torch.device("cpu"))
     trainer.sigterm_received = trainer.stop_requested = False
+    trainer.job = load_job_config("tiny", None, [])
 
     def reduce_while_signalled(tensor, group, op):
         trainer._on_sigterm(signal.SIGTERM, None)
@@ -171,6 +173,27 @@ def test_a_sigterm_during_the_stop_vote_is_not_lost(monkeypatch):
     monkeypatch.setattr(trainer_module, "all_reduce_no_grad", reduce_while_signalled)
     assert trainer._stop_agreed() is False  # the vote had read the flag before the signal
     assert trainer._stop_agreed() is True and trainer.stop_requested
+
+
+def test_exit_duration_saves_and_stops_after_a_step(tmp_path, data_prefix, tokenizer_file, capsys):
+    """--exit-duration-in-mins (Megatron's): past the limit the ranks agree to stop, save and exit 0 as on
+    SIGTERM; a run always makes one step first, so a resumed one progresses whatever its start-up took.
+    Here the limit (6 ms) has passed before the first step: each run does one step, then the last
+    run, without the limit, goes on to the end, ending where an unbroken run ends."""
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    limited = ["--exit-duration-in-mins", "0.0001", "--eval-iters", "0", "--log-interval", "1"]
+    assert main(args(out, data_prefix, tokenizer_file, 4, *limited)) == 0
+    assert "stopped after step 1 of 4 (SIGTERM, or past --exit-duration-in-mins)" in capsys.readouterr().err
+    assert trainer_state(latest_checkpoint(str(out)))["step"] == 1
+    assert main(args(out, data_prefix, tokenizer_file, 4, *limited, "--resume")) == 0
+    assert trainer_state(latest_checkpoint(str(out)))["step"] == 2
+    assert "stopped after step 2 of 4" in capsys.readouterr().err
+    assert main(args(out, data_prefix, tokenizer_file, 4, "--eval-iters", "0", "--log-interval", "1", "--resume")) == 0
+    assert "stopped after" not in capsys.readouterr().err
+    assert main(args(ref, data_prefix, tokenizer_file, 4, "--eval-iters", "0", "--log-interval", "1")) == 0
+    assert sorted(train_records(out)) == [1, 2, 3, 4]
+    assert [train_records(out)[s]["loss"] for s in range(1, 5)] == [train_records(ref)[s]["loss"] for s in range(1, 5)]
+    assert_same_weights(final_weights(out), final_weights(ref))
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, data_prefix, tokenizer_file):

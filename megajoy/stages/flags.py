@@ -28,6 +28,7 @@ TRAINING_FLAGS = [
     (["--eval-interval"], "train.eval_interval", dict(type=int)),
     (["--eval-iters"], "train.eval_iters", dict(type=int)),
     (["--exit-interval"], "train.exit_interval", dict(type=int)),
+    (["--exit-duration-in-mins"], "train.exit_duration_in_mins", dict(type=float)),
     (["--plot"], "train.plot", dict(action="store_const", const=True)),
     (["--peak-tflops"], "train.peak_tflops", dict(type=float, metavar="TFLOPS")),
     (["--seq-length"], "data.seq_length", dict(type=int)),

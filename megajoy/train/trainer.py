@@ -108,6 +108,7 @@ def default_device() -> torch.device:
 class Trainer:
     def __init__(self, job, stage: Stage, tokenizer_file: str | None, pc: ParallelContext | None = None):
         self.job, self.stage, self.tokenizer_file = job, stage, tokenizer_file
+        self.started = time.monotonic()  # what --exit-duration-in-mins counts from
         self.pc = pc or ParallelContext.single(default_device())
         self.device = self.pc.device
         self._check_batch_layout()
@@ -187,7 +188,8 @@ class Trainer:
         last = self._evaluate() if resumed is None else {}
         window, saved_at = _Window(), None
         try:
-            while self.step < train_iters and not self._stop_agreed():
+            first_step = self.step
+            while self.step < train_iters and not self._stop_agreed(ran_a_step=self.step > first_step):
                 window.add(self._train_step())
                 bar.update(1)
                 last = self._after_step(window, bar) or last
@@ -205,6 +207,9 @@ class Trainer:
         self._log_pending(window)
         if saved_at != self.step:
             self._save()
+        if self.stop_requested and self.is_logging_rank:
+            print(f"megajoy {self.stage.name}: stopped after step {self.step} of {train_iters} (SIGTERM, or past "
+                  "--exit-duration-in-mins); the checkpoint is saved for --resume", file=sys.stderr)
         self.checkpoints.wait()
         self.log.close()
         if self.job.train.plot:
@@ -258,11 +263,16 @@ class Trainer:
         # vote below written the same one, a signal arriving between the vote's read and its write was lost.
         self.sigterm_received = True
 
-    def _stop_agreed(self) -> bool:
-        """Ranks may see SIGTERM at different steps: stop when any rank has."""
-        flag = torch.tensor(float(self.sigterm_received), device=self.device)
+    def _stop_agreed(self, ran_a_step: bool = False) -> bool:
+        """Ranks may see SIGTERM at different steps, and their clocks differ: stop when any rank has seen it, or
+        has found the run past --exit-duration-in-mins once it ran a step (a resumed run always makes progress)."""
+        flag = torch.tensor(float(self.sigterm_received or (ran_a_step and self._out_of_time())), device=self.device)
         self.stop_requested = bool(all_reduce_no_grad(flag, self.pc.group("world"), dist.ReduceOp.MAX).item())
         return self.stop_requested
+
+    def _out_of_time(self) -> bool:
+        limit = self.job.train.exit_duration_in_mins
+        return limit is not None and time.monotonic() - self.started > 60 * limit
 
     # ------------------------------------------------------------------ one step
     def _train_step(self) -> dict:
