@@ -25,12 +25,16 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--config", default=None, metavar="YAML", help="YAML file with config sections on top of the preset")
     group.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="override one field, e.g. --set model.hidden_size=96 (repeatable)")
+    from megajoy.stages.flags import MODEL_FLAGS, add_training_flags
+
+    add_training_flags(parser, title="model shape (Megatron-LM names; applied before --set)", table=MODEL_FLAGS)
 
 
 def job_config_from_args(args):
     from megajoy.config import load_job_config
+    from megajoy.stages.flags import flag_overrides
 
-    return load_job_config(args.preset, args.config, args.overrides)
+    return load_job_config(args.preset, args.config, flag_overrides(args) + args.overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:

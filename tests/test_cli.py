@@ -27,6 +27,12 @@ def _flags(parser) -> dict[str, set[str]]:
     return out
 
 
+# Megatron-LM's flags for the model's shape (every command that takes a preset)
+MODEL_SHAPE_FLAGS = {"--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads", "--num-experts",
+                     "--moe-router-topk", "--moe-ffn-hidden-size", "--moe-router-topk-scaling-factor",
+                     "--moe-aux-loss-coeff", "--q-lora-rank", "--kv-lora-rank", "--qk-head-dim", "--qk-pos-emb-head-dim",
+                     "--v-head-dim", "--max-position-embeddings", "--rotary-base", "--norm-epsilon", "--init-method-std",
+                     "--mtp-num-layers"}
 # Changing a flag breaks users' scripts: update this list only on purpose.
 PINNED_FLAGS = {
     "info": {"-h", "--help", "--preset", "--config", "--set", "--seq-length", "--json", "--tp",
@@ -35,8 +41,9 @@ PINNED_FLAGS = {
              "--pp-schedule", "--pp-layout", "--sequence-parallel", "--use-distributed-optimizer", "--micro-batch-size",
              "--global-batch-size", "--gpu-memory", "--precision", "--params-dtype", "--optimizer",
              "--recompute-granularity", "--recompute-method", "--recompute-num-layers", "--recompute-modules",
-             "--kernels", "--cross-entropy-chunk", "--qat", "--qat-modules", "--rollout-qat", "--rollout-qat-modules"},
-    "init": {"-h", "--help", "--preset", "--config", "--set", "--out", "--seed", "--tokenizer", "--dtype"},
+             "--kernels", "--cross-entropy-chunk", "--qat", "--qat-modules", "--rollout-qat",
+             "--rollout-qat-modules"} | MODEL_SHAPE_FLAGS,
+    "init": {"-h", "--help", "--preset", "--config", "--set", "--out", "--seed", "--tokenizer", "--dtype"} | MODEL_SHAPE_FLAGS,
     "pretrain": {
         "-h", "--help", "--preset", "--config", "--set", "--train-iters", "--train-samples", "--global-batch-size",
         "--micro-batch-size", "--rampup-batch-size", "--seed", "--mtp-start-iter", "--mtp-loss-scaling-factor",
@@ -58,7 +65,7 @@ PINNED_FLAGS = {
         "--pp-layout", "--async-save", "--no-async-save", "--muon-momentum", "--muon-ns-steps", "--muon-ns-dtype",
         "--muon-scale", "--muon-per-head", "--muon-router", "--qk-clip-tau", "--qat", "--qat-start-iter",
         "--qat-modules", "--qat-group", "--fp8", "--fp8-backend",
-    },
+    } | MODEL_SHAPE_FLAGS,
     "chat-template": {"-h", "--help", "--render", "--tokenizer", "--thinking", "--limit"},
     "generate": {"-h", "--help", "--ckpt", "--prompt", "--chat", "--thinking", "--max-new-tokens", "--temperature",
                  "--top-k", "--top-p", "--stop", "--seed", "--mtp-draft", "--json", "--bf16", "--tp",
@@ -84,6 +91,39 @@ PINNED_FLAGS["dpo"] = POST_TRAINING_FLAGS | {"--data", "--beta", "--loss-type", 
 
 def test_cli_flags_are_pinned():
     assert _flags(build_parser()) == PINNED_FLAGS
+
+
+def test_model_shape_flags_are_megatrons_onto_hugging_faces_fields(capsys):
+    """Each model-shape flag is Megatron-LM's name of a megatron-core MLATransformerConfig field (two are
+    renamed there; --max-position-embeddings is a training argument), sets the field of transformers'
+    DeepseekV3Config that --set sets, and comes before --set."""
+    import dataclasses
+
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+    from transformers import DeepseekV3Config
+
+    from megajoy.stages.flags import MODEL_FLAGS
+
+    megatron_fields = {f.name for f in dataclasses.fields(MLATransformerConfig)}
+    renamed = {"num_experts": "num_moe_experts", "norm_epsilon": "layernorm_epsilon"}
+    argv, want = [], []
+    for i, (flags, path, kwargs) in enumerate(MODEL_FLAGS):
+        name, field = flags[0].lstrip("-").replace("-", "_"), path.split(".")[1]
+        assert renamed.get(name, name) in megatron_fields or name == "max_position_embeddings", flags[0]
+        value = {"num_layers": 3, "hidden_size": 96, "num_attention_heads": 4, "num_experts": 8,
+                 "moe_router_topk": 2}.get(name, kwargs["type"](16 + i))
+        if field != "aux_loss_alpha":  # megajoy's own field
+            hf = DeepseekV3Config(**{field: value}).to_dict()
+            assert value in (hf.get(field), hf["rope_parameters"].get(field)), path
+        argv += [flags[0], str(value)]
+        want += ["--set", f"{path}={value}"]
+    outputs = []
+    for command in (argv, want):
+        assert main(["info", "--json", "--set", "model.n_group=1", *command]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0] == outputs[1] and outputs[0]["total_params"] < 10e6
+    assert main(["info", "--json", "--num-layers", "5", "--set", "model.num_hidden_layers=3", *argv[2:]]) == 0
+    assert json.loads(capsys.readouterr().out) == outputs[0]  # --set wins
 
 
 def test_info_json_matches_published_numbers(capsys):

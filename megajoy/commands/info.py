@@ -54,10 +54,12 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from megajoy.config import load_job_config
     from megajoy.model.stats import measure, meta_model
+    from megajoy.stages.flags import flag_overrides
     from megajoy.stages.pretrain import RECIPES
 
     # On the preset's pretraining recipe (its optimizer: Muon for the JoyAI presets), as `megajoy pretrain` runs.
-    job = load_job_config(args.preset, args.config, args.overrides, defaults=RECIPES.get(args.preset or "tiny"))
+    job = load_job_config(args.preset, args.config, flag_overrides(args) + args.overrides,
+                          defaults=RECIPES.get(args.preset or "tiny"))
     # Plan flags over the configuration's fields (a YAML file or --set may have set them).
     job = dataclasses.replace(
         job, optimizer=dataclasses.replace(job.optimizer, optimizer=args.optimizer or job.optimizer.optimizer),

@@ -90,6 +90,31 @@ TRAINING_FLAGS = [
 ]
 
 
+# The model's shape by Megatron-LM's names, onto Hugging Face's config fields (over --preset and --config; every
+# command that takes a preset has them).
+MODEL_FLAGS = [
+    (["--num-layers"], "model.num_hidden_layers", dict(type=int)),
+    (["--hidden-size"], "model.hidden_size", dict(type=int)),
+    (["--ffn-hidden-size"], "model.intermediate_size", dict(type=int)),
+    (["--num-attention-heads"], "model.num_attention_heads", dict(type=int)),
+    (["--num-experts"], "model.n_routed_experts", dict(type=int)),
+    (["--moe-router-topk"], "model.num_experts_per_tok", dict(type=int)),
+    (["--moe-ffn-hidden-size"], "model.moe_intermediate_size", dict(type=int)),
+    (["--moe-router-topk-scaling-factor"], "model.routed_scaling_factor", dict(type=float)),
+    (["--moe-aux-loss-coeff"], "model.aux_loss_alpha", dict(type=float)),
+    (["--q-lora-rank"], "model.q_lora_rank", dict(type=int)),
+    (["--kv-lora-rank"], "model.kv_lora_rank", dict(type=int)),
+    (["--qk-head-dim"], "model.qk_nope_head_dim", dict(type=int)),
+    (["--qk-pos-emb-head-dim"], "model.qk_rope_head_dim", dict(type=int)),
+    (["--v-head-dim"], "model.v_head_dim", dict(type=int)),
+    (["--max-position-embeddings"], "model.max_position_embeddings", dict(type=int)),
+    (["--rotary-base"], "model.rope_theta", dict(type=float)),
+    (["--norm-epsilon"], "model.rms_norm_eps", dict(type=float)),
+    (["--init-method-std"], "model.initializer_range", dict(type=float)),
+    (["--mtp-num-layers"], "model.num_nextn_predict_layers", dict(type=int)),
+]
+
+
 def _dest(path: str, flag: str) -> str:
     return "flag__" + flag.lstrip("-").replace("-", "_")
 
@@ -106,10 +131,11 @@ PRETRAIN_DATA_PATHS = ("data.data_path", "data.split", "data.eod_token", "data.d
 
 
 def add_training_flags(parser, paths: tuple[str, ...] | None = None, title: str = "training (Megatron-LM names)",
-                       without: tuple[str, ...] = ()) -> None:
-    """The flags of TRAINING_FLAGS (only those mapped onto `paths`, if given; none mapped onto `without`)."""
+                       without: tuple[str, ...] = (), table: list | None = None) -> None:
+    """The flags of `table` (TRAINING_FLAGS by default; only those mapped onto `paths`, if given; none mapped onto
+    `without`)."""
     group = parser.add_argument_group(title)
-    for flags, path, kwargs in TRAINING_FLAGS:
+    for flags, path, kwargs in TRAINING_FLAGS if table is None else table:
         if (paths is None or path in paths) and path not in without:
             group.add_argument(*flags, dest=_dest(path, flags[0]), default=None, **_with_metavar(flags[0], kwargs))
 
@@ -126,7 +152,7 @@ def flag_overrides(args) -> list[str]:
     import json
 
     overrides, given = [], {}
-    for flags, path, _ in TRAINING_FLAGS:
+    for flags, path, _ in MODEL_FLAGS + TRAINING_FLAGS:
         value = getattr(args, _dest(path, flags[0]), None)
         if value is None:
             continue
