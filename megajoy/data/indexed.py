@@ -48,15 +48,16 @@ class WriteReport:
         return text
 
     def skip(self, line_no: int, why: str, source: str) -> None:
+        missing = why.startswith(MISSING_FIELD)
         self.malformed += 1
-        self.missing_key += why.startswith(MISSING_FIELD)
+        self.missing_key += missing
         if len(self.bad_lines) < 5:
             self.bad_lines.append((line_no, why))
         if self.malformed <= PRINTED_BAD_LINES:
             print(f"{source}: line {line_no}: {why}", file=sys.stderr)
         elif self.malformed == PRINTED_BAD_LINES + 1:
             print(f"{source}: line {line_no} and further malformed lines are counted, not printed", file=sys.stderr)
-        if self.documents == 0 and self.missing_key == WRONG_KEY_LINES and why.startswith(MISSING_FIELD):
+        if missing and self.missing_key == WRONG_KEY_LINES and self.documents == 0:
             raise ValueError(f"{source}: {WRONG_KEY_LINES} lines lack the field and none has it (line {line_no}: "
                              f"{why}); is --json-keys right?")
 
