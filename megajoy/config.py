@@ -323,10 +323,10 @@ class TrainConfig:
                  f"cross_entropy_chunk={self.cross_entropy_chunk} must be >= 0 (0: off)")
         for name in ("train_iters", "global_batch_size", "micro_batch_size", "log_interval", "eval_interval"):
             _require(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
-        _require(self.peak_tflops is None or self.peak_tflops > 0, f"peak_tflops={self.peak_tflops} must be positive")
+        for name in ("peak_tflops", "exit_duration_in_mins"):  # optional
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"{name}={value} must be positive")
         _require(self.eval_iters >= 0, f"eval_iters={self.eval_iters} must be >= 0")
-        _require(self.exit_duration_in_mins is None or self.exit_duration_in_mins > 0,
-                 f"exit_duration_in_mins={self.exit_duration_in_mins} must be positive")
         _require(self.global_batch_size % self.micro_batch_size == 0,
                  f"global_batch_size={self.global_batch_size} is not divisible by micro_batch_size="
                  f"{self.micro_batch_size}")

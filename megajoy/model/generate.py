@@ -56,6 +56,12 @@ class LatentCache:
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.length = 0
 
+    @classmethod
+    def of_model(cls, model, batch: int, capacity: int) -> "LatentCache":
+        """A cache for the rank's decoder layers of the main model, on its device and in its dtype."""
+        p = next(model.parameters())
+        return cls([layer.self_attn for layer in model.layers.values()], batch, capacity, p.device, p.dtype)
+
     @property
     def capacity(self) -> int:
         return self.valid.shape[1]
@@ -353,8 +359,7 @@ def _generate(model, prompts, params, device, entropies, row_ids: torch.Tensor, 
         return generate_pipelined(model, prompts, params, device, entropies, row_ids, idle)
     batch = len(prompts)
     ids, valid, positions = left_padded(prompts, device)
-    cache = LatentCache([layer.self_attn for layer in model.layers.values()], batch,
-                        ids.shape[1] + params.max_new_tokens, device, next(model.parameters()).dtype)
+    cache = LatentCache.of_model(model, batch, ids.shape[1] + params.max_new_tokens)
     decoded = Decoded(batch, params, device, idle, entropies is not None)
     step = cached_forward(model, ids, positions, valid, cache, last_only=True)
     next_positions = positions[:, -1:] + 1
@@ -505,8 +510,7 @@ def _in_lockstep(model, passes) -> None:
         if ahead:
             ahead = next(passes, False)
             continue
-        placeholder = placeholder or LatentCache([layer.self_attn for layer in model.layers.values()], 1, 1, device,
-                                                 next(model.parameters()).dtype)
+        placeholder = placeholder or LatentCache.of_model(model, 1, 1)
         placeholder.truncate(0)
         token = torch.zeros(1, 1, dtype=torch.long, device=device)  # token 0 at position 0
         cached_forward(model, token, token, token == 0, placeholder)
@@ -516,12 +520,11 @@ def _speculative(model, prompt, max_new_tokens, k, stops, drafter, results):
     """Decodes one prompt into `results`, pausing (yielding True) before each main-model pass."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     capacity = len(prompt) + max_new_tokens + k + 1
-    cache = LatentCache([layer.self_attn for layer in model.layers.values()], 1, capacity, device, dtype)
+    cache = LatentCache.of_model(model, 1, capacity)
     drafter = drafter or MtpDrafter(model, capacity, device, dtype)
     ids = torch.tensor([prompt], device=device)
     yield True
-    step = cached_forward(model, ids, torch.arange(len(prompt), device=device)[None], torch.ones_like(ids, dtype=torch.bool),
-                          cache)
+    step = cached_forward(model, ids, torch.arange(len(prompt), device=device)[None], ids >= 0, cache)
     out = [int(step.logits[0, -1].argmax())]
     drafter.confirm(step.hidden, ids.new_tensor([prompt[1:] + out]))
     stats = SpeculativeStats()
