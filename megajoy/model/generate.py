@@ -524,7 +524,8 @@ def _speculative(model, prompt, max_new_tokens, k, stops, drafter, results):
     drafter = drafter or MtpDrafter(model, capacity, device, dtype)
     ids = torch.tensor([prompt], device=device)
     yield True
-    step = cached_forward(model, ids, torch.arange(len(prompt), device=device)[None], ids >= 0, cache)
+    every = torch.ones_like(ids, dtype=torch.bool)
+    step = cached_forward(model, ids, torch.arange(len(prompt), device=device)[None], every, cache)
     out = [int(step.logits[0, -1].argmax())]
     drafter.confirm(step.hidden, ids.new_tensor([prompt[1:] + out]))
     stats = SpeculativeStats()
